@@ -1,0 +1,1 @@
+"""The `splitveil` command line: thin typer commands over the library."""

@@ -1,0 +1,21 @@
+"""The typer application; each command lives in its own module and only calls library functions."""
+
+from __future__ import annotations
+
+import typer
+
+from splitveil.cli import bench, demo, generate
+
+app = typer.Typer(
+    name="splitveil",
+    help=(
+        "Privacy-preserving split inference: run a real model cut across device and cloud, exactly, "
+        "and measure what crosses each cut."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("generate")(generate.generate)
+app.command("demo")(demo.demo)
+app.add_typer(bench.app, name="bench")

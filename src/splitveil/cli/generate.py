@@ -1,0 +1,80 @@
+"""`splitveil generate`: text generation through a split (or unsplit) model."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+from splitveil.cli.common import err_console, load_model, print_json, setup
+from splitveil.core.errors import ConfigError
+
+
+class Wire(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (text)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="A registered model name (smollm2-135m) or a local Hugging Face model directory."),
+    split: str = typer.Option(None, "--split", "-s", help="Cuts after A (and B) decoder layers: 'A,B' = Λ-split head|trunk|tail (head and tail on this device), 'A' = edge|cloud."),
+    no_split: bool = typer.Option(False, "--no-split", help="Run the unsplit model (the baseline) instead."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="How many tokens to generate at most."),
+    wire: Wire = typer.Option(Wire.fp32, "--wire", help="Codec of the hidden states crossing each cut (fp32 is exact)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template as a user message."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0); implies --sample when not 1."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]; implies --sample when below 1."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all); implies --sample when set."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling (reproducible output)."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when the generated text contains this string (repeatable)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, round_trips, seconds."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
+) -> None:
+    """Generate text with the model split across device and (in-process) cloud, or unsplit with --no-split."""
+    from splitveil.plan.plan import SplitPlan, parse_cuts
+
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: pass --prompt 'some text'")
+    if no_split and split:
+        raise ConfigError("give either --split A,B or --no-split, not both")
+    if not no_split and not split:
+        raise ConfigError("give --split A,B (e.g. --split 2,28) or --no-split")
+    plan = SplitPlan.unsplit() if no_split else SplitPlan.from_cuts(parse_cuts(split))
+    do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
+    from splitveil.edge.generate import GenerationConfig, SplitCausalLM
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, stop=tuple(stop or ()),
+    )
+    setup(threads)
+    hf_model, tokenizer = load_model(model, quiet=json_output)
+    runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
+    result = runner.generate(prompt, config, chat=chat)
+    if json_output:
+        print_json({
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
+            "round_trips": result.round_trips,
+            "seconds": round(result.seconds, 6),
+            "prefill_seconds": round(result.prefill_seconds, 6),
+            "decode_seconds": round(result.decode_seconds, 6),
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": len(result.prompt_ids),
+            "plan": result.plan,
+            "wire": wire.value,
+            "model": model,
+        })
+        return
+    typer.echo(result.text)
+    steps = max(len(result.token_ids), 1)
+    err_console.print(
+        f"[dim]{len(result.token_ids)} tokens in {result.seconds:.2f} s ({len(result.token_ids) / result.seconds:.1f} tok/s), "
+        f"plan {plan.describe()}, wire {wire.value}, up {result.bytes_up} B, down {result.bytes_down} B "
+        f"({result.bytes_up / steps:.0f} / {result.bytes_down / steps:.0f} B per token), {result.round_trips} round trips[/dim]"
+    )

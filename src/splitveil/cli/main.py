@@ -1,0 +1,49 @@
+"""Entry point: runs the typer app and turns user errors into one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import typer
+
+    try:  # typer >= 0.29 vendors click; its exceptions live there
+        from typer._click import exceptions as click
+    except ImportError:  # pragma: no cover - older typer on plain click
+        import click
+
+    from splitveil.cli.app import app
+    from splitveil.core.errors import SplitveilError
+
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="splitveil", standalone_mode=False)
+    except click.NoArgsIsHelpError as error:
+        print(error.format_message(), file=sys.stderr)
+        return 2
+    except click.UsageError as error:
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        print(f"splitveil: error: {' '.join(error.format_message().split())}{hint}", file=sys.stderr)
+        return 2
+    except click.ClickException as error:
+        print(f"splitveil: error: {' '.join(error.format_message().split())}", file=sys.stderr)
+        return error.exit_code
+    except SplitveilError as error:
+        print(f"splitveil: error: {error.message}", file=sys.stderr)
+        return error.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("splitveil: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,334 @@
+"""SplitCausalLM: generation through a split plan, used like transformers' `generate`.
+
+The device runs every part placed on the edge (Λ-split: head and tail); each other part is reached through a
+transport (in-process loopback by default; a network transport for a remote server). Only the hidden states of
+new positions cross a cut: the prompt's positions once at prefill, then one position per decode step, because
+every part keeps the KV cache of its own layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from splitveil.core.errors import ConfigError, PlanError, TransportError
+from splitveil.models.causal_lm import CausalLMPart, CausalLMSplittable
+from splitveil.plan.plan import Placement, SplitPlan, apply
+from splitveil.serve.service import PartService
+from splitveil.transport.base import Transport
+from splitveil.transport.loopback import LoopbackTransport
+from splitveil.edge.sampling import select_token
+from splitveil.wire.codecs import FLOAT_CODECS
+from splitveil.wire.frame import NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
+
+MAX_REPLY_BYTES = 256 * 1024 * 1024  # replies come from the server we chose; still bounded
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What `generate` does; mirrors the transformers arguments that matter for split inference."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False  # greedy when False
+    temperature: float = 1.0  # > 0, sampling only
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    seed: int | None = None  # sampling seed (None = nondeterministic)
+    eos_token_ids: tuple[int, ...] | None = None  # None = the model's own end-of-sequence tokens
+    stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    text: str  # decoded generated text ("" without a tokenizer)
+    prompt_ids: list[int]
+    bytes_up: int  # device -> remote, whole frames
+    bytes_down: int  # remote -> device
+    round_trips: int
+    seconds: float  # prefill + decoding wall time (model loading excluded)
+    prefill_seconds: float
+    decode_seconds: float
+    finish_reason: str  # "length", "eos" or "stop"
+    plan: dict = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each decode step
+    decode_bytes_up: int = 0  # of bytes_up, what the decode steps sent (prefill, open and close excluded)
+    decode_bytes_down: int = 0
+
+    @property
+    def bytes_per_decode_step(self) -> tuple[float, float]:
+        """(up, down) bytes per decode step and cut direction, averaged over the decode steps."""
+        steps = max(len(self.step_seconds), 1)
+        return self.decode_bytes_up / steps, self.decode_bytes_down / steps
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = len(self.token_ids) - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class RemoteStage:
+    """Stands in for a part that runs elsewhere: sends its input as a FORWARD frame, returns the reply's tensor."""
+
+    def __init__(self, transport: Transport, part_index: int, codec: str):
+        self.transport = transport
+        self.part_index = part_index
+        self.codec = codec
+        self.session = NO_SESSION
+        self.seq = 0
+
+    def _call(self, frame: Frame) -> Frame:
+        reply = decode_frame(self.transport.request(encode_frame(frame)), max_bytes=MAX_REPLY_BYTES, finite=False)
+        if reply.kind == FrameKind.ERROR:
+            raise TransportError(f"the server refused the request: {reply.message}")
+        return reply
+
+    def open(self) -> None:
+        self.session = self._call(Frame(FrameKind.OPEN)).session
+        self.seq = 0
+
+    def close(self) -> None:
+        if self.session != NO_SESSION:
+            try:
+                self._call(Frame(FrameKind.CLOSE, session=self.session, seq=self.seq))
+            finally:
+                self.session = NO_SESSION
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        frame = Frame(FrameKind.FORWARD, hidden, codec=self.codec, session=self.session, seq=self.seq, part=self.part_index)
+        reply = self._call(frame)
+        self.seq += 1
+        return reply.tensor
+
+
+class _Monolithic:
+    """The unsplit transformers model with its own KV cache: the baseline every split is compared with."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        output = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return output.logits
+
+
+class SplitCausalLM:
+    """A causal LM run through a split plan; `generate` works like the unsplit model's.
+
+    Args:
+        model: a transformers causal LM, or a `CausalLMSplittable` around one.
+        plan: the split; None (or an unsplit plan) runs the plain transformers model.
+        tokenizer: needed for text prompts, decoded text, stop strings and the chat template.
+        wire: codec of the hidden states that cross each cut: fp32 (exact), fp16 or bf16.
+        transport: how remote parts are reached; default: an in-process service behind a loopback transport.
+    """
+
+    def __init__(self, model, plan: SplitPlan | None = None, *, tokenizer=None, wire: str = "fp32", transport: Transport | None = None):
+        self.splittable = model if isinstance(model, CausalLMSplittable) else CausalLMSplittable(model)
+        self.model = self.splittable.model
+        self.tokenizer = tokenizer
+        if wire not in FLOAT_CODECS:
+            raise ConfigError(f"unknown wire codec {wire!r}; use one of {', '.join(FLOAT_CODECS)}")
+        self.wire = wire
+        self.plan = plan if plan is not None else SplitPlan.unsplit()
+        self.service: PartService | None = None
+        if not self.plan.cuts:
+            self.stages: list = [_Monolithic(self.model)]
+            self.transport = transport
+            return
+        if self.plan.placement[0] != Placement.EDGE:
+            raise PlanError("the first part must run on the edge: the device holds the input")
+        parts = apply(self.splittable, self.plan)
+        for part in parts:
+            part.last_logits_only = True
+        remote = {index: part for index, part in enumerate(parts) if self.plan.placement[index] != Placement.EDGE}
+        if transport is None:
+            self.service = PartService(remote, hidden_size=self.splittable.hidden_size)
+            transport = LoopbackTransport(self.service.handle)
+        self.transport = transport
+        self.stages = [
+            part if self.plan.placement[index] == Placement.EDGE else RemoteStage(transport, index, wire)
+            for index, part in enumerate(parts)
+        ]
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        for stage in self.stages:
+            if isinstance(stage, RemoteStage):
+                stage.close()
+                stage.open()
+            else:
+                stage.reset()
+
+    def _end(self) -> None:
+        for stage in self.stages:
+            if isinstance(stage, RemoteStage):
+                stage.close()
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Runs new positions [1, T] through every stage; returns the next-token logits [V]."""
+        x = input_ids
+        for stage in self.stages:
+            x = stage(x)
+        return x[0, -1]
+
+    def encode_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("a text prompt needs a tokenizer")
+        if not prompt or not prompt.strip():
+            raise ConfigError("the prompt is empty")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ConfigError("this model's tokenizer has no chat template; drop --chat")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+
+    def _eos_ids(self, config: GenerationConfig) -> set[int]:
+        if config.eos_token_ids is not None:
+            return set(config.eos_token_ids)
+        found: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                found.add(value)
+            elif isinstance(value, (list, tuple)):
+                found.update(int(v) for v in value)
+        return found
+
+    def generate(
+        self,
+        prompt: str | list[int] | torch.Tensor,
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = False,
+        **overrides,
+    ) -> GenerationResult:
+        """Generates up to `max_new_tokens` after `prompt` (text or token ids).
+
+        Keyword overrides are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+        eos_token_ids, stop).
+        """
+        config = GenerationConfig(**{**asdict(config or GenerationConfig()), **overrides})
+        if isinstance(prompt, str):
+            prompt_ids = self.encode_prompt(prompt, chat=chat)
+        else:
+            prompt_ids = [int(t) for t in (prompt.flatten().tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if config.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer")
+        generator = None
+        if config.do_sample:
+            generator = torch.Generator()
+            generator.manual_seed(config.seed if config.seed is not None else int(time.time_ns() % 2**63))
+        eos_ids = self._eos_ids(config)
+        stats_before = self.transport.stats.snapshot() if self.transport is not None else None
+
+        self._begin()
+        generated: list[int] = []
+        step_seconds: list[float] = []
+        finish = "length"
+        text_end = None
+        started = time.perf_counter()
+        try:
+            logits = self.step(torch.tensor([prompt_ids], dtype=torch.long))
+            prefill_done = time.perf_counter()
+            after_prefill = self.transport.stats.snapshot() if self.transport is not None else None
+            while True:
+                token = select_token(
+                    logits,
+                    do_sample=config.do_sample,
+                    temperature=config.temperature,
+                    top_k=config.top_k,
+                    top_p=config.top_p,
+                    generator=generator,
+                )
+                generated.append(token)
+                if token in eos_ids:
+                    finish = "eos"
+                    break
+                if config.stop:
+                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                    hits = [text.find(s) for s in config.stop if s and s in text]
+                    if hits:
+                        finish, text_end = "stop", min(hits)
+                        break
+                if len(generated) >= config.max_new_tokens:
+                    break
+                step_started = time.perf_counter()
+                logits = self.step(torch.tensor([[token]], dtype=torch.long))
+                step_seconds.append(time.perf_counter() - step_started)
+            finished = time.perf_counter()
+            decoded = self.transport.stats.since(after_prefill) if self.transport is not None else None
+        finally:
+            self._end()
+
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if text_end is not None:
+                text = text[:text_end]
+        moved = self.transport.stats.since(stats_before) if self.transport is not None else None
+        return GenerationResult(
+            token_ids=generated,
+            text=text,
+            prompt_ids=prompt_ids,
+            bytes_up=moved.bytes_up if moved else 0,
+            bytes_down=moved.bytes_down if moved else 0,
+            round_trips=moved.round_trips if moved else 0,
+            seconds=finished - started,
+            prefill_seconds=prefill_done - started,
+            decode_seconds=finished - prefill_done,
+            finish_reason=finish,
+            plan=self.plan.to_dict(),
+            step_seconds=step_seconds,
+            decode_bytes_up=decoded.bytes_up if decoded else 0,
+            decode_bytes_down=decoded.bytes_down if decoded else 0,
+        )
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [1, T, V] for every position of `input_ids` [1, T], through the split (for equivalence tests)."""
+        if not self.plan.cuts:
+            return self.model(input_ids=input_ids).logits
+        self._begin()
+        try:
+            x = input_ids
+            for stage in self.stages:
+                if isinstance(stage, CausalLMPart):
+                    keep, stage.last_logits_only = stage.last_logits_only, False
+                    try:
+                        x = stage(x)
+                    finally:
+                        stage.last_logits_only = keep
+                else:
+                    x = stage(x)
+            return x
+        finally:
+            self._end()

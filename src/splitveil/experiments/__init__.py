@@ -1,0 +1,1 @@
+"""Experiments and benchmarks: spec -> runs -> records (JSON with spec, seed, git SHA, versions) -> plots."""

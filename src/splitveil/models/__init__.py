@@ -1,0 +1,1 @@
+"""Model loading and the Splittable contract with its adapters."""

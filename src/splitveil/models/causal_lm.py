@@ -1,0 +1,212 @@
+"""The causal-LM adapter: any Hugging Face decoder-only model cut into parts that keep their own KV cache.
+
+Segments: `embed`, `layer.0` .. `layer.{L-1}`, `head` (final norm + LM head).
+
+One adapter serves every family (Llama, Mistral, Qwen2, Phi, GPT-2 ...): a part runs the model's *own* base
+forward over a window of its decoder layers, so whatever the family computes around its layers (rotary or learned
+position embeddings, masks, dropout) is computed exactly as in the unsplit model. The window is a shallow view of
+the base model whose layer list holds only the part's layers and whose final norm is the identity unless the part
+ends the model. A part that starts mid-model feeds the received hidden state straight into its first layer.
+Each part owns a KV cache holding only its layers; attention modules index it by their global layer number,
+which the cache maps to its local slot.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from splitveil.core.errors import ConfigError
+from splitveil.models.splittable import Part, Splittable
+
+_LAYER_LIST_NAMES = ("layers", "h", "blocks", "block", "decoder_layers")
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm")
+
+
+def _find_child(module: nn.Module, names: tuple[str, ...], kind: str, predicate=lambda m: True) -> str:
+    for name in names:
+        child = module._modules.get(name)
+        if child is not None and predicate(child):
+            return name
+    raise ConfigError(f"cannot find the {kind} of {type(module).__name__} (looked for {', '.join(names)})")
+
+
+def _part_cache_class():
+    from transformers import DynamicCache
+
+    class PartCache(DynamicCache):
+        """A DynamicCache over layers [first_layer, first_layer + n): global layer numbers map to local slots."""
+
+        def __init__(self, config, first_layer: int, num_layers: int):
+            super().__init__(config=config)
+            self.layers = self.layers[first_layer : first_layer + num_layers]
+            self.first_layer = first_layer
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states, value_states, layer_idx - self.first_layer, *args, **kwargs)
+
+    return PartCache
+
+
+class _InjectHidden(nn.Module):
+    """Wraps a part's first layer: the layer receives the hidden state sent by the previous part.
+
+    The base forward computes its own input to the first layer from `inputs_embeds` (GPT-2 adds position
+    embeddings there); the hidden state that crossed the cut already contains all of that, so it replaces it.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.incoming: torch.Tensor | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.layer(self.incoming, *args, **kwargs)
+
+
+class CausalLMSplittable(Splittable):
+    """Wraps a transformers causal LM (`*ForCausalLM`) as a Splittable.
+
+    Args:
+        model: the loaded model; it is put in eval mode and shared (not copied) by every part.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(model, "get_output_embeddings") or not hasattr(model, "base_model"):
+            raise ConfigError(f"{type(model).__name__} is not a transformers causal LM")
+        self.model = model.eval()
+        self.config = model.config.get_text_config(decoder=True)
+        self.base = model.base_model
+        num_layers = self.config.num_hidden_layers
+        self.layers_attr = _find_child(
+            self.base,
+            _LAYER_LIST_NAMES,
+            "decoder layer list",
+            lambda m: isinstance(m, nn.ModuleList) and len(m) == num_layers,
+        )
+        self.norm_attr = _find_child(self.base, _FINAL_NORM_NAMES, "final norm")
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise ConfigError(f"{type(model).__name__} has no LM head")
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base._modules[self.layers_attr]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.base._modules[self.norm_attr]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_prologue(self) -> int:
+        return 1
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.layers)
+
+    @property
+    def segment_names(self) -> list[str]:
+        return ["embed", *(f"layer.{i}" for i in range(self.num_blocks)), "head"]
+
+    def make_part(self, start: int, end: int) -> "CausalLMPart":
+        return CausalLMPart(self, start, end)
+
+    def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states [B, T, H] -> logits [B, T, V] (with the family's soft cap)."""
+        logits = self.lm_head(normed_hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class CausalLMPart(Part):
+    """Segments [start, end) of a causal LM with the KV cache of its own layers.
+
+    Input: token ids [B, T] if the part holds `embed`, else hidden states [B, T, H] from the previous part.
+    Output: logits [B, T', V] if the part holds `head` (T' = 1 when `last_logits_only`), else hidden [B, T, H].
+    """
+
+    def __init__(self, owner: CausalLMSplittable, start: int, end: int, *, last_logits_only: bool = False):
+        n_segments = len(owner.segment_names)
+        if not 0 <= start < end <= n_segments:
+            raise ConfigError(f"bad segment range [{start}, {end}) for a model of {n_segments} segments")
+        self.owner = owner
+        self.start, self.end = start, end
+        self.has_embed = start == 0
+        self.has_head = end == n_segments
+        self.first_layer = max(start - 1, 0)
+        self.num_layers = min(end - 1, owner.num_blocks) - self.first_layer
+        self.last_logits_only = last_logits_only
+        self._view, self._inject = self._make_view()
+        self.cache = None
+        self.seq_len = 0  # positions seen so far by this part
+        self.reset()
+
+    @property
+    def name(self) -> str:
+        names = self.owner.segment_names
+        return f"{names[self.start]}..{names[self.end - 1]}"
+
+    def _make_view(self):
+        """A shallow copy of the base model that runs only this part's layers (weights shared, not copied)."""
+        owner = self.owner
+        if self.num_layers == 0 and not self.has_embed:
+            return None, None
+        layers = list(owner.layers[self.first_layer : self.first_layer + self.num_layers])
+        inject = None
+        if not self.has_embed:
+            inject = _InjectHidden(layers[0])
+            layers[0] = inject
+        view = copy.copy(owner.base)
+        modules = dict(owner.base._modules)
+        modules[owner.layers_attr] = nn.ModuleList(layers)
+        if not self.has_head:
+            modules[owner.norm_attr] = nn.Identity()
+        object.__setattr__(view, "_modules", modules)
+        return view, inject
+
+    def reset(self) -> None:
+        self.cache = _part_cache_class()(self.owner.config, self.first_layer, self.num_layers) if self.num_layers else None
+        self.seq_len = 0
+
+    def clone(self) -> "CausalLMPart":
+        return CausalLMPart(self.owner, self.start, self.end, last_logits_only=self.last_logits_only)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length = x.shape[0], x.shape[1]
+        if self._view is None:  # a part holding only the head
+            hidden = self.owner.final_norm(x)
+        else:
+            position_ids = torch.arange(self.seq_len, self.seq_len + length, device=x.device).unsqueeze(0)
+            position_ids = position_ids.expand(batch, length)
+            if self.has_embed:
+                inputs = {"input_ids": x}
+            else:
+                self._inject.incoming = x
+                inputs = {"inputs_embeds": x}
+            try:
+                output = self._view(
+                    **inputs,
+                    position_ids=position_ids,
+                    past_key_values=self.cache,
+                    use_cache=self.cache is not None,
+                )
+            finally:
+                if self._inject is not None:
+                    self._inject.incoming = None
+            hidden = output.last_hidden_state
+        self.seq_len += length
+        if not self.has_head:
+            return hidden
+        if self.last_logits_only:
+            hidden = hidden[:, -1:]
+        return self.owner.logits(hidden)

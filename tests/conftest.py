@@ -1,0 +1,28 @@
+"""Shared fixtures: one torch thread, offline, and the real SmolLM2 loaded once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct from the shipped package (converted once)."""
+    from splitveil.models.loading import load_causal_lm
+
+    return load_causal_lm("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """One tiny random model per registered family, built once."""
+    from splitveil.models.tiny import TINY_FAMILIES, tiny_causal_lm
+
+    return {family: tiny_causal_lm(family) for family in TINY_FAMILIES}
