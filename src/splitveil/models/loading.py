@@ -137,5 +137,10 @@ def load_causal_lm(name_or_path: str, *, with_tokenizer: bool = True):
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load a causal LM from {model_dir}: {error}") from error
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError) as error:
+            raise ModelNotFoundError(f"{model_dir} has no usable tokenizer: {error}") from error
     return model, tokenizer
