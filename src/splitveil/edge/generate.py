@@ -164,7 +164,11 @@ class SplitCausalLM:
             part.last_logits_only = True
         remote = {index: part for index, part in enumerate(parts) if self.plan.placement[index] != Placement.EDGE}
         if transport is None:
-            self.service = PartService(remote, hidden_size=self.splittable.hidden_size)
+            self.service = PartService(
+                remote,
+                hidden_size=self.splittable.hidden_size,
+                max_tokens=getattr(self.splittable.config, "max_position_embeddings", None) or 8192,
+            )
             transport = LoopbackTransport(self.service.handle)
         self.transport = transport
         self.stages = [

@@ -6,6 +6,8 @@ import torch
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     return logits / temperature if temperature != 1.0 else logits
 
 

@@ -28,7 +28,10 @@ class SplitPlan:
     placement: tuple[Placement, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "cuts", tuple(int(c) for c in self.cuts))
+        try:
+            object.__setattr__(self, "cuts", tuple(_as_int(c) for c in self.cuts))
+        except (TypeError, ValueError):
+            raise PlanError(f"cuts must be integers, got {list(self.cuts)}") from None
         try:
             object.__setattr__(self, "placement", tuple(Placement(p) for p in self.placement))
         except ValueError as error:
@@ -92,8 +95,14 @@ class SplitPlan:
     def from_dict(cls, data: dict) -> "SplitPlan":
         try:
             return cls(tuple(data["cuts"]), tuple(data["placement"]))
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"not a split plan: {error}") from None
+
+
+def _as_int(value) -> int:
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(value)
+    return int(value)
 
 
 def parse_cuts(text: str) -> tuple[int, ...]:

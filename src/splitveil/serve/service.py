@@ -18,6 +18,7 @@ from splitveil.wire.codecs import FLOAT_CODECS
 from splitveil.wire.frame import MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame, error_frame
 
 log = logging.getLogger(__name__)
+FP16_MAX = 65504.0
 
 
 @dataclass
@@ -36,13 +37,26 @@ class PartService:
         hidden_size: the width every float tensor must have in its last dimension.
         max_frame_bytes: frames above this size are refused before decoding.
         max_sessions: OPEN beyond this many live sessions is refused.
+        max_tokens: positions one session may process in all (the model's context length).
+        max_batch: rows one FORWARD frame may carry.
     """
 
-    def __init__(self, parts: dict[int, Part], *, hidden_size: int, max_frame_bytes: int = MAX_FRAME_BYTES, max_sessions: int = 64):
+    def __init__(
+        self,
+        parts: dict[int, Part],
+        *,
+        hidden_size: int,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        max_sessions: int = 64,
+        max_tokens: int = 8192,
+        max_batch: int = 8,
+    ):
         self.parts = dict(parts)
         self.hidden_size = hidden_size
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
+        self.max_tokens = max_tokens
+        self.max_batch = max_batch
         self.sessions: dict[bytes, Session] = {}
 
     def handle(self, data: bytes) -> bytes:
@@ -90,9 +104,15 @@ class PartService:
         tensor = frame.tensor
         if tensor is None or frame.codec not in FLOAT_CODECS:
             raise WireError("a forward frame must carry a float tensor (fp32, fp16 or bf16)")
-        if tensor.dim() != 3 or tensor.shape[-1] != self.hidden_size or tensor.shape[1] == 0:
+        if tensor.dim() != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
             raise WireError(f"expected hidden states of shape [batch, positions, {self.hidden_size}], got {list(tensor.shape)}")
+        if tensor.shape[0] > self.max_batch:
+            raise WireError(f"batch of {tensor.shape[0]} exceeds the limit of {self.max_batch}")
+        if session.tokens + tensor.shape[1] > self.max_tokens:
+            raise WireError(f"the session would exceed its limit of {self.max_tokens} positions")
         output: torch.Tensor = part(tensor)
+        if frame.codec == "fp16" and output.is_floating_point() and float(output.abs().max()) > FP16_MAX:
+            raise WireError("the part's output overflows fp16; use the fp32 or bf16 wire")
         session.next_seq += 1
         session.tokens += tensor.shape[1]
         return Frame(FrameKind.RESULT, output, codec=frame.codec, session=frame.session, seq=frame.seq, part=frame.part)

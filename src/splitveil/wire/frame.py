@@ -76,6 +76,10 @@ def encode_frame(frame: Frame) -> bytes:
     """Frame -> bytes. The tensor is encoded with the frame's codec."""
     if len(frame.session) != SESSION_BYTES:
         raise WireError(f"session id must be {SESSION_BYTES} bytes")
+    if not 0 <= frame.part <= 255:
+        raise WireError(f"part index {frame.part} does not fit a frame (0..255)")
+    if not 0 <= frame.seq < 2**32:
+        raise WireError(f"sequence number {frame.seq} does not fit a frame (0..2**32-1)")
     codec = get_codec(frame.codec)
     if frame.tensor is None:
         shape: tuple[int, ...] = ()
