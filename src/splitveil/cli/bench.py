@@ -39,5 +39,6 @@ def llm(
         up, down = row["bytes_per_decode_step"]["up"], row["bytes_per_decode_step"]["down"]
         wire = f", {up:.0f} B up / {down:.0f} B down per step" if up else ""
         typer.echo(f"{name:12s} {row['median_decode_tokens_per_second']:6.2f} tok/s  ratio {row['ratio_to_unsplit']:.3f}  "
-                   f"identical tokens: {row['identical_tokens_to_unsplit']}{wire}")
+                   f"identical tokens: {row['identical_tokens_to_unsplit']}, max |logit diff| "
+                   f"{row['max_abs_logit_difference']:.4f}{wire}")
     typer.echo(f"wrote {json_path} and {png_path}")

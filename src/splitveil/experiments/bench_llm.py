@@ -26,6 +26,8 @@ class LLMBenchSpec:
 
 def run_llm_bench(spec: LLMBenchSpec, *, progress=None) -> dict:
     """Runs the benchmark and returns its record (spec, environment, per-run figures, summary)."""
+    import torch
+
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
@@ -57,12 +59,20 @@ def run_llm_bench(spec: LLMBenchSpec, *, progress=None) -> dict:
             })
             if progress is not None:
                 progress(name, repeat)
+    wire_error = {}
+    prompt_ids = torch.tensor([tokenizer(spec.prompt)["input_ids"]])
+    with torch.inference_mode():
+        unsplit_logits = model(prompt_ids).logits
+    for wire in spec.wires:
+        split_logits = variants[f"split-{wire}"].forward_logits(prompt_ids)
+        wire_error[wire] = float((split_logits - unsplit_logits).abs().max())
     medians = {name: statistics.median(r["decode_tokens_per_second"] for r in rs) for name, rs in runs.items()}
     summary = {
         name: {
             "median_decode_tokens_per_second": medians[name],
             "ratio_to_unsplit": medians[name] / medians["unsplit"],
             "identical_tokens_to_unsplit": tokens[name] == tokens["unsplit"],
+            "max_abs_logit_difference": wire_error.get(name.removeprefix("split-"), 0.0),
             "bytes_per_decode_step": {"up": runs[name][0]["bytes_per_decode_step"][0], "down": runs[name][0]["bytes_per_decode_step"][1]},
         }
         for name in runs
