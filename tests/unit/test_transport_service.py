@@ -6,6 +6,7 @@ The service runs the trunk (layers 1..2) of a Λ-split tiny llama. Outputs are c
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -136,8 +137,10 @@ def test_transport_context_manager_closes():
 
 def test_loopback_over_service_counts_real_frames(service, ref_x):
     transport = LoopbackTransport(service.handle)
-    reply = decode_frame(transport.request(encode_frame(Frame(FrameKind.OPEN))))
-    assert transport.stats == TransportStats(bytes_up=28, bytes_down=28, round_trips=1)
+    raw = transport.request(encode_frame(Frame(FrameKind.OPEN)))
+    reply = decode_frame(raw)
+    assert transport.stats == TransportStats(bytes_up=28, bytes_down=len(raw), round_trips=1)
+    assert json.loads(reply.message)["hidden_size"] == HIDDEN  # the OPEN reply tells the client the server's limits
     session = reply.session
 
     start = transport.stats.snapshot()
@@ -437,7 +440,8 @@ def test_fp16_reply_overflow_is_refused_not_sent_as_inf():
     session = open_session(service)
     reply = send(service, Frame(FrameKind.FORWARD, torch.ones(1, 1, HIDDEN), codec="fp16", session=session, seq=0, part=PART))
     assert reply.kind == FrameKind.ERROR and "overflows fp16" in reply.message
-    bf16 = send(service, Frame(FrameKind.FORWARD, torch.ones(1, 1, HIDDEN), codec="bf16", session=session, seq=0, part=PART))
+    # the refused step used up its sequence number (over the network the connection closes anyway)
+    bf16 = send(service, Frame(FrameKind.FORWARD, torch.ones(1, 1, HIDDEN), codec="bf16", session=session, seq=1, part=PART))
     assert bf16.kind == FrameKind.RESULT and torch.isfinite(bf16.tensor).all()
 
 

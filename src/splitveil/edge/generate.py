@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from splitveil.core.errors import ConfigError, PlanError, TransportError
+from splitveil.core.errors import ConfigError, PlanError
 from splitveil.models.causal_lm import CausalLMPart, CausalLMSplittable
 from splitveil.plan.plan import Placement, SplitPlan, apply
 from splitveil.serve.service import PartService
@@ -21,9 +21,7 @@ from splitveil.transport.base import Transport
 from splitveil.transport.loopback import LoopbackTransport
 from splitveil.edge.sampling import select_token
 from splitveil.wire.codecs import FLOAT_CODECS
-from splitveil.wire.frame import NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
-
-MAX_REPLY_BYTES = 256 * 1024 * 1024  # replies come from the server we chose; still bounded
+from splitveil.edge.remote import RemoteStage
 
 
 @dataclass(frozen=True)
@@ -82,40 +80,6 @@ class GenerationResult:
         return asdict(self)
 
 
-class RemoteStage:
-    """Stands in for a part that runs elsewhere: sends its input as a FORWARD frame, returns the reply's tensor."""
-
-    def __init__(self, transport: Transport, part_index: int, codec: str):
-        self.transport = transport
-        self.part_index = part_index
-        self.codec = codec
-        self.session = NO_SESSION
-        self.seq = 0
-
-    def _call(self, frame: Frame) -> Frame:
-        reply = decode_frame(self.transport.request(encode_frame(frame)), max_bytes=MAX_REPLY_BYTES, finite=False)
-        if reply.kind == FrameKind.ERROR:
-            raise TransportError(f"the server refused the request: {reply.message}")
-        return reply
-
-    def open(self) -> None:
-        self.session = self._call(Frame(FrameKind.OPEN)).session
-        self.seq = 0
-
-    def close(self) -> None:
-        if self.session != NO_SESSION:
-            try:
-                self._call(Frame(FrameKind.CLOSE, session=self.session, seq=self.seq))
-            finally:
-                self.session = NO_SESSION
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        frame = Frame(FrameKind.FORWARD, hidden, codec=self.codec, session=self.session, seq=self.seq, part=self.part_index)
-        reply = self._call(frame)
-        self.seq += 1
-        return reply.tensor
-
-
 class _Monolithic:
     """The unsplit transformers model with its own KV cache: the baseline every split is compared with."""
 
@@ -171,8 +135,9 @@ class SplitCausalLM:
             )
             transport = LoopbackTransport(self.service.handle)
         self.transport = transport
+        expect = {"cuts": list(self.plan.cuts), "hidden_size": self.splittable.hidden_size}
         self.stages = [
-            part if self.plan.placement[index] == Placement.EDGE else RemoteStage(transport, index, wire)
+            part if self.plan.placement[index] == Placement.EDGE else RemoteStage(transport, index, wire, expect=expect)
             for index, part in enumerate(parts)
         ]
 

@@ -116,6 +116,17 @@ class CausalLMSplittable(Splittable):
     def segment_names(self) -> list[str]:
         return ["embed", *(f"layer.{i}" for i in range(self.num_blocks)), "head"]
 
+    def modules_for(self, start: int, end: int) -> list[nn.Module]:
+        """The modules whose weights segments [start, end) use (for loading only a part's weights)."""
+        modules: list[nn.Module] = []
+        if start == 0:  # the prologue: embeddings and whatever else the base holds besides layers and final norm
+            modules += [m for name, m in self.base.named_children() if name not in (self.layers_attr, self.norm_attr)]
+        first, last = max(start - 1, 0), min(end - 1, self.num_blocks)
+        modules += list(self.layers[first:last])
+        if end == len(self.segment_names):
+            modules += [self.final_norm, self.lm_head]
+        return modules
+
     def make_part(self, start: int, end: int) -> "CausalLMPart":
         return CausalLMPart(self, start, end)
 
@@ -210,3 +221,70 @@ class CausalLMPart(Part):
         if self.last_logits_only:
             hidden = hidden[:, -1:]
         return self.owner.logits(hidden)
+
+
+@torch.inference_mode()
+def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> torch.Tensor:
+    """One decode step of several sessions through the same layers in one forward.
+
+    Each part (one per session, same segments, no embedding) keeps its own KV cache of its own length. The caches
+    are gathered left-padded into one batch cache, the step runs with a padding mask and each session's own
+    positions, and each session's cache becomes its row of the grown batch cache (a view: no second copy).
+
+    Args:
+        parts: the sessions' parts, all over the same owner and segments, each holding layers.
+        hidden: [B, 1, H] hidden states, row i for parts[i].
+
+    Returns:
+        [B, 1, H] hidden states, or [B, 1, V] logits when the parts hold the head.
+    """
+    first = parts[0]
+    if first.has_embed or first._view is None:
+        raise ConfigError("batched steps need parts that start after the embedding and hold layers")
+    if any(p.owner is not first.owner or (p.start, p.end) != (first.start, first.end) for p in parts):
+        raise ConfigError("batched steps need parts over the same model and segments")
+    batch = len(parts)
+    lengths = [p.seq_len for p in parts]
+    longest = max(lengths)
+    batch_cache = _part_cache_class()(first.owner.config, first.first_layer, first.num_layers)
+    for slot in range(first.num_layers):
+        sample = next((p.cache.layers[slot] for p in parts if p.seq_len), None)
+        if sample is None:
+            break  # every session is empty: nothing to gather
+        kv_heads, head_dim = sample.keys.shape[1], sample.keys.shape[3]
+        keys = sample.keys.new_zeros(batch, kv_heads, longest, head_dim)
+        values = sample.values.new_zeros(batch, kv_heads, longest, head_dim)
+        for row, part in enumerate(parts):
+            if part.seq_len:
+                keys[row, :, longest - part.seq_len:] = part.cache.layers[slot].keys[0]
+                values[row, :, longest - part.seq_len:] = part.cache.layers[slot].values[0]
+        layer = batch_cache.layers[slot]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    mask = torch.zeros(batch, longest + 1, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, longest - length:] = 1
+    position_ids = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)  # [B, 1]: each session's own next position
+    first._inject.incoming = hidden
+    try:
+        output = first._view(
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=batch_cache,
+            use_cache=True,
+        )
+    finally:
+        first._inject.incoming = None
+    for row, part in enumerate(parts):
+        keep = longest + 1 - lengths[row] - 1  # padding columns of this row
+        for slot in range(part.num_layers):
+            grown = batch_cache.layers[slot]
+            own = part.cache.layers[slot]
+            if not own.is_initialized:
+                own.lazy_initialization(grown.keys, grown.values)
+            own.keys = grown.keys[row : row + 1, :, keep:]
+            own.values = grown.values[row : row + 1, :, keep:]
+        part.seq_len += 1
+    out = output.last_hidden_state
+    return first.owner.logits(out) if first.has_head else out

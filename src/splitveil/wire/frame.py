@@ -61,15 +61,20 @@ class Frame:
 
     @property
     def message(self) -> str:
-        """The text of an ERROR frame."""
+        """The text of a text frame (ERROR message, OPEN reply info)."""
         if self.tensor is None:
             return ""
         return bytes(self.tensor.numpy().tobytes()).decode("utf-8", errors="replace")
 
 
+def text_frame(kind: FrameKind, text: str, *, session: bytes = NO_SESSION, seq: int = 0, limit: int = 65536) -> Frame:
+    """A frame whose payload is UTF-8 text (uint8 codec): error messages, the server's JSON info."""
+    data = torch.frombuffer(bytearray(text.encode("utf-8")[:limit]), dtype=torch.uint8)
+    return Frame(kind, data if data.numel() else None, codec="uint8", session=session, seq=seq)
+
+
 def error_frame(message: str, *, session: bytes = NO_SESSION, seq: int = 0) -> Frame:
-    data = torch.frombuffer(bytearray(message.encode("utf-8")[:4096]), dtype=torch.uint8)
-    return Frame(FrameKind.ERROR, data, codec="uint8", session=session, seq=seq)
+    return text_frame(FrameKind.ERROR, message or "error", session=session, seq=seq, limit=4096)
 
 
 def encode_frame(frame: Frame) -> bytes:

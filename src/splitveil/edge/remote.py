@@ -1,0 +1,144 @@
+"""RemoteStage: the device's stand-in for a part that runs on a server.
+
+It sends its input as FORWARD frames (in chunks of positions, so that no frame exceeds the server's limit) and
+returns the reply's tensor. It remembers every input the remote part has processed in this session, so that when
+the session is lost (server restart, eviction, dropped connection) it opens a new session, replays that history
+and carries on: the output continues as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from splitveil.core.errors import ConfigError, TransportError
+from splitveil.transport.base import Transport
+from splitveil.wire.codecs import get_codec
+from splitveil.wire.frame import HEADER_FIXED_BYTES, MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+MAX_REPLY_BYTES = 256 * 1024 * 1024  # replies come from the server we chose; still bounded
+
+
+class SessionLost(TransportError):
+    """The server no longer knows our session (it restarted or evicted it)."""
+
+
+def _connection_lost() -> tuple[type[BaseException], ...]:
+    from splitveil.transport.network import ConnectionLost
+
+    return (ConnectionLost, SessionLost)
+
+
+class RemoteStage:
+    """Runs part `part_index` on the far side of `transport`.
+
+    Args:
+        transport: how frames reach the server.
+        part_index: the part's index in the plan (the server must run it).
+        codec: wire codec of the tensors sent (the server replies in the same codec).
+        expect: facts the server's OPEN reply must confirm (e.g. {"cuts": [2, 28], "hidden_size": 576}).
+        recover_seconds: how long to keep trying to reach the server again after losing it (0 = never).
+    """
+
+    def __init__(self, transport: Transport, part_index: int, codec: str, *, expect: dict | None = None,
+                 recover_seconds: float = 30.0):
+        self.transport = transport
+        self.part_index = part_index
+        self.codec = codec
+        self.expect = dict(expect or {})
+        self.recover_seconds = recover_seconds
+        self.session = NO_SESSION
+        self.seq = 0
+        self.info: dict = {}
+        self.history: list[torch.Tensor] = []  # inputs the remote part has processed, in order
+        self.recoveries = 0
+
+    # -- frames ----------------------------------------------------------------------------------------------
+
+    def _call(self, frame: Frame) -> Frame:
+        reply = decode_frame(self.transport.request(encode_frame(frame)), max_bytes=MAX_REPLY_BYTES, finite=False)
+        if reply.kind == FrameKind.ERROR:
+            message = reply.message
+            if message == "unknown session" or message.startswith("session evicted"):
+                raise SessionLost(f"the server lost our session: {message}")
+            raise TransportError(f"the server refused the request: {message}")
+        return reply
+
+    def open(self) -> None:
+        reply = self._call(Frame(FrameKind.OPEN))
+        self.session, self.seq, self.history = reply.session, 0, []
+        try:
+            self.info = json.loads(reply.message) if reply.message else {}
+        except json.JSONDecodeError:
+            self.info = {}
+        if self.part_index not in self.info.get("parts", [self.part_index]):
+            raise ConfigError(f"the server does not run part {self.part_index} of this plan")
+        for key, value in self.expect.items():
+            if key in self.info and self.info[key] != value:
+                raise ConfigError(f"the server runs {key}={self.info[key]}, this client expects {key}={value}")
+
+    def close(self) -> None:
+        if self.session == NO_SESSION:
+            return
+        try:
+            self._call(Frame(FrameKind.CLOSE, session=self.session, seq=self.seq))
+        except (TransportError, *_connection_lost()):
+            pass  # the session is gone either way
+        finally:
+            self.session = NO_SESSION
+
+    @property
+    def max_positions(self) -> int:
+        """Positions per frame that keep a frame within the server's limit."""
+        limit = int(self.info.get("max_frame_bytes", MAX_FRAME_BYTES))
+        width = int(self.info.get("hidden_size", 0)) or 1
+        per_position = width * get_codec(self.codec).bytes_per_element
+        return max(1, (limit - HEADER_FIXED_BYTES - 4 * 3) // per_position)
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in torch.split(hidden, self.max_positions, dim=1):
+            reply = self._call(Frame(FrameKind.FORWARD, chunk, codec=self.codec, session=self.session, seq=self.seq,
+                                     part=self.part_index))
+            self.seq += 1
+            outputs.append(reply.tensor)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    # -- the stage -------------------------------------------------------------------------------------------
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        try:
+            output = self._forward(hidden)
+        except _connection_lost() as error:
+            if self.recover_seconds <= 0:
+                raise
+            output = self._recover(hidden, error)
+        self.history.append(hidden)
+        return output
+
+    def _recover(self, hidden: torch.Tensor, error: BaseException) -> torch.Tensor:
+        """Opens a new session, replays the history, then runs `hidden`; retries until `recover_seconds`."""
+        history = list(self.history)
+        deadline = time.monotonic() + self.recover_seconds
+        delay = 0.1
+        log.warning("lost the remote session (%s); replaying %d inputs into a new one", error, len(history))
+        while True:
+            try:
+                self.transport.close()  # a lost session's connection is of no further use
+                self.session = NO_SESSION
+                self.open()
+                if history:
+                    self._forward(torch.cat(history, dim=1))  # rebuilds the remote KV cache; outputs already used
+                self.history = history
+                output = self._forward(hidden)
+                self.recoveries += 1
+                return output
+            except _connection_lost() as again:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"lost the server and could not recover within {self.recover_seconds:g} s: {again}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
