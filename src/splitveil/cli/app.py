@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from splitveil.cli import bench, demo, generate
+from splitveil.cli import bench, demo, generate, serve
 
 app = typer.Typer(
     name="splitveil",
@@ -17,5 +17,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("generate")(generate.generate)
+app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.add_typer(bench.app, name="bench")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import err_console, load_model, print_json, setup
+from splitveil.cli.common import err_console, load_model, print_json, setup, status
 from splitveil.core.errors import ConfigError
 
 
@@ -30,6 +31,12 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all); implies --sample when set."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling (reproducible output)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when the generated text contains this string (repeatable)."),
+    server: str = typer.Option(None, "--server", help="Run the cloud part on this splitveil server (wss://HOST:PORT); "
+                               "head and tail stay here. Without --split, the server's cuts are used."),
+    token_file: Path = typer.Option(None, "--token-file", help="File with the server's bearer token (default: the "
+                                    "token file `splitveil serve` made in the splitveil cache)."),
+    ca: Path = typer.Option(None, "--ca", help="Trust this certificate (e.g. the server's --tls-cert)."),
+    pin: str = typer.Option(None, "--pin", help="Trust exactly the server certificate with this SHA-256 fingerprint."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, round_trips, seconds."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
@@ -38,11 +45,11 @@ def generate(
 
     if not prompt.strip():
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
-    if no_split and split:
-        raise ConfigError("give either --split A,B or --no-split, not both")
-    if not no_split and not split:
-        raise ConfigError("give --split A,B (e.g. --split 2,28) or --no-split")
-    plan = SplitPlan.unsplit() if no_split else SplitPlan.from_cuts(parse_cuts(split))
+    if no_split and (split or server):
+        raise ConfigError("--no-split runs the unsplit model here; drop --split/--server or --no-split")
+    if not no_split and not split and not server:
+        raise ConfigError("give --split A,B (e.g. --split 2,28), --server URL or --no-split")
+    plan = SplitPlan.unsplit() if no_split else (SplitPlan.from_cuts(parse_cuts(split)) if split else None)
     do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
     from splitveil.edge.generate import GenerationConfig, SplitCausalLM
 
@@ -51,9 +58,22 @@ def generate(
         seed=seed, stop=tuple(stop or ()),
     )
     setup(threads)
-    hf_model, tokenizer = load_model(model, quiet=json_output)
-    runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
-    result = runner.generate(prompt, config, chat=chat)
+    if server:
+        from splitveil.serve.auth import read_token
+        from splitveil.serve.build import default_token_file
+
+        token = read_token(token_file or default_token_file())
+        with status(f"connecting to {server} ...", quiet=json_output):
+            runner = SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
+                                           wire=wire.value)
+    else:
+        hf_model, tokenizer = load_model(model, quiet=json_output)
+        runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
+    try:
+        result = runner.generate(prompt, config, chat=chat)
+    finally:
+        runner.close()
+    plan = runner.plan
     if json_output:
         print_json({
             "token_ids": result.token_ids,

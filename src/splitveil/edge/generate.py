@@ -131,6 +131,7 @@ class SplitCausalLM:
             self.service = PartService(
                 remote,
                 hidden_size=self.splittable.hidden_size,
+                info={"cuts": list(self.plan.cuts)},
                 max_tokens=getattr(self.splittable.config, "max_position_embeddings", None) or 8192,
             )
             transport = LoopbackTransport(self.service.handle)
@@ -140,6 +141,51 @@ class SplitCausalLM:
             part if self.plan.placement[index] == Placement.EDGE else RemoteStage(transport, index, wire, expect=expect)
             for index, part in enumerate(parts)
         ]
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        token: str,
+        model: str = "smollm2-135m",
+        plan: SplitPlan | None = None,
+        ca_file=None,
+        pin_sha256: str | None = None,
+        wire: str = "fp32",
+        tokenizer="auto",
+        timeout: float = 60.0,
+        recover_seconds: float = 30.0,
+    ) -> "SplitCausalLM":
+        """A split LM whose cloud parts run on the server at `url` (wss://host:port).
+
+        Only the device's parts' weights are loaded. Without `plan`, the server's own cuts are used.
+        `tokenizer="auto"` loads the model's tokenizer; None runs without one (token-id prompts only).
+        """
+        from splitveil.edge.remote import probe_server
+        from splitveil.models.loading import load_causal_lm_parts, load_tokenizer
+        from splitveil.transport.network import WebSocketTransport
+
+        transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256, timeout=timeout)
+        if plan is None:
+            cuts = probe_server(transport).get("cuts")
+            if not cuts:
+                raise ConfigError(f"{url} did not say which cuts it serves; give the plan (--split)")
+            plan = SplitPlan.from_cuts(tuple(cuts))
+        edge = tuple(i for i, place in enumerate(plan.placement) if place == Placement.EDGE)
+        splittable, plan = load_causal_lm_parts(model, plan.cuts, edge)
+        lm = cls(splittable, plan, tokenizer=load_tokenizer(model) if tokenizer == "auto" else tokenizer, wire=wire,
+                 transport=transport)
+        for stage in lm.stages:
+            if isinstance(stage, RemoteStage):
+                stage.recover_seconds = recover_seconds
+        return lm
+
+    def close(self) -> None:
+        """Ends any remote session and closes the transport."""
+        self._end()
+        if self.transport is not None:
+            self.transport.close()
 
     # -- the loop -------------------------------------------------------------------------------------------
 

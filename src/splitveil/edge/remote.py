@@ -142,3 +142,15 @@ class RemoteStage:
                     raise TransportError(f"lost the server and could not recover within {self.recover_seconds:g} s: {again}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+def probe_server(transport: Transport) -> dict:
+    """Opens and closes a session to read what the server runs (model, cuts, hidden size, limits)."""
+    stage = RemoteStage(transport, 0, "fp32", recover_seconds=0)
+    reply = stage._call(Frame(FrameKind.OPEN))
+    stage.session = reply.session
+    stage.close()
+    try:
+        return json.loads(reply.message) if reply.message else {}
+    except json.JSONDecodeError:
+        return {}

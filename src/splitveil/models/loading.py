@@ -126,7 +126,7 @@ def load_causal_lm(name_or_path: str, *, with_tokenizer: bool = True):
         (model, tokenizer); tokenizer is None when `with_tokenizer` is False.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our CLI shows its own progress; keep stderr for what matters
@@ -137,13 +137,7 @@ def load_causal_lm(name_or_path: str, *, with_tokenizer: bool = True):
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load a causal LM from {model_dir}: {error}") from error
     model.eval()
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, TypeError) as error:
-            raise ModelNotFoundError(f"{model_dir} has no usable tokenizer: {error}") from error
-    return model, tokenizer
+    return model, (load_tokenizer(name_or_path) if with_tokenizer else None)
 
 
 def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices: tuple[int, ...]):
@@ -204,3 +198,14 @@ def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices:
                     set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(source).to(torch.float32))
     model.eval()
     return splittable, plan
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a registered model or local directory."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelNotFoundError(f"{model_dir} has no usable tokenizer: {error}") from error

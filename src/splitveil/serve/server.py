@@ -85,6 +85,7 @@ class SplitServer:
                 work, reply = self.service.admit(message, owner=self.owner, bound_session=session_id)
                 if work is not None:
                     reply = await self._compute(work)
+                    work = None  # hold no session between frames: eviction must free its memory
                 kind = reply[3] if len(reply) >= HEADER_FIXED_BYTES else FrameKind.ERROR
                 await websocket.send(reply)
                 if kind == FrameKind.ERROR:
@@ -116,15 +117,21 @@ class SplitServer:
 
     async def _scheduler(self) -> None:
         while True:
-            items = [await self._queue.get()]
-            if self.limits.batch_window > 0 and len(self.service.sessions) > 1:
-                await asyncio.sleep(self.limits.batch_window)
-            while not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            replies = await self._loop.run_in_executor(self._executor, self.service.run, [work for work, _ in items])
-            for (_, future), reply in zip(items, replies):
-                if not future.done():
-                    future.set_result(reply)
+            first = await self._queue.get()
+            await self._run_batch(first)
+            first = None  # hold no session while idle: eviction must free its memory
+
+    async def _run_batch(self, first) -> None:
+        """Runs `first` together with everything else waiting (after a short window when others are open)."""
+        items = [first]
+        if self.limits.batch_window > 0 and len(self.service.sessions) > 1:
+            await asyncio.sleep(self.limits.batch_window)
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        replies = await self._loop.run_in_executor(self._executor, self.service.run, [work for work, _ in items])
+        for (_, future), reply in zip(items, replies):
+            if not future.done():
+                future.set_result(reply)
 
     async def _evictor(self) -> None:
         period = max(0.05, min(self.limits.idle_timeout / 4, 5.0))
@@ -181,8 +188,16 @@ class SplitServer:
             raise self._startup_error
         return self
 
+    def stop_from_loop(self) -> None:
+        """Stops serving; call from the server's own event loop (e.g. a signal handler)."""
+        if self._stop is not None:
+            self._stop.set()
+
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop closed in between: already stopped
+                pass
         if self._thread is not None:
             self._thread.join(10)

@@ -50,7 +50,7 @@ class WebSocketTransport(Transport):
         self.close()
         try:
             self._ws = connect(self.url, ssl=self.ssl_context, additional_headers={"Authorization": f"Bearer {self.token}"},
-                               compression=None, max_size=None, open_timeout=self.timeout, close_timeout=2)
+                               compression=None, max_size=None, open_timeout=self.timeout, close_timeout=2, legacy=True)
         except InvalidStatus as error:
             status = error.response.status_code
             if status == 401:

@@ -1,0 +1,85 @@
+"""`splitveil serve`: the cloud process of a Λ-split (only the trunk's weights), over TLS with a bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+
+import typer
+
+from splitveil.cli.common import err_console, setup
+from splitveil.core.errors import ConfigError
+from splitveil.wire.frame import MAX_FRAME_BYTES
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
+    split: str = typer.Option("2,28", "--split", "-s", help="The plan's cuts; this process runs the cloud part (the trunk)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8443, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one, made once)."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    token_file: Path = typer.Option(None, "--token-file", help="File holding the bearer token clients must present "
+                                    "(default: a fresh token in the splitveil cache, path printed)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
+    max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="Live sessions at most."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Positions per session at most (default: the model's context)."),
+    max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=1024, help="Largest frame accepted."),
+    idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
+    no_batch: bool = typer.Option(False, "--no-batch", help="Run each session's steps alone instead of batching them."),
+    batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, help="How long to wait for more steps to batch."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+) -> None:
+    """Serve the trunk of a Λ-split over TLS WebSockets: many sessions, each with its own KV cache."""
+    from splitveil.plan.plan import parse_cuts
+    from splitveil.serve.build import build_cloud_service, tls_for_server, token_for_server
+    from splitveil.serve.server import ServerLimits, SplitServer
+
+    cuts = parse_cuts(split)
+    if insecure and (tls_cert or tls_key):
+        raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
+    if insecure and not _is_loopback(host):
+        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
+    token, token_path = token_for_server(token_file)
+    ssl_context, cert_path, fingerprint = (None, None, None) if insecure else tls_for_server(tls_cert, tls_key)
+    setup(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with err_console.status(f"loading the cloud part of {model} ..."):
+        service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
+                                      max_frame_bytes=max_frame_bytes, batch_steps=not no_batch)
+    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port,
+                         limits=ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000))
+
+    def ready(srv: SplitServer) -> None:
+        parts = ", ".join(f"part {i} ({p.name})" for i, p in service.parts.items())
+        typer.echo(f"splitveil serve: {model} {parts}, {sum(1 for _ in service.parts.values())} part(s) loaded")
+        if fingerprint:
+            typer.echo(f"splitveil serve: TLS certificate {cert_path} sha256 {fingerprint}")
+        else:
+            typer.echo("splitveil serve: WARNING plaintext (--insecure): anyone on this host can read the traffic")
+        typer.echo(f"splitveil serve: token file {token_path}")
+        typer.echo(f"splitveil serve: listening on {srv.url}", nl=True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop_from_loop)
+        await server.serve(ready=ready)
+
+    try:
+        asyncio.run(main())
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    typer.echo("splitveil serve: stopped")

@@ -1,0 +1,63 @@
+"""Builds what a cloud process serves: only its parts' weights, a PartService, TLS material and a token."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from splitveil.core.errors import ConfigError
+from splitveil.models.loading import cache_root, load_causal_lm_parts
+from splitveil.plan.plan import Placement, apply
+from splitveil.serve.auth import new_token, read_token, write_token
+from splitveil.serve.service import PartService
+from splitveil.serve.tls import fingerprint_pem, generate_self_signed, server_context
+from splitveil.wire.frame import MAX_FRAME_BYTES
+
+
+def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int = 64, max_tokens: int | None = None,
+                        max_frame_bytes: int = MAX_FRAME_BYTES, max_batch: int = 8, batch_steps: bool = True) -> PartService:
+    """Loads the weights of the cloud parts of the plan with `cuts` (and nothing else) and serves them."""
+    from splitveil.plan.plan import SplitPlan
+
+    plan = SplitPlan.from_cuts(cuts)
+    cloud = tuple(i for i, place in enumerate(plan.placement) if place == Placement.CLOUD)
+    if not cloud:
+        raise ConfigError("this plan has no cloud part to serve; give --split A,B")
+    splittable, plan = load_causal_lm_parts(model, cuts, cloud)
+    parts = apply(splittable, plan)
+    for part in parts:
+        part.last_logits_only = True
+    context = getattr(splittable.config, "max_position_embeddings", None) or 8192
+    info = {"model": model, "cuts": list(plan.cuts), "placement": [p.value for p in plan.placement]}
+    return PartService({i: parts[i] for i in cloud}, hidden_size=splittable.hidden_size, info=info,
+                       max_sessions=max_sessions, max_tokens=min(max_tokens or context, context),
+                       max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=batch_steps)
+
+
+def default_token_file() -> Path:
+    return cache_root() / "token"
+
+
+def token_for_server(token_file: Path | None) -> tuple[str, Path]:
+    """The token from `token_file`, or the default token file's (created with a fresh token if missing)."""
+    if token_file is not None:
+        return read_token(token_file), token_file
+    path = default_token_file()
+    if not path.is_file():
+        write_token(path, new_token())
+    return read_token(path), path
+
+
+def tls_for_server(cert: Path | None, key: Path | None):
+    """(ssl context, cert path, fingerprint): the given pair, or a self-signed localhost pair in the cache."""
+    if (cert is None) != (key is None):
+        raise ConfigError("give both --tls-cert and --tls-key, or neither (a self-signed localhost certificate is made)")
+    if cert is None:
+        cert, key = cache_root() / "tls" / "localhost.pem", cache_root() / "tls" / "localhost.key"
+        if not (cert.is_file() and key.is_file()):
+            print(f"splitveil serve: generating a self-signed certificate for localhost in {cert.parent}", file=sys.stderr)
+            generate_self_signed(cert, key)
+    for path in (cert, key):
+        if not Path(path).is_file():
+            raise ConfigError(f"no such file: {path}")
+    return server_context(cert, key), cert, fingerprint_pem(cert)
