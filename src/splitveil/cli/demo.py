@@ -1,10 +1,10 @@
-"""`splitveil demo`: the main job on embedded defaults: a Λ-split of SmolLM2 next to the unsplit model."""
+"""`splitveil demo`: the main job. SmolLM2 Λ-split: head and tail here, the trunk in a TLS server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import typer
 
-from splitveil.cli.common import load_model, print_json, setup
+from splitveil.cli.common import load_model, print_json, setup, status
 
 DEMO_PROMPT = "Write a short note to my doctor about my blood pressure readings this week: 150/95 on Monday, 145/92 today."
 
@@ -17,27 +17,38 @@ def demo(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
-    """Run a Λ-split generation (head and tail here, trunk in a separate service) and compare it with the unsplit model."""
+    """Start a TLS trunk server on 127.0.0.1, run a Λ-split generation through it, compare with the unsplit model."""
     from splitveil.edge.generate import SplitCausalLM
-    from splitveil.plan.plan import SplitPlan, parse_cuts
+    from splitveil.plan.plan import parse_cuts
+    from splitveil.serve.process import ServerProcess
 
     cuts = parse_cuts(split)
     if len(cuts) != 2:
         raise typer.BadParameter("the demo runs a Λ-split: give two cuts, like 2,28", param_hint="--split")
-    plan = SplitPlan.lambda_split(*cuts)
+    if not prompt.strip():
+        raise typer.BadParameter("the prompt is empty", param_hint="--prompt")
     setup(threads)
+    with status("starting the trunk server (TLS, fresh token) ...", quiet=json_output):
+        server = ServerProcess(model, cuts).__enter__()
+    try:
+        with status(f"connecting to {server.url} ...", quiet=json_output):
+            split_lm = SplitCausalLM.connect(server.url, token=server.token, model=model, ca_file=server.cert)
+        with status("generating through the server ...", quiet=json_output):
+            split_result = split_lm.generate(prompt, chat=True, max_new_tokens=max_new_tokens)
+        split_lm.close()
+    finally:
+        server.__exit__(None, None, None)
     hf_model, tokenizer = load_model(model, quiet=json_output)
-    split_lm = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire="fp32")
-    plain_lm = SplitCausalLM(hf_model, tokenizer=tokenizer)
-    split_result = split_lm.generate(prompt, chat=True, max_new_tokens=max_new_tokens)
-    plain_result = plain_lm.generate(prompt, chat=True, max_new_tokens=max_new_tokens)
+    with status("generating with the unsplit model ...", quiet=json_output):
+        plain_result = SplitCausalLM(hf_model, tokenizer=tokenizer).generate(prompt, chat=True, max_new_tokens=max_new_tokens)
     up, down = split_result.bytes_per_decode_step
-    layers = split_lm.splittable.num_blocks
+    layers = hf_model.config.num_hidden_layers
     summary = {
         "model": model,
-        "plan": plan.to_dict(),
+        "plan": split_lm.plan.to_dict(),
         "layers": {"head": cuts[0], "trunk": cuts[1] - cuts[0], "tail": layers - cuts[1]},
-        "transport": "in-process loopback (real frames)",
+        "transport": f"TLS WebSocket to {server.url}",
+        "server_certificate_sha256": server.fingerprint,
         "prompt": prompt,
         "text": split_result.text,
         "identical_to_unsplit": split_result.token_ids == plain_result.token_ids,
@@ -45,6 +56,7 @@ def demo(
         "bytes_per_token_up": up,
         "bytes_per_token_down": down,
         "prefill_bytes_up": split_result.bytes_up - split_result.decode_bytes_up,
+        "round_trips": split_result.round_trips,
         "split_tokens_per_second": split_result.decode_tokens_per_second,
         "unsplit_tokens_per_second": plain_result.decode_tokens_per_second,
     }
@@ -55,11 +67,13 @@ def demo(
     out = typer.echo
     head, trunk, tail = summary["layers"].values()
     out(f"splitveil demo: {model}, Λ-split {cuts[0]},{cuts[1]} = head {head} layers | trunk {trunk} layers | tail {tail} layers")
-    out(f"  head and tail run here; the trunk runs in a separate service reached over {summary['transport']}")
+    out(f"  this process ran head and tail; `splitveil serve` (pid {server.process.pid}) ran the trunk behind "
+        f"{summary['transport']} (certificate sha256 {server.fingerprint[:16]}..., bearer token)")
     out(f"  prompt : {prompt}")
     out(f"  answer : {split_result.text.strip()}")
     out(f"  identical to the unsplit model: {'yes' if summary['identical_to_unsplit'] else 'NO'} "
         f"({summary['new_tokens']} greedy tokens, fp32 wire)")
-    out(f"  bytes per token: {up:.0f} up, {down:.0f} down (prefill sent {summary['prefill_bytes_up']} bytes up)")
-    out(f"  decode speed: split {summary['split_tokens_per_second']:.1f} tok/s, unsplit "
+    out(f"  bytes per token: {up:.0f} up, {down:.0f} down (prefill sent {summary['prefill_bytes_up']} bytes up; "
+        f"{summary['round_trips']} round trips)")
+    out(f"  decode speed: split over TLS {summary['split_tokens_per_second']:.1f} tok/s, unsplit "
         f"{summary['unsplit_tokens_per_second']:.1f} tok/s (ratio {summary['speed_ratio']:.3f})")

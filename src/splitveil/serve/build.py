@@ -27,11 +27,24 @@ def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int 
     parts = apply(splittable, plan)
     for part in parts:
         part.last_logits_only = True
+    _warm_up(parts, cloud, splittable.hidden_size)
     context = getattr(splittable.config, "max_position_embeddings", None) or 8192
     info = {"model": model, "cuts": list(plan.cuts), "placement": [p.value for p in plan.placement]}
     return PartService({i: parts[i] for i in cloud}, hidden_size=splittable.hidden_size, info=info,
                        max_sessions=max_sessions, max_tokens=min(max_tokens or context, context),
                        max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=batch_steps)
+
+
+def _warm_up(parts, cloud: tuple[int, ...], hidden_size: int) -> None:
+    """Runs each served part once on a throw-away copy, so that the first client does not pay for cold caches."""
+    import torch
+
+    for index in cloud:
+        if parts[index].has_embed:
+            continue
+        scratch = parts[index].clone()
+        scratch(torch.zeros(1, 4, hidden_size))
+        scratch(torch.zeros(1, 1, hidden_size))
 
 
 def default_token_file() -> Path:

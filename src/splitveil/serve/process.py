@@ -1,0 +1,70 @@
+"""Starting `splitveil serve` as a child process on 127.0.0.1 (the demo, tests and benchmarks use it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitveil.core.errors import TransportError
+from splitveil.serve.auth import new_token, write_token
+from splitveil.serve.tls import fingerprint_pem, generate_self_signed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A `splitveil serve` child on 127.0.0.1 with a fresh self-signed certificate and a fresh token."""
+
+    model: str
+    cuts: tuple[int, ...]
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout: float = 180.0
+
+    def __enter__(self) -> "ServerProcess":
+        self._folder = tempfile.TemporaryDirectory(prefix="splitveil-serve-")
+        folder = Path(self._folder.name)
+        self.cert, self.key, self.token_file = folder / "cert.pem", folder / "key.pem", folder / "token"
+        generate_self_signed(self.cert, self.key)
+        self.token = new_token()
+        write_token(self.token_file, self.token)
+        self.fingerprint = fingerprint_pem(self.cert)
+        self.port = free_port()
+        self.url = f"wss://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "splitveil.cli.main", "serve", "--model", self.model,
+                   "--split", ",".join(map(str, self.cuts)), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--tls-cert", str(self.cert), "--tls-key", str(self.key), "--token-file", str(self.token_file),
+                   *self.extra_args]
+        self.log_path = folder / "server.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while "listening on" not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+                self.__exit__(None, None, None)
+                raise TransportError(f"the server did not start: {tail[0]}")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        self._folder.cleanup()
