@@ -85,9 +85,51 @@ def test_demo_reports_identical_output():
     assert summary["identical_to_unsplit"] is True
     assert summary["bytes_per_token_up"] == summary["bytes_per_token_down"] == 576 * 4 + 40
     assert summary["layers"] == {"head": 2, "trunk": 26, "tail": 2}
+    assert summary["transport"].startswith("TLS WebSocket to wss://127.0.0.1:")
+    port = int(summary["transport"].rsplit(":", 1)[1])
+    import socket
+
+    with pytest.raises(OSError):  # the demo stopped the server it started
+        socket.create_connection(("127.0.0.1", port), 1).close()
 
 
 def test_help_explains_every_command():
     for args in (["--help"], ["generate", "--help"], ["demo", "--help"], ["bench", "llm", "--help"]):
         proc = run_cli(*args, timeout=60)
         assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["serve", "--tls-cert", "/nonexistent.pem"], "give both --tls-cert and --tls-key"),
+        (["serve", "--insecure", "--host", "0.0.0.0"], "refusing plaintext on the non-loopback address"),
+        (["serve", "--insecure", "--tls-cert", "a", "--tls-key", "b"], "--insecure turns TLS off"),
+        (["serve", "--token-file", "/nonexistent-token"], "cannot read the token file"),
+        (["serve", "--split", "x"], "bad --split"),
+        (["serve", "--port", "70000"], "--port"),
+        (["generate", "--server", "http://127.0.0.1:1", "--prompt", "hi", "--token-file", "TOKEN"], "bad server URL"),
+        (["generate", "--server", "wss://127.0.0.1:1", "--no-split", "--prompt", "hi"], "--no-split runs the unsplit model here"),
+        (["generate", "--server", "wss://127.0.0.1:9", "--prompt", "hi", "--token-file", "TOKEN", "--pin", "abc"], "bad certificate pin"),
+        (["bench", "service", "--sessions", "1,x"], "bad --sessions"),
+    ],
+)
+def test_bad_serve_and_client_input_exits_2_with_one_line(args, expected, capsys, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    args = [str(token) if a == "TOKEN" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("splitveil: error:") and expected in err
+
+
+def test_unreachable_server_is_one_clear_line(capsys, tmp_path):
+    from splitveil.serve.process import free_port
+
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    port = free_port()  # nothing listens there
+    assert main(["generate", "--server", f"wss://127.0.0.1:{port}", "--token-file", str(token), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach wss://127.0.0.1:{port}" in err

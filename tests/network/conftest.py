@@ -15,7 +15,7 @@ from splitveil.plan.plan import SplitPlan, apply
 from splitveil.serve.auth import new_token, write_token
 from splitveil.serve.server import ServerLimits, SplitServer
 from splitveil.serve.service import PartService
-from splitveil.serve.tls import generate_self_signed, server_context
+from splitveil.transport.tls import generate_self_signed, server_context
 from splitveil.transport.network import WebSocketTransport
 
 CUTS = (1, 3)

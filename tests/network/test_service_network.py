@@ -62,7 +62,7 @@ def test_plaintext_client_is_refused(make_server, tls_files):
 
 
 def test_untrusted_certificate_is_refused(make_server, tls_files, tmp_path):
-    from splitveil.serve.tls import generate_self_signed
+    from splitveil.transport.tls import generate_self_signed
 
     server = make_server()
     other_cert = tmp_path / "other.pem"
@@ -73,7 +73,7 @@ def test_untrusted_certificate_is_refused(make_server, tls_files, tmp_path):
 
 
 def test_fingerprint_pin(make_server, tls_files):
-    from splitveil.serve.tls import fingerprint_pem
+    from splitveil.transport.tls import fingerprint_pem
 
     server = make_server()
     good = WebSocketTransport(server.url, token=tls_files["token"], pin_sha256=fingerprint_pem(tls_files["cert"]))
@@ -249,3 +249,31 @@ def test_connection_lost_without_recovery_is_reported(make_server, client):
     server.stop()
     with pytest.raises((ConnectionLost, TransportError)):
         lm.step(prompt(1))
+
+
+@pytest.mark.parametrize("kind", [FrameKind.FORWARD, FrameKind.CLOSE])
+def test_a_connection_without_a_session_cannot_touch_another(make_server, tls_files, kind):
+    """Same token, stolen session id: a fresh connection may only OPEN, never use or close another's session."""
+    server = make_server()
+    victim = RawClient(server, tls_files)
+    ws = connect(server.url, ssl=ssl.create_default_context(cafile=str(tls_files["cert"])),
+                 additional_headers={"Authorization": f"Bearer {tls_files['token']}"}, legacy=True)
+    tensor = torch.randn(1, 1, 32) if kind == FrameKind.FORWARD else None
+    ws.send(encode_frame(Frame(kind, tensor, session=victim.session, seq=0, part=1)))
+    reply = decode_frame(ws.recv(timeout=10))
+    assert reply.kind == FrameKind.ERROR and "open a session" in reply.message
+    assert victim.session in server.service.sessions
+    assert victim.send(encode_frame(Frame(FrameKind.FORWARD, torch.randn(1, 2, 32), session=victim.session, seq=0, part=1))).kind == FrameKind.RESULT
+
+
+def test_client_refuses_a_server_running_another_model(make_server, client, tiny_model):
+    server = make_server()
+    server.service.info["model_config_sha256"] = "0" * 64
+    lm = client(server)
+    for stage in lm.stages:
+        if hasattr(stage, "expect"):
+            stage.expect["model_config_sha256"] = "f" * 64
+    from splitveil.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model_config_sha256"):
+        lm.generate(prompt(0), max_new_tokens=2, eos_token_ids=())

@@ -42,3 +42,54 @@ def llm(
                    f"identical tokens: {row['identical_tokens_to_unsplit']}, max |logit diff| "
                    f"{row['max_abs_logit_difference']:.4f}{wire}")
     typer.echo(f"wrote {json_path} and {png_path}")
+
+
+@app.command("service")
+def service(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
+    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts (A,B)."),
+    tokens: int = typer.Option(128, "--tokens", min=2, help="New tokens per generation run."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Generation runs per variant (alternating)."),
+    window: float = typer.Option(8.0, "--window", min=1.0, help="Seconds measured per concurrency level."),
+    sessions: str = typer.Option("1,4,16", "--sessions", help="Concurrency levels, comma-separated."),
+    only: str = typer.Option("throughput,rtt,concurrency", "--only", help="Which measurements to run."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads in this process."),
+) -> None:
+    """TLS service: tokens/s vs unsplit and in-process, protocol round trip vs raw TCP, steps/s with concurrent sessions."""
+    from splitveil.core.errors import ConfigError
+    from splitveil.experiments.bench_service import ServiceBenchSpec, run_service_bench, save_service_bench
+    from splitveil.plan.plan import parse_cuts
+
+    cuts = parse_cuts(split)
+    if len(cuts) != 2:
+        raise ConfigError("the service benchmark needs a Λ-split: --split A,B")
+    try:
+        levels = tuple(int(s) for s in sessions.split(","))
+    except ValueError:
+        raise ConfigError(f"bad --sessions {sessions!r}: give numbers like 1,4,16") from None
+    parts = tuple(p.strip() for p in only.split(","))
+    unknown = set(parts) - {"throughput", "rtt", "concurrency"}
+    if unknown or not levels or min(levels) < 1:
+        raise ConfigError(f"bad --only/--sessions: use throughput,rtt,concurrency and positive session counts")
+    spec = ServiceBenchSpec(model=model, cuts=cuts, tokens=tokens, repeats=repeats, window_seconds=window, sessions=levels)
+    setup(threads)
+    with err_console.status("benchmarking ...") as spinner:
+        record = run_service_bench(spec, parts=parts, progress=lambda message: spinner.update(message))
+    stem = f"service_{Path(model).name}_split-{cuts[0]}-{cuts[1]}_cpu-{threads}thread"
+    json_path, png_path = save_service_bench(record, out, stem)
+    if "throughput" in record:
+        for name, row in record["throughput"]["summary"].items():
+            typer.echo(f"{name:16s} {row['median_decode_tokens_per_second']:6.2f} tok/s  ratio {row['ratio_to_unsplit']:.3f}  "
+                       f"identical: {row['identical_tokens_to_unsplit']}  bytes/token up {row['bytes_per_token_up']:.0f} "
+                       f"down {row['bytes_per_token_down']:.0f}")
+    if "round_trip" in record:
+        rt = record["round_trip"]["summary"]
+        typer.echo(f"round trip of a {rt['frame_bytes']} B step: ours {rt['ours_tls_websocket']['median_ms']:.3f} ms, raw TCP echo "
+                   f"{rt['raw_tcp_echo']['median_ms']:.3f} ms (overhead {rt['overhead_ms']:.3f} ms)")
+    if "concurrency" in record:
+        for row in record["concurrency"]["rows"]:
+            typer.echo(f"{row['sessions']:3d} sessions, batching {'on ' if row['batching'] else 'off'}: "
+                       f"{row['steps_per_second']:7.1f} steps/s ({row['speedup_vs_one_session']:.2f}x one session)"
+                       + (f"  errors: {row['errors'][:1]}" if row["errors"] else ""))
+    typer.echo(f"wrote {json_path} and {png_path}")

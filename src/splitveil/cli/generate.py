@@ -40,7 +40,7 @@ def generate(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, round_trips, seconds."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
-    """Generate text with the model split across device and (in-process) cloud, or unsplit with --no-split."""
+    """Generate text through a split model: the cloud part in-process (--split), on a server (--server), or unsplit (--no-split)."""
     from splitveil.plan.plan import SplitPlan, parse_cuts
 
     if not prompt.strip():

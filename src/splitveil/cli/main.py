@@ -9,6 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # every thread torch starts gets one OpenMP thread (--threads raises it)
     import typer
 
     try:  # typer >= 0.29 vendors click; its exceptions live there

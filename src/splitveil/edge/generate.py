@@ -163,7 +163,7 @@ class SplitCausalLM:
         `tokenizer="auto"` loads the model's tokenizer; None runs without one (token-id prompts only).
         """
         from splitveil.edge.remote import probe_server
-        from splitveil.models.loading import load_causal_lm_parts, load_tokenizer
+        from splitveil.models.loading import config_digest, load_causal_lm_parts, load_tokenizer
         from splitveil.transport.network import WebSocketTransport
 
         transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256, timeout=timeout)
@@ -179,6 +179,7 @@ class SplitCausalLM:
         for stage in lm.stages:
             if isinstance(stage, RemoteStage):
                 stage.recover_seconds = recover_seconds
+                stage.expect["model_config_sha256"] = config_digest(model)
         return lm
 
     def close(self) -> None:

@@ -209,3 +209,10 @@ def load_tokenizer(name_or_path: str):
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as error:
         raise ModelNotFoundError(f"{model_dir} has no usable tokenizer: {error}") from error
+
+
+def config_digest(name_or_path: str) -> str:
+    """SHA-256 of the model's config.json: client and server check they run the same model."""
+    import hashlib
+
+    return hashlib.sha256((resolve_model_dir(name_or_path) / "config.json").read_bytes()).hexdigest()

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 from splitveil.core.errors import ConfigError
-from splitveil.models.loading import cache_root, load_causal_lm_parts
+from splitveil.models.loading import cache_root, config_digest, load_causal_lm_parts
 from splitveil.plan.plan import Placement, apply
 from splitveil.serve.auth import new_token, read_token, write_token
 from splitveil.serve.service import PartService
-from splitveil.serve.tls import fingerprint_pem, generate_self_signed, server_context
+from splitveil.transport.tls import certificate_expires_within, fingerprint_pem, generate_self_signed, server_context
 from splitveil.wire.frame import MAX_FRAME_BYTES
 
 
@@ -24,12 +24,16 @@ def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int 
     if not cloud:
         raise ConfigError("this plan has no cloud part to serve; give --split A,B")
     splittable, plan = load_causal_lm_parts(model, cuts, cloud)
+    smallest = splittable.hidden_size * 4 + 40  # one fp32 position and its header
+    if max_frame_bytes < smallest:
+        raise ConfigError(f"--max-frame-bytes {max_frame_bytes} cannot carry one position of this model; use at least {smallest}")
     parts = apply(splittable, plan)
     for part in parts:
         part.last_logits_only = True
     _warm_up(parts, cloud, splittable.hidden_size)
     context = getattr(splittable.config, "max_position_embeddings", None) or 8192
-    info = {"model": model, "cuts": list(plan.cuts), "placement": [p.value for p in plan.placement]}
+    info = {"model": model, "model_config_sha256": config_digest(model), "cuts": list(plan.cuts),
+            "placement": [p.value for p in plan.placement]}
     return PartService({i: parts[i] for i in cloud}, hidden_size=splittable.hidden_size, info=info,
                        max_sessions=max_sessions, max_tokens=min(max_tokens or context, context),
                        max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=batch_steps)
@@ -67,7 +71,7 @@ def tls_for_server(cert: Path | None, key: Path | None):
         raise ConfigError("give both --tls-cert and --tls-key, or neither (a self-signed localhost certificate is made)")
     if cert is None:
         cert, key = cache_root() / "tls" / "localhost.pem", cache_root() / "tls" / "localhost.key"
-        if not (cert.is_file() and key.is_file()):
+        if not (cert.is_file() and key.is_file()) or certificate_expires_within(cert, days=1):
             print(f"splitveil serve: generating a self-signed certificate for localhost in {cert.parent}", file=sys.stderr)
             generate_self_signed(cert, key)
     for path in (cert, key):

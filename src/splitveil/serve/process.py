@@ -13,7 +13,7 @@ from pathlib import Path
 
 from splitveil.core.errors import TransportError
 from splitveil.serve.auth import new_token, write_token
-from splitveil.serve.tls import fingerprint_pem, generate_self_signed
+from splitveil.transport.tls import fingerprint_pem, generate_self_signed
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
-        while "listening on" not in self.log_path.read_text():
+        while "splitveil serve: listening on" not in self.log_path.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
                 self.__exit__(None, None, None)

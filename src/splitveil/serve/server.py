@@ -16,9 +16,22 @@ from http import HTTPStatus
 
 from splitveil.serve.auth import bearer, token_id, token_matches
 from splitveil.serve.service import PartService
-from splitveil.wire.frame import HEADER_FIXED_BYTES, FrameKind
+from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, FrameKind
 
 log = logging.getLogger(__name__)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _compute_thread_setup(threads: int) -> None:
+    """OpenMP thread counts are per thread: give the compute thread the count the process was set up with."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,8 @@ class SplitServer:
         self.port = port
         self.limits = limits
         self.connections: dict[bytes, object] = {}  # session id -> its connection
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitveil-compute")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitveil-compute",
+                                            initializer=_compute_thread_setup, initargs=(_torch_threads(),))
         self._queue: asyncio.Queue | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,12 +91,13 @@ class SplitServer:
         session_id: bytes | None = None
         try:
             async for message in websocket:
+                is_open = isinstance(message, bytes) and len(message) > 3 and message[3] == FrameKind.OPEN
                 if isinstance(message, str):
                     from splitveil.wire.frame import encode_frame, error_frame
 
                     await websocket.send(encode_frame(error_frame("frames must be binary messages")))
                     break
-                work, reply = self.service.admit(message, owner=self.owner, bound_session=session_id)
+                work, reply = self.service.admit(message, owner=self.owner, bound_session=session_id or NO_SESSION)
                 if work is not None:
                     reply = await self._compute(work)
                     work = None  # hold no session between frames: eviction must free its memory
@@ -91,11 +106,10 @@ class SplitServer:
                 if kind == FrameKind.ERROR:
                     break  # a refused frame ends the connection and its session
                 if kind == FrameKind.OK:
-                    replied_session = bytes(reply[8:24])
-                    if session_id is None:  # OPEN: this connection now owns the new session
-                        session_id = replied_session
+                    if is_open:  # this connection now owns the new session
+                        session_id = bytes(reply[8:24])
                         self.connections[session_id] = websocket
-                    elif replied_session == session_id:  # CLOSE of its own session
+                    else:  # CLOSE of its own session (the only one it may close)
                         self.connections.pop(session_id, None)
                         session_id = None
         except ConnectionClosed:

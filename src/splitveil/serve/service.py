@@ -98,13 +98,14 @@ class PartService:
 
         Args:
             owner: digest of the caller's token; sessions answer only to the token that opened them.
-            bound_session: the one session this caller's connection may use (None: any it owns).
+            bound_session: the one session this caller's connection may use: NO_SESSION for a connection that has
+                opened none yet (it may only OPEN), None for in-process callers (any session of `owner`).
         """
         frame = None
         try:
             frame = decode_frame(data, max_bytes=self.max_frame_bytes)
             if frame.kind == FrameKind.OPEN:
-                if bound_session:
+                if bound_session not in (None, NO_SESSION):
                     raise WireError("this connection already has a session")
                 return None, encode_frame(self._open(owner))
             session = self._session(frame.session, owner, bound_session)
@@ -134,6 +135,8 @@ class PartService:
         session = self.sessions.get(session_id)
         if session is None or session_id == NO_SESSION:
             raise WireError("unknown session")
+        if bound_session == NO_SESSION:
+            raise WireError("open a session on this connection first")
         if (bound_session is not None and session_id != bound_session) or not secrets.compare_digest(session.owner, owner):
             raise WireError("this session belongs to another client")
         return session
@@ -192,6 +195,7 @@ class PartService:
     def _run_one(self, work: Work) -> bytes:
         try:
             output = work.session.parts[work.frame.part](work.frame.tensor)
+            work.session.last_active = time.monotonic()
             self.batch_sizes.append(1)
             return self._reply(work, output)
         except SplitveilError as error:
@@ -206,6 +210,8 @@ class PartService:
         parts = [w.session.parts[w.frame.part] for w in works]
         hidden = torch.cat([w.frame.tensor for w in works], dim=0)
         outputs = forward_batched_step(parts, hidden)
+        for work in works:
+            work.session.last_active = time.monotonic()
         self.batch_sizes.append(len(works))
         return outputs
 

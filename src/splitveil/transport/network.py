@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from splitveil.core.errors import ConfigError, TransportError
-from splitveil.serve.tls import client_context, fingerprint_der, normalise_pin
+from splitveil.transport.tls import client_context, fingerprint_der, normalise_pin
 from splitveil.transport.base import Transport
 
 

@@ -53,6 +53,18 @@ def generate_self_signed(cert_path: Path, key_path: Path, *, hosts: tuple[str, .
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def certificate_expires_within(cert_path: Path, *, days: float) -> bool:
+    """True when the certificate is unreadable or expires within `days`."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError):
+        return True
+    remaining = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    return remaining < datetime.timedelta(days=days)
+
+
 def fingerprint_pem(cert_path: Path) -> str:
     """SHA-256 of the certificate's DER bytes, as 64 lowercase hex digits."""
     try:
