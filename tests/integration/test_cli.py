@@ -26,7 +26,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         (["generate", "--split", "1,2,3", "--prompt", "hi"], "one cut (edge|cloud) or two"),
         (["generate", "--split", "2,28", "--prompt", "  "], "the prompt is empty"),
         (["generate", "--prompt", "hi"], "give --split A,B"),
-        (["generate", "--split", "2,28", "--no-split", "--prompt", "hi"], "not both"),
+        (["generate", "--split", "2,28", "--no-split", "--prompt", "hi"], "drop --split/--server or --no-split"),
         (["generate", "--split", "2,28", "--prompt", "hi", "--wire", "fp8"], "--wire"),
         (["generate", "--split", "2,28", "--prompt", "hi", "--bogus"], "No such option: --bogus"),
         (["generate", "--split", "2,28"], "--prompt"),
