@@ -133,3 +133,31 @@ def test_unreachable_server_is_one_clear_line(capsys, tmp_path):
     assert main(["generate", "--server", f"wss://127.0.0.1:{port}", "--token-file", str(token), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"cannot reach wss://127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["attack", "text", "--split", "2"], "give --split A,B"),
+        (["attack", "text", "--attack", "psychic"], "unknown text attack 'psychic'"),
+        (["attack", "text", "--prompts", "/nonexistent-prompts"], "cannot read --prompts"),
+        (["attack", "text", "--wire", "fp8"], "unknown --wire"),
+    ],
+)
+def test_bad_attack_input_exits_2_with_one_line(args, expected, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("splitveil: error:") and expected in err, err
+
+
+@pytest.mark.model
+def test_exact_attack_recovers_a_smollm2_prompt_from_the_uplink(tmp_path):
+    prompts = tmp_path / "prompts"
+    prompts.write_text("My PIN is 4417.\n")
+    proc = run_cli("attack", "text", "--split", "2,28", "--attack", "exact", "--prompts", str(prompts), "--quick", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["token_recovery"] == 1.0 and record["prompt_exact"] == 1.0
+    assert record["answer_recovery"] == 1.0
+    assert record["examples"] == [{"prompt": "My PIN is 4417.", "recovered": "My PIN is 4417."}]
+    assert record["threat_model"]["knows_head_weights"] is True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from splitveil.cli import bench, demo, generate, serve
+from splitveil.cli import attack, bench, demo, generate, serve
 
 app = typer.Typer(
     name="splitveil",
@@ -20,3 +20,4 @@ app.command("generate")(generate.generate)
 app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.add_typer(bench.app, name="bench")
+app.add_typer(attack.app, name="attack")

@@ -191,6 +191,38 @@ class CausalLMPart(Part):
     def clone(self) -> "CausalLMPart":
         return CausalLMPart(self.owner, self.start, self.end, last_logits_only=self.last_logits_only)
 
+    def fork_forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Runs B candidate continuations of one new position after this part's cached prefix, leaving the cache
+        as it was. Differentiable when grad is enabled (the prefix is a constant). Needs a part holding `embed`.
+
+        Args:
+            inputs_embeds: [B, 1, H] input embeddings of the candidates at position `seq_len`.
+
+        Returns:
+            [B, 1, H] the part's output for each candidate (what would cross the cut).
+        """
+        if not self.has_embed or self.has_head or self._view is None:
+            raise ConfigError("fork_forward needs a head part: it starts at the embedding and ends before the LM head")
+        batch = inputs_embeds.shape[0]
+        fork = None
+        if self.cache is not None:
+            fork = _part_cache_class()(self.owner.config, self.first_layer, self.num_layers)
+            for own, new in zip(self.cache.layers, fork.layers):
+                if own.is_initialized and own.keys.numel():
+                    keys = own.keys.expand(batch, -1, -1, -1).clone()  # a normal tensor, usable by autograd
+                    values = own.values.expand(batch, -1, -1, -1).clone()
+                    new.lazy_initialization(keys, values)
+                    new.keys, new.values = keys, values
+        position_ids = torch.full((batch, 1), self.seq_len, dtype=torch.long)
+        output = self._view(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=fork,
+                            use_cache=fork is not None)
+        return output.last_hidden_state
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """The embedding matrix [V, H] (what an attacker who knows the public weights ranks candidates against)."""
+        return self.owner.model.get_input_embeddings().weight
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length = x.shape[0], x.shape[1]

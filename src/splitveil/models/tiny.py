@@ -41,8 +41,12 @@ TINY_FAMILIES.register("gpt2", _gpt2)
 TINY_FAMILIES.register("qwen2", _qwen2)
 
 
-def tiny_causal_lm(family: str, *, seed: int = 0):
-    """A tiny random causal LM of `family` (llama, gpt2, qwen2) in eval mode, fp32, eager of its config."""
+def tiny_causal_lm(family: str, *, seed: int = 0, weight_scale: float = 16.0):
+    """A tiny random causal LM of `family` (llama, gpt2, qwen2) in eval mode, fp32.
+
+    `weight_scale` multiplies every matrix of the random init (std 0.02): the default 16 makes greedy decoding
+    varied and decisive; 1 keeps each layer's change to the residual stream small.
+    """
     import torch
 
     torch.manual_seed(seed)
@@ -51,5 +55,5 @@ def tiny_causal_lm(family: str, *, seed: int = 0):
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
-                param.mul_(16.0)
+                param.mul_(weight_scale)
     return model.float().eval()

@@ -1,0 +1,167 @@
+"""Hidden-state -> token attacks on what the cloud sees.
+
+- `NearestEmbedding`: each uplink state's nearest row of the public embedding matrix (cosine). A baseline: it is
+  exact only when the head is the embedding alone (cut 0).
+- `ExactInversion`: sequential exact inversion through the public head. Position by position, with the KV cache of
+  the prefix recovered so far, rank every vocabulary token by a first-order (gradient) estimate of
+  ||head(prefix + token) - observed||^2, verify the best candidates in one batch through the real head part, and
+  accept the first whose output matches the observation within tolerance; otherwise re-rank from the closest and
+  repeat, and finally take the closest seen. Decoder LMs are injective (SipIt, arXiv 2510.15511), so a match is
+  the token.
+- `TailReadout`: the downlink through the public tail: the answer the device will pick, read by the cloud.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from splitveil.attack.base import Attack, ThreatModel
+from splitveil.core.errors import ConfigError
+from splitveil.core.registry import Registry
+from splitveil.models.causal_lm import CausalLMPart
+
+TEXT_ATTACKS: Registry = Registry("text attack")
+
+
+def _require_head(part: CausalLMPart) -> None:
+    if not isinstance(part, CausalLMPart) or not part.has_embed or part.has_head:
+        raise ConfigError("this attack needs the public head: the part from the embedding to the cut")
+
+
+@TEXT_ATTACKS.register("nearest")
+class NearestEmbedding(Attack):
+    """Nearest embedding row (cosine) to each observed uplink state."""
+
+    name = "nearest"
+    threat_model = ThreatModel(observes="uplink", knows_head_weights=True,
+                               description="a cloud that knows the public embedding matrix")
+
+    def __init__(self, head: CausalLMPart):
+        _require_head(head)
+        self.embeddings = torch.nn.functional.normalize(head.input_embeddings.detach().float(), dim=-1)  # [V, H]
+
+    @torch.inference_mode()
+    def reconstruct(self, observed: torch.Tensor) -> list[int]:
+        """observed: [T, H] uplink states of T positions -> T token ids."""
+        states = torch.nn.functional.normalize(observed.float(), dim=-1)
+        return (states @ self.embeddings.T).argmax(-1).tolist()
+
+
+@TEXT_ATTACKS.register("exact")
+class ExactInversion(Attack):
+    """Sequential exact inversion of the uplink with the public head (gradient ranking + batched verification).
+
+    Per position: rank the vocabulary by a first-order estimate of the loss from a start token (the nearest
+    embedding), verify the best `candidates` through the real head; if none matches, rank again from the closest
+    tokens found so far, merge the rankings, and verify in that order in chunks until a token matches or
+    `max_verified` tokens were tried (default: the whole vocabulary, which makes the attack exact on an undefended
+    fp32 uplink); then take the closest seen.
+
+    Args:
+        head: the public head part (the same part object the edge runs; a clone keeps the prefix cache).
+        candidates: tokens verified in the first round and per chunk afterwards.
+        restarts: extra starting points whose rankings are merged after the first round.
+        max_verified: budget of verified tokens per position (None = the whole vocabulary).
+        tolerance: a candidate matches when ||head(candidate) - observed|| <= tolerance x ||observed||
+            (wire rounding and noise stay below it; wrong tokens land far above it).
+    """
+
+    name = "exact"
+    threat_model = ThreatModel(observes="uplink", knows_head_weights=True,
+                               description="a cloud that knows the public weights of the layers before the cut")
+
+    def __init__(self, head: CausalLMPart, *, candidates: int = 256, restarts: int = 3, max_verified: int | None = None,
+                 tolerance: float = 1e-2):
+        _require_head(head)
+        self.head = head.clone()  # own prefix cache; shares the weights
+        self.embeddings = head.input_embeddings.detach()  # [V, H]
+        vocab = self.embeddings.shape[0]
+        self.candidates = min(candidates, vocab)
+        self.restarts = restarts
+        self.max_verified = vocab if max_verified is None else min(max_verified, vocab)
+        self.tolerance = tolerance
+        self.seconds_per_token = float("nan")
+        self.verified = 0  # candidates pushed through the head in all
+
+    def _distances(self, token_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.head.fork_forward(self.embeddings[token_ids].unsqueeze(1))[:, 0]  # [B, H]
+        self.verified += len(token_ids)
+        return (out - target).norm(dim=-1)
+
+    def _scores(self, start_token: int, target: torch.Tensor) -> torch.Tensor:
+        """First-order change of ||head(e) - target||^2 when e moves from the start token's embedding to each row."""
+        embed = self.embeddings[start_token].clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.head.fork_forward(embed.view(1, 1, -1))[0, 0]
+            (grad,) = torch.autograd.grad((out - target).pow(2).sum(), embed)
+        return self.embeddings @ grad
+
+    def _invert_position(self, target: torch.Tensor, first_guess: int) -> int:
+        limit = self.tolerance * (float(target.norm()) or 1.0)
+        tried = torch.zeros(self.embeddings.shape[0], dtype=torch.bool)
+        seen: dict[int, float] = {}
+
+        def verify(token_ids: torch.Tensor) -> int | None:
+            token_ids = token_ids[~tried[token_ids]]
+            if not len(token_ids):
+                return None
+            tried[token_ids] = True
+            distances = self._distances(token_ids, target)
+            seen.update(zip(token_ids.tolist(), distances.tolist()))
+            index = int(distances.argmin())
+            return int(token_ids[index]) if float(distances[index]) <= limit else None
+
+        with torch.no_grad():
+            first = torch.topk(-self._scores(first_guess, target), self.candidates).indices
+        hit = verify(torch.cat([torch.tensor([first_guess]), first]))
+        if hit is not None:
+            return hit
+        starts = [t for t, _ in sorted(seen.items(), key=lambda item: item[1])[: self.restarts]]
+        with torch.no_grad():
+            ranks = torch.stack([torch.argsort(torch.argsort(-self._scores(s, target))) for s in [first_guess, *starts]])
+            order = torch.argsort(ranks.min(0).values)  # a token's best rank over all starting points
+        for chunk in torch.split(order, self.candidates):
+            if int(tried.sum()) >= self.max_verified:
+                break
+            hit = verify(chunk)
+            if hit is not None:
+                return hit
+        return min(seen, key=seen.get)
+
+    def reconstruct(self, observed: torch.Tensor) -> list[int]:
+        """observed: [T, H] uplink states of consecutive positions from the start -> T token ids."""
+        started = time.perf_counter()
+        self.head.reset()
+        nearest = NearestEmbedding.__new__(NearestEmbedding)
+        nearest.embeddings = torch.nn.functional.normalize(self.embeddings.float(), dim=-1)
+        guesses = nearest.reconstruct(observed)
+        recovered: list[int] = []
+        for position in range(observed.shape[0]):
+            token = self._invert_position(observed[position].float(), guesses[position])
+            recovered.append(token)
+            self.head(torch.tensor([[token]]))  # commit: the prefix cache grows by the recovered token
+        self.seconds_per_token = (time.perf_counter() - started) / max(observed.shape[0], 1)
+        return recovered
+
+
+class TailReadout(Attack):
+    """The downlink read through the public tail: the greedy token the device will pick at each step."""
+
+    name = "tail-readout"
+    threat_model = ThreatModel(observes="downlink", knows_tail_weights=True,
+                               description="a cloud that knows the public weights of the layers after the trunk")
+
+    def __init__(self, tail: CausalLMPart):
+        if not isinstance(tail, CausalLMPart) or not tail.has_head:
+            raise ConfigError("the tail readout needs the public tail: the part that ends with the LM head")
+        self.tail = tail.clone()
+        self.tail.last_logits_only = False
+
+    @torch.inference_mode()
+    def reconstruct(self, observed: torch.Tensor) -> list[int]:
+        """observed: [T, H] downlink states, in order from the first position -> the argmax token after each."""
+        self.tail.reset()
+        return self.tail(observed.unsqueeze(0))[0].argmax(-1).tolist()

@@ -1,0 +1,118 @@
+"""What the cloud reads of a Λ-split's prompt and answer: run the split, record what crosses, attack it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from splitveil.core.errors import ConfigError
+from splitveil.metrics.text import exact_match, token_f1, token_recovery
+from splitveil.wire.frame import FrameKind, decode_frame
+
+#: built-in evaluation prompts (private-looking, written for this bench; no attack was tuned on them)
+EVALUATION_PROMPTS = (
+    "My blood test came back with an LDL of 190 and my doctor wants me on statins. Is that normal at 42?",
+    "Draft an email to HR: I am pregnant and want to ask about maternity leave before I tell my manager.",
+    "My social security number is 512-44-9087; can you check whether this form is filled in correctly?",
+    "I was diagnosed with bipolar disorder last month. How do I explain this to my partner, Sam?",
+    "We owe 23,400 dollars on two credit cards and my husband lost his job. What should we pay first?",
+    "Write a note to my landlord at 14 Elm Street saying the rent will be late because of my surgery.",
+)
+
+
+@dataclass(frozen=True)
+class TextAttackSpec:
+    model: str = "smollm2-135m"
+    cuts: tuple[int, int] = (2, 28)
+    attack: str = "exact"
+    wire: str = "fp32"
+    max_new_tokens: int = 24  # answer tokens generated (and read back from the downlink)
+    candidates: int = 256  # exact attack: tokens verified per batch
+    max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
+
+
+@dataclass
+class Observation:
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    uplink: torch.Tensor  # [positions, H] every state the cloud received, in order
+    downlink: torch.Tensor  # [positions, H] every state the cloud sent back
+
+
+def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
+    """Runs a greedy split generation and records every FORWARD frame's tensor as the cloud decoded it."""
+    transport = lm.transport
+    if lm.service is None or not hasattr(transport, "handler"):
+        raise ConfigError("observing needs the in-process service (a Λ-split without --server)")
+    handler, uplink, downlink = transport.handler, [], []
+
+    def record(data: bytes) -> bytes:
+        reply = handler(data)
+        request = decode_frame(data, finite=False)
+        if request.kind == FrameKind.FORWARD:
+            uplink.append(request.tensor[0])
+            downlink.append(decode_frame(reply, finite=False).tensor[0])
+        return reply
+
+    transport.handler = record
+    try:
+        result = lm.generate(prompt, max_new_tokens=max_new_tokens)
+    finally:
+        transport.handler = handler
+    return Observation(result.prompt_ids, result.token_ids, torch.cat(uplink), torch.cat(downlink))
+
+
+def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) -> dict:
+    """Attacks each prompt's uplink (prompt recovery) and downlink (answer recovery); returns the record."""
+    from splitveil.attack.text.attacks import TEXT_ATTACKS, TailReadout
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.experiments.records import environment
+    from splitveil.models.loading import load_causal_lm
+    from splitveil.plan.plan import SplitPlan
+
+    if len(spec.cuts) != 2:
+        raise ConfigError("text attacks target a Λ-split: give --split A,B")
+    attack_class = TEXT_ATTACKS.get(spec.attack)
+    model, tokenizer = load_causal_lm(spec.model)
+    lm = SplitCausalLM(model, SplitPlan.lambda_split(*spec.cuts), tokenizer=tokenizer, wire=spec.wire)
+    head, tail = lm.stages[0], lm.stages[2]
+    kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified} if spec.attack == "exact" else {}
+    attack = attack_class(head, **kwargs)
+    readout = TailReadout(tail)
+    rows = []
+    for index, prompt in enumerate(prompts):
+        seen = observe(lm, prompt, spec.max_new_tokens)
+        n = len(seen.prompt_ids)
+        started = time.perf_counter()
+        recovered = attack.reconstruct(seen.uplink[:n])
+        seconds = time.perf_counter() - started
+        answer_read = readout.reconstruct(seen.downlink)[n - 1 : n - 1 + len(seen.generated_ids)]
+        rows.append({
+            "prompt": prompt,
+            "prompt_tokens": n,
+            "recovered": tokenizer.decode(recovered),
+            "token_recovery": token_recovery(seen.prompt_ids, recovered),
+            "prompt_exact": exact_match(seen.prompt_ids, recovered),
+            "token_f1": token_f1(seen.prompt_ids, recovered),
+            "answer": tokenizer.decode(seen.generated_ids, skip_special_tokens=True),
+            "answer_recovery": token_recovery(seen.generated_ids, answer_read),
+            "seconds_per_token": seconds / max(n, 1),
+        })
+        if progress is not None:
+            progress(index + 1, len(prompts))
+    total = sum(r["prompt_tokens"] for r in rows)
+    return {
+        "experiment": "text-attack",
+        "spec": asdict(spec),
+        "threat_model": attack.threat_model.to_dict(),
+        "environment": environment(),
+        "token_recovery": sum(r["token_recovery"] * r["prompt_tokens"] for r in rows) / total,
+        "prompt_exact": sum(r["prompt_exact"] for r in rows) / len(rows),
+        "token_f1": sum(r["token_f1"] for r in rows) / len(rows),
+        "answer_recovery": sum(r["answer_recovery"] for r in rows) / len(rows),
+        "seconds_per_token": sum(r["seconds_per_token"] * r["prompt_tokens"] for r in rows) / total,
+        "examples": [{"prompt": r["prompt"], "recovered": r["recovered"]} for r in rows],
+        "rows": rows,
+    }

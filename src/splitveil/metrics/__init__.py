@@ -1,0 +1,1 @@
+"""Pure metric functions: nothing here holds state or touches a model."""

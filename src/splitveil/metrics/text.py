@@ -1,0 +1,28 @@
+"""Token-level recovery metrics for text inversion (pure functions on id sequences)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def token_recovery(true_ids: list[int], recovered_ids: list[int]) -> float:
+    """Fraction of positions where the recovered token equals the true one (position by position)."""
+    if not true_ids:
+        return float("nan")
+    hits = sum(1 for a, b in zip(true_ids, recovered_ids) if a == b)
+    return hits / len(true_ids)
+
+
+def exact_match(true_ids: list[int], recovered_ids: list[int]) -> bool:
+    return list(true_ids) == list(recovered_ids)
+
+
+def token_f1(true_ids: list[int], recovered_ids: list[int]) -> float:
+    """F1 of the recovered tokens as a bag (order ignored): partial leaks that are misplaced still count."""
+    if not true_ids and not recovered_ids:
+        return 1.0
+    overlap = sum((Counter(true_ids) & Counter(recovered_ids)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(recovered_ids), overlap / len(true_ids)
+    return 2 * precision * recall / (precision + recall)
