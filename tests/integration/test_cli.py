@@ -86,6 +86,8 @@ def test_demo_reports_identical_output():
     assert summary["bytes_per_token_up"] == summary["bytes_per_token_down"] == 576 * 4 + 40
     assert summary["layers"] == {"head": 2, "trunk": 26, "tail": 2}
     assert summary["transport"].startswith("TLS WebSocket to wss://127.0.0.1:")
+    # the privacy line comes from a real (budgeted) attack on what the server received
+    assert summary["privacy"]["token_recovery"] >= 0.5 and summary["privacy"]["answer_recovery"] == 1.0
     port = int(summary["transport"].rsplit(":", 1)[1])
     import socket
 

@@ -9,6 +9,45 @@ from splitveil.cli.common import load_model, print_json, setup, status
 DEMO_PROMPT = "Write a short note to my doctor about my blood pressure readings this week: 150/95 on Monday, 145/92 today."
 
 
+def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: int = 256) -> dict:
+    """What the server could read of this very generation: a budgeted exact inversion of the uplink it received
+    (a lower bound: the unbudgeted attack recovers more) and the downlink read through the public tail."""
+    import time
+
+    import torch
+
+    from splitveil.attack.text.attacks import ExactInversion, TailReadout
+    from splitveil.metrics.text import token_recovery
+
+    head, remote, tail = split_lm.stages
+    uplink = torch.cat(remote.history, dim=1)[0]  # [positions, H]: exactly what the server received
+    tokenizer = split_lm.tokenizer
+    template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    n = len(prompt_ids)
+    prefix = 0  # the chat template's public tokens around the user's text: the attacker tries them first
+    while prefix < min(len(template), n) and template[prefix] == prompt_ids[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(template), n) - prefix and template[-1 - suffix] == prompt_ids[-1 - suffix]:
+        suffix += 1
+    hints = [*prompt_ids[:prefix], *([None] * (n - prefix - suffix)), *prompt_ids[n - suffix:]]
+    attack = ExactInversion(head, candidates=budget, max_verified=budget)
+    started = time.perf_counter()
+    recovered = attack.reconstruct(uplink[:n], hints=hints)
+    seconds = time.perf_counter() - started
+    downlink = torch.cat(remote.replies, dim=1)[0]  # [positions, H]: exactly what the server sent back
+    answer_read = TailReadout(tail).reconstruct(downlink)[n - 1 : n - 1 + len(answer_ids)]
+    user = slice(prefix, n - suffix)
+    return {
+        "attack": f"exact inversion, {budget} candidates per position",
+        "token_recovery": token_recovery(prompt_ids[user], recovered[user]),
+        "recovered_user_text": tokenizer.decode(recovered[user], skip_special_tokens=True).strip(),
+        "answer_recovery": token_recovery(answer_ids, answer_read),
+        "seconds": seconds,
+    }
+
+
 def demo(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
     split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts: head = layers before A, tail = layers from B."),
@@ -33,9 +72,12 @@ def demo(
     try:
         with status(f"connecting to {server.url} ...", quiet=json_output):
             split_lm = SplitCausalLM.connect(server.url, token=server.token, model=model, ca_file=server.cert)
+        split_lm.stages[1].keep_replies = True  # to show what the server could read of the answer
         with status("generating through the server ...", quiet=json_output):
             split_result = split_lm.generate(prompt, chat=True, max_new_tokens=max_new_tokens)
         split_lm.close()
+        with status("attacking what the server received ...", quiet=json_output):
+            privacy = exposure(split_lm, split_result.prompt_ids, split_result.token_ids)
     finally:
         server.__exit__(None, None, None)
     hf_model, tokenizer = load_model(model, quiet=json_output)
@@ -57,6 +99,7 @@ def demo(
         "bytes_per_token_down": down,
         "prefill_bytes_up": split_result.bytes_up - split_result.decode_bytes_up,
         "round_trips": split_result.round_trips,
+        "privacy": privacy,
         "split_tokens_per_second": split_result.decode_tokens_per_second,
         "unsplit_tokens_per_second": plain_result.decode_tokens_per_second,
     }
@@ -75,5 +118,8 @@ def demo(
         f"({summary['new_tokens']} greedy tokens, fp32 wire)")
     out(f"  bytes per token: {up:.0f} up, {down:.0f} down (prefill sent {summary['prefill_bytes_up']} bytes up; "
         f"{summary['round_trips']} round trips)")
+    out(f"  privacy: the server can read {privacy['token_recovery']:.0%} of your prompt's tokens from what it received "
+        f"({privacy['attack']}, {privacy['seconds']:.0f} s): \"{privacy['recovered_user_text']}\"")
+    out(f"           and {privacy['answer_recovery']:.0%} of the answer through the public tail; see `splitveil attack text`")
     out(f"  decode speed: split over TLS {summary['split_tokens_per_second']:.1f} tok/s, unsplit "
         f"{summary['unsplit_tokens_per_second']:.1f} tok/s (ratio {summary['speed_ratio']:.3f})")

@@ -56,6 +56,8 @@ class RemoteStage:
         self.seq = 0
         self.info: dict = {}
         self.history: list[torch.Tensor] = []  # inputs the remote part has processed, in order
+        self.keep_replies = False  # keep what the remote part returned too (to show what the server could read)
+        self.replies: list[torch.Tensor] = []
         self.recoveries = 0
 
     # -- frames ----------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ class RemoteStage:
 
     def open(self) -> None:
         reply = self._call(Frame(FrameKind.OPEN))
-        self.session, self.seq, self.history = reply.session, 0, []
+        self.session, self.seq, self.history, self.replies = reply.session, 0, [], []
         try:
             self.info = json.loads(reply.message) if reply.message else {}
         except json.JSONDecodeError:
@@ -119,11 +121,13 @@ class RemoteStage:
                 raise
             output = self._recover(hidden, error)
         self.history.append(hidden)
+        if self.keep_replies:
+            self.replies.append(output)
         return output
 
     def _recover(self, hidden: torch.Tensor, error: BaseException) -> torch.Tensor:
         """Opens a new session, replays the history, then runs `hidden`; retries until `recover_seconds`."""
-        history = list(self.history)
+        history, replies = list(self.history), list(self.replies)
         deadline = time.monotonic() + self.recover_seconds
         delay = 0.1
         log.warning("lost the remote session (%s); replaying %d inputs into a new one", error, len(history))
@@ -135,6 +139,7 @@ class RemoteStage:
                 if history:
                     self._forward(torch.cat(history, dim=1))  # rebuilds the remote KV cache; outputs already used
                 self.history = history
+                self.replies = replies
                 output = self._forward(hidden)
                 self.recoveries += 1
                 return output

@@ -131,8 +131,12 @@ class ExactInversion(Attack):
                 return hit
         return min(seen, key=seen.get)
 
-    def reconstruct(self, observed: torch.Tensor) -> list[int]:
-        """observed: [T, H] uplink states of consecutive positions from the start -> T token ids."""
+    def reconstruct(self, observed: torch.Tensor, hints: list[int | None] | None = None) -> list[int]:
+        """observed: [T, H] uplink states of consecutive positions from the start -> T token ids.
+
+        `hints` are tokens the attacker expects at some positions (e.g. the public chat template); each is verified
+        first and accepted only if it matches, so a wrong hint costs one candidate and changes nothing.
+        """
         started = time.perf_counter()
         self.head.reset()
         nearest = NearestEmbedding.__new__(NearestEmbedding)
@@ -140,7 +144,14 @@ class ExactInversion(Attack):
         guesses = nearest.reconstruct(observed)
         recovered: list[int] = []
         for position in range(observed.shape[0]):
-            token = self._invert_position(observed[position].float(), guesses[position])
+            target = observed[position].float()
+            hint = hints[position] if hints is not None and position < len(hints) else None
+            token = None
+            if hint is not None:
+                distance = float(self._distances(torch.tensor([hint]), target)[0])
+                token = hint if distance <= self.tolerance * (float(target.norm()) or 1.0) else None
+            if token is None:
+                token = self._invert_position(target, guesses[position])
             recovered.append(token)
             self.head(torch.tensor([[token]]))  # commit: the prefix cache grows by the recovered token
         self.seconds_per_token = (time.perf_counter() - started) / max(observed.shape[0], 1)
