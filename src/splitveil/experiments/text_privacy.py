@@ -116,3 +116,28 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "examples": [{"prompt": r["prompt"], "recovered": r["recovered"]} for r in rows],
         "rows": rows,
     }
+
+
+def plot_recovery_vs_depth(records: list[dict], path) -> None:
+    """Prompt token recovery (uplink) against head depth, one curve per attack and wire, from attack records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        spec = record["spec"]
+        curves.setdefault(f"{spec['attack']} ({spec['wire']} wire)", []).append((spec["cuts"][0], record["token_recovery"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(curves.items()):
+        points.sort()
+        ax.plot([d for d, _ in points], [r for _, r in points], "o-", label=label)
+    ax.set_xlabel("head depth (decoder layers before the cut)")
+    ax.set_ylabel("prompt token recovery from the uplink")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{records[0]['spec']['model']}: what the cloud reads of the prompt")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
