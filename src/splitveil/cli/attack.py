@@ -21,6 +21,9 @@ def text(
     prompts: Path = typer.Option(None, "--prompts", help="File with one prompt per line (default: a built-in set of 6)."),
     wire: str = typer.Option("fp32", "--wire", help="Codec of the states the cloud receives: fp32, fp16 or bf16."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
+    defence: str = typer.Option(None, "--defence", help="Defend the uplink on the device first: noise (Gaussian, "
+                                "std = strength x each position's RMS). The attack adapts to it."),
+    strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity)."),
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (token_recovery, prompt_exact, "
                                      "answer_recovery, examples, ...)."),
@@ -36,6 +39,10 @@ def text(
     if len(cuts) != 2:
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
     TEXT_ATTACKS.get(attack)  # unknown names fail here, listing the known ones
+    if defence is not None:
+        from splitveil.protect.cut import CUT_DEFENCES
+
+        CUT_DEFENCES.get(defence)
     if wire not in FLOAT_CODECS:
         raise ConfigError(f"unknown --wire {wire!r}; use one of {', '.join(FLOAT_CODECS)}")
     if prompts is not None:
@@ -49,7 +56,8 @@ def text(
         lines = list(EVALUATION_PROMPTS)
     if quick:
         lines, max_new_tokens = lines[:3], min(max_new_tokens, 8)
-    spec = TextAttackSpec(model=model, cuts=cuts, attack=attack, wire=wire, max_new_tokens=max_new_tokens)
+    spec = TextAttackSpec(model=model, cuts=cuts, attack=attack, wire=wire, max_new_tokens=max_new_tokens,
+                          defence=defence, strength=strength)
     setup(threads)
     with err_console.status(f"{attack} attack on {len(lines)} prompt(s) ...") as spinner:
         record = run_text_attack(spec, lines, progress=lambda done, total: spinner.update(f"{attack} attack: {done}/{total} prompts"))
@@ -60,6 +68,9 @@ def text(
     typer.echo(f"  prompt token recovery {record['token_recovery']:.3f}, prompts recovered exactly {record['prompt_exact']:.2f}, "
                f"token F1 {record['token_f1']:.3f}, {record['seconds_per_token']:.2f} s per token")
     typer.echo(f"  answer read from the downlink through the public tail: {record['answer_recovery']:.3f} of its tokens")
+    if record["defence"]:
+        typer.echo(f"  defence {defence} at strength {strength:g}: greedy tokens equal to the undefended split "
+                   f"{record['utility_greedy_match']:.3f}; the cloud holds {record['defence']['cloud_holds']}")
     for example in record["examples"]:
         typer.echo(f"  - sent     : {example['prompt']}")
         typer.echo(f"    recovered: {example['recovered']}")

@@ -108,7 +108,8 @@ class SplitCausalLM:
         transport: how remote parts are reached; default: an in-process service behind a loopback transport.
     """
 
-    def __init__(self, model, plan: SplitPlan | None = None, *, tokenizer=None, wire: str = "fp32", transport: Transport | None = None):
+    def __init__(self, model, plan: SplitPlan | None = None, *, tokenizer=None, wire: str = "fp32", transport: Transport | None = None,
+                 defence=None):
         self.splittable = model if isinstance(model, CausalLMSplittable) else CausalLMSplittable(model)
         self.model = self.splittable.model
         self.tokenizer = tokenizer
@@ -141,6 +142,10 @@ class SplitCausalLM:
             part if self.plan.placement[index] == Placement.EDGE else RemoteStage(transport, index, wire, expect=expect)
             for index, part in enumerate(parts)
         ]
+        if defence is not None:  # the uplink leaves the device through the defence
+            from splitveil.protect.cut import DefendedStage
+
+            self.stages[0] = DefendedStage(self.stages[0], defence)
 
     @classmethod
     def connect(

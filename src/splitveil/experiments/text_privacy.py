@@ -29,6 +29,8 @@ class TextAttackSpec:
     attack: str = "exact"
     wire: str = "fp32"
     max_new_tokens: int = 24  # answer tokens generated (and read back from the downlink)
+    defence: str | None = None  # a registered cut defence (noise), applied to the uplink on the device
+    strength: float = 0.0  # the defence's strength (noise: std as a fraction of each position's RMS)
     candidates: int = 256  # exact attack: tokens verified per batch
     max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
 
@@ -74,11 +76,19 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
 
     if len(spec.cuts) != 2:
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
+    from splitveil.protect.cut import CUT_DEFENCES
+
     attack_class = TEXT_ATTACKS.get(spec.attack)
+    defence = CUT_DEFENCES.get(spec.defence)(spec.strength) if spec.defence else None
     model, tokenizer = load_causal_lm(spec.model)
-    lm = SplitCausalLM(model, SplitPlan.lambda_split(*spec.cuts), tokenizer=tokenizer, wire=spec.wire)
-    head, tail = lm.stages[0], lm.stages[2]
+    plan = SplitPlan.lambda_split(*spec.cuts)
+    lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
+    reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence is not None else None
+    head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), lm.stages[2]
     kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified} if spec.attack == "exact" else {}
+    if spec.attack == "exact" and spec.defence == "noise":
+        # adaptive: the attacker knows the noise's scale, so it accepts a candidate within the expected noise norm
+        kwargs["tolerance"] = max(1e-2, 1.5 * spec.strength)
     attack = attack_class(head, **kwargs)
     readout = TailReadout(tail)
     rows = []
@@ -89,7 +99,12 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         recovered = attack.reconstruct(seen.uplink[:n])
         seconds = time.perf_counter() - started
         answer_read = readout.reconstruct(seen.downlink)[n - 1 : n - 1 + len(seen.generated_ids)]
+        utility = 1.0
+        if reference is not None:  # greedy tokens against the undefended split, position by position
+            clean = reference.generate(prompt, max_new_tokens=spec.max_new_tokens).token_ids
+            utility = token_recovery(clean, seen.generated_ids)
         rows.append({
+            "utility_greedy_match": utility,
             "prompt": prompt,
             "prompt_tokens": n,
             "recovered": tokenizer.decode(recovered),
@@ -113,6 +128,9 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "token_f1": sum(r["token_f1"] for r in rows) / len(rows),
         "answer_recovery": sum(r["answer_recovery"] for r in rows) / len(rows),
         "seconds_per_token": sum(r["seconds_per_token"] * r["prompt_tokens"] for r in rows) / total,
+        "utility_greedy_match": sum(r["utility_greedy_match"] for r in rows) / len(rows),
+        "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": getattr(defence, "cloud_holds", None),
+                    "reveals_secret": getattr(defence, "reveals_secret", None)} if defence else None,
         "examples": [{"prompt": r["prompt"], "recovered": r["recovered"]} for r in rows],
         "rows": rows,
     }
