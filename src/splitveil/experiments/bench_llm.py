@@ -11,7 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from splitveil.experiments.records import environment, write_json
+from splitveil.experiments.records import environment, save_figure, write_json
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,7 @@ def plot_llm_bench(record: dict, path: Path) -> Path:
     right.set_title("KV cache on every part: flat per-step cost")
     right.legend(fontsize=8)
     right.set_ylim(bottom=0)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_llm_bench(record: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from splitveil.experiments.records import environment, write_json
+from splitveil.experiments.records import environment, save_figure, write_json
 
 
 @dataclass(frozen=True)
@@ -275,11 +275,7 @@ def plot_service_bench(record: dict, path: Path) -> Path:
             ax.set_ylim(bottom=0)
             ax.legend(fontsize=8)
             ax.set_title("aggregate trunk throughput")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_service_bench(record: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:

@@ -138,7 +138,11 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
 
 def plot_recovery_vs_depth(records: list[dict], path) -> None:
     """Prompt token recovery (uplink) against head depth, one curve per attack and wire, from attack records."""
+    from pathlib import Path
+
     import matplotlib
+
+    from splitveil.experiments.records import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,6 +160,4 @@ def plot_recovery_vs_depth(records: list[dict], path) -> None:
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(f"{records[0]['spec']['model']}: what the cloud reads of the prompt")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, Path(path))
