@@ -163,3 +163,18 @@ def test_exact_attack_recovers_a_smollm2_prompt_from_the_uplink(tmp_path):
     assert record["answer_recovery"] == 1.0
     assert record["examples"] == [{"prompt": "My PIN is 4417.", "recovered": "My PIN is 4417."}]
     assert record["threat_model"]["knows_head_weights"] is True
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["attack", "text-sweep", "--depths", "1,x"], "bad --depths"),
+        (["attack", "text-sweep", "--depths", "30"], "every depth must be in 0..27"),
+        (["attack", "text-sweep", "--attacks", "magic"], "unknown text attack 'magic'"),
+        (["attack", "text", "--defence", "cloak"], "unknown defence 'cloak'"),
+    ],
+)
+def test_bad_sweep_input_exits_2_with_one_line(args, expected, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("splitveil: error:") and expected in err, err

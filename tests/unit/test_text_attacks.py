@@ -89,3 +89,20 @@ def test_text_metrics():
     assert exact_match([1, 2], [1, 2]) and not exact_match([1, 2], [2, 1])
     assert token_f1([1, 2], [2, 1]) == 1.0 and token_f1([1, 2], [3, 4]) == 0.0
     assert token_f1([1, 1, 2], [1, 2, 2]) == pytest.approx(2 / 3)
+
+
+def test_report_is_built_from_records(tmp_path):
+    from splitveil.experiments.text_privacy import write_text_report
+
+    def record(attack, depth, recovery, defence=None):
+        return {"spec": {"model": "m", "attack": attack, "wire": "fp32", "cuts": [depth, 28], "strength": 0.0},
+                "token_recovery": recovery, "prompt_exact": float(recovery == 1), "token_f1": recovery,
+                "answer_recovery": 1.0, "utility_greedy_match": 1.0, "seconds_per_token": 0.5, "defence": defence,
+                "examples": [{"prompt": "a b", "recovered": "a c"}]}
+
+    records = [record("nearest", 0, 1.0), record("nearest", 2, 0.0), record("exact", 2, 1.0),
+               record("exact", 2, 0.9, {"name": "noise", "strength": 0.1})]
+    jsonl, png, markdown = write_text_report(records, tmp_path, "r")
+    assert len(jsonl.read_text().splitlines()) == 4 and png.stat().st_size > 1000
+    text = markdown.read_text()
+    assert "| exact | fp32 | 2 | noise 0.1 | 0.900 |" in text and "| nearest | fp32 | 2 | - | 0.000 |" in text

@@ -74,3 +74,51 @@ def text(
     for example in record["examples"]:
         typer.echo(f"  - sent     : {example['prompt']}")
         typer.echo(f"    recovered: {example['recovered']}")
+
+
+@app.command("text-sweep")
+def text_sweep(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
+    depths: str = typer.Option("0,1,2,4,8,15", "--depths", help="Head depths A of the Λ-splits A,B to attack."),
+    tail_start: int = typer.Option(28, "--tail-start", help="B: where the tail starts (same for every depth)."),
+    attacks: str = typer.Option("nearest,exact", "--attacks", help="Attacks to run at every depth."),
+    prompts: Path = typer.Option(None, "--prompts", help="One prompt per line (default: the built-in set)."),
+    wire: str = typer.Option("fp32", "--wire", help="fp32, fp16 or bf16."),
+    quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens per run."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the records, plot and report."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Recovery against head depth for each attack: records (JSONL), a PNG plot and a Markdown report."""
+    from splitveil.attack.text.attacks import TEXT_ATTACKS
+    from splitveil.experiments.text_privacy import EVALUATION_PROMPTS, TextAttackSpec, run_text_attack, write_text_report
+
+    try:
+        levels = [int(d) for d in depths.split(",")]
+    except ValueError:
+        raise ConfigError(f"bad --depths {depths!r}: give layer counts like 1,2,4") from None
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    for name in names:
+        TEXT_ATTACKS.get(name)
+    if any(not 0 <= d < tail_start for d in levels):
+        raise ConfigError(f"every depth must be in 0..{tail_start - 1} (before the tail starts)")
+    lines = list(EVALUATION_PROMPTS)
+    if prompts is not None:
+        try:
+            lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        except OSError as error:
+            raise ConfigError(f"cannot read --prompts {prompts}: {error.strerror or error}") from None
+    new_tokens = 24
+    if quick:
+        lines, new_tokens = lines[:3], 8
+    setup(threads)
+    records = []
+    with err_console.status("sweep ...") as spinner:
+        for name in names:
+            for depth in levels:
+                spinner.update(f"{name} attack at depth {depth}")
+                spec = TextAttackSpec(model=model, cuts=(depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens)
+                records.append(run_text_attack(spec, lines))
+                typer.echo(f"{name:8s} depth {depth:2d}: prompt token recovery {records[-1]['token_recovery']:.3f}, "
+                           f"answer {records[-1]['answer_recovery']:.3f}")
+    paths = write_text_report(records, out, f"text-privacy_{Path(model).name}_{wire}{'_quick' if quick else ''}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -161,3 +161,36 @@ def plot_recovery_vs_depth(records: list[dict], path) -> None:
     ax.set_title(f"{records[0]['spec']['model']}: what the cloud reads of the prompt")
     ax.legend(fontsize=8)
     save_figure(fig, Path(path))
+
+
+def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
+    """Records -> JSONL, a PNG of recovery against depth, and a Markdown report (tables + examples)."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / f"{stem}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    undefended = [r for r in records if not r.get("defence")]
+    png = out_dir / f"{stem}.png"
+    if undefended:
+        plot_recovery_vs_depth(undefended, png)
+    lines = [f"# Text privacy: what the cloud reads ({records[0]['spec']['model']})", "",
+             "Generated from the records in " + jsonl.name + " by `write_text_report`.", "",
+             "| attack | wire | head depth | defence | prompt token recovery | prompts exact | token F1 | answer read (downlink) | greedy utility | s per token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["spec"]["attack"], r["spec"]["wire"], r["spec"]["cuts"][0], r["spec"].get("strength", 0))):
+        spec, defence = r["spec"], r.get("defence")
+        lines.append(f"| {spec['attack']} | {spec['wire']} | {spec['cuts'][0]} | "
+                     f"{(defence['name'] + ' ' + format(defence['strength'], 'g')) if defence else '-'} | "
+                     f"{r['token_recovery']:.3f} | {r['prompt_exact']:.2f} | {r['token_f1']:.3f} | {r['answer_recovery']:.3f} | "
+                     f"{r.get('utility_greedy_match', 1.0):.3f} | {r['seconds_per_token']:.2f} |")
+    lines += ["", "## Examples (sent -> recovered)", ""]
+    for r in records:
+        spec = r["spec"]
+        for example in r["examples"][:2]:
+            lines.append(f"- {spec['attack']}, depth {spec['cuts'][0]}: `{example['prompt']}` -> `{example['recovered']}`")
+    markdown = out_dir / f"{stem}.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    return jsonl, png, markdown
