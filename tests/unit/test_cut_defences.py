@@ -1,5 +1,6 @@
 """Cut defences: strength 0 is the identity; the adaptive exact attack is measured through them."""
 
+import pytest
 import torch
 
 from splitveil.attack.text.attacks import ExactInversion
@@ -48,3 +49,43 @@ def test_adaptive_exact_attack_sees_through_small_noise(tiny_models):
     seen = observe(lm, prompt, 4)
     attack = ExactInversion(lm.stages[0].stage, candidates=16, tolerance=0.15)
     assert token_recovery(prompt, attack.reconstruct(seen.uplink[: len(prompt)])) >= 0.8
+
+
+def test_permutation_round_trips_exactly():
+    from splitveil.protect.cut import HiddenPermutation
+
+    hidden = torch.randn(2, 5, 32)
+    defence = HiddenPermutation(1.0)
+    sent = defence.apply(hidden)
+    assert not torch.equal(sent, hidden)
+    assert torch.equal(defence.unapply(sent), hidden)
+    assert torch.equal(HiddenPermutation(0.0).apply(hidden), hidden)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_permuted_trunk_gives_the_unsplit_tokens(tiny_models, family):
+    from splitveil.protect.cut import HiddenPermutation
+
+    model = tiny_models[family]
+    plan = SplitPlan.lambda_split(1, 3)
+    plain = SplitCausalLM(model).generate(_prompt(2), max_new_tokens=20, eos_token_ids=())
+    defence = HiddenPermutation(1.0)
+    lm = SplitCausalLM(model, plan, defence=defence)
+    assert lm.generate(_prompt(2), max_new_tokens=20, eos_token_ids=()).token_ids == plain.token_ids
+    assert lm.service.parts[1].owner.model is not model  # the cloud got a permuted copy, not the public weights
+
+
+def test_adaptive_attacker_recovers_the_permutation_from_the_cloud_weights(tiny_models):
+    from splitveil.protect.cut import HiddenPermutation, recover_permutation
+
+    model = tiny_models["llama"]
+    defence = HiddenPermutation(1.0)
+    lm = SplitCausalLM(model, SplitPlan.lambda_split(1, 3), defence=defence)
+    cloud = lm.service.parts[1]
+    guess = recover_permutation(lm.splittable.layers[1], cloud.owner.layers[1])
+    assert torch.equal(guess, defence.permutation)
+    lm.tokenizer = _Ids()
+    prompt = _prompt(9)
+    seen = observe(lm, prompt, 4)
+    unpermuted = seen.uplink[: len(prompt)][..., torch.argsort(guess)]
+    assert ExactInversion(lm.stages[0].stage, candidates=16).reconstruct(unpermuted) == prompt

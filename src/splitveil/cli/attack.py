@@ -22,7 +22,8 @@ def text(
     wire: str = typer.Option("fp32", "--wire", help="Codec of the states the cloud receives: fp32, fp16 or bf16."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
     defence: str = typer.Option(None, "--defence", help="Defend the uplink on the device first: noise (Gaussian, "
-                                "std = strength x each position's RMS). The attack adapts to it."),
+                                "std = strength x each position's RMS) or permute (secret permutation of the hidden "
+                                "dimensions; the cloud runs a permuted trunk). The attack adapts to it."),
     strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity)."),
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (token_recovery, prompt_exact, "

@@ -128,6 +128,10 @@ class SplitCausalLM:
         for part in parts:
             part.last_logits_only = True
         remote = {index: part for index, part in enumerate(parts) if self.plan.placement[index] != Placement.EDGE}
+        if defence is not None and hasattr(defence, "cloud_part"):  # the cloud runs what the defence gives it
+            remote = {index: defence.cloud_part(part) for index, part in remote.items()}
+            for part in remote.values():
+                part.last_logits_only = True
         if transport is None:
             self.service = PartService(
                 remote,
@@ -146,6 +150,8 @@ class SplitCausalLM:
             from splitveil.protect.cut import DefendedStage
 
             self.stages[0] = DefendedStage(self.stages[0], defence)
+            if hasattr(defence, "unapply") and len(self.stages) > 2:
+                self.stages[-1] = DefendedStage(self.stages[-1], defence, incoming=True)
 
     @classmethod
     def connect(

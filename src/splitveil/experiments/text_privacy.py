@@ -84,7 +84,17 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     plan = SplitPlan.lambda_split(*spec.cuts)
     lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
     reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence is not None else None
-    head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), lm.stages[2]
+    head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), getattr(lm.stages[2], "stage", lm.stages[2])
+    undo, secret_recovered = (lambda states: states), None
+    if spec.defence == "permute" and spec.strength > 0:
+        # adaptive: the cloud holds the permuted trunk; matching it against the public weights gives the permutation
+        from splitveil.protect.cut import recover_permutation
+
+        cloud = next(iter(lm.service.parts.values()))
+        guess = recover_permutation(lm.splittable.layers[cloud.first_layer], cloud.owner.layers[cloud.first_layer])
+        secret_recovered = bool(torch.equal(guess, defence.permutation))
+        inverse = torch.argsort(guess)
+        undo = lambda states: states[..., inverse]  # noqa: E731
     kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified} if spec.attack == "exact" else {}
     if spec.attack == "exact" and spec.defence == "noise":
         # adaptive: the attacker knows the noise's scale, so it accepts a candidate within the expected noise norm
@@ -96,9 +106,9 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         seen = observe(lm, prompt, spec.max_new_tokens)
         n = len(seen.prompt_ids)
         started = time.perf_counter()
-        recovered = attack.reconstruct(seen.uplink[:n])
+        recovered = attack.reconstruct(undo(seen.uplink[:n]))
         seconds = time.perf_counter() - started
-        answer_read = readout.reconstruct(seen.downlink)[n - 1 : n - 1 + len(seen.generated_ids)]
+        answer_read = readout.reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
         utility = 1.0
         if reference is not None:  # greedy tokens against the undefended split, position by position
             clean = reference.generate(prompt, max_new_tokens=spec.max_new_tokens).token_ids
@@ -130,7 +140,8 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "seconds_per_token": sum(r["seconds_per_token"] * r["prompt_tokens"] for r in rows) / total,
         "utility_greedy_match": sum(r["utility_greedy_match"] for r in rows) / len(rows),
         "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": getattr(defence, "cloud_holds", None),
-                    "reveals_secret": getattr(defence, "reveals_secret", None)} if defence else None,
+                    "reveals_secret": getattr(defence, "reveals_secret", None),
+                    "secret_recovered_by_attacker": secret_recovered} if defence else None,
         "examples": [{"prompt": r["prompt"], "recovered": r["recovered"]} for r in rows],
         "rows": rows,
     }

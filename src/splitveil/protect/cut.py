@@ -65,14 +65,112 @@ class GaussianNoise(CutDefence):
 
 
 class DefendedStage:
-    """Wraps the device's head part: its outputs pass through `defence` before they leave the device."""
+    """Wraps a device part: the head's outputs pass through `defence.apply` before they leave the device; the
+    tail's inputs through `defence.unapply` (for defences that change the downlink's coordinates)."""
 
-    def __init__(self, stage, defence: CutDefence):
+    def __init__(self, stage, defence: CutDefence, *, incoming: bool = False):
         self.stage = stage
         self.defence = defence
+        self.incoming = incoming
 
     def __call__(self, x):
+        if self.incoming:
+            return self.stage(self.defence.unapply(x))
         return self.defence.apply(self.stage(x))
 
     def reset(self) -> None:
         self.stage.reset()
+
+
+_READS_RESIDUAL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # Linear layers fed by the residual stream
+_WRITES_RESIDUAL = ("o_proj", "down_proj")  # Linear layers that add into the residual stream
+
+
+def permute_layers(layers, permutation: torch.Tensor) -> None:
+    """Rewrites decoder layers in place so that they compute on hidden states whose dimensions are permuted.
+
+    Norm weights over the hidden size are permuted, the input columns of the layers that read the residual stream
+    and the output rows of the layers that write it are permuted; RMS/LayerNorm statistics are permutation-invariant,
+    so layer(h[..., p]) == layer(h)[..., p] up to float summation order. Llama-style Linear names only.
+    """
+    width = permutation.numel()
+    with torch.no_grad():
+        for layer in layers:
+            for name, module in layer.named_modules():
+                leaf = name.rsplit(".", 1)[-1]
+                if isinstance(module, torch.nn.Linear) and leaf in _READS_RESIDUAL:
+                    module.weight.copy_(module.weight[:, permutation])
+                elif isinstance(module, torch.nn.Linear) and leaf in _WRITES_RESIDUAL:
+                    module.weight.copy_(module.weight[permutation])
+                    if module.bias is not None:
+                        module.bias.copy_(module.bias[permutation])
+                elif isinstance(module, torch.nn.Linear):
+                    raise ConfigError(f"cannot permute the layer {name!r}: only Llama-style layers are supported")
+                elif "norm" in leaf.lower() and getattr(module, "weight", None) is not None and module.weight.shape == (width,):
+                    module.weight.copy_(module.weight[permutation])
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.copy_(module.bias[permutation])
+
+
+@CUT_DEFENCES.register("permute")
+class HiddenPermutation(CutDefence):
+    """Permutes the hidden dimensions with a secret permutation (the reference implementation's scheme).
+
+    The cloud must run a trunk whose weights are permuted the same way; the device un-permutes the downlink.
+    Any strength > 0 turns it on.
+    """
+
+    name = "permute"
+    cloud_holds = "the trunk's weights with rows and columns permuted by the secret"
+    reveals_secret = True  # the permuted weights, compared with the public ones, give the permutation away
+
+    def __init__(self, strength: float = 1.0, *, key: bytes | None = None, width: int | None = None):
+        super().__init__(strength, key=key)
+        self.width = width
+        self.permutation = None
+
+    def _ensure(self, width: int) -> torch.Tensor:
+        if self.permutation is None or self.permutation.numel() != width:
+            generator = torch.Generator().manual_seed(hkdf_seed(self.key, b"hidden-permutation"))
+            self.permutation = torch.randperm(width, generator=generator)
+            self.inverse = torch.argsort(self.permutation)
+        return self.permutation
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0:
+            return hidden
+        return hidden[..., self._ensure(hidden.shape[-1])]
+
+    def unapply(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0:
+            return hidden
+        self._ensure(hidden.shape[-1])
+        return hidden[..., self.inverse]
+
+    def cloud_part(self, part):
+        """A copy of `part` over permuted weights: what the cloud is given to run."""
+        import copy
+
+        if self.strength == 0:
+            return part
+        from splitveil.models.causal_lm import CausalLMSplittable
+
+        model = copy.deepcopy(part.owner.model)
+        owner = CausalLMSplittable(model)
+        permute_layers(owner.layers[part.first_layer : part.first_layer + part.num_layers], self._ensure(owner.hidden_size))
+        return owner.make_part(part.start, part.end)
+
+
+def recover_permutation(public_layer, permuted_layer) -> torch.Tensor:
+    """The adaptive attacker's step: match the permuted layer's norm weight to the public one's.
+
+    Returns p with permuted = public[..., p] for the norm weights (ties broken by the q_proj column norms).
+    """
+    public_norm = next(m.weight for n, m in public_layer.named_modules() if "norm" in n and getattr(m, "weight", None) is not None)
+    cloud_norm = next(m.weight for n, m in permuted_layer.named_modules() if "norm" in n and getattr(m, "weight", None) is not None)
+    public_q = next(m.weight for n, m in public_layer.named_modules() if n.endswith("q_proj"))
+    cloud_q = next(m.weight for n, m in permuted_layer.named_modules() if n.endswith("q_proj"))
+    public_key = torch.stack([public_norm.detach(), public_q.detach().norm(dim=0)], dim=1)  # [H, 2]
+    cloud_key = torch.stack([cloud_norm.detach(), cloud_q.detach().norm(dim=0)], dim=1)
+    distance = torch.cdist(cloud_key.double(), public_key.double())  # [H, H]
+    return distance.argmin(dim=1)
