@@ -97,8 +97,9 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         undo = lambda states: states[..., inverse]  # noqa: E731
     kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified} if spec.attack == "exact" else {}
     if spec.attack == "exact" and spec.defence == "noise":
-        # adaptive: the attacker knows the noise's scale, so it accepts a candidate within the expected noise norm
-        kwargs["tolerance"] = max(1e-2, 1.5 * spec.strength)
+        # adaptive: the attacker knows the noise's scale. In H dimensions the noise norm concentrates at
+        # strength x ||clean state|| = strength / sqrt(1 + strength^2) x ||observed||; accept up to 10% above that
+        kwargs["tolerance"] = 1e-2 + 1.1 * spec.strength / (1 + spec.strength**2) ** 0.5
     attack = attack_class(head, **kwargs)
     readout = TailReadout(tail)
     rows = []
