@@ -17,6 +17,14 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=ENV)
 
 
+def expect_one_line_error(args: list[str], expected: str, capsys) -> None:
+    """The CLI exits 2 and prints exactly one line that starts with `splitveil: error:` and names the problem."""
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("splitveil: error:") and expected in err, err
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -35,10 +43,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, expected, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("splitveil: error:") and expected in err
+    expect_one_line_error(args, expected, capsys)
 
 
 def test_missing_model_package_names_the_fix(monkeypatch, tmp_path, capsys):
@@ -120,10 +125,7 @@ def test_bad_serve_and_client_input_exits_2_with_one_line(args, expected, capsys
     token = tmp_path / "token"
     token.write_text("t" * 32)
     args = [str(token) if a == "TOKEN" else a for a in args]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("splitveil: error:") and expected in err
+    expect_one_line_error(args, expected, capsys)
 
 
 def test_unreachable_server_is_one_clear_line(capsys, tmp_path):
@@ -147,9 +149,7 @@ def test_unreachable_server_is_one_clear_line(capsys, tmp_path):
     ],
 )
 def test_bad_attack_input_exits_2_with_one_line(args, expected, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("splitveil: error:") and expected in err, err
+    expect_one_line_error(args, expected, capsys)
 
 
 @pytest.mark.model
@@ -175,6 +175,4 @@ def test_exact_attack_recovers_a_smollm2_prompt_from_the_uplink(tmp_path):
     ],
 )
 def test_bad_sweep_input_exits_2_with_one_line(args, expected, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("splitveil: error:") and expected in err, err
+    expect_one_line_error(args, expected, capsys)
