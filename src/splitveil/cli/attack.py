@@ -16,8 +16,9 @@ app = typer.Typer(help="Attacks that measure what a split leaks.", no_args_is_he
 def text(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
     split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts A,B: the cloud sees the states after A layers."),
-    attack: str = typer.Option("exact", "--attack", "-a", help="nearest (embedding lookup) or exact (sequential inversion "
-                               "through the public head)."),
+    attack: str = typer.Option("exact", "--attack", "-a", help="nearest (embedding lookup), exact (sequential inversion "
+                               "through the public head) or learned (a readout trained on auxiliary text, the Debian "
+                               "fortunes corpus)."),
     prompts: Path = typer.Option(None, "--prompts", help="File with one prompt per line (default: a built-in set of 6)."),
     wire: str = typer.Option("fp32", "--wire", help="Codec of the states the cloud receives: fp32, fp16 or bf16."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
@@ -58,7 +59,7 @@ def text(
     if quick:
         lines, max_new_tokens = lines[:3], min(max_new_tokens, 8)
     spec = TextAttackSpec(model=model, cuts=cuts, attack=attack, wire=wire, max_new_tokens=max_new_tokens,
-                          defence=defence, strength=strength)
+                          defence=defence, strength=strength, **({"aux_chars": 100_000, "learned_steps": 600} if quick else {}))
     setup(threads)
     with err_console.status(f"{attack} attack on {len(lines)} prompt(s) ...") as spinner:
         record = run_text_attack(spec, lines, progress=lambda done, total: spinner.update(f"{attack} attack: {done}/{total} prompts"))

@@ -33,6 +33,8 @@ class TextAttackSpec:
     strength: float = 0.0  # the defence's strength (noise: std as a fraction of each position's RMS)
     candidates: int = 256  # exact attack: tokens verified per batch
     max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
+    aux_chars: int = 300_000  # learned attack: characters of auxiliary text (fortunes)
+    learned_steps: int = 1500  # learned attack: optimisation steps
 
 
 @dataclass
@@ -96,6 +98,11 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         inverse = torch.argsort(guess)
         undo = lambda states: states[..., inverse]  # noqa: E731
     kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified} if spec.attack == "exact" else {}
+    if spec.attack == "learned":  # auxiliary text of the attacker's own, disjoint from the evaluation prompts
+        from splitveil.attack.text.learned import fortunes_corpus
+
+        texts = fortunes_corpus(spec.aux_chars)
+        kwargs = {"corpus": [tokenizer(t)["input_ids"][:128] for t in texts], "steps": spec.learned_steps}
     if spec.attack == "exact" and spec.defence == "noise":
         # adaptive: the attacker knows the noise's scale. In H dimensions the noise norm concentrates at
         # strength x ||clean state|| = strength / sqrt(1 + strength^2) x ||observed||; accept up to 10% above that

@@ -1,5 +1,6 @@
 """Text inversion: recover prompts and answers from the hidden states a Λ-split sends to and gets from the cloud."""
 
 from splitveil.attack.text.attacks import TEXT_ATTACKS, ExactInversion, NearestEmbedding, TailReadout
+from splitveil.attack.text.learned import LearnedInversion
 
-__all__ = ["TEXT_ATTACKS", "ExactInversion", "NearestEmbedding", "TailReadout"]
+__all__ = ["TEXT_ATTACKS", "ExactInversion", "LearnedInversion", "NearestEmbedding", "TailReadout"]

@@ -1,0 +1,109 @@
+"""Learned inversion: a readout trained on auxiliary text passed through the public head.
+
+The attacker has the public model, not the user's prompts: it runs text of its own (offline: the Debian `fortunes`
+corpus) through the head, and trains a map from each position's state to its token. The map standardises the
+state (a few residual dimensions carry huge activations), applies a residual MLP, and scores tokens against the
+public embedding matrix (frozen): only H x H weights are learned, so training takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import torch
+
+from splitveil.attack.base import Attack, ThreatModel
+from splitveil.attack.text.attacks import TEXT_ATTACKS, _require_head
+from splitveil.core.errors import ConfigError
+from splitveil.models.causal_lm import CausalLMPart
+
+FORTUNES_DIR = "/usr/share/games/fortunes"
+
+
+def fortunes_corpus(limit_chars: int = 400_000) -> list[str]:
+    """Fortunes (Debian package `fortunes`) as a list of texts; a clear error when the package is missing."""
+    texts: list[str] = []
+    files = sorted(f for f in glob.glob(os.path.join(FORTUNES_DIR, "*")) if not f.endswith((".dat", ".u8")) and os.path.isfile(f))
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            texts += [t.strip() for t in handle.read().split("\n%\n") if len(t.strip()) > 20]
+    if not texts:
+        raise ConfigError("the learned attack needs auxiliary text: install the Debian package `fortunes` "
+                          "(make setup does, or: apt-get install fortunes)")
+    kept, total = [], 0
+    for text in texts:
+        kept.append(text)
+        total += len(text)
+        if total >= limit_chars:
+            break
+    return kept
+
+
+@TEXT_ATTACKS.register("learned")
+class LearnedInversion(Attack):
+    """Per-position readout from uplink states to tokens, trained on auxiliary sequences through the public head.
+
+    Args:
+        head: the public head part.
+        corpus: auxiliary token-id sequences (disjoint from what is attacked).
+        steps: optimisation steps; batch: positions per step.
+    """
+
+    name = "learned"
+    threat_model = ThreatModel(observes="uplink", knows_head_weights=True, auxiliary_data=True,
+                               description="a cloud with the public model and text of its own, not the user's")
+
+    def __init__(self, head: CausalLMPart, corpus: list[list[int]], *, steps: int = 400, batch: int = 256,
+                 negatives: int = 2048, learning_rate: float = 3e-3, seed: int = 0):
+        _require_head(head)
+        if not corpus:
+            raise ConfigError("the learned attack needs a non-empty auxiliary corpus")
+        self.embeddings = head.input_embeddings.detach()  # [V, H], frozen: the attacker knows it
+        states, tokens = self._collect(head.clone(), corpus)
+        self.mean, self.std = states.mean(0), states.std(0) + 1e-5
+        width = states.shape[1]
+        generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():  # reproducible initialisation without touching the caller's generator
+            torch.manual_seed(seed)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+            self.project = torch.nn.Linear(width, width)
+        torch.nn.init.zeros_(self.mlp[2].weight)
+        optimiser = torch.optim.Adam([*self.mlp.parameters(), *self.project.parameters()], lr=learning_rate)
+        started = time.perf_counter()
+        vocab = self.embeddings.shape[0]
+        with torch.enable_grad():
+            for _ in range(steps):
+                index = torch.randint(0, len(tokens), (min(batch, len(tokens)),), generator=generator)
+                # sampled softmax: the batch's tokens plus random negatives (the full vocabulary at evaluation)
+                sampled = torch.randint(0, vocab, (min(negatives, vocab),), generator=generator)
+                classes, targets = torch.unique(torch.cat([tokens[index], sampled]), return_inverse=True)
+                logits = self._logits(states[index], classes)
+                loss = torch.nn.functional.cross_entropy(logits, targets[: len(index)])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        self.training_seconds = time.perf_counter() - started
+        self.training_positions = len(tokens)
+
+    @staticmethod
+    @torch.inference_mode()
+    def _collect(head: CausalLMPart, corpus: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, tokens = [], []
+        for ids in corpus:
+            head.reset()
+            states.append(head(torch.tensor([ids]))[0].clone())
+            tokens.append(torch.tensor(ids))
+        return torch.cat(states).float(), torch.cat(tokens)
+
+    def _logits(self, states: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        x = (states - self.mean) / self.std
+        x = self.project(x + self.mlp(x))
+        table = self.embeddings if classes is None else self.embeddings[classes]
+        return x @ table.T
+
+    @torch.inference_mode()
+    def reconstruct(self, observed: torch.Tensor) -> list[int]:
+        """observed: [T, H] uplink states -> T token ids (each position on its own)."""
+        return self._logits(observed.float()).argmax(-1).tolist()
