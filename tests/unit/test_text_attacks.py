@@ -125,3 +125,11 @@ def test_learned_attack_recovers_far_above_chance_at_depth_1():
         seen = observe(lm, prompt, 2)
         scores.append(token_recovery(prompt, attack.reconstruct(seen.uplink[: len(prompt)])))
     assert sum(scores) / len(scores) >= 0.5  # chance is 1/101
+
+
+def test_missing_auxiliary_corpus_names_the_package(monkeypatch, tmp_path):
+    from splitveil.attack.text import learned
+
+    monkeypatch.setattr(learned, "FORTUNES_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="apt-get install fortunes"):
+        learned.fortunes_corpus()
