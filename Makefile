@@ -1,7 +1,7 @@
 # splitveil: everything a fresh machine needs is set up by `make demo` or `make test`.
 #   make demo   - set up, then run the main job (Λ-split of SmolLM2 with its report)
 #   make test   - set up, then run the default test suite (offline, one torch thread)
-#   make bench  - set up, then run the benchmarks and write benchmarks/results/
+#   make bench  - set up, then run the LLM and service benchmarks and write benchmarks/results/
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -50,6 +50,7 @@ test-all: setup
 
 bench: setup
 	$(BIN)/splitveil bench llm --tokens 128 --repeats 3
+	$(BIN)/splitveil bench service --repeats 5
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
