@@ -125,13 +125,11 @@ class SplitCausalLM:
         if self.plan.placement[0] != Placement.EDGE:
             raise PlanError("the first part must run on the edge: the device holds the input")
         parts = apply(self.splittable, self.plan)
-        for part in parts:
-            part.last_logits_only = True
         remote = {index: part for index, part in enumerate(parts) if self.plan.placement[index] != Placement.EDGE}
         if defence is not None and hasattr(defence, "cloud_part"):  # the cloud runs what the defence gives it
             remote = {index: defence.cloud_part(part) for index, part in remote.items()}
-            for part in remote.values():
-                part.last_logits_only = True
+        for part in [*parts, *remote.values()]:
+            part.last_logits_only = True
         if transport is None:
             self.service = PartService(
                 remote,

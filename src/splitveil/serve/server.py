@@ -16,7 +16,7 @@ from http import HTTPStatus
 
 from splitveil.serve.auth import bearer, token_id, token_matches
 from splitveil.serve.service import PartService
-from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, FrameKind
+from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, FrameKind, encode_frame, error_frame
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,6 @@ class SplitServer:
             async for message in websocket:
                 is_open = isinstance(message, bytes) and len(message) > 3 and message[3] == FrameKind.OPEN
                 if isinstance(message, str):
-                    from splitveil.wire.frame import encode_frame, error_frame
-
                     await websocket.send(encode_frame(error_frame("frames must be binary messages")))
                     break
                 work, reply = self.service.admit(message, owner=self.owner, bound_session=session_id or NO_SESSION)
@@ -123,8 +121,6 @@ class SplitServer:
     async def _compute(self, work) -> bytes:
         future = self._loop.create_future()
         if self._queue.qsize() >= self.limits.max_queue:
-            from splitveil.wire.frame import encode_frame, error_frame
-
             return encode_frame(error_frame("the server is overloaded; try again", session=work.session_id, seq=work.frame.seq))
         await self._queue.put((work, future))
         return await future
@@ -155,8 +151,6 @@ class SplitServer:
                 log.info("evicted an idle session")
                 websocket = self.connections.pop(session_id, None)
                 if websocket is not None:
-                    from splitveil.wire.frame import encode_frame, error_frame
-
                     try:
                         await websocket.send(encode_frame(error_frame(f"session evicted after {self.limits.idle_timeout:g} s idle", session=session_id)))
                     finally:

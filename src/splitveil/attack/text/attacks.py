@@ -25,6 +25,12 @@ from splitveil.models.causal_lm import CausalLMPart
 TEXT_ATTACKS: Registry = Registry("text attack")
 
 
+def nearest_tokens(observed: torch.Tensor, unit_embeddings: torch.Tensor) -> list[int]:
+    """Pure: for each state [T, H], the row of the unit-normalised embedding matrix [V, H] with the highest cosine."""
+    states = torch.nn.functional.normalize(observed.float(), dim=-1)
+    return (states @ unit_embeddings.T).argmax(-1).tolist()
+
+
 def _require_head(part: CausalLMPart) -> None:
     if not isinstance(part, CausalLMPart) or not part.has_embed or part.has_head:
         raise ConfigError("this attack needs the public head: the part from the embedding to the cut")
@@ -45,8 +51,7 @@ class NearestEmbedding(Attack):
     @torch.inference_mode()
     def reconstruct(self, observed: torch.Tensor) -> list[int]:
         """observed: [T, H] uplink states of T positions -> T token ids."""
-        states = torch.nn.functional.normalize(observed.float(), dim=-1)
-        return (states @ self.embeddings.T).argmax(-1).tolist()
+        return nearest_tokens(observed, self.embeddings)
 
 
 @TEXT_ATTACKS.register("exact")
@@ -77,6 +82,7 @@ class ExactInversion(Attack):
         _require_head(head)
         self.head = head.clone()  # own prefix cache; shares the weights
         self.embeddings = head.input_embeddings.detach()  # [V, H]
+        self.unit_embeddings = torch.nn.functional.normalize(self.embeddings.float(), dim=-1)  # first guesses
         vocab = self.embeddings.shape[0]
         self.candidates = min(candidates, vocab)
         self.restarts = restarts
@@ -99,8 +105,12 @@ class ExactInversion(Attack):
             (grad,) = torch.autograd.grad((out - target).pow(2).sum(), embed)
         return self.embeddings @ grad
 
+    def _limit(self, target: torch.Tensor) -> float:
+        """The largest distance at which a candidate counts as the observed state's token."""
+        return self.tolerance * (float(target.norm()) or 1.0)
+
     def _invert_position(self, target: torch.Tensor, first_guess: int) -> int:
-        limit = self.tolerance * (float(target.norm()) or 1.0)
+        limit = self._limit(target)
         tried = torch.zeros(self.embeddings.shape[0], dtype=torch.bool)
         seen: dict[int, float] = {}
 
@@ -139,9 +149,8 @@ class ExactInversion(Attack):
         """
         started = time.perf_counter()
         self.head.reset()
-        nearest = NearestEmbedding.__new__(NearestEmbedding)
-        nearest.embeddings = torch.nn.functional.normalize(self.embeddings.float(), dim=-1)
-        guesses = nearest.reconstruct(observed)
+        with torch.no_grad():
+            guesses = nearest_tokens(observed, self.unit_embeddings)
         recovered: list[int] = []
         for position in range(observed.shape[0]):
             target = observed[position].float()
@@ -149,7 +158,7 @@ class ExactInversion(Attack):
             token = None
             if hint is not None:
                 distance = float(self._distances(torch.tensor([hint]), target)[0])
-                token = hint if distance <= self.tolerance * (float(target.norm()) or 1.0) else None
+                token = hint if distance <= self._limit(target) else None
             if token is None:
                 token = self._invert_position(target, guesses[position])
             recovered.append(token)
