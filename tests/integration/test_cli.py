@@ -172,7 +172,28 @@ def test_exact_attack_recovers_a_smollm2_prompt_from_the_uplink(tmp_path):
         (["attack", "text-sweep", "--depths", "30"], "every depth must be in 0..27"),
         (["attack", "text-sweep", "--attacks", "magic"], "unknown text attack 'magic'"),
         (["attack", "text", "--defence", "cloak"], "unknown defence 'cloak'"),
+        (["attack", "text", "--defence", "randcut", "--strength", "1.5"], "number of layers"),
+        (["attack", "text", "--split", "2,4", "--defence", "randcut", "--strength", "2"], "into the tail"),
+        (["attack", "text-sweep", "--defences", "noise:lots"], "bad --defences item 'noise:lots'"),
+        (["attack", "text-sweep", "--defences", "cloak:1"], "unknown defence 'cloak'"),
+        (["attack", "text-sweep", "--wire", "fp8"], "unknown --wire"),
     ],
 )
 def test_bad_sweep_input_exits_2_with_one_line(args, expected, capsys):
     expect_one_line_error(args, expected, capsys)
+
+
+@pytest.mark.model
+def test_sweep_appends_runs_and_rewrites_the_report(tmp_path):
+    prompts = tmp_path / "prompts"
+    prompts.write_text("My PIN is 4417.\n")
+    common = ["attack", "text-sweep", "--attacks", "nearest", "--prompts", str(prompts), "--quick", "--out", str(tmp_path)]
+    assert run_cli(*common, "--depths", "0").returncode == 0
+    proc = run_cli(*common, "--depths", "0,1", "--defences", "randcut:1", "--defence-depth", "1", "--append")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "text-privacy_smollm2-135m_quick.jsonl").read_text().splitlines()]
+    assert [(r["spec"]["cuts"][0], r["spec"]["defence"]) for r in records] == [(0, None), (1, None), (1, "randcut")]
+    assert records[0]["token_recovery"] == 1.0  # nearest neighbour at depth 0 reads the embeddings
+    assert records[2]["defence"]["secret_recovered_by_attacker"] is True and records[2]["perplexity"]["defended"] > 1
+    report = (tmp_path / "text-privacy_smollm2-135m_quick.md").read_text()
+    assert "randcut 1" in report and (tmp_path / "text-privacy_smollm2-135m_quick.png").exists()

@@ -89,3 +89,91 @@ def test_adaptive_attacker_recovers_the_permutation_from_the_cloud_weights(tiny_
     seen = observe(lm, prompt, 4)
     unpermuted = seen.uplink[: len(prompt)][..., torch.argsort(guess)]
     assert ExactInversion(lm.stages[0].stage, candidates=16).reconstruct(unpermuted) == prompt
+
+
+def test_randomised_cut_at_strength_zero_keeps_the_plan(tiny_models):
+    from splitveil.protect.cut import RandomisedCut
+
+    plan = SplitPlan.lambda_split(1, 3)
+    lm = SplitCausalLM(tiny_models["llama"], plan, defence=RandomisedCut(0))
+    assert lm.plan == plan
+    assert lm.generate(_prompt(3), max_new_tokens=12, eos_token_ids=()).token_ids == \
+        SplitCausalLM(tiny_models["llama"], plan).generate(_prompt(3), max_new_tokens=12, eos_token_ids=()).token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_randomised_cut_gives_the_unsplit_tokens_at_every_drawn_depth(tiny_models, family):
+    from splitveil.protect.cut import RandomisedCut
+
+    model = tiny_models[family]
+    plain = SplitCausalLM(model).generate(_prompt(4), max_new_tokens=16, eos_token_ids=()).token_ids
+    depths = set()
+    for key in range(12):  # session keys; each draws its own depth in 0..2
+        defence = RandomisedCut(2, key=bytes([key]) * 32)
+        lm = SplitCausalLM(model, SplitPlan.lambda_split(0, 3), defence=defence)
+        depths.add(lm.plan.cuts[0])
+        assert lm.plan.cuts == (defence.offset, 3)
+        assert lm.service.parts[1].first_layer == defence.offset  # the cloud runs exactly the layers after the cut
+        assert lm.generate(_prompt(4), max_new_tokens=16, eos_token_ids=()).token_ids == plain
+    assert depths == {0, 1, 2}  # the key decides the depth, and every depth is drawn
+
+
+def test_randomised_cut_refuses_a_strength_that_reaches_the_tail(tiny_models):
+    from splitveil.core.errors import ConfigError
+    from splitveil.protect.cut import RandomisedCut
+
+    with pytest.raises(ConfigError, match="into the tail"):
+        SplitCausalLM(tiny_models["llama"], SplitPlan.lambda_split(1, 3), defence=RandomisedCut(2))
+    with pytest.raises(ConfigError, match="number of layers"):
+        RandomisedCut(1.5)
+
+
+def test_blind_attacker_finds_the_randomised_depth(tiny_models):
+    """An eavesdropper not told the depth tries every candidate: only the true one reproduces the states."""
+    from splitveil.attack.text.adaptive import identify_cut_depth
+    from splitveil.protect.cut import RandomisedCut
+
+    model = tiny_models["llama"]
+    for key in (b"a" * 32, b"c" * 32):
+        defence = RandomisedCut(2, key=key)
+        lm = SplitCausalLM(model, SplitPlan.lambda_split(0, 3), defence=defence)
+        lm.tokenizer = _Ids()
+        prompt = _prompt(7)
+        seen = observe(lm, prompt, 2)
+        found, residuals = identify_cut_depth(lm.splittable, seen.uplink[: len(prompt)], range(0, 3), candidates=32)
+        assert found == defence.offset and residuals[found] < 1e-4
+        assert min(r for d, r in residuals.items() if d != found) > 1e-2
+
+
+def test_split_scoring_matches_the_unsplit_model_and_perplexity_is_finite(tiny_models):
+    from splitveil.experiments.text_privacy import heldout_perplexity
+    from splitveil.metrics.text import mean_nll
+
+    model = tiny_models["llama"]
+    ids = _prompt(8, length=14)
+    unsplit = model(input_ids=torch.tensor([ids])).logits[0].detach()
+    lm = SplitCausalLM(model, SplitPlan.lambda_split(1, 3))
+    assert torch.allclose(lm.score(ids), unsplit, atol=1e-5)
+    assert torch.allclose(SplitCausalLM(model).score(ids), unsplit, atol=1e-6)
+    nll, count = mean_nll(unsplit, ids)
+    expected = torch.nn.functional.cross_entropy(unsplit[:-1], torch.tensor(ids[1:]), reduction="sum")
+    assert count == 13 and abs(nll - float(expected)) < 1e-4
+    plain = heldout_perplexity(lm, [ids])
+    noisy = heldout_perplexity(SplitCausalLM(model, SplitPlan.lambda_split(1, 3), defence=GaussianNoise(1.0)), [ids])
+    assert 1 < plain < 1e4 and noisy != plain
+    assert lm.score(ids).shape == unsplit.shape and lm.service.sessions == {}  # the scoring session was closed
+
+
+def test_learned_attacker_trained_on_its_own_noise_reads_noisy_states():
+    from splitveil.attack.text.adaptive import noise_augmenter
+    from splitveil.attack.text.learned import LearnedInversion
+    from splitveil.models.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", weight_scale=4.0)
+    lm = SplitCausalLM(model, SplitPlan.lambda_split(1, 3), defence=GaussianNoise(0.3))
+    lm.tokenizer = _Ids()
+    corpus = [torch.randint(3, 101, (24,), generator=torch.Generator().manual_seed(2000 + i)).tolist() for i in range(120)]
+    attack = LearnedInversion(lm.stages[0].stage, corpus, steps=300, augment=noise_augmenter(0.3, seed=5))
+    prompt = _prompt(11, length=20)
+    seen = observe(lm, prompt, 2)
+    assert token_recovery(prompt, attack.reconstruct(seen.uplink[: len(prompt)])) >= 0.3  # chance is 1/98

@@ -105,7 +105,8 @@ def test_report_is_built_from_records(tmp_path):
     jsonl, png, markdown = write_text_report(records, tmp_path, "r")
     assert len(jsonl.read_text().splitlines()) == 4 and png.stat().st_size > 1000
     text = markdown.read_text()
-    assert "| exact | fp32 | 2 | noise 0.1 | 0.900 |" in text and "| nearest | fp32 | 2 | - | 0.000 |" in text
+    assert "| nearest | fp32 | 2 | 0.000 |" in text and "| exact | fp32 | 2 | 1.000 |" in text
+    assert "| exact | noise 0.1 | 2 | 0.900 | 1.000 | 1.000 | - | None | no |" in text
 
 
 def test_learned_attack_recovers_far_above_chance_at_depth_1():

@@ -23,9 +23,11 @@ def text(
     wire: str = typer.Option("fp32", "--wire", help="Codec of the states the cloud receives: fp32, fp16 or bf16."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
     defence: str = typer.Option(None, "--defence", help="Defend the uplink on the device first: noise (Gaussian, "
-                                "std = strength x each position's RMS) or permute (secret permutation of the hidden "
-                                "dimensions; the cloud runs a permuted trunk). The attack adapts to it."),
-    strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity)."),
+                                "std = strength x each position's RMS), permute (secret permutation of the hidden "
+                                "dimensions; the cloud runs a permuted trunk) or randcut (the cut moved 0..strength "
+                                "layers deeper by a per-session secret). The attack adapts to it."),
+    strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity; randcut: "
+                                   "a whole number of layers)."),
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (token_recovery, prompt_exact, "
                                      "answer_recovery, examples, ...)."),
@@ -33,7 +35,7 @@ def text(
 ) -> None:
     """How much of the prompt (uplink) and of the answer (downlink) the cloud reads, for one cut."""
     from splitveil.attack.text.attacks import TEXT_ATTACKS
-    from splitveil.experiments.text_privacy import EVALUATION_PROMPTS, TextAttackSpec, run_text_attack
+    from splitveil.experiments.text_privacy import TextAttackSpec, run_text_attack
     from splitveil.plan.plan import parse_cuts
     from splitveil.wire.codecs import FLOAT_CODECS
 
@@ -42,20 +44,10 @@ def text(
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
     TEXT_ATTACKS.get(attack)  # unknown names fail here, listing the known ones
     if defence is not None:
-        from splitveil.protect.cut import CUT_DEFENCES
-
-        CUT_DEFENCES.get(defence)
+        _check_defence(defence, strength, cuts)
     if wire not in FLOAT_CODECS:
         raise ConfigError(f"unknown --wire {wire!r}; use one of {', '.join(FLOAT_CODECS)}")
-    if prompts is not None:
-        try:
-            lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        except OSError as error:
-            raise ConfigError(f"cannot read --prompts {prompts}: {error.strerror or error}") from None
-        if not lines:
-            raise ConfigError(f"--prompts {prompts} holds no prompt (one per line)")
-    else:
-        lines = list(EVALUATION_PROMPTS)
+    lines = _read_prompts(prompts)
     if quick:
         lines, max_new_tokens = lines[:3], min(max_new_tokens, 8)
     spec = TextAttackSpec(model=model, cuts=cuts, attack=attack, wire=wire, max_new_tokens=max_new_tokens,
@@ -66,16 +58,62 @@ def text(
     if json_output:
         print_json(record)
         return
-    typer.echo(f"{attack} attack on the uplink of Λ-split {cuts[0]},{cuts[1]} ({wire} wire), {len(lines)} prompt(s):")
+    _print_record(record, cuts, wire, defence, strength)
+
+
+def _print_record(record: dict, cuts, wire: str, defence: str | None, strength: float) -> None:
+    attack, examples = record["spec"]["attack"], record["examples"]
+    typer.echo(f"{attack} attack on the uplink of Λ-split {cuts[0]},{cuts[1]} ({wire} wire), {len(examples)} prompt(s):")
     typer.echo(f"  prompt token recovery {record['token_recovery']:.3f}, prompts recovered exactly {record['prompt_exact']:.2f}, "
                f"token F1 {record['token_f1']:.3f}, {record['seconds_per_token']:.2f} s per token")
     typer.echo(f"  answer read from the downlink through the public tail: {record['answer_recovery']:.3f} of its tokens")
     if record["defence"]:
         typer.echo(f"  defence {defence} at strength {strength:g}: greedy tokens equal to the undefended split "
                    f"{record['utility_greedy_match']:.3f}; the cloud holds {record['defence']['cloud_holds']}")
-    for example in record["examples"]:
+        ppl = record.get("perplexity")
+        if ppl:
+            typer.echo(f"  held-out perplexity {ppl['defended']:.2f} defended vs {ppl['undefended']:.2f} undefended "
+                       f"({ppl['tokens']} tokens)")
+    for example in examples:
         typer.echo(f"  - sent     : {example['prompt']}")
         typer.echo(f"    recovered: {example['recovered']}")
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    """One prompt per line of `path`, or the built-in evaluation set."""
+    from splitveil.experiments.text_privacy import EVALUATION_PROMPTS
+
+    if path is None:
+        return list(EVALUATION_PROMPTS)
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise ConfigError(f"cannot read --prompts {path}: {error.strerror or error}") from None
+    if not lines:
+        raise ConfigError(f"--prompts {path} holds no prompt (one per line)")
+    return lines
+
+
+def _check_defence(name: str, strength: float, cuts) -> None:
+    """Fails before any model loads: an unknown defence, a bad strength, or a randomised cut that reaches the tail."""
+    from splitveil.plan.plan import SplitPlan
+    from splitveil.protect.cut import CUT_DEFENCES
+
+    defence = CUT_DEFENCES.get(name)(strength)
+    if hasattr(defence, "session_plan"):
+        defence.session_plan(SplitPlan.lambda_split(*cuts))
+
+
+def _parse_defences(text: str) -> list[tuple[str, float]]:
+    """"noise:0.1,permute:1" -> [("noise", 0.1), ("permute", 1.0)]."""
+    pairs = []
+    for item in filter(None, (piece.strip() for piece in text.split(","))):
+        name, _, value = item.partition(":")
+        try:
+            pairs.append((name, float(value or 1.0)))
+        except ValueError:
+            raise ConfigError(f"bad --defences item {item!r}: use NAME:STRENGTH, like noise:0.1") from None
+    return pairs
 
 
 @app.command("text-sweep")
@@ -84,43 +122,67 @@ def text_sweep(
     depths: str = typer.Option("0,1,2,4,8,15", "--depths", help="Head depths A of the Λ-splits A,B to attack."),
     tail_start: int = typer.Option(28, "--tail-start", help="B: where the tail starts (same for every depth)."),
     attacks: str = typer.Option("nearest,exact", "--attacks", help="Attacks to run at every depth."),
+    defences: str = typer.Option("", "--defences", help="Defences to measure at --defence-depth against each attack's "
+                                 "adaptive version, as NAME:STRENGTH items, e.g. noise:0.1,noise:0.5,permute:1,randcut:2."),
+    defence_depth: int = typer.Option(2, "--defence-depth", help="Head depth at which the defences are measured."),
     prompts: Path = typer.Option(None, "--prompts", help="One prompt per line (default: the built-in set)."),
     wire: str = typer.Option("fp32", "--wire", help="fp32, fp16 or bf16."),
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens per run."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the records, plot and report."),
+    append: bool = typer.Option(False, "--append", help="Merge into the existing records of the same report (a run "
+                                "with the same settings replaces the old one), so a long sweep can run in pieces."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
-    """Recovery against head depth for each attack: records (JSONL), a PNG plot and a Markdown report."""
+    """Recovery against head depth for each attack, and each defence with its utility cost: records (JSONL), a PNG
+    plot and a Markdown report."""
+    import json
+    from dataclasses import asdict
+
     from splitveil.attack.text.attacks import TEXT_ATTACKS
-    from splitveil.experiments.text_privacy import EVALUATION_PROMPTS, TextAttackSpec, run_text_attack, write_text_report
+    from splitveil.experiments.text_privacy import TextAttackSpec, run_text_attack, write_text_report
+    from splitveil.wire.codecs import FLOAT_CODECS
 
     try:
-        levels = [int(d) for d in depths.split(",")]
+        levels = [int(d) for d in depths.split(",") if d.strip()]
     except ValueError:
         raise ConfigError(f"bad --depths {depths!r}: give layer counts like 1,2,4") from None
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     for name in names:
         TEXT_ATTACKS.get(name)
-    if any(not 0 <= d < tail_start for d in levels):
+    if any(not 0 <= d < tail_start for d in [*levels, defence_depth]):
         raise ConfigError(f"every depth must be in 0..{tail_start - 1} (before the tail starts)")
-    lines = list(EVALUATION_PROMPTS)
-    if prompts is not None:
-        try:
-            lines = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        except OSError as error:
-            raise ConfigError(f"cannot read --prompts {prompts}: {error.strerror or error}") from None
-    new_tokens = 24
+    if wire not in FLOAT_CODECS:
+        raise ConfigError(f"unknown --wire {wire!r}; use one of {', '.join(FLOAT_CODECS)}")
+    defence_list = _parse_defences(defences)
+    for name, strength in defence_list:
+        _check_defence(name, strength, (defence_depth, tail_start))
+    lines, new_tokens = _read_prompts(prompts), 24
     if quick:
         lines, new_tokens = lines[:3], 8
-    setup(threads)
+    extra = {"aux_chars": 100_000, "learned_steps": 600} if quick else {}
+    runs = [TextAttackSpec(model=model, cuts=(depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens, **extra)
+            for name in names for depth in levels]
+    runs += [TextAttackSpec(model=model, cuts=(defence_depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens,
+                            defence=defence, strength=strength, **extra) for name in names for defence, strength in defence_list]
+    stem = f"text-privacy_{Path(model).name}{'_quick' if quick else ''}"
     records = []
+    existing = out / f"{stem}.jsonl"
+    if append and existing.exists():
+        try:
+            records = [json.loads(line) for line in existing.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot read the records {existing} to append to: {error}") from None
+    setup(threads)
     with err_console.status("sweep ...") as spinner:
-        for name in names:
-            for depth in levels:
-                spinner.update(f"{name} attack at depth {depth}")
-                spec = TextAttackSpec(model=model, cuts=(depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens)
-                records.append(run_text_attack(spec, lines))
-                typer.echo(f"{name:8s} depth {depth:2d}: prompt token recovery {records[-1]['token_recovery']:.3f}, "
-                           f"answer {records[-1]['answer_recovery']:.3f}")
-    paths = write_text_report(records, out, f"text-privacy_{Path(model).name}_{wire}{'_quick' if quick else ''}")
+        for number, spec in enumerate(runs, 1):
+            label = f"{spec.attack} at depth {spec.cuts[0]}" + (f", {spec.defence} {spec.strength:g}" if spec.defence else "")
+            spinner.update(f"run {number}/{len(runs)}: {label}")
+            record = run_text_attack(spec, lines, progress=lambda done, total: spinner.update(
+                f"run {number}/{len(runs)}: {label} ({done}/{total} prompts)"))
+            same = json.loads(json.dumps(asdict(spec)))  # as stored: tuples become lists
+            records = [r for r in records if r["spec"] != same] + [record]
+            typer.echo(f"{label}: prompt token recovery {record['token_recovery']:.3f}, answer {record['answer_recovery']:.3f}, "
+                       f"{record['seconds_per_token']:.2f} s per token")
+            write_text_report(records, out, stem)  # after every run: a long sweep keeps what it has measured
+    paths = write_text_report(records, out, stem)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -124,6 +124,10 @@ class SplitCausalLM:
             return
         if self.plan.placement[0] != Placement.EDGE:
             raise PlanError("the first part must run on the edge: the device holds the input")
+        if defence is not None and hasattr(defence, "session_plan"):  # a defence that moves the cut
+            if len(self.plan.cuts) != 2:
+                raise PlanError(f"the {defence.name} defence needs a Λ-split (two cuts)")
+            self.plan = defence.session_plan(self.plan)
         parts = apply(self.splittable, self.plan)
         remote = {index: part for index, part in enumerate(parts) if self.plan.placement[index] != Placement.EDGE}
         if defence is not None and hasattr(defence, "cloud_part"):  # the cloud runs what the defence gives it
@@ -218,6 +222,28 @@ class SplitCausalLM:
         for stage in self.stages:
             x = stage(x)
         return x[0, -1]
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits [T, V] at every position of `token_ids`, through the split (one session).
+
+        Used for perplexity: the utility a defence costs on text the model did not generate itself.
+        """
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        if not self.plan.cuts:
+            return self.model(input_ids=ids).logits[0]
+        tail = getattr(self.stages[-1], "stage", self.stages[-1])
+        keep = tail.last_logits_only
+        self._begin()
+        tail.last_logits_only = False
+        try:
+            x = ids
+            for stage in self.stages:
+                x = stage(x)
+            return x[0]
+        finally:
+            tail.last_logits_only = keep
+            self._end()
 
     def encode_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
         if self.tokenizer is None:

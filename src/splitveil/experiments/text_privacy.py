@@ -29,12 +29,13 @@ class TextAttackSpec:
     attack: str = "exact"
     wire: str = "fp32"
     max_new_tokens: int = 24  # answer tokens generated (and read back from the downlink)
-    defence: str | None = None  # a registered cut defence (noise), applied to the uplink on the device
-    strength: float = 0.0  # the defence's strength (noise: std as a fraction of each position's RMS)
+    defence: str | None = None  # a registered cut defence (noise, permute, randcut), applied on the device
+    strength: float = 0.0  # noise: std as a fraction of each position's RMS; permute: on if > 0; randcut: layers
     candidates: int = 256  # exact attack: tokens verified per batch
     max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
     aux_chars: int = 300_000  # learned attack: characters of auxiliary text (fortunes)
     learned_steps: int = 1500  # learned attack: optimisation steps
+    heldout_chars: int = 3_000  # perplexity cost of a defence: characters of held-out text (end of the fortunes)
 
 
 @dataclass
@@ -68,55 +69,92 @@ def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
     return Observation(result.prompt_ids, result.token_ids, torch.cat(uplink), torch.cat(downlink))
 
 
+def _make_attack(spec: TextAttackSpec, head, tokenizer):
+    """The spec's attack against `head`, adapted to the spec's defence (the attacker knows its mechanism and scale)."""
+    from splitveil.attack.text.adaptive import noise_augmenter, noise_tolerance
+    from splitveil.attack.text.attacks import TEXT_ATTACKS
+
+    noisy = spec.defence == "noise" and spec.strength > 0
+    kwargs: dict = {}
+    if spec.attack == "exact":
+        kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified}
+        if noisy:
+            kwargs["tolerance"] = noise_tolerance(spec.strength)
+    elif spec.attack == "learned":  # auxiliary text of the attacker's own, disjoint from the evaluation prompts
+        from splitveil.attack.text.learned import fortunes_corpus
+
+        texts = fortunes_corpus(spec.aux_chars)
+        kwargs = {"corpus": [tokenizer(t)["input_ids"][:128] for t in texts], "steps": spec.learned_steps,
+                  "augment": noise_augmenter(spec.strength) if noisy else None}
+    return TEXT_ATTACKS.get(spec.attack)(head, **kwargs)
+
+
+def heldout_perplexity(lm, token_lists: list[list[int]]) -> float:
+    """Perplexity of the split model (with whatever defence it runs) over held-out token sequences."""
+    from splitveil.metrics.text import mean_nll, perplexity
+
+    total, count = 0.0, 0
+    for ids in token_lists:
+        nll, n = mean_nll(lm.score(ids), ids)
+        total, count = total + nll, count + n
+    return perplexity(total, count)
+
+
 def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) -> dict:
-    """Attacks each prompt's uplink (prompt recovery) and downlink (answer recovery); returns the record."""
+    """Attacks each prompt's uplink (prompt recovery) and downlink (answer recovery); returns the record.
+
+    Every prompt is its own session: a defence draws a fresh session key for each (a new noise stream, a new
+    permutation, a new cut depth), and the adaptive attacker starts again from what that session's cloud holds.
+    """
     from splitveil.attack.text.attacks import TEXT_ATTACKS, TailReadout
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.experiments.records import environment
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
+    from splitveil.protect.cut import CUT_DEFENCES
 
     if len(spec.cuts) != 2:
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
-    from splitveil.protect.cut import CUT_DEFENCES
-
-    attack_class = TEXT_ATTACKS.get(spec.attack)
-    defence = CUT_DEFENCES.get(spec.defence)(spec.strength) if spec.defence else None
+    TEXT_ATTACKS.get(spec.attack)
+    defence_class = CUT_DEFENCES.get(spec.defence) if spec.defence else None
     model, tokenizer = load_causal_lm(spec.model)
     plan = SplitPlan.lambda_split(*spec.cuts)
-    lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
-    reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence is not None else None
-    head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), getattr(lm.stages[2], "stage", lm.stages[2])
-    undo, secret_recovered = (lambda states: states), None
-    if spec.defence == "permute" and spec.strength > 0:
-        # adaptive: the cloud holds the permuted trunk; matching it against the public weights gives the permutation
-        from splitveil.protect.cut import recover_permutation
-
-        cloud = next(iter(lm.service.parts.values()))
-        guess = recover_permutation(lm.splittable.layers[cloud.first_layer], cloud.owner.layers[cloud.first_layer])
-        secret_recovered = bool(torch.equal(guess, defence.permutation))
-        inverse = torch.argsort(guess)
-        undo = lambda states: states[..., inverse]  # noqa: E731
-    kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified} if spec.attack == "exact" else {}
-    if spec.attack == "learned":  # auxiliary text of the attacker's own, disjoint from the evaluation prompts
-        from splitveil.attack.text.learned import fortunes_corpus
-
-        texts = fortunes_corpus(spec.aux_chars)
-        kwargs = {"corpus": [tokenizer(t)["input_ids"][:128] for t in texts], "steps": spec.learned_steps}
-    if spec.attack == "exact" and spec.defence == "noise":
-        # adaptive: the attacker knows the noise's scale. In H dimensions the noise norm concentrates at
-        # strength x ||clean state|| = strength / sqrt(1 + strength^2) x ||observed||; accept up to 10% above that
-        kwargs["tolerance"] = 1e-2 + 1.1 * spec.strength / (1 + spec.strength**2) ** 0.5
-    attack = attack_class(head, **kwargs)
-    readout = TailReadout(tail)
-    rows = []
+    reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence_class else None
+    attacks: dict[int, object] = {}  # head depth -> the attack built for it (one per depth the attacker meets)
+    rows, blind = [], None
     for index, prompt in enumerate(prompts):
+        defence = defence_class(spec.strength) if defence_class else None  # this session's own key
+        lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
+        head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), getattr(lm.stages[2], "stage", lm.stages[2])
+        cloud = next(iter(lm.service.parts.values()))
+        depth = cloud.first_layer  # what the cloud runs tells it where the cut is (randcut's secret included)
+        undo, secret_recovered = (lambda states: states), None
+        if spec.defence == "permute" and spec.strength > 0:
+            # the cloud holds the permuted trunk; matching it against the public weights gives the permutation
+            from splitveil.protect.cut import recover_permutation
+
+            guess = recover_permutation(lm.splittable.layers[depth], cloud.owner.layers[depth])
+            secret_recovered = bool(torch.equal(guess, defence.permutation))
+            inverse = torch.argsort(guess)
+            undo = lambda states, inverse=inverse: states[..., inverse]  # noqa: E731
+        if depth not in attacks:
+            attacks[depth] = _make_attack(spec, head, tokenizer)
+        attack = attacks[depth]
         seen = observe(lm, prompt, spec.max_new_tokens)
         n = len(seen.prompt_ids)
+        if spec.defence == "randcut" and spec.strength > 0 and blind is None:
+            # an attacker who is not told the depth tries every one it could be (first session only: it is costly)
+            from splitveil.attack.text.adaptive import identify_cut_depth
+
+            candidates = range(spec.cuts[0], spec.cuts[0] + int(spec.strength) + 1)
+            found, residuals = identify_cut_depth(lm.splittable, seen.uplink[:n], candidates)
+            blind = {"true_depth": depth, "identified_depth": found, "residuals": residuals}
+        if spec.defence == "randcut":
+            secret_recovered = True  # the cloud must be told the depth to run the right layers
         started = time.perf_counter()
         recovered = attack.reconstruct(undo(seen.uplink[:n]))
         seconds = time.perf_counter() - started
-        answer_read = readout.reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
+        answer_read = TailReadout(tail).reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
         utility = 1.0
         if reference is not None:  # greedy tokens against the undefended split, position by position
             clean = reference.generate(prompt, max_new_tokens=spec.max_new_tokens).token_ids
@@ -125,6 +163,8 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
             "utility_greedy_match": utility,
             "prompt": prompt,
             "prompt_tokens": n,
+            "head_depth": depth,
+            "secret_recovered_by_attacker": secret_recovered,
             "recovered": tokenizer.decode(recovered),
             "token_recovery": token_recovery(seen.prompt_ids, recovered),
             "prompt_exact": exact_match(seen.prompt_ids, recovered),
@@ -135,11 +175,20 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         })
         if progress is not None:
             progress(index + 1, len(prompts))
+    perplexity = None
+    if defence_class is not None:  # on held-out text (the end of the fortunes corpus), defended vs undefended
+        from splitveil.attack.text.learned import fortunes_corpus
+
+        heldout = [tokenizer(t)["input_ids"][:96] for t in fortunes_corpus(spec.heldout_chars, from_end=True)]
+        defended = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence_class(spec.strength))
+        perplexity = {"undefended": heldout_perplexity(reference, heldout), "defended": heldout_perplexity(defended, heldout),
+                      "tokens": sum(len(ids) - 1 for ids in heldout)}
     total = sum(r["prompt_tokens"] for r in rows)
+    recovered_secrets = [r["secret_recovered_by_attacker"] for r in rows if r["secret_recovered_by_attacker"] is not None]
     return {
         "experiment": "text-attack",
         "spec": asdict(spec),
-        "threat_model": attack.threat_model.to_dict(),
+        "threat_model": next(iter(attacks.values())).threat_model.to_dict(),
         "environment": environment(),
         "token_recovery": sum(r["token_recovery"] * r["prompt_tokens"] for r in rows) / total,
         "prompt_exact": sum(r["prompt_exact"] for r in rows) / len(rows),
@@ -147,9 +196,12 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "answer_recovery": sum(r["answer_recovery"] for r in rows) / len(rows),
         "seconds_per_token": sum(r["seconds_per_token"] * r["prompt_tokens"] for r in rows) / total,
         "utility_greedy_match": sum(r["utility_greedy_match"] for r in rows) / len(rows),
-        "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": getattr(defence, "cloud_holds", None),
-                    "reveals_secret": getattr(defence, "reveals_secret", None),
-                    "secret_recovered_by_attacker": secret_recovered} if defence else None,
+        "perplexity": perplexity,
+        "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": defence_class.cloud_holds,
+                    "reveals_secret": defence_class.reveals_secret,
+                    "secret_recovered_by_attacker": all(recovered_secrets) if recovered_secrets else None,
+                    "head_depths": sorted({r["head_depth"] for r in rows}),
+                    "blind_depth_search": blind} if defence_class else None,
         "examples": [{"prompt": r["prompt"], "recovered": r["recovered"]} for r in rows],
         "rows": rows,
     }
@@ -197,19 +249,37 @@ def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
         plot_recovery_vs_depth(undefended, png)
     lines = [f"# Text privacy: what the cloud reads ({records[0]['spec']['model']})", "",
              "Generated from the records in " + jsonl.name + " by `write_text_report`.", "",
-             "| attack | wire | head depth | defence | prompt token recovery | prompts exact | token F1 | answer read (downlink) | greedy utility | s per token |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["spec"]["attack"], r["spec"]["wire"], r["spec"]["cuts"][0], r["spec"].get("strength", 0))):
-        spec, defence = r["spec"], r.get("defence")
-        lines.append(f"| {spec['attack']} | {spec['wire']} | {spec['cuts'][0]} | "
-                     f"{(defence['name'] + ' ' + format(defence['strength'], 'g')) if defence else '-'} | "
-                     f"{r['token_recovery']:.3f} | {r['prompt_exact']:.2f} | {r['token_f1']:.3f} | {r['answer_recovery']:.3f} | "
-                     f"{r.get('utility_greedy_match', 1.0):.3f} | {r['seconds_per_token']:.2f} |")
+             "## Undefended: recovery against head depth", "",
+             "| attack | wire | head depth | prompt token recovery | prompts exact | token F1 | answer read (downlink) | s per token | prompts |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(undefended, key=lambda r: (r["spec"]["attack"], r["spec"]["wire"], r["spec"]["cuts"][0])):
+        spec = r["spec"]
+        lines.append(f"| {spec['attack']} | {spec['wire']} | {spec['cuts'][0]} | {r['token_recovery']:.3f} | "
+                     f"{r['prompt_exact']:.2f} | {r['token_f1']:.3f} | {r['answer_recovery']:.3f} | "
+                     f"{r['seconds_per_token']:.2f} | {len(r['examples'])} |")
+    defended = [r for r in records if r.get("defence")]
+    if defended:
+        lines += ["", "## Defences against their adaptive attackers, with their utility cost", "",
+                  "Greedy utility: fraction of greedy answer tokens equal to the undefended split's. Perplexity on "
+                  "held-out text (the end of the fortunes corpus): defended / undefended.", "",
+                  "| attack | defence | head depth(s) | prompt token recovery | answer read | greedy utility | perplexity | "
+                  "secret recovered | protects? | the cloud holds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(defended, key=lambda r: (r["spec"]["attack"], r["defence"]["name"], r["defence"]["strength"])):
+            spec, defence, ppl = r["spec"], r["defence"], r.get("perplexity")
+            depths = ",".join(map(str, defence.get("head_depths") or [spec["cuts"][0]]))
+            verdict = "no" if r["token_recovery"] >= 0.5 else "partly" if r["token_recovery"] >= 0.1 else "yes"
+            lines.append(f"| {spec['attack']} | {defence['name']} {defence['strength']:g} | {depths} | {r['token_recovery']:.3f} | "
+                         f"{r['answer_recovery']:.3f} | {r.get('utility_greedy_match', 1.0):.3f} | "
+                         f"{(format(ppl['defended'], '.2f') + ' / ' + format(ppl['undefended'], '.2f')) if ppl else '-'} | "
+                         f"{defence.get('secret_recovered_by_attacker')} | {verdict} | {defence.get('cloud_holds')} |")
     lines += ["", "## Examples (sent -> recovered)", ""]
     for r in records:
         spec = r["spec"]
         for example in r["examples"][:2]:
-            lines.append(f"- {spec['attack']}, depth {spec['cuts'][0]}: `{example['prompt']}` -> `{example['recovered']}`")
+            defence = r.get("defence")
+            label = f", {defence['name']} {defence['strength']:g}" if defence else ""
+            lines.append(f"- {spec['attack']}, depth {spec['cuts'][0]}{label}: `{example['prompt']}` -> `{example['recovered']}`")
     markdown = out_dir / f"{stem}.md"
     markdown.write_text("\n".join(lines) + "\n")
     return jsonl, png, markdown

@@ -26,3 +26,21 @@ def token_f1(true_ids: list[int], recovered_ids: list[int]) -> float:
         return 0.0
     precision, recall = overlap / len(recovered_ids), overlap / len(true_ids)
     return 2 * precision * recall / (precision + recall)
+
+
+def mean_nll(logits, token_ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of token_ids[1:] under next-token logits [T, V], and how many tokens."""
+    import torch
+
+    targets = torch.tensor(list(token_ids)[1:], dtype=torch.long)
+    if len(targets) == 0:
+        return 0.0, 0
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), targets, reduction="sum")
+    return float(nll.detach()), len(targets)
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    """exp(mean NLL): the model's perplexity over `count` scored tokens."""
+    import math
+
+    return math.exp(nll_sum / count) if count else float("nan")

@@ -174,3 +174,38 @@ def recover_permutation(public_layer, permuted_layer) -> torch.Tensor:
     cloud_key = torch.stack([cloud_norm.detach(), cloud_q.detach().norm(dim=0)], dim=1)
     distance = torch.cdist(cloud_key.double(), public_key.double())  # [H, H]
     return distance.argmin(dim=1)
+
+
+@CUT_DEFENCES.register("randcut")
+class RandomisedCut(CutDefence):
+    """Moves the head's cut deeper by a secret offset in 0..strength, drawn per session from the session key.
+
+    The reference implementation draws the cut per token. With per-part KV caches that cannot be exact: the party
+    that runs layer l for a token needs the keys and values of every earlier position at layer l, and for an
+    earlier token cut deeper than l only the device ever had that position's state at depth l. So the depth is
+    drawn once per session (HKDF of the session key), which keeps every cache exact; docs/architecture.md records
+    the decision. The cloud must know the depth to run the right layers, so it learns the secret.
+    """
+
+    name = "randcut"
+    cloud_holds = "the trunk from the shallowest possible cut, and the session's cut depth (to run the right layers)"
+    reveals_secret = True  # the cloud is told (or can try) the depth: it must run exactly the layers after it
+
+    def __init__(self, strength: float, *, key: bytes | None = None):
+        super().__init__(strength, key=key)
+        if self.strength != int(self.strength):
+            raise ConfigError(f"randcut strength is a number of layers (0, 1, 2 ...), got {strength:g}")
+        self.offset = hkdf_seed(self.key, b"randomised-cut") % (int(self.strength) + 1)
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden  # the defence moves the cut; what is sent is the plain state at the drawn depth
+
+    def session_plan(self, plan):
+        """The Λ-split this session runs: the head's cut moved `offset` layers deeper (the tail's cut stays)."""
+        from splitveil.plan.plan import SplitPlan
+
+        head_end, tail_start = plan.cuts
+        if head_end + int(self.strength) >= tail_start:
+            raise ConfigError(f"randcut strength {self.strength:g} moves the cut {head_end} into the tail (starts at "
+                              f"{tail_start}): use a strength below {tail_start - head_end}")
+        return SplitPlan.lambda_split(head_end + self.offset, tail_start)

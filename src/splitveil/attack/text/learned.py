@@ -22,8 +22,12 @@ from splitveil.models.causal_lm import CausalLMPart
 FORTUNES_DIR = "/usr/share/games/fortunes"
 
 
-def fortunes_corpus(limit_chars: int = 400_000) -> list[str]:
-    """Fortunes (Debian package `fortunes`) as a list of texts; a clear error when the package is missing."""
+def fortunes_corpus(limit_chars: int = 400_000, *, from_end: bool = False) -> list[str]:
+    """Fortunes (Debian package `fortunes`) as a list of texts; a clear error when the package is missing.
+
+    The first `limit_chars` characters (the learned attack's training text), or with `from_end` the last ones
+    (held-out text for measuring perplexity, disjoint from the training text).
+    """
     texts: list[str] = []
     files = sorted(f for f in glob.glob(os.path.join(FORTUNES_DIR, "*")) if not f.endswith((".dat", ".u8")) and os.path.isfile(f))
     for path in files:
@@ -33,7 +37,7 @@ def fortunes_corpus(limit_chars: int = 400_000) -> list[str]:
         raise ConfigError("the learned attack needs auxiliary text: install the Debian package `fortunes` "
                           "(make setup does, or: apt-get install fortunes)")
     kept, total = [], 0
-    for text in texts:
+    for text in reversed(texts) if from_end else texts:
         kept.append(text)
         total += len(text)
         if total >= limit_chars:
@@ -49,6 +53,8 @@ class LearnedInversion(Attack):
         head: the public head part.
         corpus: auxiliary token-id sequences (disjoint from what is attacked).
         steps: optimisation steps; batch: positions per step.
+        augment: applied to every training batch of states (an adaptive attacker's copy of a defence, e.g. its own
+            noise of the defence's scale); None trains on clean states.
     """
 
     name = "learned"
@@ -56,13 +62,14 @@ class LearnedInversion(Attack):
                                description="a cloud with the public model and text of its own, not the user's")
 
     def __init__(self, head: CausalLMPart, corpus: list[list[int]], *, steps: int = 400, batch: int = 256,
-                 negatives: int = 2048, learning_rate: float = 3e-3, seed: int = 0):
+                 negatives: int = 2048, learning_rate: float = 3e-3, seed: int = 0, augment=None):
         _require_head(head)
         if not corpus:
             raise ConfigError("the learned attack needs a non-empty auxiliary corpus")
         self.embeddings = head.input_embeddings.detach()  # [V, H], frozen: the attacker knows it
         states, tokens = self._collect(head.clone(), corpus)
-        self.mean, self.std = states.mean(0), states.std(0) + 1e-5
+        scaled = states if augment is None else augment(states)  # standardise what the readout will be fed
+        self.mean, self.std = scaled.mean(0), scaled.std(0) + 1e-5
         width = states.shape[1]
         generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():  # reproducible initialisation without touching the caller's generator
@@ -79,7 +86,8 @@ class LearnedInversion(Attack):
                 # sampled softmax: the batch's tokens plus random negatives (the full vocabulary at evaluation)
                 sampled = torch.randint(0, vocab, (min(negatives, vocab),), generator=generator)
                 classes, targets = torch.unique(torch.cat([tokens[index], sampled]), return_inverse=True)
-                logits = self._logits(states[index], classes)
+                batch_states = states[index] if augment is None else augment(states[index])
+                logits = self._logits(batch_states, classes)
                 loss = torch.nn.functional.cross_entropy(logits, targets[: len(index)])
                 optimiser.zero_grad()
                 loss.backward()
