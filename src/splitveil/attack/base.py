@@ -15,6 +15,8 @@ class ThreatModel:
     knows_tail_weights: bool = False  # the layers after the trunk
     auxiliary_data: bool = False  # data of its own, disjoint from the victim's
     knows_defence: bool = False  # the defence's mechanism and public parameters (adaptive attacker)
+    queries_edge: bool = False  # may run chosen inputs through the edge part and read the features (black box)
+    knows_cloud_weights: bool = False  # the part after the cut of a two-way edge|cloud split
     description: str = ""
 
     def to_dict(self) -> dict:

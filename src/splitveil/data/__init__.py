@@ -1,0 +1,1 @@
+"""Offline data sets, with one clear line and an install hint when one is missing."""
