@@ -1,0 +1,142 @@
+"""`splitveil attack image` and `attack image-sweep`: model-inversion attacks on split image classifiers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from splitveil.cli.attack import app
+from splitveil.cli.common import err_console, print_json, setup
+from splitveil.core.errors import ConfigError
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def _check_names(dataset: str, model: str, attacks: list[str]) -> int:
+    """Unknown names fail with the registry's one line; returns the model's number of blocks."""
+    from splitveil.attack.image import IMAGE_ATTACKS
+    from splitveil.data.images import DATASETS
+    from splitveil.models.vision_zoo import build_vision_model
+
+    DATASETS.get(dataset)
+    for name in attacks:
+        IMAGE_ATTACKS.get(name)
+    return build_vision_model(model, (1, 28, 28), 10).num_blocks
+
+
+def _check_split(split: int, model: str, blocks: int) -> None:
+    if not 1 <= split <= blocks:
+        raise ConfigError(f"--split {split} is out of range: {model} has {blocks} blocks, so the cut goes from 1 to {blocks}")
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to --out {out}: permission denied")
+
+
+def _spec(quick: bool, **fields):
+    from splitveil.experiments.image_privacy import ImageAttackSpec
+
+    return ImageAttackSpec.quick(**fields) if quick else ImageAttackSpec(**fields)
+
+
+def _summary(record: dict) -> str:
+    return (f"{record['attack']:7s} split {record['split']} ({'x'.join(map(str, record['feature_shape']))}): "
+            f"SSIM {record['ssim']:.3f}, PSNR {record['psnr']:.2f} dB, MSE {record['mse']:.4f}, "
+            f"recon accuracy {record['recon_accuracy']:.3f}, MINE {record['mine']:.2f} nats, dCor² {record['dcor']:.3f}")
+
+
+@app.command("image")
+def image(
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist (5k), digits (8x8) or lfw."),
+    model: str = typer.Option("vgg", "--model", "-m", help="lenet, vgg or resnet (our own CNNs, trained and cached)."),
+    split: int = typer.Option(1, "--split", "-s", help="Cut after this many blocks: the cloud sees that block's output."),
+    attack: str = typer.Option("inverse", "--attack", "-a", help="rmle (white box), inverse (queries + auxiliary data), "
+                               "shadow (query-free, cloud weights) or cgan (conditional GAN on queried pairs)."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: victim 1 epoch on 10k images, attack on 5k "
+                               "auxiliary images, 200 test images scored."),
+    samples: int = typer.Option(None, "--samples", help="Test images attacked and scored (default 500, quick 200)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data split, training and attack."),
+    out: Path = typer.Option(None, "--out", help="Also write the record, grid, plot and report to this folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (mse, psnr, ssim, accuracy, "
+                                     "threat_model, mine, ...) and nothing else on stdout."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Reconstruct private images from what crosses one cut of a split classifier, and score the reconstructions."""
+    from splitveil.experiments.image_privacy import run_image_attack, write_image_report
+
+    blocks = _check_names(dataset, model, [attack])
+    _check_split(split, model, blocks)
+    if samples is not None and samples < 2:
+        raise ConfigError(f"--samples must be at least 2, got {samples}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
+    if out is not None:
+        _check_out(out)
+    setup(threads)
+    spec = _spec(quick, dataset=dataset, model=model, split=split, attack=attack, seed=seed,
+                 **({"samples": samples} if samples else {}))
+    with err_console.status(f"{attack} attack on {model} split {split} ({dataset}) ..."):
+        record = run_image_attack(spec, quiet=json_output)
+    if out is not None:
+        paths = write_image_report([record], out, f"image-attack_{dataset}_{model}_{attack}_split{split}")
+        err_console.print("wrote " + ", ".join(str(p) for p in paths))
+    if json_output:
+        print_json({k: v for k, v in record.items() if k != "examples"})
+        return
+    typer.echo(f"{model} on {dataset}: split accuracy {record['accuracy']:.3f} (unsplit {record['accuracy_unsplit']:.3f}); "
+               f"attacker: {record['threat_model']['description']}")
+    typer.echo("  " + _summary(record))
+    typer.echo(f"  mean-image baseline: SSIM {record['baseline_ssim']:.3f}, PSNR {record['baseline_psnr']:.2f} dB; "
+               f"{record['seconds']:.1f} s")
+
+
+@app.command("image-sweep")
+def image_sweep(
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist, digits or lfw."),
+    model: str = typer.Option("vgg", "--model", "-m", help="lenet, vgg or resnet."),
+    splits: str = typer.Option("1,2,3,4,5", "--splits", help="Cuts to attack, comma-separated."),
+    attacks: str = typer.Option("inverse", "--attacks", help="Attacks to run at every cut: rmle,inverse,shadow,cgan."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes (see `attack image --help`)."),
+    samples: int = typer.Option(None, "--samples", help="Test images attacked per run (default 500, quick 200)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data split, training and attacks."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the records (JSONL), grid, depth plot and report."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth, with a report."""
+    from splitveil.experiments.image_privacy import prepare_victim, run_image_attack, write_image_report
+
+    try:
+        cuts = [int(s) for s in splits.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"bad --splits {splits!r}: give cut indices like 1,2,4") from None
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    if not cuts or not names:
+        raise ConfigError("give at least one cut (--splits) and one attack (--attacks)")
+    blocks = _check_names(dataset, model, names)
+    for cut in cuts:
+        _check_split(cut, model, blocks)
+    if samples is not None and samples < 2:
+        raise ConfigError(f"--samples must be at least 2, got {samples}")
+    _check_out(out)
+    setup(threads)
+    stem = f"image-privacy_{dataset}_{model}{'_quick' if quick else ''}"
+    records, mine_cache = [], {}
+    with err_console.status("training or loading the victim ...") as spinner:
+        victim = prepare_victim(_spec(quick, dataset=dataset, model=model, seed=seed))
+        for name in names:
+            for cut in cuts:
+                spinner.update(f"{name} attack at split {cut}")
+                spec = _spec(quick, dataset=dataset, model=model, split=cut, attack=name, seed=seed,
+                             **({"samples": samples} if samples else {}))
+                records.append(run_image_attack(spec, victim=victim, mine_cache=mine_cache))
+                typer.echo(_summary(records[-1]))
+                write_image_report(records, out, stem)  # after every run: a long sweep keeps what it has measured
+    typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")
+    typer.echo("wrote " + ", ".join(str(p) for p in write_image_report(records, out, stem)))
