@@ -134,3 +134,26 @@ def test_missing_auxiliary_corpus_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setattr(learned, "FORTUNES_DIR", str(tmp_path))
     with pytest.raises(ConfigError, match="apt-get install fortunes"):
         learned.fortunes_corpus()
+
+
+def test_merged_ranking_puts_each_rankings_best_tokens_first():
+    """Regression: the merged order once ran worst-first, which made deep cuts look 30x costlier to invert."""
+    from splitveil.attack.text.attacks import merge_rankings
+
+    assert merge_rankings([torch.tensor([0.1, 0.9, 0.5, -2.0])]).tolist() == [1, 2, 0, 3]
+    merged = merge_rankings([torch.tensor([0.1, 0.9, 0.5, -2.0]), torch.tensor([5.0, 0.0, 1.0, 3.0])])
+    assert set(merged[:2].tolist()) == {0, 1} and set(merged[2:4].tolist()) == {2, 3}
+
+
+def test_a_ranker_changes_the_cost_not_the_answer(tiny_models):
+    prompt = random_prompt(21, 12)
+    lm = SplitCausalLM(tiny_models["llama"], SplitPlan.lambda_split(2, 3))
+    lm.tokenizer = _IdTokenizer()
+    seen = observe(lm, prompt, 2)
+    oracle = lambda states: torch.nn.functional.one_hot(torch.tensor(prompt), VOCAB).float()  # noqa: E731
+    liar = lambda states: -oracle(states)  # noqa: E731  ranks the true token last
+    for ranker, most in ((oracle, 2), (liar, None)):
+        attack = ExactInversion(lm.stages[0], candidates=8, ranker=ranker)
+        assert attack.reconstruct(seen.uplink[: len(prompt)]) == prompt
+        if most is not None:
+            assert attack.verified <= len(prompt) * (1 + 8)  # the first batch always holds the true token

@@ -31,6 +31,12 @@ def nearest_tokens(observed: torch.Tensor, unit_embeddings: torch.Tensor) -> lis
     return (states @ unit_embeddings.T).argmax(-1).tolist()
 
 
+def merge_rankings(rankings: list[torch.Tensor]) -> torch.Tensor:
+    """Pure: token ids ordered by their best rank over several score vectors [V] (higher score = better)."""
+    ranks = torch.stack([torch.argsort(torch.argsort(scores, descending=True)) for scores in rankings])  # 0 = best
+    return torch.argsort(ranks.min(0).values, stable=True)
+
+
 def _require_head(part: CausalLMPart) -> None:
     if not isinstance(part, CausalLMPart) or not part.has_embed or part.has_head:
         raise ConfigError("this attack needs the public head: the part from the embedding to the cut")
@@ -71,6 +77,9 @@ class ExactInversion(Attack):
         max_verified: budget of verified tokens per position (None = the whole vocabulary).
         tolerance: a candidate matches when ||head(candidate) - observed|| <= tolerance x ||observed||
             (wire rounding and noise stay below it; wrong tokens land far above it).
+        ranker: optional scores [T, V] for observed states [T, H] (e.g. a learned readout's logits): its best
+            tokens are verified first and its ranking is merged with the gradient's. It changes the cost, never the
+            answer: every accepted token is still verified through the head.
     """
 
     name = "exact"
@@ -78,8 +87,9 @@ class ExactInversion(Attack):
                                description="a cloud that knows the public weights of the layers before the cut")
 
     def __init__(self, head: CausalLMPart, *, candidates: int = 256, restarts: int = 3, max_verified: int | None = None,
-                 tolerance: float = 1e-2):
+                 tolerance: float = 1e-2, ranker=None):
         _require_head(head)
+        self.ranker = ranker
         self.head = head.clone()  # own prefix cache; shares the weights
         self.embeddings = head.input_embeddings.detach()  # [V, H]
         self.unit_embeddings = torch.nn.functional.normalize(self.embeddings.float(), dim=-1)  # first guesses
@@ -109,7 +119,7 @@ class ExactInversion(Attack):
         """The largest distance at which a candidate counts as the observed state's token."""
         return self.tolerance * (float(target.norm()) or 1.0)
 
-    def _invert_position(self, target: torch.Tensor, first_guess: int) -> int:
+    def _invert_position(self, target: torch.Tensor, first_guess: int, prior: torch.Tensor | None = None) -> int:
         limit = self._limit(target)
         tried = torch.zeros(self.embeddings.shape[0], dtype=torch.bool)
         seen: dict[int, float] = {}
@@ -125,14 +135,14 @@ class ExactInversion(Attack):
             return int(token_ids[index]) if float(distances[index]) <= limit else None
 
         with torch.no_grad():
-            first = torch.topk(-self._scores(first_guess, target), self.candidates).indices
+            first = torch.topk(prior if prior is not None else -self._scores(first_guess, target), self.candidates).indices
         hit = verify(torch.cat([torch.tensor([first_guess]), first]))
         if hit is not None:
             return hit
         starts = [t for t, _ in sorted(seen.items(), key=lambda item: item[1])[: self.restarts]]
         with torch.no_grad():
-            ranks = torch.stack([torch.argsort(torch.argsort(-self._scores(s, target))) for s in [first_guess, *starts]])
-            order = torch.argsort(ranks.min(0).values)  # a token's best rank over all starting points
+            rankings = [-self._scores(s, target) for s in [first_guess, *starts]] + ([prior] if prior is not None else [])
+            order = merge_rankings(rankings)
         for chunk in torch.split(order, self.candidates):
             if int(tried.sum()) >= self.max_verified:
                 break
@@ -151,6 +161,9 @@ class ExactInversion(Attack):
         self.head.reset()
         with torch.no_grad():
             guesses = nearest_tokens(observed, self.unit_embeddings)
+            priors = self.ranker(observed.float()) if self.ranker is not None else None  # [T, V]
+            if priors is not None:
+                guesses = priors.argmax(-1).tolist()
         recovered: list[int] = []
         for position in range(observed.shape[0]):
             target = observed[position].float()
@@ -160,7 +173,7 @@ class ExactInversion(Attack):
                 distance = float(self._distances(torch.tensor([hint]), target)[0])
                 token = hint if distance <= self._limit(target) else None
             if token is None:
-                token = self._invert_position(target, guesses[position])
+                token = self._invert_position(target, guesses[position], None if priors is None else priors[position])
             recovered.append(token)
             self.head(torch.tensor([[token]]))  # commit: the prefix cache grows by the recovered token
         self.seconds_per_token = (time.perf_counter() - started) / max(observed.shape[0], 1)

@@ -112,6 +112,10 @@ class LearnedInversion(Attack):
         return x @ table.T
 
     @torch.inference_mode()
+    def scores(self, observed: torch.Tensor) -> torch.Tensor:
+        """observed: [T, H] uplink states -> [T, V] token scores (the exact attack can rank candidates with them)."""
+        return self._logits(observed.float())
+
     def reconstruct(self, observed: torch.Tensor) -> list[int]:
         """observed: [T, H] uplink states -> T token ids (each position on its own)."""
-        return self._logits(observed.float()).argmax(-1).tolist()
+        return self.scores(observed).argmax(-1).tolist()
