@@ -6,6 +6,7 @@ of originals vs reconstructions, a plot of SSIM and MINE against split depth, an
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +30,8 @@ class ImageAttackSpec:
     aux_size: int = 15_000  # attacker's auxiliary images, disjoint from the victim's (capped at 40%)
     test_size: int = 2_000  # held-out images: attacked ones are the first `samples`; MINE uses all
     epochs: int = 1  # victim classifier epochs
-    attack_epochs: int = 2  # decoder / substitute / c-GAN epochs over the auxiliary set
+    attack_epochs: int = 2  # decoder / substitute / c-GAN epochs over the auxiliary set ...
+    min_attack_steps: int = 300  # ... or more, so that a small auxiliary set still gets this many batches of 64
     rmle_steps: int = 300
     mine_steps: int = 500
     attack_options: dict = field(default_factory=dict)  # extra keyword arguments of the attack
@@ -38,7 +40,7 @@ class ImageAttackSpec:
     def quick(cls, **overrides) -> "ImageAttackSpec":
         """Sizes for a run of well under a minute on one thread once the victim is cached."""
         return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1,
-                      "attack_epochs": 1, "rmle_steps": 150, "mine_steps": 200, **overrides})
+                      "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, **overrides})
 
 
 def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
@@ -73,8 +75,10 @@ def prepare_victim(spec: ImageAttackSpec, *, quiet: bool = True) -> dict:
             "evaluator_model": evaluator_name}
 
 
-def attack_options(spec: ImageAttackSpec) -> dict:
-    options = {"steps": spec.rmle_steps} if spec.attack == "rmle" else {"epochs": spec.attack_epochs}
+def attack_options(spec: ImageAttackSpec, aux_size: int) -> dict:
+    """The attack's keyword arguments: its optimisation steps (rMLE) or training epochs (the others)."""
+    epochs = max(spec.attack_epochs, math.ceil(spec.min_attack_steps / math.ceil(aux_size / 64)))
+    options = {"steps": spec.rmle_steps} if spec.attack == "rmle" else {"epochs": epochs}
     return {**options, **spec.attack_options}
 
 
@@ -110,7 +114,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         raise ConfigError(f"{spec.dataset} leaves {len(test)} test image(s): too few to attack")
     originals = test.images[:n]  # [n, C, H, W]
     features = target.query(originals)  # [n, *feature_shape]: what the cloud receives
-    attack = attack_class(target, seed=spec.seed, quiet=quiet, **attack_options(spec))
+    attack = attack_class(target, seed=spec.seed, quiet=quiet, **attack_options(spec, len(splits.aux)))
     attack_began = time.perf_counter()
     attack.fit(features)
     reconstructions = attack.reconstruct(features).clamp(0, 1)

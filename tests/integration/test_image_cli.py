@@ -1,0 +1,84 @@
+"""`splitveil attack image` / `image-sweep` as a user runs them: one JSON object, reports, one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitveil.cli.main import main
+from test_cli import expect_one_line_error
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "cifar"], "unknown dataset 'cifar'; known: digits, fashion-mnist, lfw, mnist"),
+    (["--model", "alexnet"], "unknown vision model 'alexnet'; known: lenet, resnet, vgg"),
+    (["--attack", "magic"], "unknown image attack 'magic'; known: cgan, inverse, rmle, shadow"),
+    (["--split", "0"], "--split 0 is out of range: vgg has 5 blocks"),
+    (["--model", "lenet", "--split", "5"], "--split 5 is out of range: lenet has 4 blocks"),
+    (["--split", "two"], "Invalid value for '--split'"),
+    (["--samples", "1"], "--samples must be at least 2"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--out", "/proc/no/such/dir"], "cannot write to --out"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_bad_image_flags_exit_2_with_one_line(args, expected, capsys):
+    expect_one_line_error(["attack", "image", "--dataset", "digits", *args] if "--dataset" not in args
+                          else ["attack", "image", *args], expected, capsys)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--splits", "1,x"], "bad --splits '1,x'"),
+    (["--splits", "1,6"], "--split 6 is out of range"),
+    (["--attacks", "inverse,nope"], "unknown image attack 'nope'"),
+    (["--attacks", ","], "give at least one cut"),
+])
+def test_bad_sweep_flags_exit_2_with_one_line(args, expected, capsys, tmp_path):
+    expect_one_line_error(["attack", "image-sweep", "--dataset", "digits", "--out", str(tmp_path), *args], expected, capsys)
+
+
+def test_missing_data_set_is_one_line_with_the_install_hint(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPLITVEIL_FASHION_MNIST", str(tmp_path))
+    expect_one_line_error(["attack", "image", "--dataset", "fashion-mnist", "--quick"], "run `make data`", capsys)
+
+
+def test_quick_json_run_on_digits(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    assert main(["attack", "image", "--dataset", "digits", "--model", "lenet", "--split", "1", "--attack", "inverse",
+                 "--quick", "--json", "--samples", "50", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    record = json.loads(out)
+    for key in ("mse", "psnr", "ssim", "accuracy", "accuracy_unsplit", "threat_model", "mine", "dcor", "recon_accuracy",
+                "baseline_ssim", "feature_shape", "environment"):
+        assert key in record, key
+    assert record["accuracy"] == record["accuracy_unsplit"] and record["split_max_abs_logit_diff"] == 0.0
+    assert record["threat_model"]["queries_edge"] and not record["threat_model"]["knows_head_weights"]
+    assert record["feature_shape"] == [6, 4, 4] and record["ssim"] > record["baseline_ssim"]
+    written = sorted(p.name for p in out_dir.iterdir())
+    stem = "image-attack_digits_lenet_inverse_split1"
+    assert written == sorted([f"{stem}.jsonl", f"{stem}.md", f"{stem}_depth.png", f"{stem}_grid.png"])
+
+
+@pytest.mark.slow
+def test_quick_sweep_on_digits_writes_records_and_report(capsys, tmp_path):
+    assert main(["attack", "image-sweep", "--dataset", "digits", "--model", "vgg", "--splits", "1,3,5",
+                 "--attacks", "inverse,rmle", "--quick", "--samples", "50", "--out", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "image-privacy_digits_vgg_quick.jsonl").read_text().splitlines()]
+    assert [(r["attack"], r["split"]) for r in records] == [("inverse", 1), ("inverse", 3), ("inverse", 5),
+                                                            ("rmle", 1), ("rmle", 3), ("rmle", 5)]
+    assert "| inverse | 1 |" in (tmp_path / "image-privacy_digits_vgg_quick.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_file(), reason="Fashion-MNIST is not installed (run `make data`)")
+def test_inverse_network_on_vgg_fashion_mnist_split_1_reconstructs_well(capsys):
+    assert main(["attack", "image", "--dataset", "fashion-mnist", "--model", "vgg", "--split", "1",
+                 "--attack", "inverse", "--quick", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ssim"] >= 0.7

@@ -1,0 +1,80 @@
+"""Every image attack beats the mean-image baseline on tiny data, and refuses a target that lacks what it needs."""
+
+import pytest
+import torch
+
+from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
+from splitveil.core.errors import ConfigError
+from splitveil.data.images import load_dataset, split_dataset
+from splitveil.metrics.image import mse, ssim
+from splitveil.models.vision_zoo import build_vision_model
+from splitveil.plan.plan import SplitPlan, apply
+from splitveil.train.classifier import TrainConfig, accuracy, predict, train_classifier
+
+#: per attack: keyword arguments that keep it to a few seconds on 8x8 digits
+TINY_OPTIONS = {"rmle": {"steps": 120}, "inverse": {"epochs": 6}, "shadow": {"epochs": 6}, "cgan": {"epochs": 6}}
+
+
+@pytest.fixture(scope="module")
+def victim():
+    """A VGG-style classifier trained on 8x8 digits, split after its first block, with the attacker's data."""
+    splits = split_dataset(load_dataset("digits"), train=900, aux=700, test=120, seed=0)
+    torch.manual_seed(0)
+    model = build_vision_model("vgg", (1, 8, 8), 10)
+    train_classifier(model, splits.train.images, splits.train.labels, TrainConfig(epochs=4, seed=0), quiet=True)
+    edge, cloud = apply(model, SplitPlan.two_way(1))
+    target = ImageTarget.from_parts(edge, cloud, image_shape=(1, 8, 8), aux=splits.aux)
+    return {"splits": splits, "model": model, "target": target}
+
+
+def test_the_tiny_victim_learned_something(victim):
+    test = victim["splits"].test
+    assert accuracy(predict(victim["model"], test.images), test.labels) > 0.6
+
+
+def test_every_registered_attack_has_tiny_settings():
+    assert sorted(TINY_OPTIONS) == IMAGE_ATTACKS.names()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_OPTIONS))
+def test_attack_beats_the_mean_image(victim, name):
+    target, splits = victim["target"], victim["splits"]
+    originals = splits.test.images[:60]
+    features = target.query(originals)
+    attack = IMAGE_ATTACKS.get(name)(target, seed=0, **TINY_OPTIONS[name]).fit(features)
+    reconstructions = attack.reconstruct(features)
+    assert reconstructions.shape == originals.shape
+    baseline = splits.aux.images.mean(0, keepdim=True).expand_as(originals)
+    assert mse(reconstructions, originals) < 0.8 * mse(baseline, originals), name
+    assert ssim(reconstructions, originals) > ssim(baseline, originals) + 0.05, name
+
+
+@pytest.mark.parametrize("name, withheld, missing", [
+    ("rmle", {"edge": None}, "the edge part's weights"),
+    ("inverse", {"query": None}, "query access to the edge"),
+    ("inverse", {"aux": None}, "auxiliary data"),
+    ("cgan", {"query": None, "aux": None}, "query access to the edge and auxiliary data"),
+    ("shadow", {"cloud": None}, "the cloud part's weights"),
+    ("shadow", {"aux": None}, "auxiliary data"),
+])
+def test_construction_fails_when_the_target_lacks_what_the_threat_model_needs(victim, name, withheld, missing):
+    from dataclasses import replace
+
+    target = replace(victim["target"], **withheld)
+    with pytest.raises(ConfigError, match=f"the {name} attack needs {missing}"):
+        IMAGE_ATTACKS.get(name)(target)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_OPTIONS))
+def test_an_attack_keeps_only_what_it_declared(victim, name):
+    attack = IMAGE_ATTACKS.get(name)(victim["target"])
+    threat, kept = attack.threat_model, attack.target
+    assert (kept.edge is not None) == threat.knows_head_weights
+    assert (kept.query is not None) == threat.queries_edge
+    assert (kept.cloud is not None) == threat.knows_cloud_weights
+    assert (kept.aux is not None) == threat.auxiliary_data
+
+
+def test_the_shadow_attack_never_queries_the_edge(victim):
+    attack = IMAGE_ATTACKS.get("shadow")(victim["target"])
+    assert attack.target.query is None and attack.target.edge is None
