@@ -21,6 +21,9 @@ def text(
                                "fortunes corpus)."),
     prompts: Path = typer.Option(None, "--prompts", help="File with one prompt per line (default: a built-in set of 6)."),
     wire: str = typer.Option("fp32", "--wire", help="Codec of the states the cloud receives: fp32, fp16 or bf16."),
+    ranker: str = typer.Option(None, "--ranker", help="exact attack only: learned = order the candidates with a readout "
+                               "trained on auxiliary text (faster at deep cuts; every token is still verified)."),
+
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
     defence: str = typer.Option(None, "--defence", help="Defend the uplink on the device first: noise (Gaussian, "
                                 "std = strength x each position's RMS), permute (secret permutation of the hidden "
@@ -51,7 +54,8 @@ def text(
     if quick:
         lines, max_new_tokens = lines[:3], min(max_new_tokens, 8)
     spec = TextAttackSpec(model=model, cuts=cuts, attack=attack, wire=wire, max_new_tokens=max_new_tokens,
-                          defence=defence, strength=strength, **({"aux_chars": 100_000, "learned_steps": 600} if quick else {}))
+                          defence=defence, strength=strength, ranker=_check_ranker(ranker, attack),
+                          **({"aux_chars": 100_000, "learned_steps": 600} if quick else {}))
     setup(threads)
     with err_console.status(f"{attack} attack on {len(lines)} prompt(s) ...") as spinner:
         record = run_text_attack(spec, lines, progress=lambda done, total: spinner.update(f"{attack} attack: {done}/{total} prompts"))
@@ -104,6 +108,16 @@ def _check_defence(name: str, strength: float, cuts) -> None:
         defence.session_plan(SplitPlan.lambda_split(*cuts))
 
 
+def _check_ranker(ranker: str | None, attack: str) -> str | None:
+    if ranker is None:
+        return None
+    if ranker != "learned":
+        raise ConfigError(f"unknown --ranker {ranker!r}; use learned (or leave it out: gradient ranking)")
+    if attack != "exact":
+        raise ConfigError("--ranker orders the exact attack's candidates: use it with --attack exact")
+    return ranker
+
+
 def _parse_defences(text: str) -> list[tuple[str, float]]:
     """"noise:0.1,permute:1" -> [("noise", 0.1), ("permute", 1.0)]."""
     pairs = []
@@ -127,6 +141,9 @@ def text_sweep(
     defence_depth: int = typer.Option(2, "--defence-depth", help="Head depth at which the defences are measured."),
     prompts: Path = typer.Option(None, "--prompts", help="One prompt per line (default: the built-in set)."),
     wire: str = typer.Option("fp32", "--wire", help="fp32, fp16 or bf16."),
+    ranker: str = typer.Option(None, "--ranker", help="exact attack only: learned = order the candidates with a readout "
+                               "trained on auxiliary text (faster at deep cuts; every token is still verified)."),
+
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens per run."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the records, plot and report."),
     append: bool = typer.Option(False, "--append", help="Merge into the existing records of the same report (a run "
@@ -160,10 +177,12 @@ def text_sweep(
     if quick:
         lines, new_tokens = lines[:3], 8
     extra = {"aux_chars": 100_000, "learned_steps": 600} if quick else {}
-    runs = [TextAttackSpec(model=model, cuts=(depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens, **extra)
-            for name in names for depth in levels]
+    ranker = _check_ranker(ranker, "exact" if "exact" in names else names[0])
+    runs = [TextAttackSpec(model=model, cuts=(depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens,
+                           ranker=ranker if name == "exact" else None, **extra) for name in names for depth in levels]
     runs += [TextAttackSpec(model=model, cuts=(defence_depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens,
-                            defence=defence, strength=strength, **extra) for name in names for defence, strength in defence_list]
+                            defence=defence, strength=strength, ranker=ranker if name == "exact" else None, **extra)
+             for name in names for defence, strength in defence_list]
     stem = f"text-privacy_{Path(model).name}{'_quick' if quick else ''}"
     records = []
     existing = out / f"{stem}.jsonl"

@@ -33,6 +33,7 @@ class TextAttackSpec:
     strength: float = 0.0  # noise: std as a fraction of each position's RMS; permute: on if > 0; randcut: layers
     candidates: int = 256  # exact attack: tokens verified per batch
     max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
+    ranker: str | None = None  # exact attack: "learned" orders candidates with a learned readout (cost, not answer)
     aux_chars: int = 300_000  # learned attack: characters of auxiliary text (fortunes)
     learned_steps: int = 1500  # learned attack: optimisation steps
     heldout_chars: int = 3_000  # perplexity cost of a defence: characters of held-out text (end of the fortunes)
@@ -75,17 +76,22 @@ def _make_attack(spec: TextAttackSpec, head, tokenizer):
     from splitveil.attack.text.attacks import TEXT_ATTACKS
 
     noisy = spec.defence == "noise" and spec.strength > 0
-    kwargs: dict = {}
-    if spec.attack == "exact":
-        kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified}
-        if noisy:
-            kwargs["tolerance"] = noise_tolerance(spec.strength)
-    elif spec.attack == "learned":  # auxiliary text of the attacker's own, disjoint from the evaluation prompts
+    if spec.ranker not in (None, "learned"):
+        raise ConfigError(f"unknown ranker {spec.ranker!r}; use learned (or none: gradient ranking)")
+    if spec.attack == "learned" or spec.ranker == "learned":  # auxiliary text of its own, disjoint from the prompts
         from splitveil.attack.text.learned import fortunes_corpus
 
         texts = fortunes_corpus(spec.aux_chars)
-        kwargs = {"corpus": [tokenizer(t)["input_ids"][:128] for t in texts], "steps": spec.learned_steps,
-                  "augment": noise_augmenter(spec.strength) if noisy else None}
+        learned = TEXT_ATTACKS.get("learned")(head, [tokenizer(t)["input_ids"][:128] for t in texts], steps=spec.learned_steps,
+                                              augment=noise_augmenter(spec.strength) if noisy else None)
+        if spec.attack == "learned":
+            return learned
+    kwargs: dict = {}
+    if spec.attack == "exact":
+        kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified,
+                  "ranker": learned.scores if spec.ranker == "learned" else None}
+        if noisy:
+            kwargs["tolerance"] = noise_tolerance(spec.strength)
     return TEXT_ATTACKS.get(spec.attack)(head, **kwargs)
 
 
@@ -188,7 +194,8 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     return {
         "experiment": "text-attack",
         "spec": asdict(spec),
-        "threat_model": next(iter(attacks.values())).threat_model.to_dict(),
+        "threat_model": {**next(iter(attacks.values())).threat_model.to_dict(),
+                         **({"auxiliary_data": True} if spec.ranker else {})},
         "environment": environment(),
         "token_recovery": sum(r["token_recovery"] * r["prompt_tokens"] for r in rows) / total,
         "prompt_exact": sum(r["prompt_exact"] for r in rows) / len(rows),
@@ -207,6 +214,11 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     }
 
 
+def attack_label(spec: dict) -> str:
+    """The attack's name as reports show it (the exact attack names its ranker when it has one)."""
+    return spec["attack"] + (f"+{spec['ranker']}-ranked" if spec.get("ranker") else "")
+
+
 def plot_recovery_vs_depth(records: list[dict], path) -> None:
     """Prompt token recovery (uplink) against head depth, one curve per attack and wire, from attack records."""
     from pathlib import Path
@@ -221,7 +233,7 @@ def plot_recovery_vs_depth(records: list[dict], path) -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for record in records:
         spec = record["spec"]
-        curves.setdefault(f"{spec['attack']} ({spec['wire']} wire)", []).append((spec["cuts"][0], record["token_recovery"]))
+        curves.setdefault(f"{attack_label(spec)} ({spec['wire']} wire)", []).append((spec["cuts"][0], record["token_recovery"]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in sorted(curves.items()):
         points.sort()
@@ -252,9 +264,9 @@ def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
              "## Undefended: recovery against head depth", "",
              "| attack | wire | head depth | prompt token recovery | prompts exact | token F1 | answer read (downlink) | s per token | prompts |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(undefended, key=lambda r: (r["spec"]["attack"], r["spec"]["wire"], r["spec"]["cuts"][0])):
+    for r in sorted(undefended, key=lambda r: (attack_label(r["spec"]), r["spec"]["wire"], r["spec"]["cuts"][0])):
         spec = r["spec"]
-        lines.append(f"| {spec['attack']} | {spec['wire']} | {spec['cuts'][0]} | {r['token_recovery']:.3f} | "
+        lines.append(f"| {attack_label(spec)} | {spec['wire']} | {spec['cuts'][0]} | {r['token_recovery']:.3f} | "
                      f"{r['prompt_exact']:.2f} | {r['token_f1']:.3f} | {r['answer_recovery']:.3f} | "
                      f"{r['seconds_per_token']:.2f} | {len(r['examples'])} |")
     defended = [r for r in records if r.get("defence")]
@@ -269,7 +281,7 @@ def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
             spec, defence, ppl = r["spec"], r["defence"], r.get("perplexity")
             depths = ",".join(map(str, defence.get("head_depths") or [spec["cuts"][0]]))
             verdict = "no" if r["token_recovery"] >= 0.5 else "partly" if r["token_recovery"] >= 0.1 else "yes"
-            lines.append(f"| {spec['attack']} | {defence['name']} {defence['strength']:g} | {depths} | {r['token_recovery']:.3f} | "
+            lines.append(f"| {attack_label(spec)} | {defence['name']} {defence['strength']:g} | {depths} | {r['token_recovery']:.3f} | "
                          f"{r['answer_recovery']:.3f} | {r.get('utility_greedy_match', 1.0):.3f} | "
                          f"{(format(ppl['defended'], '.2f') + ' / ' + format(ppl['undefended'], '.2f')) if ppl else '-'} | "
                          f"{defence.get('secret_recovered_by_attacker')} | {verdict} | {defence.get('cloud_holds')} |")
@@ -279,7 +291,7 @@ def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
         for example in r["examples"][:2]:
             defence = r.get("defence")
             label = f", {defence['name']} {defence['strength']:g}" if defence else ""
-            lines.append(f"- {spec['attack']}, depth {spec['cuts'][0]}{label}: `{example['prompt']}` -> `{example['recovered']}`")
+            lines.append(f"- {attack_label(spec)}, depth {spec['cuts'][0]}{label}: `{example['prompt']}` -> `{example['recovered']}`")
     markdown = out_dir / f"{stem}.md"
     markdown.write_text("\n".join(lines) + "\n")
     return jsonl, png, markdown
