@@ -9,9 +9,10 @@ from splitveil.cli.common import load_model, print_json, setup, status
 DEMO_PROMPT = "Write a short note to my doctor about my blood pressure readings this week: 150/95 on Monday, 145/92 today."
 
 
-def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: int = 256) -> dict:
-    """What the server could read of this very generation: a budgeted exact inversion of the uplink it received
-    (a lower bound: the unbudgeted attack recovers more) and the downlink read through the public tail."""
+def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: int = 4096) -> dict:
+    """What the server could read of this very generation: the exact inversion of the uplink it received, with a
+    budget of `budget` verified candidates per position (a lower bound: the unbudgeted attack sweeps the whole
+    vocabulary), and the downlink read through the public tail."""
     import time
 
     import torch
@@ -32,7 +33,7 @@ def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: 
     while suffix < min(len(template), n) - prefix and template[-1 - suffix] == prompt_ids[-1 - suffix]:
         suffix += 1
     hints = [*prompt_ids[:prefix], *([None] * (n - prefix - suffix)), *prompt_ids[n - suffix:]]
-    attack = ExactInversion(head, candidates=budget, max_verified=budget)
+    attack = ExactInversion(head, candidates=256, max_verified=budget)
     started = time.perf_counter()
     recovered = attack.reconstruct(uplink[:n], hints=hints)
     seconds = time.perf_counter() - started
@@ -40,7 +41,7 @@ def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: 
     answer_read = TailReadout(tail).reconstruct(downlink)[n - 1 : n - 1 + len(answer_ids)]
     user = slice(prefix, n - suffix)
     return {
-        "attack": f"exact inversion, {budget} candidates per position",
+        "attack": f"exact inversion, at most {budget} candidates per position",
         "token_recovery": token_recovery(prompt_ids[user], recovered[user]),
         "recovered_user_text": tokenizer.decode(recovered[user], skip_special_tokens=True).strip(),
         "answer_recovery": token_recovery(answer_ids, answer_read),
