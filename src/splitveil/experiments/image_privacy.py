@@ -160,7 +160,8 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
 
 
 def _rounded(images: torch.Tensor) -> list:
-    return (images * 1000).round().div(1000).tolist()
+    """Pixel values to 3 decimals, as short JSON numbers (in float64 so 0.123 prints as 0.123)."""
+    return (images.double() * 1000).round().div(1000).tolist()
 
 
 def write_image_report(records: list[dict], out_dir, stem: str) -> tuple:
