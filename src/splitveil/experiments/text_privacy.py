@@ -127,7 +127,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     plan = SplitPlan.lambda_split(*spec.cuts)
     reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence_class else None
     attacks: dict[int, object] = {}  # head depth -> the attack built for it (one per depth the attacker meets)
-    rows, blind = [], None
+    rows, blind, setup_seconds = [], None, 0.0
     for index, prompt in enumerate(prompts):
         defence = defence_class(spec.strength) if defence_class else None  # this session's own key
         lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
@@ -144,7 +144,9 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
             inverse = torch.argsort(guess)
             undo = lambda states, inverse=inverse: states[..., inverse]  # noqa: E731
         if depth not in attacks:
+            building = time.perf_counter()
             attacks[depth] = _make_attack(spec, head, tokenizer)
+            setup_seconds += time.perf_counter() - building
         attack = attacks[depth]
         seen = observe(lm, prompt, spec.max_new_tokens)
         n = len(seen.prompt_ids)
@@ -202,6 +204,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "token_f1": sum(r["token_f1"] for r in rows) / len(rows),
         "answer_recovery": sum(r["answer_recovery"] for r in rows) / len(rows),
         "seconds_per_token": sum(r["seconds_per_token"] * r["prompt_tokens"] for r in rows) / total,
+        "setup_seconds": setup_seconds,  # building the attack once: training a readout or ranker (0 for the others)
         "utility_greedy_match": sum(r["utility_greedy_match"] for r in rows) / len(rows),
         "perplexity": perplexity,
         "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": defence_class.cloud_holds,
@@ -262,13 +265,14 @@ def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
     lines = [f"# Text privacy: what the cloud reads ({records[0]['spec']['model']})", "",
              "Generated from the records in " + jsonl.name + " by `write_text_report`.", "",
              "## Undefended: recovery against head depth", "",
-             "| attack | wire | head depth | prompt token recovery | prompts exact | token F1 | answer read (downlink) | s per token | prompts |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| attack | wire | head depth | prompt token recovery | prompts exact | token F1 | answer read (downlink) | s per token | setup s | prompts |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(undefended, key=lambda r: (attack_label(r["spec"]), r["spec"]["wire"], r["spec"]["cuts"][0])):
         spec = r["spec"]
         lines.append(f"| {attack_label(spec)} | {spec['wire']} | {spec['cuts'][0]} | {r['token_recovery']:.3f} | "
                      f"{r['prompt_exact']:.2f} | {r['token_f1']:.3f} | {r['answer_recovery']:.3f} | "
-                     f"{r['seconds_per_token']:.2f} | {len(r['examples'])} |")
+                     f"{r['seconds_per_token']:.2f} | {format(r['setup_seconds'], '.0f') if 'setup_seconds' in r else '-'} | "
+                     f"{len(r['examples'])} |")
     defended = [r for r in records if r.get("defence")]
     if defended:
         lines += ["", "## Defences against their adaptive attackers, with their utility cost", "",
