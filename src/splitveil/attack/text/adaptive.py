@@ -24,14 +24,10 @@ def noise_tolerance(strength: float) -> float:
 
 
 def noise_augmenter(strength: float, *, seed: int = 0):
-    """The attacker's own noise, same mechanism and scale as the defence (its own key): states [N, H] -> noisy."""
-    generator = torch.Generator().manual_seed(seed)
+    """The attacker's own copy of the noise defence (same mechanism and scale, its own key): states -> noisy."""
+    from splitveil.protect.cut import GaussianNoise
 
-    def augment(states: torch.Tensor) -> torch.Tensor:
-        rms = states.pow(2).mean(-1, keepdim=True).sqrt()
-        return states + strength * rms * torch.randn(states.shape, generator=generator, dtype=states.dtype)
-
-    return augment
+    return GaussianNoise(strength, key=seed.to_bytes(32, "little")).apply
 
 
 def identify_cut_depth(splittable, observed: torch.Tensor, depths, *, positions: int = 2, candidates: int = 256,

@@ -160,10 +160,8 @@ class ExactInversion(Attack):
         started = time.perf_counter()
         self.head.reset()
         with torch.no_grad():
-            guesses = nearest_tokens(observed, self.unit_embeddings)
             priors = self.ranker(observed.float()) if self.ranker is not None else None  # [T, V]
-            if priors is not None:
-                guesses = priors.argmax(-1).tolist()
+            guesses = priors.argmax(-1).tolist() if priors is not None else nearest_tokens(observed, self.unit_embeddings)
         recovered: list[int] = []
         for position in range(observed.shape[0]):
             target = observed[position].float()
