@@ -38,6 +38,7 @@ def test_bad_image_flags_exit_2_with_one_line(args, expected, capsys):
     (["--splits", "1,6"], "--split 6 is out of range"),
     (["--attacks", "inverse,nope"], "unknown image attack 'nope'"),
     (["--attacks", ","], "give at least one cut"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_bad_sweep_flags_exit_2_with_one_line(args, expected, capsys, tmp_path):
     expect_one_line_error(["attack", "image-sweep", "--dataset", "digits", "--out", str(tmp_path), *args], expected, capsys)
@@ -74,6 +75,17 @@ def test_quick_sweep_on_digits_writes_records_and_report(capsys, tmp_path):
     assert [(r["attack"], r["split"]) for r in records] == [("inverse", 1), ("inverse", 3), ("inverse", 5),
                                                             ("rmle", 1), ("rmle", 3), ("rmle", 5)]
     assert "| inverse | 1 |" in (tmp_path / "image-privacy_digits_vgg_quick.md").read_text()
+
+
+def test_sweep_in_worker_processes_gives_the_records_of_one_process(capsys, tmp_path):
+    from splitveil.experiments.image_privacy import ImageAttackSpec, run_image_sweep
+
+    assert main(["attack", "image-sweep", "--dataset", "digits", "--model", "lenet", "--splits", "1,2",
+                 "--quick", "--samples", "20", "--jobs", "2", "--out", str(tmp_path)]) == 0
+    assert "2 runs in" in capsys.readouterr().out
+    parallel = [json.loads(line) for line in (tmp_path / "image-privacy_digits_lenet_quick.jsonl").read_text().splitlines()]
+    serial = run_image_sweep(ImageAttackSpec.quick(dataset="digits", model="lenet", samples=20), [1, 2], ["inverse"])
+    assert [(r["split"], r["ssim"], r["mine"]) for r in parallel] == [(r["split"], r["ssim"], r["mine"]) for r in serial]
 
 
 @pytest.mark.slow

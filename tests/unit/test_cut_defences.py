@@ -177,3 +177,18 @@ def test_learned_attacker_trained_on_its_own_noise_reads_noisy_states():
     prompt = _prompt(11, length=20)
     seen = observe(lm, prompt, 2)
     assert token_recovery(prompt, attack.reconstruct(seen.uplink[: len(prompt)])) >= 0.3  # chance is 1/98
+
+
+def test_each_defence_has_its_adaptive_attacker_and_strength_0_adapts_nothing():
+    from splitveil.attack.text.adaptive import ADAPTATIONS, Adaptation, adaptation_for
+    from splitveil.protect.cut import CUT_DEFENCES
+
+    assert set(CUT_DEFENCES.names()) <= set(ADAPTATIONS) - {None}
+    assert adaptation_for("noise", 0.5).attack_options("exact")["tolerance"] > 0.4
+    assert "augment" in adaptation_for("noise", 0.5).attack_options("learned")
+    assert adaptation_for("noise", 0.0).attack_options("exact") == {}
+    assert type(adaptation_for(None)) is Adaptation
+    states = torch.randn(3, 8)
+    undo, secret = adaptation_for("permute", 0).session(None, None, 1)
+    assert torch.equal(undo(states), states) and secret is None
+    assert adaptation_for("randcut", 0).probe(None, states, 1) is None

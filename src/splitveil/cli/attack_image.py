@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -107,10 +108,12 @@ def image_sweep(
     samples: int = typer.Option(None, "--samples", help="Test images attacked per run (default 500, quick 200)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, training and attacks."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the records (JSONL), grid, depth plot and report."),
-    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads (of this process; each worker has one)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes, one cut each at a time, one torch thread "
+                             "each (default: one per CPU core, at most one per cut; 1 = all in this process)."),
 ) -> None:
     """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth, with a report."""
-    from splitveil.experiments.image_privacy import prepare_victim, run_image_attack, write_image_report
+    from splitveil.experiments.image_privacy import run_image_sweep, write_image_report
 
     try:
         cuts = [int(s) for s in splits.split(",") if s.strip()]
@@ -124,19 +127,25 @@ def image_sweep(
         _check_split(cut, model, blocks)
     if samples is not None and samples < 2:
         raise ConfigError(f"--samples must be at least 2, got {samples}")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     _check_out(out)
     setup(threads)
+    jobs = min(jobs or len(os.sched_getaffinity(0)), len(cuts))
     stem = f"image-privacy_{dataset}_{model}{'_quick' if quick else ''}"
-    records, mine_cache = [], {}
-    with err_console.status("training or loading the victim ...") as spinner:
-        victim = prepare_victim(_spec(quick, dataset=dataset, model=model, seed=seed))
-        for name in names:
-            for cut in cuts:
-                spinner.update(f"{name} attack at split {cut}")
-                spec = _spec(quick, dataset=dataset, model=model, split=cut, attack=name, seed=seed,
-                             **({"samples": samples} if samples else {}))
-                records.append(run_image_attack(spec, victim=victim, mine_cache=mine_cache))
-                typer.echo(_summary(records[-1]))
-                write_image_report(records, out, stem)  # after every run: a long sweep keeps what it has measured
+    spec = _spec(quick, dataset=dataset, model=model, seed=seed, **({"samples": samples} if samples else {}))
+    began, done = time.perf_counter(), set()
+    with err_console.status(f"training or loading the victim, then {len(names)} attack(s) at {len(cuts)} cut(s) "
+                            f"in {jobs} process(es) ...") as spinner:
+        def report(records: list[dict]) -> None:
+            for record in records:
+                if (record["attack"], record["split"]) not in done:
+                    done.add((record["attack"], record["split"]))
+                    typer.echo(_summary(record))
+            spinner.update(f"{len(done)}/{len(names) * len(cuts)} runs done, {time.perf_counter() - began:.0f} s ...")
+            write_image_report(records, out, stem)  # after every cut: a long sweep keeps what it has measured
+
+        records = run_image_sweep(spec, cuts, names, jobs=jobs, on_records=report)
+    typer.echo(f"{len(records)} runs in {time.perf_counter() - began:.0f} s ({jobs} process(es))")
     typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")
     typer.echo("wrote " + ", ".join(str(p) for p in write_image_report(records, out, stem)))

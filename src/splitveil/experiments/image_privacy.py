@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -34,13 +34,14 @@ class ImageAttackSpec:
     min_attack_steps: int = 300  # ... or more, so that a small auxiliary set still gets this many batches of 64
     rmle_steps: int = 300
     mine_steps: int = 500
+    mine_repeats: int = 3  # MINE estimates (seeds seed, seed+1, ...) averaged per cut: one is noisy
     attack_options: dict = field(default_factory=dict)  # extra keyword arguments of the attack
 
     @classmethod
     def quick(cls, **overrides) -> "ImageAttackSpec":
         """Sizes for a run of well under a minute on one thread once the victim is cached."""
         return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1,
-                      "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, **overrides})
+                      "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 1, **overrides})
 
 
 def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
@@ -120,13 +121,15 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     reconstructions = attack.reconstruct(features).clamp(0, 1)
     attack_seconds = time.perf_counter() - attack_began
     baseline = splits.aux.images.mean(0, keepdim=True).expand_as(originals)  # the attacker's prior: the mean image
-    key = (spec.dataset, spec.model, spec.split, spec.seed, len(test), spec.mine_steps)
+    key = (spec.dataset, spec.model, spec.split, spec.seed, len(test), spec.mine_steps, spec.mine_repeats)
     if mine_cache is not None and key in mine_cache:
-        mine = mine_cache[key]
+        mine_runs = mine_cache[key]
     else:
-        mine = mine_estimate(test.images, target.query(test.images), steps=spec.mine_steps, seed=spec.seed)
+        test_features = target.query(test.images)
+        mine_runs = [mine_estimate(test.images, test_features, steps=spec.mine_steps, seed=spec.seed + i)
+                     for i in range(spec.mine_repeats)]
         if mine_cache is not None:
-            mine_cache[key] = mine
+            mine_cache[key] = mine_runs
     evaluator = victim["evaluator"]
     return {
         "kind": "image-privacy",
@@ -148,7 +151,8 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "baseline_ssim": ssim(baseline, originals),
         "recon_accuracy": accuracy(predict(evaluator, reconstructions), test.labels[:n]),
         "evaluator": {"model": victim["evaluator_model"], "accuracy_on_originals": accuracy(predict(evaluator, originals), test.labels[:n])},
-        "mine": mine,
+        "mine": sum(mine_runs) / len(mine_runs),
+        "mine_runs": mine_runs,
         "dcor": distance_correlation(originals, features),
         "dcor_unbiased": distance_correlation(originals, features, bias_corrected=True),
         "attack_seconds": attack_seconds,
@@ -157,6 +161,51 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "examples": {"originals": _rounded(originals[:GRID_EXAMPLES]), "reconstructions": _rounded(reconstructions[:GRID_EXAMPLES])},
         "environment": environment(),
     }
+
+
+def sweep_cut(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = None) -> list[dict]:
+    """Every attack at `spec.split` (MINE estimated once): a sweep's unit of work, also in a worker process."""
+    victim = victim or prepare_victim(spec)
+    mine_cache: dict = {}
+    return [run_image_attack(replace(spec, attack=name), victim=victim, mine_cache=mine_cache) for name in attacks]
+
+
+def _worker_start(threads: int) -> None:
+    from splitveil.core.runtime import set_threads
+
+    set_threads(threads)
+
+
+def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], *, jobs: int = 1,
+                    on_records=None) -> list[dict]:
+    """Every attack at every cut; records sorted by (attack, cut).
+
+    The victim is trained (or loaded) once here, so its checkpoint is cached before any worker starts. With
+    `jobs` > 1 the cuts run in that many worker processes of one torch thread each, the deepest (slowest) first;
+    `on_records(records_so_far)` is called whenever a cut finishes (a long sweep can write what it has).
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    victim = prepare_victim(spec)
+    records: list[dict] = []
+
+    def collect(new: list[dict]) -> None:
+        records.extend(new)
+        records.sort(key=lambda r: (attacks.index(r["attack"]), r["split"]))
+        if on_records is not None:
+            on_records(records)
+
+    if jobs <= 1 or len(cuts) == 1:
+        for cut in cuts:
+            collect(sweep_cut(replace(spec, split=cut), attacks, victim))
+        return records
+    with ProcessPoolExecutor(min(jobs, len(cuts)), mp_context=get_context("spawn"), initializer=_worker_start,
+                             initargs=(1,)) as pool:
+        futures = [pool.submit(sweep_cut, replace(spec, split=cut), attacks) for cut in sorted(cuts, reverse=True)]
+        for future in as_completed(futures):
+            collect(future.result())
+    return records
 
 
 def _rounded(images: torch.Tensor) -> list:

@@ -72,10 +72,10 @@ def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
 
 def _make_attack(spec: TextAttackSpec, head, tokenizer):
     """The spec's attack against `head`, adapted to the spec's defence (the attacker knows its mechanism and scale)."""
-    from splitveil.attack.text.adaptive import noise_augmenter, noise_tolerance
+    from splitveil.attack.text.adaptive import adaptation_for
     from splitveil.attack.text.attacks import TEXT_ATTACKS
 
-    noisy = spec.defence == "noise" and spec.strength > 0
+    adaptation = adaptation_for(spec.defence, spec.strength)
     if spec.ranker not in (None, "learned"):
         raise ConfigError(f"unknown ranker {spec.ranker!r}; use learned (or none: gradient ranking)")
     if spec.attack == "learned" or spec.ranker == "learned":  # auxiliary text of its own, disjoint from the prompts
@@ -83,15 +83,13 @@ def _make_attack(spec: TextAttackSpec, head, tokenizer):
 
         texts = fortunes_corpus(spec.aux_chars)
         learned = TEXT_ATTACKS.get("learned")(head, [tokenizer(t)["input_ids"][:128] for t in texts], steps=spec.learned_steps,
-                                              augment=noise_augmenter(spec.strength) if noisy else None)
+                                              **adaptation.attack_options("learned"))
         if spec.attack == "learned":
             return learned
     kwargs: dict = {}
     if spec.attack == "exact":
         kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified,
-                  "ranker": learned.scores if spec.ranker == "learned" else None}
-        if noisy:
-            kwargs["tolerance"] = noise_tolerance(spec.strength)
+                  "ranker": learned.scores if spec.ranker == "learned" else None, **adaptation.attack_options("exact")}
     return TEXT_ATTACKS.get(spec.attack)(head, **kwargs)
 
 
@@ -112,6 +110,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     Every prompt is its own session: a defence draws a fresh session key for each (a new noise stream, a new
     permutation, a new cut depth), and the adaptive attacker starts again from what that session's cloud holds.
     """
+    from splitveil.attack.text.adaptive import adaptation_for
     from splitveil.attack.text.attacks import TEXT_ATTACKS, TailReadout
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.experiments.records import environment
@@ -127,6 +126,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     plan = SplitPlan.lambda_split(*spec.cuts)
     reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence_class else None
     attacks: dict[int, object] = {}  # head depth -> the attack built for it (one per depth the attacker meets)
+    adaptation = adaptation_for(spec.defence, spec.strength)
     rows, blind, setup_seconds = [], None, 0.0
     for index, prompt in enumerate(prompts):
         defence = defence_class(spec.strength) if defence_class else None  # this session's own key
@@ -134,15 +134,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), getattr(lm.stages[2], "stage", lm.stages[2])
         cloud = next(iter(lm.service.parts.values()))
         depth = cloud.first_layer  # what the cloud runs tells it where the cut is (randcut's secret included)
-        undo, secret_recovered = (lambda states: states), None
-        if spec.defence == "permute" and spec.strength > 0:
-            # the cloud holds the permuted trunk; matching it against the public weights gives the permutation
-            from splitveil.protect.cut import recover_permutation
-
-            guess = recover_permutation(lm.splittable.layers[depth], cloud.owner.layers[depth])
-            secret_recovered = bool(torch.equal(guess, defence.permutation))
-            inverse = torch.argsort(guess)
-            undo = lambda states, inverse=inverse: states[..., inverse]  # noqa: E731
+        undo, secret_recovered = adaptation.session(lm, defence, depth)
         if depth not in attacks:
             building = time.perf_counter()
             attacks[depth] = _make_attack(spec, head, tokenizer)
@@ -150,15 +142,10 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         attack = attacks[depth]
         seen = observe(lm, prompt, spec.max_new_tokens)
         n = len(seen.prompt_ids)
-        if spec.defence == "randcut" and spec.strength > 0 and blind is None:
-            # an attacker who is not told the depth tries every one it could be (first session only: it is costly)
-            from splitveil.attack.text.adaptive import identify_cut_depth
-
-            candidates = range(spec.cuts[0], spec.cuts[0] + int(spec.strength) + 1)
-            found, residuals = identify_cut_depth(lm.splittable, seen.uplink[:n], candidates)
-            blind = {"true_depth": depth, "identified_depth": found, "residuals": residuals}
-        if spec.defence == "randcut":
-            secret_recovered = True  # the cloud must be told the depth to run the right layers
+        if blind is None:  # first session only: a blind search is costly
+            blind = adaptation.probe(lm, seen.uplink[:n], spec.cuts[0])
+            if blind is not None:
+                blind = {"true_depth": depth, **blind}
         started = time.perf_counter()
         recovered = attack.reconstruct(undo(seen.uplink[:n]))
         seconds = time.perf_counter() - started

@@ -55,18 +55,18 @@ def mine_estimate(x: torch.Tensor, z: torch.Tensor, *, steps: int = 300, batch_s
     order = torch.randperm(len(x), generator=generator)
     n_test = max(2, int(len(x) * holdout))
     test, train = order[:n_test], order[n_test:]
-    scale = z[train].std().clamp_min(1e-6)  # features of any magnitude -> unit scale
+    z = z / z[train].std().clamp_min(1e-6)  # features of any magnitude -> unit scale
     net = ConvMINE(x.shape[1], tuple(z.shape[1:]))
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(steps):
         batch = train[torch.randint(len(train), (min(batch_size, len(train)),), generator=generator)]
         shuffled = batch[torch.randperm(len(batch), generator=generator)]
-        bound = dv_bound(net(x[batch], z[batch] / scale), net(x[batch], z[shuffled] / scale))
+        bound = dv_bound(net(x[batch], z[batch]), net(x[batch], z[shuffled]))
         optimiser.zero_grad()
         (-bound).backward()
         optimiser.step()
     with torch.no_grad():
-        t_joint = net(x[test], z[test] / scale)
-        estimates = [dv_bound(t_joint, net(x[test], z[test[torch.randperm(n_test, generator=generator)]] / scale))
+        t_joint = net(x[test], z[test])
+        estimates = [dv_bound(t_joint, net(x[test], z[test[torch.randperm(n_test, generator=generator)]]))
                      for _ in range(5)]
     return float(torch.stack(estimates).mean())

@@ -47,3 +47,68 @@ def identify_cut_depth(splittable, observed: torch.Tensor, depths, *, positions:
             states = head(torch.tensor([tokens]))[0].float()
         residuals[depth] = float((states - target).norm() / target.norm())
     return min(residuals, key=residuals.get), residuals
+
+
+class Adaptation:
+    """What an attacker who knows a defence's mechanism and scale (never its secret) does differently.
+
+    The base class is the attacker against an undefended split (or a defence at strength 0): it changes nothing.
+    """
+
+    def __init__(self, strength: float = 0.0):
+        self.strength = strength
+
+    def attack_options(self, attack: str) -> dict:
+        """Extra keyword arguments for the attack named `attack` (`exact`, or `learned` also when it is a ranker)."""
+        return {}
+
+    def session(self, lm, defence, depth: int):
+        """One session as the cloud holds it -> (undo: states -> public basis, secret recovered: bool | None)."""
+        return (lambda states: states), None
+
+    def probe(self, lm, uplink: torch.Tensor, head_depth: int) -> dict | None:
+        """An extra measurement on one session's uplink (e.g. a blind search for a secret); None when there is none."""
+        return None
+
+
+class NoiseAdaptation(Adaptation):
+    def attack_options(self, attack: str) -> dict:
+        if self.strength <= 0:
+            return {}
+        if attack == "exact":
+            return {"tolerance": noise_tolerance(self.strength)}
+        return {"augment": noise_augmenter(self.strength)} if attack == "learned" else {}
+
+
+class PermutationAdaptation(Adaptation):
+    def session(self, lm, defence, depth: int):
+        if self.strength <= 0:
+            return super().session(lm, defence, depth)
+        from splitveil.protect.cut import recover_permutation
+
+        cloud = next(iter(lm.service.parts.values()))  # the permuted trunk the cloud must hold
+        guess = recover_permutation(lm.splittable.layers[depth], cloud.owner.layers[depth])
+        inverse = torch.argsort(guess)
+        return (lambda states: states[..., inverse]), bool(torch.equal(guess, defence.permutation))
+
+
+class RandomisedCutAdaptation(Adaptation):
+    def session(self, lm, defence, depth: int):
+        return (lambda states: states), True  # the cloud must be told the depth to run the right layers
+
+    def probe(self, lm, uplink: torch.Tensor, head_depth: int) -> dict | None:
+        """An eavesdropper who is not told the depth tries every one it could be."""
+        if self.strength <= 0:
+            return None
+        candidates = range(head_depth, head_depth + int(self.strength) + 1)
+        found, residuals = identify_cut_depth(lm.splittable, uplink, candidates)
+        return {"identified_depth": found, "residuals": residuals}
+
+
+ADAPTATIONS: dict[str | None, type[Adaptation]] = {
+    None: Adaptation, "noise": NoiseAdaptation, "permute": PermutationAdaptation, "randcut": RandomisedCutAdaptation}
+
+
+def adaptation_for(defence: str | None, strength: float = 0.0) -> Adaptation:
+    """The adaptive attacker against `defence` (a registered cut defence name, or None for no defence)."""
+    return ADAPTATIONS.get(defence, Adaptation)(strength)
