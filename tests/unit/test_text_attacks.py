@@ -157,3 +157,28 @@ def test_a_ranker_changes_the_cost_not_the_answer(tiny_models):
         assert attack.reconstruct(seen.uplink[: len(prompt)]) == prompt
         if most is not None:
             assert attack.verified <= len(prompt) * (1 + 8)  # the first batch always holds the true token
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("wire", ["fp32", "fp16"])
+def test_the_wire_tolerance_rejects_a_wrong_first_token_on_an_attention_sink(smollm2, wire):
+    """Regression: at depth 15 SmolLM2's first position is an attention sink (norm ~22,000) and "Alert" lies 4.6e-3
+    (relative) from "Write"; the old fixed tolerance 1e-2 accepted it. A ranker that proposes "Alert" first must
+    still end on "Write"."""
+    from splitveil.attack.text.attacks import wire_tolerance
+
+    model, tokenizer = smollm2
+    lm = SplitCausalLM(model, SplitPlan.lambda_split(15, 28), tokenizer=tokenizer, wire=wire)
+    seen = observe(lm, "Write a note", 1)
+    write, alert = seen.prompt_ids[0], tokenizer("Alert")["input_ids"][0]
+    assert write != alert
+
+    def ranker(states):  # "Alert" first, "Write" second, everything else after
+        scores = torch.zeros(len(states), model.config.vocab_size)
+        scores[:, alert], scores[:, write] = 2.0, 1.0
+        return scores
+
+    attack = ExactInversion(lm.stages[0], candidates=1, tolerance=wire_tolerance(wire), ranker=ranker)
+    assert attack.reconstruct(seen.uplink[:1]) == [write]
+    with pytest.raises(ConfigError, match="no match tolerance for wire 'fp8'"):
+        wire_tolerance("fp8")

@@ -41,7 +41,7 @@ class ImageAttackSpec:
     def quick(cls, **overrides) -> "ImageAttackSpec":
         """Sizes for a run of well under a minute on one thread once the victim is cached."""
         return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1,
-                      "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 1, **overrides})
+                      "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 3, **overrides})
 
 
 def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:

@@ -73,9 +73,9 @@ def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
 def _make_attack(spec: TextAttackSpec, head, tokenizer):
     """The spec's attack against `head`, adapted to the spec's defence (the attacker knows its mechanism and scale)."""
     from splitveil.attack.text.adaptive import adaptation_for
-    from splitveil.attack.text.attacks import TEXT_ATTACKS
+    from splitveil.attack.text.attacks import TEXT_ATTACKS, wire_tolerance
 
-    adaptation = adaptation_for(spec.defence, spec.strength)
+    adaptation = adaptation_for(spec.defence, spec.strength, spec.wire)
     if spec.ranker not in (None, "learned"):
         raise ConfigError(f"unknown ranker {spec.ranker!r}; use learned (or none: gradient ranking)")
     if spec.attack == "learned" or spec.ranker == "learned":  # auxiliary text of its own, disjoint from the prompts
@@ -88,7 +88,7 @@ def _make_attack(spec: TextAttackSpec, head, tokenizer):
             return learned
     kwargs: dict = {}
     if spec.attack == "exact":
-        kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified,
+        kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified, "tolerance": wire_tolerance(spec.wire),
                   "ranker": learned.scores if spec.ranker == "learned" else None, **adaptation.attack_options("exact")}
     return TEXT_ATTACKS.get(spec.attack)(head, **kwargs)
 
@@ -126,7 +126,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     plan = SplitPlan.lambda_split(*spec.cuts)
     reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence_class else None
     attacks: dict[int, object] = {}  # head depth -> the attack built for it (one per depth the attacker meets)
-    adaptation = adaptation_for(spec.defence, spec.strength)
+    adaptation = adaptation_for(spec.defence, spec.strength, spec.wire)
     rows, blind, setup_seconds = [], None, 0.0
     for index, prompt in enumerate(prompts):
         defence = defence_class(spec.strength) if defence_class else None  # this session's own key

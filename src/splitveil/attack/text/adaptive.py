@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from splitveil.attack.text.attacks import ExactInversion
+from splitveil.attack.text.attacks import ExactInversion, wire_tolerance
 
 
-def noise_tolerance(strength: float) -> float:
+def noise_tolerance(strength: float, wire: str = "fp32") -> float:
     """Relative distance the exact attack accepts under Gaussian noise of `strength` x the state's RMS.
 
     In H dimensions the noise norm concentrates at strength x ||clean state|| = strength / sqrt(1 + strength^2) x
-    ||observed||; accept up to 10% above that (plus the fp16 wire's own error).
+    ||observed||; accept up to 10% above that, plus the wire's own rounding.
     """
-    return 1e-2 + 1.1 * strength / (1 + strength**2) ** 0.5
+    return wire_tolerance(wire) + 1.1 * strength / (1 + strength**2) ** 0.5
 
 
 def noise_augmenter(strength: float, *, seed: int = 0):
@@ -55,8 +55,8 @@ class Adaptation:
     The base class is the attacker against an undefended split (or a defence at strength 0): it changes nothing.
     """
 
-    def __init__(self, strength: float = 0.0):
-        self.strength = strength
+    def __init__(self, strength: float = 0.0, wire: str = "fp32"):
+        self.strength, self.wire = strength, wire
 
     def attack_options(self, attack: str) -> dict:
         """Extra keyword arguments for the attack named `attack` (`exact`, or `learned` also when it is a ranker)."""
@@ -76,7 +76,7 @@ class NoiseAdaptation(Adaptation):
         if self.strength <= 0:
             return {}
         if attack == "exact":
-            return {"tolerance": noise_tolerance(self.strength)}
+            return {"tolerance": noise_tolerance(self.strength, self.wire)}
         return {"augment": noise_augmenter(self.strength)} if attack == "learned" else {}
 
 
@@ -109,6 +109,6 @@ ADAPTATIONS: dict[str | None, type[Adaptation]] = {
     None: Adaptation, "noise": NoiseAdaptation, "permute": PermutationAdaptation, "randcut": RandomisedCutAdaptation}
 
 
-def adaptation_for(defence: str | None, strength: float = 0.0) -> Adaptation:
-    """The adaptive attacker against `defence` (a registered cut defence name, or None for no defence)."""
-    return ADAPTATIONS.get(defence, Adaptation)(strength)
+def adaptation_for(defence: str | None, strength: float = 0.0, wire: str = "fp32") -> Adaptation:
+    """The adaptive attacker against `defence` (a registered cut defence name, or None for no defence) on `wire`."""
+    return ADAPTATIONS.get(defence, Adaptation)(strength, wire)
