@@ -276,6 +276,10 @@ def write_text_report(records: list[dict], out_dir, stem: str) -> tuple:
                          f"{r['answer_recovery']:.3f} | {r.get('utility_greedy_match', 1.0):.3f} | "
                          f"{(format(ppl['defended'], '.2f') + ' / ' + format(ppl['undefended'], '.2f')) if ppl else '-'} | "
                          f"{defence.get('secret_recovered_by_attacker')} | {verdict} | {defence.get('cloud_holds')} |")
+    notes = [r for r in records if r.get("note")]
+    if notes:
+        lines += ["", "## Notes on single runs", ""]
+        lines += [f"- {attack_label(r['spec'])}, {r['spec']['wire']}, depth {r['spec']['cuts'][0]}: {r['note']}" for r in notes]
     lines += ["", "## Examples (sent -> recovered)", ""]
     for r in records:
         spec = r["spec"]
