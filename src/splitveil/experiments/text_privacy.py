@@ -225,9 +225,11 @@ def plot_recovery_vs_depth(records: list[dict], path) -> None:
         spec = record["spec"]
         curves.setdefault(f"{attack_label(spec)} ({spec['wire']} wire)", []).append((spec["cuts"][0], record["token_recovery"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in sorted(curves.items()):
+    styles = ["o-", "s--", "^:", "D-.", "v-", "x--"]  # curves that coincide (e.g. at 1.000) stay visible
+    for index, (label, points) in enumerate(sorted(curves.items())):
         points.sort()
-        ax.plot([d for d, _ in points], [r for _, r in points], "o-", label=label)
+        ax.plot([d for d, _ in points], [r for _, r in points], styles[index % len(styles)], label=label,
+                markersize=9 - 1.5 * (index % 4), markerfacecolor="none" if index % 2 else None)
     ax.set_xlabel("head depth (decoder layers before the cut)")
     ax.set_ylabel("prompt token recovery from the uplink")
     ax.set_ylim(-0.03, 1.03)
