@@ -172,12 +172,6 @@ def sweep_cut(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = N
     return [run_image_attack(replace(spec, attack=name), victim=victim, mine_cache=mine_cache) for name in attacks]
 
 
-def _worker_start(threads: int) -> None:
-    from splitveil.core.runtime import set_threads
-
-    set_threads(threads)
-
-
 def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], *, jobs: int = 1,
                     on_records=None) -> list[dict]:
     """Every attack at every cut; records sorted by (attack, cut).
@@ -188,6 +182,8 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
+
+    from splitveil.core.runtime import set_threads
 
     victim = prepare_victim(spec)
     records: list[dict] = []
@@ -202,7 +198,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
         for cut in cuts:
             collect(sweep_cut(replace(spec, split=cut), attacks, victim))
         return records
-    with ProcessPoolExecutor(min(jobs, len(cuts)), mp_context=get_context("spawn"), initializer=_worker_start,
+    with ProcessPoolExecutor(min(jobs, len(cuts)), mp_context=get_context("spawn"), initializer=set_threads,
                              initargs=(1,)) as pool:
         futures = [pool.submit(sweep_cut, replace(spec, split=cut), attacks) for cut in sorted(cuts, reverse=True)]
         for future in as_completed(futures):

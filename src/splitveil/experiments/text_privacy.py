@@ -70,12 +70,11 @@ def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
     return Observation(result.prompt_ids, result.token_ids, torch.cat(uplink), torch.cat(downlink))
 
 
-def _make_attack(spec: TextAttackSpec, head, tokenizer):
-    """The spec's attack against `head`, adapted to the spec's defence (the attacker knows its mechanism and scale)."""
-    from splitveil.attack.text.adaptive import adaptation_for
+def _make_attack(spec: TextAttackSpec, head, tokenizer, adaptation):
+    """The spec's attack against `head`, with `adaptation`'s options (the attacker knows the defence's mechanism and
+    scale)."""
     from splitveil.attack.text.attacks import TEXT_ATTACKS, wire_tolerance
 
-    adaptation = adaptation_for(spec.defence, spec.strength, spec.wire)
     if spec.ranker not in (None, "learned"):
         raise ConfigError(f"unknown ranker {spec.ranker!r}; use learned (or none: gradient ranking)")
     if spec.attack == "learned" or spec.ranker == "learned":  # auxiliary text of its own, disjoint from the prompts
@@ -137,7 +136,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         undo, secret_recovered = adaptation.session(lm, defence, depth)
         if depth not in attacks:
             building = time.perf_counter()
-            attacks[depth] = _make_attack(spec, head, tokenizer)
+            attacks[depth] = _make_attack(spec, head, tokenizer, adaptation)
             setup_seconds += time.perf_counter() - building
         attack = attacks[depth]
         seen = observe(lm, prompt, spec.max_new_tokens)
