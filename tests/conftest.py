@@ -26,3 +26,11 @@ def tiny_models():
     from splitveil.models.tiny import TINY_FAMILIES, tiny_causal_lm
 
     return {family: tiny_causal_lm(family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _no_stamped_run(monkeypatch):
+    """A command run in-process stamps its git state into the environment; no test inherits another's stamp."""
+    from splitveil.experiments.records import RUN_STATE_VARIABLE
+
+    monkeypatch.delenv(RUN_STATE_VARIABLE, raising=False)

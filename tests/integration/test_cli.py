@@ -187,7 +187,8 @@ def test_bad_sweep_input_exits_2_with_one_line(args, expected, capsys):
 def test_sweep_appends_runs_and_rewrites_the_report(tmp_path):
     prompts = tmp_path / "prompts"
     prompts.write_text("My PIN is 4417.\n")
-    common = ["attack", "text-sweep", "--attacks", "nearest", "--prompts", str(prompts), "--quick", "--out", str(tmp_path)]
+    common = ["attack", "text-sweep", "--attacks", "nearest", "--prompts", str(prompts), "--quick", "--out", str(tmp_path),
+              "--allow-dirty"]  # a developer's tree is often dirty; the stamp itself is tested in test_records.py
     assert run_cli(*common, "--depths", "0").returncode == 0
     proc = run_cli(*common, "--depths", "0,1", "--defences", "randcut:1", "--defence-depth", "1", "--append")
     assert proc.returncode == 0, proc.stderr

@@ -70,7 +70,7 @@ def test_quick_json_run_on_digits(capsys, tmp_path):
 @pytest.mark.slow
 def test_quick_sweep_on_digits_writes_records_and_report(capsys, tmp_path):
     assert main(["attack", "image-sweep", "--dataset", "digits", "--model", "vgg", "--splits", "1,3,5",
-                 "--attacks", "inverse,rmle", "--quick", "--samples", "50", "--out", str(tmp_path)]) == 0
+                 "--attacks", "inverse,rmle", "--quick", "--samples", "50", "--out", str(tmp_path), "--allow-dirty"]) == 0
     records = [json.loads(line) for line in (tmp_path / "image-privacy_digits_vgg_quick.jsonl").read_text().splitlines()]
     assert [(r["attack"], r["split"]) for r in records] == [("inverse", 1), ("inverse", 3), ("inverse", 5),
                                                             ("rmle", 1), ("rmle", 3), ("rmle", 5)]
@@ -81,7 +81,7 @@ def test_sweep_in_worker_processes_gives_the_records_of_one_process(capsys, tmp_
     from splitveil.experiments.image_privacy import ImageAttackSpec, run_image_sweep
 
     assert main(["attack", "image-sweep", "--dataset", "digits", "--model", "lenet", "--splits", "1,2",
-                 "--quick", "--samples", "20", "--jobs", "2", "--out", str(tmp_path)]) == 0
+                 "--quick", "--samples", "20", "--jobs", "2", "--out", str(tmp_path), "--allow-dirty"]) == 0
     assert "2 runs in" in capsys.readouterr().out
     parallel = [json.loads(line) for line in (tmp_path / "image-privacy_digits_lenet_quick.jsonl").read_text().splitlines()]
     serial = run_image_sweep(ImageAttackSpec.quick(dataset="digits", model="lenet", samples=20), [1, 2], ["inverse"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import err_console, print_json, setup
+from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 app = typer.Typer(help="Attacks that measure what a split leaks.", no_args_is_help=True)
@@ -148,6 +148,7 @@ def text_sweep(
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the records, plot and report."),
     append: bool = typer.Option(False, "--append", help="Merge into the existing records of the same report (a run "
                                 "with the same settings replaces the old one), so a long sweep can run in pieces."),
+    allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
     """Recovery against head depth for each attack, and each defence with its utility cost: records (JSONL), a PNG
@@ -191,6 +192,7 @@ def text_sweep(
             records = [json.loads(line) for line in existing.read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot read the records {existing} to append to: {error}") from None
+    stamp_run(allow_dirty)
     setup(threads)
     with err_console.status("sweep ...") as spinner:
         for number, spec in enumerate(runs, 1):

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import err_console, print_json, setup
+from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -108,6 +108,7 @@ def image_sweep(
     samples: int = typer.Option(None, "--samples", help="Test images attacked per run (default 500, quick 200)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, training and attacks."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the records (JSONL), grid, depth plot and report."),
+    allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads (of this process; each worker has one)."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes, one cut each at a time, one torch thread "
                              "each (default: one per CPU core, at most one per cut; 1 = all in this process)."),
@@ -130,6 +131,7 @@ def image_sweep(
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     _check_out(out)
+    stamp_run(allow_dirty)
     setup(threads)
     jobs = min(jobs or len(os.sched_getaffinity(0)), len(cuts))
     stem = f"image-privacy_{dataset}_{model}{'_quick' if quick else ''}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import err_console, setup
+from splitveil.cli.common import allow_dirty_option, err_console, setup, stamp_run
 
 app = typer.Typer(help="Benchmarks: ratios measured in one run, written as JSON + PNG under benchmarks/results/.",
                   no_args_is_help=True)
@@ -19,6 +19,7 @@ def llm(
     tokens: int = typer.Option(128, "--tokens", min=2, help="New tokens per run (end-of-sequence ignored)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per variant, alternating; medians are reported."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
     """Decode tokens/s of the in-process split (fp32 and fp16 wires) against the unsplit model."""
@@ -28,6 +29,7 @@ def llm(
     from splitveil.plan.plan import parse_cuts
 
     spec = LLMBenchSpec(model=model, cuts=parse_cuts(split), tokens=tokens, repeats=repeats)
+    stamp_run(allow_dirty)
     setup(threads)
     total = repeats * (1 + len(spec.wires))
     with Progress(console=err_console, transient=True) as progress:
@@ -54,6 +56,7 @@ def service(
     sessions: str = typer.Option("1,4,16", "--sessions", help="Concurrency levels, comma-separated."),
     only: str = typer.Option("throughput,rtt,concurrency", "--only", help="Which measurements to run."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads in this process."),
 ) -> None:
     """TLS service: tokens/s vs unsplit and in-process, protocol round trip vs raw TCP, steps/s with concurrent sessions."""
@@ -73,6 +76,7 @@ def service(
     if unknown or not levels or min(levels) < 1:
         raise ConfigError(f"bad --only/--sessions: use throughput,rtt,concurrency and positive session counts")
     spec = ServiceBenchSpec(model=model, cuts=cuts, tokens=tokens, repeats=repeats, window_seconds=window, sessions=levels)
+    stamp_run(allow_dirty)
     setup(threads)
     with err_console.status("benchmarking ...") as spinner:
         record = run_service_bench(spec, parts=parts, progress=lambda message: spinner.update(message))

@@ -6,6 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 
+import typer
 from rich.console import Console
 
 from splitveil.core.errors import ConfigError
@@ -28,6 +29,22 @@ def setup(threads: int) -> None:
     if threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
     set_threads(threads)
+
+
+ALLOW_DIRTY_HELP = ("Run even though tracked files differ from the last commit (the records then say so); without it "
+                    "a command that writes published results refuses, so every figure can be tied to a commit.")
+
+
+def allow_dirty_option():
+    """The `--allow-dirty` option of every command that writes published results (benchmarks, sweeps)."""
+    return typer.Option(False, "--allow-dirty", help=ALLOW_DIRTY_HELP)
+
+
+def stamp_run(allow_dirty: bool) -> dict:
+    """Ties the run's records to the code: refuses a dirty tree unless `allow_dirty` (see experiments.records)."""
+    from splitveil.experiments.records import stamp_run as stamp
+
+    return stamp(allow_dirty=allow_dirty)
 
 
 def load_model(name: str, *, quiet: bool = False):

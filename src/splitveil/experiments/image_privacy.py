@@ -100,6 +100,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     from splitveil.plan.plan import SplitPlan, apply
     from splitveil.train.classifier import accuracy, predict
 
+    stamp = environment()  # the code and machine as the run starts
     attack_class = IMAGE_ATTACKS.get(spec.attack)
     began = time.perf_counter()
     victim = victim or prepare_victim(spec, quiet=quiet)
@@ -161,7 +162,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "seconds": time.perf_counter() - began,
         "victim_cached": victim["victim_cached"],
         "examples": {"originals": _rounded(originals[:GRID_EXAMPLES]), "reconstructions": _rounded(reconstructions[:GRID_EXAMPLES])},
-        "environment": environment(),
+        "environment": stamp,
     }
 
 

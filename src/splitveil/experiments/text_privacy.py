@@ -117,6 +117,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     from splitveil.plan.plan import SplitPlan
     from splitveil.protect.cut import CUT_DEFENCES
 
+    stamp = environment()  # the code and machine as the run starts
     if len(spec.cuts) != 2:
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
     TEXT_ATTACKS.get(spec.attack)
@@ -184,7 +185,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "spec": asdict(spec),
         "threat_model": {**next(iter(attacks.values())).threat_model.to_dict(),
                          **({"auxiliary_data": True} if spec.ranker else {})},
-        "environment": environment(),
+        "environment": stamp,
         "token_recovery": sum(r["token_recovery"] * r["prompt_tokens"] for r in rows) / total,
         "prompt_exact": sum(r["prompt_exact"] for r in rows) / len(rows),
         "token_f1": sum(r["token_f1"] for r in rows) / len(rows),

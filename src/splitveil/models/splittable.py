@@ -29,6 +29,13 @@ class Part(ABC):
     def reset(self) -> None:
         """Forgets any state (KV cache); the default part is stateless."""
 
+    def state_bytes(self) -> int:
+        """Bytes of memory held by this part's own state (an LM part: its KV cache); 0 for a stateless part.
+
+        A server counts this against its memory budget, so it must include every byte the state keeps alive.
+        """
+        return 0
+
     @abstractmethod
     def clone(self) -> "Part":
         """A part over the same weights with fresh state (one per session)."""
