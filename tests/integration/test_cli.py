@@ -92,7 +92,9 @@ def test_demo_reports_identical_output():
     assert summary["layers"] == {"head": 2, "trunk": 26, "tail": 2}
     assert summary["transport"].startswith("TLS WebSocket to wss://127.0.0.1:")
     # the privacy line comes from a real (budgeted) attack on what the server received
-    assert summary["privacy"]["token_recovery"] >= 0.5 and summary["privacy"]["answer_recovery"] == 1.0
+    # the README's claim: every prompt token and every answer token (the budgeted attack is deterministic)
+    assert summary["privacy"]["token_recovery"] == 1.0 and summary["privacy"]["answer_recovery"] == 1.0
+    assert summary["privacy"]["recovered_user_text"] == summary["prompt"]
     port = int(summary["transport"].rsplit(":", 1)[1])
     import socket
 
@@ -195,6 +197,8 @@ def test_sweep_appends_runs_and_rewrites_the_report(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "text-privacy_smollm2-135m_quick.jsonl").read_text().splitlines()]
     assert [(r["spec"]["cuts"][0], r["spec"]["defence"]) for r in records] == [(0, None), (1, None), (1, "randcut")]
     assert records[0]["token_recovery"] == 1.0  # nearest neighbour at depth 0 reads the embeddings
+    # measured: the blind depth search of each session found that session's true depth
+    assert all(row["blind_probe"]["identified_depth"] == row["head_depth"] for row in records[2]["rows"])
     assert records[2]["defence"]["secret_recovered_by_attacker"] is True and records[2]["perplexity"]["defended"] > 1
     report = (tmp_path / "text-privacy_smollm2-135m_quick.md").read_text()
     assert "randcut 1" in report and (tmp_path / "text-privacy_smollm2-135m_quick.png").exists()

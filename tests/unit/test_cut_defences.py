@@ -42,12 +42,17 @@ def test_noise_changes_what_is_sent_and_is_keyed():
 
 
 def test_adaptive_exact_attack_sees_through_small_noise(tiny_models):
-    """The attacker knows the noise scale; the true token's state stays the closest."""
+    """The attacker knows the noise scale; with the tolerance the experiments use (the noise adaptation's, on the
+    wire's own), the true token's state stays within reach."""
+    from splitveil.attack.text.adaptive import adaptation_for, noise_tolerance
+
     prompt = _prompt(5)
     lm = SplitCausalLM(tiny_models["llama"], SplitPlan.lambda_split(1, 3), defence=GaussianNoise(0.1))
     lm.tokenizer = _Ids()
     seen = observe(lm, prompt, 4)
-    attack = ExactInversion(lm.stages[0].stage, candidates=16, tolerance=0.15)
+    options = adaptation_for("noise", 0.1, "fp32").attack_options("exact")  # what run_text_attack passes
+    assert options["tolerance"] == noise_tolerance(0.1, "fp32") < 0.15
+    attack = ExactInversion(lm.stages[0].stage, candidates=16, **options)
     assert token_recovery(prompt, attack.reconstruct(seen.uplink[: len(prompt)])) >= 0.8
 
 
@@ -143,6 +148,30 @@ def test_blind_attacker_finds_the_randomised_depth(tiny_models):
         found, residuals = identify_cut_depth(lm.splittable, seen.uplink[: len(prompt)], range(0, 3), candidates=32)
         assert found == defence.offset and residuals[found] < 1e-4
         assert min(r for d, r in residuals.items() if d != found) > 1e-2
+
+
+def test_randcut_secret_recovery_is_measured_not_assumed(tiny_models, monkeypatch):
+    """Whether the attacker recovered a randomised cut's depth is the blind search's answer compared with the
+    session's true depth: right when the search finds it, wrong when the search misses."""
+    from splitveil.attack.text import adaptive
+    from splitveil.protect.cut import RandomisedCut
+
+    adaptation = adaptive.adaptation_for("randcut", 2)
+    defence = RandomisedCut(2, key=b"c" * 32)
+    lm = SplitCausalLM(tiny_models["llama"], SplitPlan.lambda_split(0, 3), defence=defence)
+    lm.tokenizer = _Ids()
+    prompt = _prompt(7)
+    seen = observe(lm, prompt, 2)
+    _, secret = adaptation.session(lm, defence, defence.offset)
+    assert secret is None  # nothing is assumed before the search
+    probe = adaptation.probe(lm, seen.uplink[: len(prompt)], 0)
+    assert probe["identified_depth"] == defence.offset
+    assert adaptation.secret_recovered(probe, defence.offset) is True
+    wrong = (defence.offset + 1) % 3
+    monkeypatch.setattr(adaptive, "identify_cut_depth", lambda *args, **kwargs: (wrong, {}))
+    missed = adaptation.probe(lm, seen.uplink[: len(prompt)], 0)
+    assert adaptation.secret_recovered(missed, defence.offset) is False
+    assert adaptive.adaptation_for("permute", 1).secret_recovered(None, 1) is None
 
 
 def test_split_scoring_matches_the_unsplit_model_and_perplexity_is_finite(tiny_models):

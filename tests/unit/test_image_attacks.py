@@ -78,3 +78,33 @@ def test_an_attack_keeps_only_what_it_declared(victim, name):
 def test_the_shadow_attack_never_queries_the_edge(victim):
     attack = IMAGE_ATTACKS.get("shadow")(victim["target"])
     assert attack.target.query is None and attack.target.edge is None
+
+
+def _record(split, mine_runs, attack="inverse"):
+    image = [[[0.5] * 4] * 4]
+    return {"model": "vgg", "dataset": "digits", "attack": attack, "split": split, "feature_shape": [8, 4, 4],
+            "accuracy": 0.9, "sizes": {"test": 10, "train": 10, "aux": 10, "attacked": 2}, "baseline_ssim": 0.1,
+            "baseline_psnr": 10.0, "ssim": 0.9 - 0.1 * split, "psnr": 20.0, "mse": 0.01, "recon_accuracy": 0.8,
+            "mine": sum(mine_runs) / len(mine_runs), **({"mine_runs": mine_runs} if len(mine_runs) > 1 else {}),
+            "dcor": 0.8, "dcor_unbiased": 0.7, "attack_seconds": 1.0, "evaluator": {"model": "lenet", "accuracy_on_originals": 0.8},
+            "threat_model": {"description": "d"}, "examples": {"originals": [image], "reconstructions": [image]}}
+
+
+def test_the_report_states_mine_intervals_and_only_the_order_they_support(tmp_path):
+    """Regression: the report gave MINE means alone, and the docs called a fall "monotone" where the seeds of one cut
+    spread wider than the step between cuts."""
+    from splitveil.experiments.image_privacy import write_image_report
+    from splitveil.experiments.image_report import mine_intervals, mine_trend
+
+    records = [_record(1, [4.75, 5.29, 5.34]), _record(2, [3.93, 4.80, 5.11]), _record(3, [3.24, 3.79, 3.42])]
+    intervals = mine_intervals(records)
+    assert intervals[2] == {"mean": pytest.approx(4.6133, abs=1e-4), "low": 3.93, "high": 5.11, "seeds": 3}
+    assert mine_trend(intervals) == ("MINE over 3 seeds per cut (min-max ranges): falls between cuts 2->3; overlaps "
+                                     "between cuts 1->2 (order not resolved).")
+    *_, depth, markdown = write_image_report(records, tmp_path, "r")
+    text = markdown.read_text()
+    assert "| 4.613 [3.93, 5.11] (3) |" in text and "overlaps between cuts 1->2" in text
+    assert depth.stat().st_size > 1000
+    single = [_record(1, [4.0]), _record(2, [3.0])]
+    assert "no claim about its order" in mine_trend(mine_intervals(single))
+    assert "| 4.000 (1 seed) |" in write_image_report(single, tmp_path, "s")[-1].read_text()

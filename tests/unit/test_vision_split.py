@@ -25,15 +25,23 @@ def models():
     return built
 
 
+def plain_forward(model, images: torch.Tensor) -> torch.Tensor:
+    """The whole network as a plain `nn.Sequential` of its modules: torch's own forward, not the splittable's
+    segment loop that the parts also run."""
+    return torch.nn.Sequential(*model.segments)(images)
+
+
 @pytest.mark.parametrize("name", VISION_MODELS.names())
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_two_way_cut_gives_the_unsplit_logits(models, name, shape):
     model = models[name, shape]
     images = torch.rand(5, *shape)
     with torch.no_grad():
-        expected = model(images)
+        expected = plain_forward(model, images)
+        assert torch.equal(model(images), expected)
         for cut in range(1, model.num_blocks + 1):
             edge, cloud = apply(model, SplitPlan.two_way(cut))
+            assert edge.modules() + cloud.modules() == list(model.segments)  # every module once, in order
             assert torch.equal(cloud(edge(images)), expected), (name, shape, cut)
 
 
@@ -47,7 +55,7 @@ def test_three_way_splits_give_the_unsplit_logits(models, name, first, gap, batc
     images = torch.rand(batch, 1, 28, 28)
     with torch.no_grad():
         head, trunk, tail = apply(model, SplitPlan.lambda_split(first, second))
-        assert torch.equal(tail(trunk(head(images))), model(images))
+        assert torch.equal(tail(trunk(head(images))), plain_forward(model, images))
 
 
 def test_parts_share_the_models_weights_and_clones_too(models):

@@ -1,5 +1,5 @@
-"""Attacks: each declares its threat model, checked at construction, and reconstructs what a split leaks."""
+"""Attacks: each declares its threat model; a target grants it exactly that, as private copies (`Target.grant`)."""
 
-from splitveil.attack.base import Attack, ThreatModel
+from splitveil.attack.base import Attack, Capabilities, Target, ThreatModel
 
-__all__ = ["Attack", "ThreatModel"]
+__all__ = ["Attack", "Capabilities", "Target", "ThreatModel"]

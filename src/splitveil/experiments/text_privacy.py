@@ -70,9 +70,10 @@ def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
     return Observation(result.prompt_ids, result.token_ids, torch.cat(uplink), torch.cat(downlink))
 
 
-def _make_attack(spec: TextAttackSpec, head, tokenizer, adaptation):
-    """The spec's attack against `head`, with `adaptation`'s options (the attacker knows the defence's mechanism and
-    scale)."""
+def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
+    """The spec's attack against `target` (a TextTarget: the attack is granted private copies of what its threat
+    model names, never the victim's live parts), with `adaptation`'s options (the attacker knows the defence's
+    mechanism and scale)."""
     from splitveil.attack.text.attacks import TEXT_ATTACKS, wire_tolerance
 
     if spec.ranker not in (None, "learned"):
@@ -81,7 +82,7 @@ def _make_attack(spec: TextAttackSpec, head, tokenizer, adaptation):
         from splitveil.attack.text.learned import fortunes_corpus
 
         texts = fortunes_corpus(spec.aux_chars)
-        learned = TEXT_ATTACKS.get("learned")(head, [tokenizer(t)["input_ids"][:128] for t in texts], steps=spec.learned_steps,
+        learned = TEXT_ATTACKS.get("learned")(target, [tokenizer(t)["input_ids"][:128] for t in texts], steps=spec.learned_steps,
                                               **adaptation.attack_options("learned"))
         if spec.attack == "learned":
             return learned
@@ -89,7 +90,7 @@ def _make_attack(spec: TextAttackSpec, head, tokenizer, adaptation):
     if spec.attack == "exact":
         kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified, "tolerance": wire_tolerance(spec.wire),
                   "ranker": learned.scores if spec.ranker == "learned" else None, **adaptation.attack_options("exact")}
-    return TEXT_ATTACKS.get(spec.attack)(head, **kwargs)
+    return TEXT_ATTACKS.get(spec.attack)(target, **kwargs)
 
 
 def heldout_perplexity(lm, token_lists: list[list[int]]) -> float:
@@ -111,6 +112,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     """
     from splitveil.attack.text.adaptive import adaptation_for
     from splitveil.attack.text.attacks import TEXT_ATTACKS, TailReadout
+    from splitveil.attack.text.target import TextTarget
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.experiments.records import environment
     from splitveil.models.loading import load_causal_lm
@@ -127,29 +129,32 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence_class else None
     attacks: dict[int, object] = {}  # head depth -> the attack built for it (one per depth the attacker meets)
     adaptation = adaptation_for(spec.defence, spec.strength, spec.wire)
-    rows, blind, setup_seconds = [], None, 0.0
+    rows, blind, setup_seconds, readout = [], None, 0.0, None
     for index, prompt in enumerate(prompts):
         defence = defence_class(spec.strength) if defence_class else None  # this session's own key
         lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
-        head, tail = getattr(lm.stages[0], "stage", lm.stages[0]), getattr(lm.stages[2], "stage", lm.stages[2])
         cloud = next(iter(lm.service.parts.values()))
         depth = cloud.first_layer  # what the cloud runs tells it where the cut is (randcut's secret included)
+        target = TextTarget.from_split(lm, depth)  # the public model and cuts, never the victim's live parts
         undo, secret_recovered = adaptation.session(lm, defence, depth)
         if depth not in attacks:
             building = time.perf_counter()
-            attacks[depth] = _make_attack(spec, head, tokenizer, adaptation)
+            attacks[depth] = _make_attack(spec, target, tokenizer, adaptation)
             setup_seconds += time.perf_counter() - building
         attack = attacks[depth]
+        readout = readout or TailReadout(target)  # the tail's cut is the same in every session
         seen = observe(lm, prompt, spec.max_new_tokens)
         n = len(seen.prompt_ids)
-        if blind is None:  # first session only: a blind search is costly
-            blind = adaptation.probe(lm, seen.uplink[:n], spec.cuts[0])
-            if blind is not None:
-                blind = {"true_depth": depth, **blind}
+        probe = adaptation.probe(lm, seen.uplink[:n], spec.cuts[0])  # e.g. a blind search for this session's secret
+        if probe is not None:
+            probe = {"true_depth": depth, **probe}
+            blind = blind or probe
+            if secret_recovered is None:
+                secret_recovered = adaptation.secret_recovered(probe, depth)
         started = time.perf_counter()
         recovered = attack.reconstruct(undo(seen.uplink[:n]))
         seconds = time.perf_counter() - started
-        answer_read = TailReadout(tail).reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
+        answer_read = readout.reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
         utility = 1.0
         if reference is not None:  # greedy tokens against the undefended split, position by position
             clean = reference.generate(prompt, max_new_tokens=spec.max_new_tokens).token_ids
@@ -160,6 +165,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
             "prompt_tokens": n,
             "head_depth": depth,
             "secret_recovered_by_attacker": secret_recovered,
+            **({"blind_probe": probe} if probe is not None else {}),
             "recovered": tokenizer.decode(recovered),
             "token_recovery": token_recovery(seen.prompt_ids, recovered),
             "prompt_exact": exact_match(seen.prompt_ids, recovered),

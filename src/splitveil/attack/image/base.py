@@ -1,21 +1,22 @@
 """What an image attack may use of a split classifier, the ImageAttack base class, and the shared networks.
 
 An `ImageTarget` lists everything a scenario offers an attacker (the edge part's weights, queries through the
-edge, the cloud part, auxiliary data). An attack declares its `ThreatModel`; its constructor checks that the target
-offers all of it and keeps only that (`ImageTarget.restrict`), so an attack cannot use what it did not declare.
+edge, the cloud part, auxiliary data). An attack declares its `ThreatModel`; its constructor has the target grant
+exactly that (`Target.grant`) and keeps only the resulting capabilities: a fresh part built from copies of the
+granted segments alone (`edge`, `cloud`), a `SealedQuery` that runs a private copy of the edge in another process
+(`query`), the auxiliary data. Nothing an attack holds leads to the victim's parts or to the withheld side's weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from splitveil.attack.base import Attack, ThreatModel
+from splitveil.attack.base import Attack, SealedQuery, Target
 from splitveil.core.errors import ConfigError
 from splitveil.core.registry import Registry
 from splitveil.data.images import ImageData
@@ -23,49 +24,82 @@ from splitveil.data.images import ImageData
 IMAGE_ATTACKS: Registry = Registry("image attack")
 
 
+class PartQuery:
+    """The victim's side of query access: images -> features through the edge part, in batches, no gradients.
+
+    An attacker never holds this object; it is granted a `SealedQuery` over a private copy of `part` instead.
+    """
+
+    def __init__(self, part, *, batch_size: int = 256):
+        self.part, self.batch_size = part, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.part(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)])
+
+
+def isolated_part(part):
+    """A part running the same segments as `part` (a `SequentialPart`) on copies of those segments' weights only:
+    its owner is a fresh stack holding nothing but them."""
+    import copy
+
+    from splitveil.models.sequential import SequentialSplittable
+
+    segments = [copy.deepcopy(module) for module in part.modules()]
+    owner = SequentialSplittable(blocks=segments, name=f"{getattr(part.owner, 'name', 'model')} segments "
+                                                        f"[{part.start}, {part.end})")
+    return owner.make_part(0, len(segments))
+
+
 @dataclass(frozen=True)
-class ImageTarget:
+class ImageTarget(Target):
     """What the attacked split offers. `None` means the attacker cannot have it."""
 
     image_shape: tuple[int, int, int]  # (C, H, W) of the private inputs
     feature_shape: tuple[int, ...]  # what crosses the cut, per image
     edge: object | None = None  # the edge Part itself (its weights: white box)
-    query: Callable[[torch.Tensor], torch.Tensor] | None = None  # images -> features, no gradients (black box)
+    query: PartQuery | None = None  # images -> features through the edge, no gradients (black box)
     cloud: object | None = None  # the cloud Part (its weights)
     aux: ImageData | None = None  # attacker's own labelled data, disjoint from the victim's
+
+    offers = {"knows_head_weights": ("edge", "the edge part's weights"),
+              "queries_edge": ("query", "query access to the edge"),
+              "knows_cloud_weights": ("cloud", "the cloud part's weights"),
+              "auxiliary_data": ("aux", "auxiliary data")}
 
     @classmethod
     def from_parts(cls, edge, cloud, *, image_shape, aux: ImageData | None = None) -> "ImageTarget":
         """Everything a two-way split can offer: edge weights and queries, the cloud part, auxiliary data."""
         with torch.no_grad():
             feature_shape = tuple(edge(torch.zeros(1, *image_shape)).shape[1:])
+        return cls(tuple(image_shape), feature_shape, edge=edge, query=PartQuery(edge), cloud=cloud, aux=aux)
 
-        @torch.no_grad()
-        def query(images: torch.Tensor) -> torch.Tensor:
-            return torch.cat([edge(images[i:i + 256]) for i in range(0, len(images), 256)])
+    def offered(self, field: str) -> bool:
+        return getattr(self, field) is not None
 
-        return cls(tuple(image_shape), feature_shape, edge=edge, query=query, cloud=cloud, aux=aux)
+    def copy_of(self, field: str):
+        if field in ("edge", "cloud"):
+            return isolated_part(getattr(self, field))
+        if field == "query":
+            if not isinstance(self.query, PartQuery):
+                raise ConfigError("query access must be offered as a PartQuery over the edge part, so that it can "
+                                  "run sealed in its own process")
+            return SealedQuery(nn.Sequential(*isolated_part(self.query.part).modules()), batch_size=self.query.batch_size)
+        return self.aux  # the attacker's own data
 
-    def restrict(self, threat: ThreatModel, attack: str) -> "ImageTarget":
-        """A copy holding only what `threat` declares; ConfigError naming what is missing."""
-        needs = {"edge": threat.knows_head_weights, "query": threat.queries_edge,
-                 "cloud": threat.knows_cloud_weights, "aux": threat.auxiliary_data}
-        what = {"edge": "the edge part's weights", "query": "query access to the edge",
-                "cloud": "the cloud part's weights", "aux": "auxiliary data"}
-        missing = [what[k] for k, needed in needs.items() if needed and getattr(self, k) is None]
-        if missing:
-            raise ConfigError(f"the {attack} attack needs {' and '.join(missing)}, which this target does not give")
-        return replace(self, **{k: None for k, needed in needs.items() if not needed})
+    def public(self) -> dict:
+        return {"image_shape": self.image_shape, "feature_shape": self.feature_shape}
 
 
 class ImageAttack(Attack):
     """Reconstructs private images from the features that cross the cut.
 
-    Subclasses set `name` and `threat_model`, implement `reconstruct`, and `fit` when they train something.
+    Subclasses set `name` and `threat_model`, implement `reconstruct`, and `fit` when they train something. They
+    reach the split only through `self.target`, the capabilities granted by their threat model.
     """
 
     def __init__(self, target: ImageTarget, *, seed: int = 0, quiet: bool = True):
-        self.target = target.restrict(self.threat_model, self.name)
+        self.target = target.grant(self.threat_model, self.name)
         self.seed, self.quiet = seed, quiet
 
     def fit(self, observed: torch.Tensor | None = None) -> "ImageAttack":

@@ -2,5 +2,6 @@
 
 from splitveil.attack.text.attacks import TEXT_ATTACKS, ExactInversion, NearestEmbedding, TailReadout
 from splitveil.attack.text.learned import LearnedInversion
+from splitveil.attack.text.target import TextTarget
 
-__all__ = ["TEXT_ATTACKS", "ExactInversion", "LearnedInversion", "NearestEmbedding", "TailReadout"]
+__all__ = ["TEXT_ATTACKS", "ExactInversion", "LearnedInversion", "NearestEmbedding", "TailReadout", "TextTarget"]

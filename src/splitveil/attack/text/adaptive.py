@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from splitveil.attack.text.attacks import ExactInversion, wire_tolerance
+from splitveil.attack.text.target import TextTarget
 
 
 def noise_tolerance(strength: float, wire: str = "fp32") -> float:
@@ -40,8 +41,10 @@ def identify_cut_depth(splittable, observed: torch.Tensor, depths, *, positions:
     target = observed[:positions].float()
     residuals: dict[int, float] = {}
     for depth in depths:
-        head = splittable.make_part(0, splittable.boundary(depth))
-        tokens = ExactInversion(head, candidates=candidates, max_verified=max_verified).reconstruct(target)
+        attack = ExactInversion(TextTarget(splittable, splittable.boundary(depth)), candidates=candidates,
+                                max_verified=max_verified)
+        tokens = attack.reconstruct(target)
+        head = attack.head  # the attacker's own copy of the public head at this depth
         head.reset()
         with torch.inference_mode():
             states = head(torch.tensor([tokens]))[0].float()
@@ -70,6 +73,11 @@ class Adaptation:
         """An extra measurement on one session's uplink (e.g. a blind search for a secret); None when there is none."""
         return None
 
+    def secret_recovered(self, probe: dict | None, depth: int) -> bool | None:
+        """Whether `probe` (this session's) found the session's secret, given the true head `depth`; None when the
+        probe measures no secret."""
+        return None
+
 
 class NoiseAdaptation(Adaptation):
     def attack_options(self, attack: str) -> dict:
@@ -93,8 +101,8 @@ class PermutationAdaptation(Adaptation):
 
 
 class RandomisedCutAdaptation(Adaptation):
-    def session(self, lm, defence, depth: int):
-        return (lambda states: states), True  # the cloud must be told the depth to run the right layers
+    """The cloud is told the depth (it must run the right layers); whether the secret is recovered is measured by
+    an attacker who is not told it: the blind depth search of each session, compared with that session's depth."""
 
     def probe(self, lm, uplink: torch.Tensor, head_depth: int) -> dict | None:
         """An eavesdropper who is not told the depth tries every one it could be."""
@@ -103,6 +111,9 @@ class RandomisedCutAdaptation(Adaptation):
         candidates = range(head_depth, head_depth + int(self.strength) + 1)
         found, residuals = identify_cut_depth(lm.splittable, uplink, candidates)
         return {"identified_depth": found, "residuals": residuals}
+
+    def secret_recovered(self, probe: dict | None, depth: int) -> bool | None:
+        return None if probe is None else probe["identified_depth"] == depth
 
 
 ADAPTATIONS: dict[str | None, type[Adaptation]] = {

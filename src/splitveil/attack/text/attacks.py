@@ -18,6 +18,7 @@ import time
 import torch
 
 from splitveil.attack.base import Attack, ThreatModel
+from splitveil.attack.text.target import TextTarget, text_target
 from splitveil.core.errors import ConfigError
 from splitveil.core.registry import Registry
 from splitveil.models.causal_lm import CausalLMPart
@@ -53,9 +54,10 @@ def merge_rankings(rankings: list[torch.Tensor]) -> torch.Tensor:
     return torch.argsort(ranks.min(0).values, stable=True)
 
 
-def _require_head(part: CausalLMPart) -> None:
-    if not isinstance(part, CausalLMPart) or not part.has_embed or part.has_head:
-        raise ConfigError("this attack needs the public head: the part from the embedding to the cut")
+def granted(attack: Attack, target: TextTarget | CausalLMPart):
+    """The capabilities `attack`'s threat model grants from `target` (a TextTarget, or a bare part offering its own
+    weights); ConfigError when the target cannot give them."""
+    return text_target(target).grant(attack.threat_model, attack.name)
 
 
 @TEXT_ATTACKS.register("nearest")
@@ -66,8 +68,8 @@ class NearestEmbedding(Attack):
     threat_model = ThreatModel(observes="uplink", knows_head_weights=True,
                                description="a cloud that knows the public embedding matrix")
 
-    def __init__(self, head: CausalLMPart):
-        _require_head(head)
+    def __init__(self, target: TextTarget | CausalLMPart):
+        head = granted(self, target).head  # a private copy of the public head
         self.embeddings = torch.nn.functional.normalize(head.input_embeddings.detach().float(), dim=-1)  # [V, H]
 
     @torch.inference_mode()
@@ -87,7 +89,8 @@ class ExactInversion(Attack):
     fp32 uplink); then take the closest seen.
 
     Args:
-        head: the public head part (the same part object the edge runs; a clone keeps the prefix cache).
+        target: what the split offers (a `TextTarget`, or the head part itself); the attack is granted a private
+            copy of the public head (embedding and the layers before the cut) and keeps its own prefix cache in it.
         candidates: tokens verified in the first round and per chunk afterwards.
         restarts: extra starting points whose rankings are merged after the first round.
         max_verified: budget of verified tokens per position (None = the whole vocabulary).
@@ -102,12 +105,11 @@ class ExactInversion(Attack):
     threat_model = ThreatModel(observes="uplink", knows_head_weights=True,
                                description="a cloud that knows the public weights of the layers before the cut")
 
-    def __init__(self, head: CausalLMPart, *, candidates: int = 256, restarts: int = 3, max_verified: int | None = None,
-                 tolerance: float = WIRE_TOLERANCE["fp16"], ranker=None):
-        _require_head(head)
+    def __init__(self, target: TextTarget | CausalLMPart, *, candidates: int = 256, restarts: int = 3,
+                 max_verified: int | None = None, tolerance: float = WIRE_TOLERANCE["fp16"], ranker=None):
+        self.head = granted(self, target).head  # a private copy of the public head, with its own prefix cache
         self.ranker = ranker
-        self.head = head.clone()  # own prefix cache; shares the weights
-        self.embeddings = head.input_embeddings.detach()  # [V, H]
+        self.embeddings = self.head.input_embeddings.detach()  # [V, H]
         self.unit_embeddings = torch.nn.functional.normalize(self.embeddings.float(), dim=-1)  # first guesses
         vocab = self.embeddings.shape[0]
         self.candidates = min(candidates, vocab)
@@ -201,11 +203,8 @@ class TailReadout(Attack):
     threat_model = ThreatModel(observes="downlink", knows_tail_weights=True,
                                description="a cloud that knows the public weights of the layers after the trunk")
 
-    def __init__(self, tail: CausalLMPart):
-        if not isinstance(tail, CausalLMPart) or not tail.has_head:
-            raise ConfigError("the tail readout needs the public tail: the part that ends with the LM head")
-        self.tail = tail.clone()
-        self.tail.last_logits_only = False
+    def __init__(self, target: TextTarget | CausalLMPart):
+        self.tail = granted(self, target).tail  # a private copy of the public tail, all positions' logits
 
     @torch.inference_mode()
     def reconstruct(self, observed: torch.Tensor) -> list[int]:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from splitveil.attack.base import Attack, ThreatModel
-from splitveil.attack.text.attacks import TEXT_ATTACKS, _require_head
+from splitveil.attack.text.attacks import TEXT_ATTACKS, granted
+from splitveil.attack.text.target import TextTarget
 from splitveil.core.errors import ConfigError
 from splitveil.models.causal_lm import CausalLMPart
 
@@ -50,8 +51,9 @@ class LearnedInversion(Attack):
     """Per-position readout from uplink states to tokens, trained on auxiliary sequences through the public head.
 
     Args:
-        head: the public head part.
-        corpus: auxiliary token-id sequences (disjoint from what is attacked).
+        target: what the split offers (a `TextTarget`, or the head part itself); the attack is granted a private
+            copy of the public head.
+        corpus: auxiliary token-id sequences of the attacker's own (disjoint from what is attacked).
         steps: optimisation steps; batch: positions per step.
         augment: applied to every training batch of states (an adaptive attacker's copy of a defence, e.g. its own
             noise of the defence's scale); None trains on clean states.
@@ -61,13 +63,13 @@ class LearnedInversion(Attack):
     threat_model = ThreatModel(observes="uplink", knows_head_weights=True, auxiliary_data=True,
                                description="a cloud with the public model and text of its own, not the user's")
 
-    def __init__(self, head: CausalLMPart, corpus: list[list[int]], *, steps: int = 400, batch: int = 256,
+    def __init__(self, target: TextTarget | CausalLMPart, corpus: list[list[int]], *, steps: int = 400, batch: int = 256,
                  negatives: int = 2048, learning_rate: float = 3e-3, seed: int = 0, augment=None):
-        _require_head(head)
+        head = granted(self, target).head  # a private copy of the public head
         if not corpus:
             raise ConfigError("the learned attack needs a non-empty auxiliary corpus")
         self.embeddings = head.input_embeddings.detach()  # [V, H], frozen: the attacker knows it
-        states, tokens = self._collect(head.clone(), corpus)
+        states, tokens = self._collect(head, corpus)
         scaled = states if augment is None else augment(states)  # standardise what the readout will be fed
         self.mean, self.std = scaled.mean(0), scaled.std(0) + 1e-5
         width = states.shape[1]
