@@ -202,3 +202,20 @@ def test_sweep_appends_runs_and_rewrites_the_report(tmp_path):
     assert records[2]["defence"]["secret_recovered_by_attacker"] is True and records[2]["perplexity"]["defended"] > 1
     report = (tmp_path / "text-privacy_smollm2-135m_quick.md").read_text()
     assert "randcut 1" in report and (tmp_path / "text-privacy_smollm2-135m_quick.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["generate", "--server", "ws://192.0.2.1:8080", "--prompt", "hi", "--token-file", "TOKEN"], "refusing plaintext ws://"),
+        (["generate", "--server", "ws://127.0.0.1:9", "--pin", "ab" * 32, "--prompt", "hi", "--token-file", "TOKEN"], "use wss://"),
+        (["generate", "--server", "wss://127.0.0.1:9", "--pin", "ab" * 32, "--ca", "TOKEN", "--prompt", "hi",
+          "--token-file", "TOKEN"], "--ca or --pin, not both"),
+        (["generate", "--split", "2,28", "--insecure", "--prompt", "hi"], "--insecure only concerns a ws:// --server"),
+    ],
+)
+def test_client_transport_security_errors_are_one_line(args, expected, capsys, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    args = [str(token) if a == "TOKEN" else a for a in args]
+    expect_one_line_error(args, expected, capsys)

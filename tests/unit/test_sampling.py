@@ -246,3 +246,107 @@ def test_sampled_tokens_respect_top_k():
 def test_nonpositive_temperature_is_refused(temperature):
     with pytest.raises(ValueError, match="temperature"):
         select_token(torch.zeros(5), do_sample=True, temperature=temperature)
+
+
+# ------------------------------------------------------------------------------------------------ stop strings
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from splitveil.edge.generate import StopStrings  # noqa: E402
+
+
+class ByteTokenizer:
+    """A tokenizer whose tokens are byte strings, with the decoding quirks that make stop strings hard: characters
+    split over several tokens (decoded as U+FFFD until complete), a leading space dropped at the start of the text
+    (as SentencePiece does), and special tokens that decode to nothing."""
+
+    PIECES = [b"a", b"b", b"ab", b" ", b" the", b"\n", b".", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xf0\x9f",
+              b"\x98\x80", b"\xc3\xa9", b"ba", b"  ", b"<", b">"]
+    SPECIAL = len(PIECES)  # decodes to "" with skip_special_tokens
+    decoded = 0  # token ids decoded in all (what the incremental check saves)
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        ByteTokenizer.decoded += len(token_ids)
+        data = b"".join(self.PIECES[t] for t in token_ids if t != self.SPECIAL)
+        text = data.decode("utf-8", errors="replace")
+        return text[1:] if text.startswith(" ") else text
+
+
+def first_stop_by_full_decoding(tokenizer, token_ids, stop):
+    """The old check: after each token, re-decode everything and search it."""
+    for n in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:n], skip_special_tokens=True)
+        hits = [text.find(s) for s in stop if s and s in text]
+        if hits:
+            return n, min(hits)
+    return None
+
+
+def first_stop_incrementally(tokenizer, token_ids, stop):
+    stops = StopStrings(tokenizer, stop)
+    for n in range(1, len(token_ids) + 1):
+        found = stops.find(token_ids[:n])
+        if found is not None:
+            return n, found
+    return None
+
+
+@st.composite
+def stop_cases(draw, vocab: int, decode):
+    ids = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=60))
+    text = decode(ids)
+    stop = []
+    for _ in range(draw(st.integers(1, 3))):
+        if text and draw(st.booleans()):  # a substring of the text: a hit somewhere
+            start = draw(st.integers(0, len(text) - 1))
+            stop.append(text[start : start + draw(st.integers(1, 12))])
+        else:
+            stop.append(draw(st.text(alphabet="ab .\n\u00e9\u20ac\ufffd<>", min_size=0, max_size=6)))
+    return ids, tuple(stop)
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=stop_cases(len(ByteTokenizer.PIECES) + 1, ByteTokenizer().decode))
+def test_incremental_stop_check_equals_full_decoding(case):
+    ids, stop = case
+    tokenizer = ByteTokenizer()
+    if not any(stop):
+        return
+    assert first_stop_incrementally(tokenizer, ids, stop) == first_stop_by_full_decoding(tokenizer, ids, stop)
+
+
+def test_incremental_stop_check_decodes_a_bounded_window():
+    tokenizer = ByteTokenizer()
+    ids = [0, 1, 3] * 400  # 1200 tokens, no stop string
+    ByteTokenizer.decoded = 0
+    assert first_stop_incrementally(tokenizer, ids, ("zzz",)) is None
+    assert ByteTokenizer.decoded < 40 * len(ids)  # full decoding would decode len(ids)**2 / 2 = 720,000 ids
+    ByteTokenizer.decoded = 0
+    ids = [ByteTokenizer.SPECIAL] * 300 + [0, 1]  # tokens without text make the window grow, still exact
+    assert first_stop_incrementally(tokenizer, ids, ("ab",)) == (302, 0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from splitveil.models.loading import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.mark.model
+def test_incremental_stop_check_equals_full_decoding_with_the_real_tokenizer(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    # byte-level tokens (multi-byte characters split over tokens), common words and the special tokens
+    pieces = list(range(0, 300)) + list(range(1000, 1200)) + list(range(40000, 40100))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(case=stop_cases(len(pieces), lambda ids: decode([pieces[i] for i in ids])))
+    def check(case):
+        ids, stop = case
+        ids = [pieces[i] for i in ids]
+        if any(stop):
+            assert first_stop_incrementally(tokenizer, ids, stop) == first_stop_by_full_decoding(tokenizer, ids, stop)
+
+    check()

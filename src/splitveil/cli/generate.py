@@ -36,7 +36,10 @@ def generate(
     token_file: Path = typer.Option(None, "--token-file", help="File with the server's bearer token (default: the "
                                     "token file `splitveil serve` made in the splitveil cache)."),
     ca: Path = typer.Option(None, "--ca", help="Trust this certificate (e.g. the server's --tls-cert)."),
-    pin: str = typer.Option(None, "--pin", help="Trust exactly the server certificate with this SHA-256 fingerprint."),
+    pin: str = typer.Option(None, "--pin", help="Trust exactly the server certificate with this SHA-256 fingerprint "
+                            "(checked right after the TLS handshake, before the token is sent)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback (the token "
+                                  "and hidden states cross the network in clear)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, round_trips, seconds."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
@@ -47,6 +50,8 @@ def generate(
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
     if no_split and (split or server):
         raise ConfigError("--no-split runs the unsplit model here; drop --split/--server or --no-split")
+    if insecure and not server:
+        raise ConfigError("--insecure only concerns a ws:// --server; drop it")
     if not no_split and not split and not server:
         raise ConfigError("give --split A,B (e.g. --split 2,28), --server URL or --no-split")
     plan = SplitPlan.unsplit() if no_split else (SplitPlan.from_cuts(parse_cuts(split)) if split else None)
@@ -65,7 +70,7 @@ def generate(
         token = read_token(token_file or default_token_file())
         with status(f"connecting to {server} ...", quiet=json_output):
             runner = SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
-                                           wire=wire.value)
+                                           wire=wire.value, insecure=insecure)
     else:
         hf_model, tokenizer = load_model(model, quiet=json_output)
         runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from splitveil.core.errors import ConfigError, PlanError
-from splitveil.models.causal_lm import CausalLMPart, CausalLMSplittable
+from splitveil.models.causal_lm import CausalLMSplittable
 from splitveil.plan.plan import Placement, SplitPlan, apply
 from splitveil.serve.service import PartService
 from splitveil.transport.base import Transport
@@ -78,6 +78,42 @@ class GenerationResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+class StopStrings:
+    """Finds the first stop string in the text of the tokens generated so far, decoding only a tail window.
+
+    Called after every new token, it gives what searching the whole decoded text would give (the start of the
+    earliest stop string, or None) without re-decoding the whole text each time: a new occurrence must end in the
+    text the newest token added or changed, so a window of the last tokens whose text holds the longest stop string
+    plus `margin` characters (for characters split over several tokens, and the first token of a window decoding
+    differently, e.g. without its leading space) finds it. Only on a hit is the whole text decoded, once, for the
+    exact position. The window grows while its text is too short (tokens that decode to nothing).
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], *, margin: int = 16):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.need = max(len(s) for s in self.stop) + margin  # characters of text a window must hold
+        self.window = 4  # tokens; adapts to the tokens' text length
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def find(self, generated: list[int]) -> int | None:
+        """Start of the earliest stop string in the decoded `generated`, or None."""
+        size = min(self.window, len(generated))
+        while True:
+            text = self._decode(generated[-size:])
+            if len(text) >= self.need or size == len(generated):
+                break
+            size = min(2 * size, len(generated))
+        self.window = max(size, 4)
+        if not any(s in text for s in self.stop):
+            return None
+        text = self._decode(generated)
+        hits = [text.find(s) for s in self.stop if s in text]
+        return min(hits) if hits else None
 
 
 class _Monolithic:
@@ -144,8 +180,12 @@ class SplitCausalLM:
             transport = LoopbackTransport(self.service.handle)
         self.transport = transport
         expect = {"cuts": list(self.plan.cuts), "hidden_size": self.splittable.hidden_size}
+        vocab_size = int(self.splittable.lm_head.weight.shape[0])
+        last = len(parts) - 1
         self.stages = [
-            part if self.plan.placement[index] == Placement.EDGE else RemoteStage(transport, index, wire, expect=expect)
+            part if self.plan.placement[index] == Placement.EDGE else RemoteStage(
+                transport, index, wire, expect=expect, ends_model=index == last,
+                output_size=vocab_size if index == last else self.splittable.hidden_size)
             for index, part in enumerate(parts)
         ]
         if defence is not None:  # the uplink leaves the device through the defence
@@ -169,31 +209,40 @@ class SplitCausalLM:
         tokenizer="auto",
         timeout: float = 60.0,
         recover_seconds: float = 30.0,
+        insecure: bool = False,
     ) -> "SplitCausalLM":
         """A split LM whose cloud parts run on the server at `url` (wss://host:port).
 
         Only the device's parts' weights are loaded. Without `plan`, the server's own cuts are used.
         `tokenizer="auto"` loads the model's tokenizer; None runs without one (token-id prompts only).
+        The connection (TLS, certificate check, token) is made first, before any weights are loaded.
+        `insecure` allows a plaintext ws:// URL to a host beyond loopback.
         """
         from splitveil.edge.remote import probe_server
         from splitveil.models.loading import config_digest, load_causal_lm_parts, load_tokenizer
         from splitveil.transport.network import WebSocketTransport
 
-        transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256, timeout=timeout)
-        if plan is None:
-            cuts = probe_server(transport).get("cuts")
-            if not cuts:
-                raise ConfigError(f"{url} did not say which cuts it serves; give the plan (--split)")
-            plan = SplitPlan.from_cuts(tuple(cuts))
-        edge = tuple(i for i, place in enumerate(plan.placement) if place == Placement.EDGE)
-        splittable, plan = load_causal_lm_parts(model, plan.cuts, edge)
-        lm = cls(splittable, plan, tokenizer=load_tokenizer(model) if tokenizer == "auto" else tokenizer, wire=wire,
-                 transport=transport)
-        for stage in lm.stages:
-            if isinstance(stage, RemoteStage):
-                stage.recover_seconds = recover_seconds
-                stage.expect["model_config_sha256"] = config_digest(model)
-        return lm
+        transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256, timeout=timeout,
+                                       insecure=insecure)
+        transport.connect()
+        try:
+            if plan is None:
+                cuts = probe_server(transport).get("cuts")
+                if not cuts:
+                    raise ConfigError(f"{url} did not say which cuts it serves; give the plan (--split)")
+                plan = SplitPlan.from_cuts(tuple(cuts))
+            edge = tuple(i for i, place in enumerate(plan.placement) if place == Placement.EDGE)
+            splittable, plan = load_causal_lm_parts(model, plan.cuts, edge)
+            lm = cls(splittable, plan, tokenizer=load_tokenizer(model) if tokenizer == "auto" else tokenizer, wire=wire,
+                     transport=transport)
+            for stage in lm.stages:
+                if isinstance(stage, RemoteStage):
+                    stage.recover_seconds = recover_seconds
+                    stage.expect["model_config_sha256"] = config_digest(model)
+            return lm
+        except BaseException:
+            transport.close()
+            raise
 
     def close(self) -> None:
         """Ends any remote session and closes the transport."""
@@ -229,21 +278,7 @@ class SplitCausalLM:
 
         Used for perplexity: the utility a defence costs on text the model did not generate itself.
         """
-        ids = torch.tensor([list(token_ids)], dtype=torch.long)
-        if not self.plan.cuts:
-            return self.model(input_ids=ids).logits[0]
-        tail = getattr(self.stages[-1], "stage", self.stages[-1])
-        keep = tail.last_logits_only
-        self._begin()
-        tail.last_logits_only = False
-        try:
-            x = ids
-            for stage in self.stages:
-                x = stage(x)
-            return x[0]
-        finally:
-            tail.last_logits_only = keep
-            self._end()
+        return self.forward_logits(torch.tensor([list(token_ids)], dtype=torch.long))[0]
 
     def encode_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
         if self.tokenizer is None:
@@ -299,6 +334,7 @@ class SplitCausalLM:
             generator = torch.Generator()
             generator.manual_seed(config.seed if config.seed is not None else int(time.time_ns() % 2**63))
         eos_ids = self._eos_ids(config)
+        stops = StopStrings(self.tokenizer, config.stop) if any(config.stop) else None
         stats_before = self.transport.stats.snapshot() if self.transport is not None else None
 
         self._begin()
@@ -324,11 +360,10 @@ class SplitCausalLM:
                 if token in eos_ids:
                     finish = "eos"
                     break
-                if config.stop:
-                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    hits = [text.find(s) for s in config.stop if s and s in text]
-                    if hits:
-                        finish, text_end = "stop", min(hits)
+                if stops is not None:
+                    text_end = stops.find(generated)
+                    if text_end is not None:
+                        finish = "stop"
                         break
                 if len(generated) >= config.max_new_tokens:
                     break
@@ -365,21 +400,27 @@ class SplitCausalLM:
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [1, T, V] for every position of `input_ids` [1, T], through the split (for equivalence tests)."""
+        """Logits [1, T, V] for every position of `input_ids` [1, T], through the split (one session).
+
+        Works for every plan: a part on this device that holds the LM head returns every position's logits; a
+        remote one returns only the last position's (as in generation), so it gets the positions one at a time
+        (T round trips, exact to float tolerance: the same KV-cached path as decoding).
+        """
         if not self.plan.cuts:
             return self.model(input_ids=input_ids).logits
         self._begin()
         try:
             x = input_ids
-            for stage in self.stages:
-                if isinstance(stage, CausalLMPart):
-                    keep, stage.last_logits_only = stage.last_logits_only, False
-                    try:
-                        x = stage(x)
-                    finally:
-                        stage.last_logits_only = keep
-                else:
-                    x = stage(x)
-            return x
+            for stage in self.stages[:-1]:
+                x = stage(x)
+            last = self.stages[-1]
+            if isinstance(last, RemoteStage):
+                return torch.cat([last(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+            part = getattr(last, "stage", last)  # a defended stage wraps the part
+            keep, part.last_logits_only = part.last_logits_only, False
+            try:
+                return last(x)
+            finally:
+                part.last_logits_only = keep
         finally:
             self._end()

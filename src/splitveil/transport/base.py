@@ -5,6 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from splitveil.core.errors import TransportError
+
 
 @dataclass
 class TransportStats:
@@ -24,14 +26,22 @@ class TransportStats:
 
 
 class Transport(ABC):
-    """Sends one frame and returns the reply frame. Subclasses implement `_request`; counting happens here."""
+    """Sends one frame and returns the reply frame. Subclasses implement `_request`; counting happens here.
+
+    `max_reply_bytes` bounds the next replies (None = unbounded): the caller narrows it to what its request can
+    legitimately produce. A network backend enforces it while the reply arrives; every backend checks it here.
+    """
 
     def __init__(self):
         self.stats = TransportStats()
+        self.max_reply_bytes: int | None = None
 
     def request(self, frame: bytes) -> bytes:
         self.stats.bytes_up += len(frame)
         reply = self._request(frame)
+        if self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:
+            raise TransportError(f"a reply of {len(reply)} bytes exceeds the {self.max_reply_bytes} bytes this request "
+                                 "can produce")
         self.stats.bytes_down += len(reply)
         self.stats.round_trips += 1
         return reply

@@ -2,55 +2,128 @@
 
 Synchronous (the device side runs one request at a time). Raises `ConnectionLost` when the connection drops, so
 that the caller can open a new session and replay; every other failure is a `TransportError` with one clear line.
+
+The client opens the TCP connection and does the TLS handshake itself, then checks the server's certificate
+(chain and host name with `ca_file`, the SHA-256 fingerprint with a pin) before the WebSocket upgrade: the bearer
+token, like every other HTTP byte, only ever goes to the server the user chose to trust.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+import socket
 import ssl
 from pathlib import Path
 from urllib.parse import urlparse
 
 from splitveil.core.errors import ConfigError, TransportError
-from splitveil.transport.tls import client_context, fingerprint_der, normalise_pin
 from splitveil.transport.base import Transport
+from splitveil.transport.tls import client_context, fingerprint_der, normalise_pin
+
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply larger than this is refused while it arrives (callers narrow it)
 
 
 class ConnectionLost(TransportError):
     """The connection to the server dropped (server restart, network, eviction)."""
 
 
+def _reason(error: BaseException) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1): traffic that never leaves this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class WebSocketTransport(Transport):
     """A WebSocket connection to a splitveil server.
 
     Args:
-        url: wss://host:port (TLS) or ws://host:port (plaintext, only to a server started with --insecure).
+        url: wss://host:port (TLS) or ws://host:port (plaintext: loopback only, unless `insecure`).
         token: the bearer token.
-        ca_file: a certificate (or CA bundle) to trust, e.g. the server's own --tls-cert.
+        ca_file: a certificate (or CA bundle) to trust, e.g. the server's own --tls-cert; the host name is checked.
         pin_sha256: trust exactly the certificate with this SHA-256 fingerprint (printed by the server).
         timeout: seconds to wait for a connection or a reply.
+        insecure: allow ws:// (token and hidden states in clear) to a host beyond loopback.
     """
 
     def __init__(self, url: str, *, token: str, ca_file: Path | None = None, pin_sha256: str | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, insecure: bool = False):
         super().__init__()
         parsed = urlparse(url)
-        if parsed.scheme not in ("wss", "ws") or not parsed.hostname or parsed.port is None:
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme not in ("wss", "ws") or not parsed.hostname or port is None:
             raise ConfigError(f"bad server URL {url!r}: use wss://HOST:PORT (or ws:// for an --insecure server)")
+        if parsed.scheme == "ws":
+            if ca_file is not None or pin_sha256:
+                raise ConfigError(f"--ca/--pin check a TLS certificate, but {url} has no TLS: use wss://")
+            if not is_loopback(parsed.hostname) and not insecure:
+                raise ConfigError(f"refusing plaintext ws:// to the non-loopback host {parsed.hostname} (the token and "
+                                  "hidden states would cross the network in clear): use wss://, or --insecure")
+        if ca_file is not None and pin_sha256:
+            raise ConfigError("give --ca or --pin, not both")
         self.url = url
+        self.host, self.port, self.path = parsed.hostname, port, parsed.path or "/"
         self.token = token
         self.timeout = timeout
+        self.max_reply_bytes = DEFAULT_MAX_REPLY_BYTES
         self.pin = normalise_pin(pin_sha256) if pin_sha256 else None
         self.ssl_context = client_context(ca_file=ca_file, pin_sha256=self.pin) if parsed.scheme == "wss" else None
         self._ws = None
 
+    def _open_socket(self) -> socket.socket:
+        """TCP, then TLS with the certificate checked; nothing of HTTP has been sent when this returns."""
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as error:
+            raise ConnectionLost(f"cannot reach {self.url}: {_reason(error)}") from None
+        if self.ssl_context is None:
+            sock.settimeout(None)
+            return sock
+        try:
+            tls = self.ssl_context.wrap_socket(sock, server_hostname=self.host)  # handshake, within the timeout
+        except ssl.SSLCertVerificationError as error:
+            sock.close()
+            reason = error.verify_message or error.reason or error
+            raise TransportError(f"TLS with {self.url} failed: {reason}") from None
+        except ssl.SSLError as error:
+            sock.close()
+            raise TransportError(f"TLS with {self.url} failed: {error.reason or error}") from None
+        except (OSError, TimeoutError) as error:
+            sock.close()
+            raise ConnectionLost(f"no TLS handshake with {self.url}: {_reason(error)}") from None
+        if self.pin is not None:
+            der = tls.getpeercert(binary_form=True)
+            if der is None or not hmac.compare_digest(fingerprint_der(der), self.pin):
+                tls.close()
+                raise TransportError(f"the certificate of {self.url} does not match the pinned fingerprint; "
+                                     "nothing was sent to it")
+        tls.settimeout(None)
+        return tls
+
     def connect(self) -> None:
+        """Connects (TCP, TLS and certificate check, then the WebSocket upgrade with the token)."""
         from websockets.exceptions import InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         self.close()
+        sock = self._open_socket()
         try:
-            self._ws = connect(self.url, ssl=self.ssl_context, additional_headers={"Authorization": f"Bearer {self.token}"},
-                               compression=None, max_size=None, open_timeout=self.timeout, close_timeout=2, legacy=True)
+            # The socket already speaks TLS: websockets gets a ws:// URI so that it does not wrap it a second time.
+            self._ws = connect(f"ws://{self._host_port()}{self.path}", sock=sock,
+                               additional_headers={"Authorization": f"Bearer {self.token}"}, compression=None,
+                               max_size=self.max_reply_bytes, max_queue=2, open_timeout=self.timeout, close_timeout=2,
+                               proxy=None, legacy=True)
         except InvalidStatus as error:
             status = error.response.status_code
             if status == 401:
@@ -61,28 +134,41 @@ class WebSocketTransport(Transport):
         except (InvalidHandshake, EOFError) as error:
             raise ConnectionLost(f"no WebSocket handshake with {self.url}: {error}") from None
         except (OSError, TimeoutError) as error:
-            raise ConnectionLost(f"cannot reach {self.url}: {error.strerror if isinstance(error, OSError) and error.strerror else error}") from None
-        if self.pin is not None:
-            der = self._ws.socket.getpeercert(binary_form=True)
-            if der is None or fingerprint_der(der) != self.pin:
-                self.close()
-                raise TransportError(f"the certificate of {self.url} does not match the pinned fingerprint")
+            raise ConnectionLost(f"cannot reach {self.url}: {_reason(error)}") from None
+        finally:
+            if self._ws is None:
+                sock.close()
+
+    def _host_port(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def _request(self, frame: bytes) -> bytes:
         from websockets.exceptions import ConnectionClosed
+        from websockets.frames import CloseCode
 
         if self._ws is None:
             self.connect()
+        limit = self.max_reply_bytes
+        # Read by the receiving thread when the reply's first byte arrives, i.e. after this request is sent.
+        self._ws.protocol.max_message_size = limit
         try:
             self._ws.send(frame)
             reply = self._ws.recv(timeout=self.timeout)
-        except (ConnectionClosed, OSError, EOFError) as error:
+        except ConnectionClosed as error:
+            self._ws = None
+            if error.sent is not None and error.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                raise TransportError(f"{self.url} sent a reply larger than the {limit} bytes this request can "
+                                     "produce; connection closed") from None
+            raise ConnectionLost(f"connection to {self.url} lost: {error}") from None
+        except (OSError, EOFError) as error:
             self._ws = None
             raise ConnectionLost(f"connection to {self.url} lost: {error}") from None
         except TimeoutError:
             self.close()
             raise ConnectionLost(f"no reply from {self.url} within {self.timeout:g} s") from None
         if isinstance(reply, str):
+            self.close()
             raise TransportError("the server sent a text message where a frame was expected")
         return reply
 
