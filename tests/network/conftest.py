@@ -68,6 +68,22 @@ def make_server(tiny_model, tls_files):
 
 
 @pytest.fixture
+def serve_service(tls_files):
+    """Starts in-thread servers over any PartService (e.g. over stand-in parts); stops them at the end of the test."""
+    servers = []
+
+    def start(service: PartService, *, limits: ServerLimits = ServerLimits(), tls: bool = True) -> SplitServer:
+        context = server_context(tls_files["cert"], tls_files["key"]) if tls else None
+        server = SplitServer(service, token=tls_files["token"], ssl_context=context, limits=limits).start_in_thread()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def client(tiny_model, tls_files):
     """A split LM whose trunk runs on `server`."""
     made = []

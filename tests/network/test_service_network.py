@@ -2,7 +2,9 @@
 
 import gc
 import json
+import socket
 import ssl
+import struct
 import threading
 import time
 import weakref
@@ -108,11 +110,20 @@ class RawClient:
         return False
 
 
+def _raw_frame(session: bytes, codec: int, shape: tuple, payload: bytes = b"") -> bytes:
+    header = struct.pack("<2sBBBBBB16sI", b"SV", 1, int(FrameKind.FORWARD), codec, len(shape), 1, 0, session, 0)
+    return header + struct.pack(f"<{len(shape)}I", *shape) + payload
+
+
 def _hostile_frames(session: bytes, other_session: bytes, max_frame: int) -> dict[str, bytes]:
     good = encode_frame(Frame(FrameKind.FORWARD, torch.randn(1, 2, 32), session=session, seq=0, part=1))
     nan = torch.randn(1, 1, 32)
     nan[0, 0, 3] = float("nan")
     return {
+        "zero-size shape with huge dims": _raw_frame(session, 1, (0, 2**32 - 1, 2**32 - 1)),
+        "zero-size fp16 shape": _raw_frame(session, 2, (2**31, 0, 32)),
+        "zero batch": _raw_frame(session, 1, (0, 1, 32)),
+        "shape product overflowing 64 bits": _raw_frame(session, 1, (2**32 - 1,) * 4, b"\0" * 16),
         "garbage": b"hello, server",
         "bad header": b"XX" + good[2:],
         "bad version": good[:2] + bytes([9]) + good[3:],
@@ -129,8 +140,11 @@ def _hostile_frames(session: bytes, other_session: bytes, max_frame: int) -> dic
 
 
 @pytest.mark.parametrize("case", ["garbage", "bad header", "bad version", "wrong dtype", "wrong shape", "shape mismatch",
-                                  "nan", "inf", "oversized", "unknown session", "another client's session", "wrong part"])
-def test_hostile_frame_gets_an_error_and_only_its_connection_closes(make_server, client, tls_files, tiny_model, case):
+                                  "nan", "inf", "oversized", "unknown session", "another client's session", "wrong part",
+                                  "zero-size shape with huge dims", "zero-size fp16 shape", "zero batch",
+                                  "shape product overflowing 64 bits"])
+def test_hostile_frame_gets_an_error_and_only_its_connection_closes(make_server, client, tls_files, tiny_model, case, caplog):
+    caplog.set_level("INFO")
     server = make_server(max_frame_bytes=4096)
     bystander = RawClient(server, tls_files)  # another client, mid-session
     before = bystander.send(encode_frame(Frame(FrameKind.FORWARD, torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(1)),
@@ -141,8 +155,11 @@ def test_hostile_frame_gets_an_error_and_only_its_connection_closes(make_server,
     if case == "nan":  # NaN must be refused even when the NaN sits in a valid frame
         assert torch.isnan(decode_frame(frames[case], finite=False).tensor).any()
     reply = attacker.send(frames[case])
-    assert reply.kind == FrameKind.ERROR and reply.message
+    assert reply.kind == FrameKind.ERROR and reply.message and "\n" not in reply.message
     assert attacker.closed()
+    # the server logged one line for the refusal, and no traceback anywhere
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert len([r for r in caplog.records if r.getMessage().startswith("refused a frame")]) == 1
     assert attacker.session not in server.service.sessions  # its session is gone with its connection
     # the bystander's session is untouched and the server still serves new clients exactly
     after = bystander.send(encode_frame(Frame(FrameKind.FORWARD, torch.randn(1, 1, 32), session=bystander.session, seq=1, part=1)))
@@ -239,7 +256,37 @@ def test_concurrent_sessions_are_batched_and_stay_exact(make_server, client, tin
 
 def test_server_only_binds_loopback(make_server):
     server = make_server()
-    assert server.host == "127.0.0.1"
+    bound = [sock.getsockname() for sock in server.sockets]  # the listening sockets themselves
+    assert bound and all(address[0] == "127.0.0.1" for address in bound), bound
+    assert {address[1] for address in bound} == {server.port}
+    # and nothing answers on this host's other addresses at that port
+    others = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for address in others:
+        if address.startswith("127."):
+            continue
+        with pytest.raises(OSError):
+            socket.create_connection((address, server.port), timeout=1).close()
+
+
+@pytest.mark.parametrize("headers, status", [
+    (["Bearer {token}", "Bearer x"], 400),
+    (["Bearer {token}", "Bearer {token}"], 400),
+    (["Basic {token}"], 401),
+    (["Bearer"], 401),
+    ([], 401),
+])
+def test_bad_authorization_headers_get_a_4xx_without_a_traceback(make_server, tls_files, headers, status, caplog):
+    caplog.set_level("INFO")
+    server = make_server(tls=False)
+    with socket.create_connection(("127.0.0.1", server.port), 5) as sock:
+        lines = [f"Authorization: {h.format(token=tls_files['token'])}" for h in headers]
+        sock.sendall(("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      + "".join(line + "\r\n" for line in lines) + "\r\n").encode())
+        answer = sock.recv(4096).decode(errors="replace")
+    assert answer.split("\r\n")[0].startswith(f"HTTP/1.1 {status} ")
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert not server.service.sessions
 
 
 def test_connection_lost_without_recovery_is_reported(make_server, client):

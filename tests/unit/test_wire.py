@@ -419,3 +419,92 @@ def test_wire_error_messages_are_one_line():
         decode_frame(raw_frame(magic=b"ZZ"))
     assert "\n" not in info.value.message
     assert str(info.value) == "not a splitveil frame (bad magic)"
+
+
+# ------------------------------------------------------------------------------------------- hostile input, fuzzed
+
+U32_MAX = 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "codec, shape",
+    [
+        (1, (0, U32_MAX, U32_MAX)),  # empty, but numpy cannot even describe the array
+        (2, (2**31, 0, 576)),
+        (1, (U32_MAX, 0)),
+        (4, (0, U32_MAX, U32_MAX, U32_MAX)),
+        (5, (U32_MAX, U32_MAX, 0, U32_MAX)),
+    ],
+)
+def test_empty_shape_with_absurd_dimensions_is_a_wire_error(codec, shape):
+    with pytest.raises(WireError, match="larger than any frame"):
+        decode_frame(raw_frame(codec=codec, shape=shape, payload=b""))
+
+
+def test_empty_shape_of_modest_size_still_decodes():
+    # what the service refuses with its own message (a zero dimension) must reach it
+    frame = decode_frame(raw_frame(shape=(1, 0, 32), payload=b""))
+    assert frame.shape == (1, 0, 32) and frame.tensor.numel() == 0
+
+
+def test_non_bytes_input_is_a_wire_error():
+    for data in ("SV" + "\0" * 40, None, 12, [1, 2], memoryview(np.zeros(16, dtype="<f4"))):
+        with pytest.raises(WireError):
+            decode_frame(data)
+
+
+def _decode_or_wire_error(data, max_bytes=MAX_FRAME_BYTES):
+    try:
+        frame = decode_frame(data, max_bytes=max_bytes)
+    except WireError as error:
+        assert error.message and "\n" not in error.message
+        return None
+    assert isinstance(frame, Frame)
+    return frame
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=256))
+def test_decode_frame_on_arbitrary_bytes_returns_a_frame_or_a_wire_error(data):
+    _decode_or_wire_error(data)
+    _decode_or_wire_error(MAGIC + bytes([WIRE_VERSION]) + data)  # past the magic and version checks
+
+
+_VALID = [
+    encode_frame(Frame(FrameKind.FORWARD, randn(1, 3, 8), session=SESSION, seq=5, part=1)),
+    encode_frame(Frame(FrameKind.FORWARD, randn(2, 1, 8, seed=1), codec="bf16", session=SESSION)),
+    encode_frame(Frame(FrameKind.RESULT, randn(1, 1, 4, 2, seed=2), codec="fp16")),
+    encode_frame(error_frame("refused")),
+    encode_frame(Frame(FrameKind.OPEN)),
+]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    base=st.sampled_from(_VALID),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=7)), max_size=4),
+    header=st.lists(st.tuples(st.integers(min_value=0, max_value=27), st.integers(min_value=0, max_value=255)), max_size=3),
+    shape=st.one_of(st.none(), st.lists(st.sampled_from([0, 1, 2, 7, 2**16, 2**31, U32_MAX]), min_size=1, max_size=MAX_NDIM)),
+    drop_payload=st.booleans(),
+    cut=st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)),
+    extra=st.binary(max_size=16),
+)
+def test_decode_frame_on_mutated_frames_returns_a_frame_or_a_wire_error(base, flips, header, shape, drop_payload, cut, extra):
+    data = bytearray(base)
+    for offset, bit in flips:  # bit flips anywhere
+        data[offset % len(data)] ^= 1 << bit
+    for offset, value in header:  # header fields overwritten (kind, codec, ndim, ...)
+        data[offset] = value
+    if shape is not None:  # a new shape, absurd dimensions and zeros among them, in front of the old payload
+        old_ndim = min(data[5], MAX_NDIM)
+        payload = data[HEADER_FIXED_BYTES + 4 * old_ndim:]
+        data[5] = len(shape)
+        data = data[:HEADER_FIXED_BYTES] + struct.pack(f"<{len(shape)}I", *shape) + payload
+    if drop_payload:  # header and shape only: an empty tensor if a dimension is 0
+        data = data[: HEADER_FIXED_BYTES + 4 * min(data[5], MAX_NDIM)]
+    if cut is not None:  # truncated
+        data = data[: cut % (len(data) + 1)]
+    data += extra
+    for buffer in (bytes(data), bytearray(data), memoryview(bytes(data))):
+        _decode_or_wire_error(buffer)
+    _decode_or_wire_error(bytes(data), max_bytes=64)

@@ -35,7 +35,12 @@ def serve(
                                     "(default: a fresh token in the splitveil cache, path printed)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
     max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="Live sessions at most."),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=1, help="Positions per session at most (default: the model's context)."),
+    max_connections: int = typer.Option(None, "--max-connections", min=1,
+                                        help="Open connections at most; more get HTTP 503 (default: 2 x --max-sessions)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", min=1,
+                                   help="Rows x positions per session at most (default: the model's context)."),
+    max_kv_mb: float = typer.Option(None, "--max-kv-mb", min=0.001,
+                                    help="KV cache memory of all sessions together, MiB (default: half the machine's RAM)."),
     max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=1024, help="Largest frame accepted."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
     no_batch: bool = typer.Option(False, "--no-batch", help="Run each session's steps alone instead of batching them."),
@@ -58,9 +63,10 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with err_console.status(f"loading the cloud part of {model} ..."):
         service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
-                                      max_frame_bytes=max_frame_bytes, batch_steps=not no_batch)
-    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port,
-                         limits=ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000))
+                                      max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb)
+    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000,
+                          max_connections=max_connections or 2 * max_sessions)
+    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
 
     def ready(srv: SplitServer) -> None:
         parts = ", ".join(f"part {i} ({p.name})" for i, p in service.parts.items())
@@ -70,6 +76,8 @@ def serve(
         else:
             typer.echo("splitveil serve: WARNING plaintext (--insecure): anyone on this host can read the traffic")
         typer.echo(f"splitveil serve: token file {token_path}")
+        typer.echo(f"splitveil serve: limits {service.max_sessions} sessions, {limits.max_connections} connections, "
+                   f"{service.max_tokens} positions per session, {service.max_kv_bytes / 2**20:.4g} MiB of KV cache")
         typer.echo(f"splitveil serve: listening on {srv.url}", nl=True)
 
     async def main() -> None:

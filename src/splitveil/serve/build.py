@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,9 +15,25 @@ from splitveil.transport.tls import certificate_expires_within, fingerprint_pem,
 from splitveil.wire.frame import MAX_FRAME_BYTES
 
 
+def default_max_kv_mb() -> int:
+    """The default server-wide KV budget: half of this machine's physical memory (4096 MiB when unknown).
+
+    The other half is left to the weights, the frames in flight and everything else on the machine, so that
+    sessions are refused before the kernel has to kill the server.
+    """
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        total = 0
+    return max(1, total // 2 // 2**20) if total > 0 else 4096
+
+
 def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int = 64, max_tokens: int | None = None,
-                        max_frame_bytes: int = MAX_FRAME_BYTES, max_batch: int = 8, batch_steps: bool = True) -> PartService:
-    """Loads the weights of the cloud parts of the plan with `cuts` (and nothing else) and serves them."""
+                        max_frame_bytes: int = MAX_FRAME_BYTES, max_batch: int = 8, batch_steps: bool = True,
+                        max_kv_mb: float | None = None) -> PartService:
+    """Loads the weights of the cloud parts of the plan with `cuts` (and nothing else) and serves them.
+
+    `max_kv_mb` bounds the KV caches of all sessions together (default: `default_max_kv_mb()`)."""
     from splitveil.plan.plan import SplitPlan
 
     plan = SplitPlan.from_cuts(cuts)
@@ -36,7 +53,8 @@ def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int 
             "placement": [p.value for p in plan.placement]}
     return PartService({i: parts[i] for i in cloud}, hidden_size=splittable.hidden_size, info=info,
                        max_sessions=max_sessions, max_tokens=min(max_tokens or context, context),
-                       max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=batch_steps)
+                       max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=batch_steps,
+                       max_kv_bytes=int((max_kv_mb if max_kv_mb is not None else default_max_kv_mb()) * 2**20))
 
 
 def _warm_up(parts, cloud: tuple[int, ...], hidden_size: int) -> None:

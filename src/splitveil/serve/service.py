@@ -5,6 +5,9 @@ at once (OPEN, CLOSE, any error) or returns a `Work` item; `run(works)` computes
 of several sessions through the same part into one forward when asked to. `handle` = admit + run, for loopback.
 Nothing a client sends can raise out of these methods: a malformed or unexpected frame gets an ERROR frame back
 and touches no session.
+
+Memory: each session may hold `max_tokens` rows x positions; all sessions together may hold `max_kv_bytes` of part
+state (the sum of `Part.state_bytes()`, updated per session after each compute).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +45,12 @@ class Session:
     parts: dict[int, Part]  # part index -> this session's copy
     owner: bytes = b""  # digest of the token that opened it
     next_seq: int = 0
-    tokens: int = 0  # positions processed so far
-    last_active: float = field(default_factory=time.monotonic)
+    tokens: int = 0  # rows x positions admitted so far (what its KV cache holds once computed)
+    last_active: float = field(default_factory=time.monotonic)  # last frame admitted or answered
+    in_flight: int = 0  # admitted FORWARD frames not computed yet (a session waiting in a queue is not idle)
+    kv_bytes: int = 0  # its parts' state_bytes() after its last compute
+    kv_tokens: int = 0  # its `tokens` at that moment
+    closed: bool = False
 
 
 @dataclass
@@ -51,6 +60,13 @@ class Work:
     session_id: bytes
     session: Session
     frame: Frame
+    reserved: int = 0  # bytes of state this work is expected to add (counted against max_kv_bytes until computed)
+    released: bool = False
+
+    @property
+    def is_step(self) -> bool:
+        """A single-position frame (a decode step), as opposed to a prefill chunk of many positions."""
+        return self.frame.tensor.shape[1] == 1
 
 
 class PartService:
@@ -62,9 +78,12 @@ class PartService:
         info: what OPEN replies tell the client (model, plan, limits), as JSON.
         max_frame_bytes: frames above this size are refused before decoding.
         max_sessions: OPEN beyond this many live sessions is refused.
-        max_tokens: positions one session may process in all (the model's context length).
+        max_tokens: rows x positions one session may process in all (the model's context length).
         max_batch: rows one FORWARD frame may carry.
         batch_steps: compute concurrent single-position steps of many sessions as one batched forward.
+        max_kv_bytes: bytes of part state (KV caches) all sessions together may hold; None = no server-wide bound.
+            When the sum of `state_bytes()` plus what admitted work is expected to add reaches it, OPEN and FORWARD
+            frames are refused with an ERROR frame until sessions close.
     """
 
     def __init__(
@@ -78,6 +97,7 @@ class PartService:
         max_tokens: int = 8192,
         max_batch: int = 8,
         batch_steps: bool = True,
+        max_kv_bytes: int | None = None,
     ):
         self.parts = dict(parts)
         self.hidden_size = hidden_size
@@ -86,10 +106,17 @@ class PartService:
         self.max_tokens = max_tokens
         self.max_batch = max_batch
         self.batch_steps = batch_steps
+        self.max_kv_bytes = max_kv_bytes
         self.info = {**(info or {}), "parts": sorted(self.parts), "hidden_size": hidden_size,
                      "max_frame_bytes": max_frame_bytes, "max_tokens": max_tokens}
         self.sessions: dict[bytes, Session] = {}
-        self.batch_sizes: list[int] = []  # size of each computed batch (for benchmarks and tests)
+        self.batch_sizes: Counter[int] = Counter()  # batch size -> forwards computed at that size (bounded histogram)
+        # server-wide state accounting; admit/close run on the event loop, run() on the compute thread
+        self._lock = threading.Lock()
+        self.kv_bytes = 0  # sum of the live sessions' kv_bytes
+        self._kv_reserved = 0  # sum of the reservations of admitted, not yet computed work
+        self._kv_tokens = 0  # sum of the live sessions' kv_tokens
+        self._bytes_per_position = 0.0  # kv_bytes / _kv_tokens, the last known (to reserve for new work)
 
     # -- admission -------------------------------------------------------------------------------------------
 
@@ -104,6 +131,8 @@ class PartService:
         frame = None
         try:
             frame = decode_frame(data, max_bytes=self.max_frame_bytes)
+            if not isinstance(frame, Frame):  # cannot happen; keeps the promise below even if decoding changes
+                raise WireError("undecodable frame")
             if frame.kind == FrameKind.OPEN:
                 if bound_session not in (None, NO_SESSION):
                     raise WireError("this connection already has a session")
@@ -115,18 +144,72 @@ class PartService:
             if frame.kind != FrameKind.FORWARD:
                 raise WireError(f"a client may not send {frame.kind.name} frames")
             self._check_forward(session, frame)
+            rows_positions = frame.tensor.shape[0] * frame.tensor.shape[1]
+            reserved = self._reserve(rows_positions)
             session.next_seq += 1
-            session.tokens += frame.tensor.shape[1]
+            session.tokens += rows_positions
+            with self._lock:
+                session.in_flight += 1
             session.last_active = time.monotonic()
-            return Work(frame.session, session, frame), None
+            return Work(frame.session, session, frame, reserved=reserved), None
         except SplitveilError as error:
-            log.warning("refused a frame: %s", error.message)
-            return None, encode_frame(error_frame(error.message, session=frame.session if frame else NO_SESSION,
-                                                  seq=frame.seq if frame else 0))
+            log.warning("refused a frame: %s", _one_line(error.message))
+            return None, self._error_reply(error.message, frame)
+        except Exception as error:  # a bug must not escape to the transport; the client still gets its ERROR frame
+            log.error("refused a frame after an internal error: %s: %s", type(error).__name__, _one_line(str(error)))
+            log.debug("internal error while admitting a frame", exc_info=True)
+            return None, self._error_reply("internal server error", frame)
+
+    @staticmethod
+    def _error_reply(message: str, frame: Frame | None) -> bytes:
+        try:
+            return encode_frame(error_frame(_one_line(message), session=frame.session if frame else NO_SESSION,
+                                            seq=frame.seq if frame else 0))
+        except Exception:  # e.g. a frame object with fields that cannot be encoded back
+            return encode_frame(error_frame(_one_line(message)))
+
+    # -- memory accounting -----------------------------------------------------------------------------------
+
+    def _reserve(self, rows_positions: int) -> int:
+        """Counts the state a FORWARD of `rows_positions` will add (at the bytes per row x position the live sessions
+        hold on average); refuses it when that does not fit the server-wide budget."""
+        if self.max_kv_bytes is None:
+            return 0
+        estimate = int(rows_positions * self._bytes_per_position)
+        with self._lock:
+            committed = self.kv_bytes + self._kv_reserved
+            if committed >= self.max_kv_bytes or committed + estimate > self.max_kv_bytes:
+                raise WireError(f"the server's KV memory is full ({_mib(self.max_kv_bytes)}); try again later")
+            self._kv_reserved += estimate
+        return estimate
+
+    def release(self, work: Work) -> None:
+        """Ends an admitted FORWARD (computed or dropped): frees its reservation; its session may go idle again."""
+        if work.released:
+            return
+        work.released = True
+        with self._lock:
+            self._kv_reserved -= work.reserved
+            work.session.in_flight -= 1
+        work.session.last_active = time.monotonic()
+
+    def _account(self, session: Session) -> None:
+        """Re-reads a session's state size after a compute (cheap: one call per part)."""
+        held = sum(part.state_bytes() for part in session.parts.values())
+        with self._lock:
+            if session.closed:
+                return
+            self.kv_bytes += held - session.kv_bytes
+            self._kv_tokens += session.tokens - session.kv_tokens
+            session.kv_bytes, session.kv_tokens = held, session.tokens
+            if self._kv_tokens > 0:  # the average over sessions: spare capacity of short ones does not inflate it
+                self._bytes_per_position = self.kv_bytes / self._kv_tokens
 
     def _open(self, owner: bytes) -> Frame:
         if len(self.sessions) >= self.max_sessions:
             raise WireError(f"the server is full ({self.max_sessions} sessions)")
+        if self.max_kv_bytes is not None and self.kv_bytes + self._kv_reserved >= self.max_kv_bytes:
+            raise WireError(f"the server's KV memory is full ({_mib(self.max_kv_bytes)}); try again later")
         session_id = secrets.token_bytes(16)
         self.sessions[session_id] = Session({index: part.clone() for index, part in self.parts.items()}, owner=owner)
         return text_frame(FrameKind.OK, json.dumps(self.info), session=session_id)
@@ -153,16 +236,25 @@ class PartService:
             raise WireError(f"expected hidden states of shape [batch, positions, {self.hidden_size}], got {list(tensor.shape)}")
         if tensor.shape[0] > self.max_batch:
             raise WireError(f"batch of {tensor.shape[0]} exceeds the limit of {self.max_batch}")
-        if session.tokens + tensor.shape[1] > self.max_tokens:
-            raise WireError(f"the session would exceed its limit of {self.max_tokens} positions")
+        if session.tokens + tensor.shape[0] * tensor.shape[1] > self.max_tokens:
+            raise WireError(f"the session would exceed its limit of {self.max_tokens} positions (rows x positions)")
 
     def close_session(self, session_id: bytes) -> bool:
-        return self.sessions.pop(session_id, None) is not None
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        with self._lock:
+            session.closed = True
+            self.kv_bytes -= session.kv_bytes
+            self._kv_tokens -= session.kv_tokens
+            session.kv_bytes = session.kv_tokens = 0
+        return True
 
     def evict_idle(self, idle_seconds: float) -> list[bytes]:
-        """Drops sessions idle for longer than `idle_seconds`; returns their ids."""
+        """Drops sessions idle for longer than `idle_seconds`; returns their ids. A session whose frame waits for
+        compute is not idle, however long it waits."""
         now = time.monotonic()
-        stale = [sid for sid, s in self.sessions.items() if now - s.last_active > idle_seconds]
+        stale = [sid for sid, s in self.sessions.items() if not s.in_flight and now - s.last_active > idle_seconds]
         for sid in stale:
             self.close_session(sid)
         return stale
@@ -171,14 +263,32 @@ class PartService:
 
     def run(self, works: list[Work]) -> list[bytes]:
         """Computes admitted work; replies in the same order. Never raises."""
+        try:
+            return self._run(works)
+        except Exception as error:  # a bug in the grouping itself: every frame still gets its reply
+            log.error("compute round failed: %s: %s", type(error).__name__, _one_line(str(error)))
+            log.debug("compute round failed", exc_info=True)
+            return [self._error_reply("internal server error", work.frame) for work in works]
+        finally:
+            for work in works:
+                try:
+                    self._account(work.session)
+                except Exception as error:
+                    log.error("state accounting failed: %s: %s", type(error).__name__, _one_line(str(error)))
+                self.release(work)
+
+    def _run(self, works: list[Work]) -> list[bytes]:
+        """Decode steps first (batched by part where possible), then the other frames in order: a step admitted
+        in the same round as a prefill chunk does not wait for that chunk."""
         replies: list[bytes | None] = [None] * len(works)
         batchable: dict[int, list[int]] = {}
+        singles: list[int] = []
         for index, work in enumerate(works):
             tensor = work.frame.tensor
             if self.batch_steps and tensor.shape[0] == 1 and tensor.shape[1] == 1 and work.session.tokens > 1:
                 batchable.setdefault(work.frame.part, []).append(index)
             else:
-                replies[index] = self._run_one(work)
+                singles.append(index)
         for part_index, indices in batchable.items():
             if len(indices) == 1:
                 replies[indices[0]] = self._run_one(works[indices[0]])
@@ -190,13 +300,15 @@ class PartService:
                 outputs = None
             for offset, i in enumerate(indices):
                 replies[i] = self._reply(works[i], outputs[offset : offset + 1]) if outputs is not None else self._run_one(works[i])
+        for index in sorted(singles, key=lambda i: not works[i].is_step):
+            replies[index] = self._run_one(works[index])
         return replies  # type: ignore[return-value]
 
     def _run_one(self, work: Work) -> bytes:
         try:
             output = work.session.parts[work.frame.part](work.frame.tensor)
             work.session.last_active = time.monotonic()
-            self.batch_sizes.append(1)
+            self.batch_sizes[1] += 1
             return self._reply(work, output)
         except SplitveilError as error:
             return encode_frame(error_frame(error.message, session=work.session_id, seq=work.frame.seq))
@@ -212,7 +324,7 @@ class PartService:
         outputs = forward_batched_step(parts, hidden)
         for work in works:
             work.session.last_active = time.monotonic()
-        self.batch_sizes.append(len(works))
+        self.batch_sizes[len(works)] += 1
         return outputs
 
     def _reply(self, work: Work, output: torch.Tensor) -> bytes:
@@ -223,6 +335,14 @@ class PartService:
         return encode_frame(Frame(FrameKind.RESULT, output, codec=frame.codec, session=work.session_id, seq=frame.seq, part=frame.part))
 
     def handle(self, data: bytes, *, owner: bytes = b"") -> bytes:
-        """Admits and computes one frame (loopback use)."""
+        """Admits and computes one frame (loopback use). Never raises."""
         work, reply = self.admit(data, owner=owner)
         return reply if work is None else self.run([work])[0]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "error"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.4g} MiB"

@@ -101,7 +101,12 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 def decode_frame(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_FRAME_BYTES, finite: bool = True) -> Frame:
-    """Bytes -> Frame, validating before allocating. Raises WireError with a short reason."""
+    """Bytes -> Frame, validating before allocating. Raises WireError with a short reason, and nothing else, for any
+    input: every bound is checked arithmetically before a buffer of that size could be made."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"a frame must be bytes, not {type(data).__name__}")
+    if isinstance(data, memoryview) and (data.ndim != 1 or data.itemsize != 1):
+        raise WireError("a frame must be a flat buffer of bytes")
     size = len(data)
     if size > max_bytes:
         raise WireError(f"frame of {size} bytes exceeds the limit of {max_bytes}")
@@ -131,7 +136,14 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_F
     expected = math.prod(shape) * codec.bytes_per_element
     if expected != payload_size:
         raise WireError(f"shape {list(shape)} of {codec.name} needs {expected} bytes, frame carries {payload_size}")
-    tensor = codec.decode(memoryview(data)[header_size:], tuple(shape))
+    if expected == 0 and math.prod(d for d in shape if d) > max_bytes:
+        # an empty tensor whose other dimensions are absurd: no frame could ever carry that many elements
+        raise WireError(f"shape {list(shape)} is larger than any frame of at most {max_bytes} bytes")
+    try:
+        tensor = codec.decode(memoryview(data)[header_size:], tuple(shape))
+    except (ValueError, TypeError, RuntimeError, MemoryError) as error:  # defence in depth: checked above already
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise WireError(f"cannot decode a {codec.name} payload of shape {list(shape)}: {reason}") from None
     if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise WireError("tensor holds NaN or Inf")
     return Frame(kind, tensor, codec.name, bytes(session), seq, part, tuple(shape))
