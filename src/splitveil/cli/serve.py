@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -12,16 +11,8 @@ import typer
 
 from splitveil.cli.common import err_console, setup
 from splitveil.core.errors import ConfigError
+from splitveil.transport.network import is_loopback
 from splitveil.wire.frame import MAX_FRAME_BYTES
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(
@@ -55,7 +46,7 @@ def serve(
     cuts = parse_cuts(split)
     if insecure and (tls_cert or tls_key):
         raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
-    if insecure and not _is_loopback(host):
+    if insecure and not is_loopback(host):
         raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
     token, token_path = token_for_server(token_file)
     ssl_context, cert_path, fingerprint = (None, None, None) if insecure else tls_for_server(tls_cert, tls_key)
