@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from splitveil.cli import attack, bench, demo, generate, serve
+from splitveil.cli import attack, bench, demo, generate, serve, slip
 
 app = typer.Typer(
     name="splitveil",
@@ -21,3 +21,4 @@ app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.add_typer(bench.app, name="bench")
 app.add_typer(attack.app, name="attack")
+app.add_typer(slip.app, name="slip")

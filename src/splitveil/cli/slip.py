@@ -1,0 +1,296 @@
+"""`splitveil slip`: SLIP's masked, decomposed linear layers across a trusted and an untrusted process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from splitveil.cli.common import err_console, print_json, setup, status
+from splitveil.core.errors import ConfigError
+from splitveil.wire.frame import MAX_FRAME_BYTES
+
+app = typer.Typer(help="SLIP: each linear layer split into a small secret part and a residual computed elsewhere on "
+                       "one-time-masked inputs (protects the weights, or the prompt).", no_args_is_help=True)
+
+
+class Protect(str, Enum):
+    weights = "weights"
+    prompt = "prompt"
+
+
+class Mode(str, Enum):
+    fixed = "fixed"
+    float = "float"
+
+
+def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: float | None, split: str | None,
+                   fixed_point: bool, repetitions: int):
+    """The SlipConfig a command line asks for (bad combinations are ConfigErrors: exit 2, one line)."""
+    from splitveil.protect.slip.trusted import SlipConfig, default_rank
+
+    layers_total = model_config.num_hidden_layers
+    if rank is not None and energy is not None:
+        raise ConfigError("give --rank or --energy, not both")
+    if rank is not None and rank < 0:
+        raise ConfigError(f"--rank must be >= 0, got {rank}")
+    if energy is not None and not 0.0 <= energy < 1.0:
+        raise ConfigError(f"--energy must be in [0, 1), got {energy}")
+    mode = "fixed" if fixed_point else "float"
+    if protect == Protect.weights:
+        if split:
+            raise ConfigError("--split belongs to --protect prompt; the weights deployment protects every layer")
+        if rank is None and energy is None:
+            rank = default_rank(model_config, repetitions=repetitions)
+        return SlipConfig(mode=mode, rank=rank, energy=energy, layers=(0, layers_total), include_head=True,
+                          repetitions=repetitions)
+    layers = (0, layers_total)
+    if split:
+        from splitveil.plan.plan import parse_cuts
+
+        cuts = parse_cuts(split)
+        if len(cuts) != 2:
+            raise ConfigError("--split for --protect prompt takes two cuts A,B: layers A..B-1 are offloaded masked")
+        if not 0 <= cuts[0] < cuts[1] <= layers_total:
+            raise ConfigError(f"--split {split} does not fit the model's {layers_total} layers (0 <= A < B <= {layers_total})")
+        layers = (cuts[0], cuts[1])
+    return SlipConfig(mode=mode, rank=rank if rank is not None or energy is not None else 0, energy=energy,
+                      layers=layers, include_head=False, repetitions=repetitions)
+
+
+@app.command("generate")
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (text)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="A registered model name or a local model directory."),
+    protect: Protect = typer.Option(..., "--protect", help="weights: this process is the model owner's secure side, the "
+                                    "executor holds W_residual; prompt: this process is the user's device, the executor "
+                                    "is the cloud."),
+    rank: int = typer.Option(None, "--rank", "-k", help="Secure rank k per matrix (weights default: the largest k with a "
+                             "predicted secure FLOPs share <= 4.5% at 32 positions; prompt default: 0)."),
+    energy: float = typer.Option(None, "--energy", help="Instead of --rank: keep the components holding this fraction of "
+                                 "each matrix's squared spectrum."),
+    split: str = typer.Option(None, "--split", "-s", help="Prompt deployment: A,B offloads the linear layers of layers "
+                              "A..B-1; the rest and the head run wholly here (default: every layer)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="How many tokens to generate at most."),
+    fixed_point: bool = typer.Option(True, "--fixed-point/--float", help="Ring Z_2^64 with uniform one-time masks "
+                                     "(information-theoretic hiding) or float64 with large masks (statistical hiding only)."),
+    repetitions: int = typer.Option(2, "--repetitions", "-t", min=0, help="Freivalds repetitions per product."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    server: str = typer.Option(None, "--server", help="Use the executor at this URL (`splitveil slip serve`) instead "
+                               "of starting one as a child process."),
+    token_file: Path = typer.Option(None, "--token-file", help="The executor's bearer token file (with --server)."),
+    ca: Path = typer.Option(None, "--ca", help="Trust this certificate (with --server)."),
+    pin: str = typer.Option(None, "--pin", help="Trust exactly the certificate with this SHA-256 fingerprint (with --server)."),
+    log_frames: Path = typer.Option(None, "--log-frames", help="Have the child executor record every frame it receives "
+                                    "into this file (its whole view)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, secure_flops_share, "
+                                     "round_trips, offline_seconds, online_seconds, ..."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Generate greedily with every protected linear layer computed by the untrusted executor on masked inputs."""
+    from splitveil.models.loading import resolve_model_dir
+
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: pass --prompt 'some text'")
+    if server and log_frames:
+        raise ConfigError("--log-frames records a child executor's view; drop it with --server")
+    if not server and (token_file or ca or pin):
+        raise ConfigError("--token-file, --ca and --pin go with --server")
+    setup(threads)
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
+    config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split,
+                            fixed_point=fixed_point, repetitions=repetitions)
+    from splitveil.protect.slip.runtime import ExecutorProcess, connect_client, protect_registered, run_generation
+
+    with status(f"loading and decomposing {model} ...", quiet=json_output):
+        slip, tokenizer, bundle_dir, decompose_seconds = protect_registered(model, config)
+    sha = json.loads((bundle_dir / "manifest.json").read_text())["sha256"]
+    if server:
+        from splitveil.serve.auth import read_token
+        from splitveil.serve.build import default_token_file
+
+        client, transport = connect_client(server, token=read_token(token_file or default_token_file()), mode=config.mode,
+                                           residual_sha256=sha, groups=len(slip.groups), ca_file=ca, pin_sha256=pin)
+        try:
+            result = run_generation(slip, tokenizer, client, transport, prompt, max_new_tokens=max_new_tokens, chat=chat)
+        finally:
+            client.close()
+            transport.close()
+        startup = None
+    else:
+        with status("starting the untrusted executor ...", quiet=json_output):
+            executor = ExecutorProcess(bundle_dir, config.mode, log_frames=log_frames).__enter__()
+        try:
+            client, transport = connect_client(executor.url, token=executor.token, mode=config.mode, residual_sha256=sha,
+                                               groups=len(slip.groups), ca_file=executor.cert)
+            try:
+                result = run_generation(slip, tokenizer, client, transport, prompt, max_new_tokens=max_new_tokens, chat=chat)
+            finally:
+                client.close()
+                transport.close()
+        finally:
+            executor.__exit__(None, None, None)
+        startup = round(executor.startup_seconds, 3)
+    summary = {
+        **result, "model": model, "protect": protect.value, "mode": config.mode, "rank": slip.secure_rank(),
+        "config": config.to_dict(), "groups": len(slip.groups), "decompose_seconds": round(decompose_seconds, 3),
+        "executor_startup_seconds": startup, "executor": server or "child process (TLS, 127.0.0.1)",
+    }
+    if json_output:
+        print_json(summary)
+        return
+    typer.echo(result["text"])
+    err_console.print(
+        f"[dim]slip {protect.value} ({config.mode}, rank {summary['rank']}, {len(slip.groups)} linear groups): "
+        f"{len(result['token_ids'])} tokens, online {result['online_seconds']:.2f} s "
+        f"({result['decode_tokens_per_second'] or 0:.2f} tok/s decode), offline {result['offline_seconds']:.2f} s, "
+        f"{result['round_trips']} round trips ({result['round_trips_per_decode_step'] or 0:.0f} per decode step), "
+        f"secure FLOPs share {result['secure_flops_share']:.4f}[/dim]")
+
+
+@app.command("serve")
+def serve(
+    bundle: Path = typer.Option(..., "--bundle", help="Folder with the residual bundle (manifest.json, residual.safetensors)."),
+    mode: Mode = typer.Option(Mode.fixed, "--mode", help="fixed (ring) or float; must match the trusted side."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8444, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one)."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    token_file: Path = typer.Option(None, "--token-file", help="File holding the bearer token (default: the cache's)."),
+    log_frames: Path = typer.Option(None, "--log-frames", help="Record every frame received into this file."),
+    max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Live sessions at most."),
+    max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=4096, help="Largest frame accepted."),
+    idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+) -> None:
+    """The untrusted executor: multiplies masked inputs by W_residual, over TLS with a bearer token."""
+    from splitveil.protect.slip.executor import build_executor_service
+    from splitveil.protect.slip.runtime import FrameLog
+    from splitveil.serve.build import tls_for_server, token_for_server
+    from splitveil.serve.server import ServerLimits, SplitServer
+
+    token, token_path = token_for_server(token_file)
+    ssl_context, cert_path, fingerprint = tls_for_server(tls_cert, tls_key)
+    setup(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = FrameLog(log_frames) if log_frames else None
+    service = build_executor_service(bundle, mode=mode.value, record=record, max_sessions=max_sessions,
+                                     max_frame_bytes=max_frame_bytes)
+    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=0.0, max_connections=2 * max_sessions)
+    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
+
+    def ready(srv: SplitServer) -> None:
+        typer.echo(f"splitveil slip serve: {service.info.get('model')} residual of {len(service.shapes)} linear groups, "
+                   f"{mode.value} mode, frames up to {service.max_frame_bytes} bytes")
+        typer.echo(f"splitveil slip serve: TLS certificate {cert_path} sha256 {fingerprint}")
+        typer.echo(f"splitveil slip serve: token file {token_path}")
+        typer.echo(f"splitveil slip serve: listening on {srv.url}")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop_from_loop)
+        await server.serve(ready=ready)
+
+    try:
+        asyncio.run(main())
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    finally:
+        if record is not None:
+            record.close()
+    typer.echo("splitveil slip serve: stopped")
+
+
+class Part(str, Enum):
+    weights = "weights"
+    prompt = "prompt"
+    both = "both"
+
+
+@app.command("eval")
+def evaluate(
+    what: Part = typer.Option(Part.both, "--protect", help="Which deployment to evaluate."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="The causal LM."),
+    cnn: str = typer.Option("lenet", "--cnn", help="The CNN of the weights deployment's extraction attack."),
+    prompts_file: Path = typer.Option(None, "--prompts", help="A file of prompts, one per line (default: the built-in "
+                                      "private prompts)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer ranks, prompts and samples (minutes, not an hour)."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where records and plots go."),
+    allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Run even though tracked files differ from the last commit."),
+    json_output: bool = typer.Option(False, "--json", help="Print the records as one JSON object."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """SLIP's safety and cost evaluation: residual-only quality against k, fine-tune extraction against scratch, secure
+    FLOPs share and latency (weights); the adaptive attack on the executor's logged view, uniformity, device cost
+    (prompt). Writes slip_weights.json / slip_prompt.json and PNG plots."""
+    from splitveil.cli.common import stamp_run
+    from splitveil.experiments import slip_eval
+    from splitveil.experiments.records import environment, write_json
+    from splitveil.experiments.text_privacy import EVALUATION_PROMPTS
+    from splitveil.protect.slip.trusted import SlipConfig
+
+    stamp_run(allow_dirty)
+    setup(threads)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise ConfigError(f"no such file: {prompts_file}")
+        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"{prompts_file} holds no prompts")
+    else:
+        prompts = list(EVALUATION_PROMPTS)
+    if quick:
+        prompts = prompts[:2]
+    say = (lambda _message: None) if json_output else (lambda message: err_console.print(f"[dim]{message}[/dim]"))
+    records = {}
+    tag = "_quick" if quick else ""
+    from transformers import AutoConfig
+
+    from splitveil.models.loading import resolve_model_dir
+
+    model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
+    if what in (Part.weights, Part.both):
+        weights_fixed = resolve_config(model_config, protect=Protect.weights, rank=None, energy=None, split=None,
+                                       fixed_point=True, repetitions=2)
+        weights_float = SlipConfig(**{**weights_fixed.__dict__, "mode": "float"})
+        record = {"environment": environment(), "config": weights_fixed.to_dict()}
+        ranks = [0, 1, 4, 16, 64] if quick else [0, 1, 2, 4, 8, weights_fixed.rank, 16, 32, 64, 128]
+        record["residual_perplexity"] = slip_eval.residual_perplexity_curve(model, sorted(set(ranks)), progress=say,
+                                                                            heldout_chars=1500 if quick else 3000)
+        record["cnn"] = slip_eval.cnn_safety(model_name=cnn, stolen=(100, 1000) if quick else (100, 300, 1000, 3000),
+                                             finetune_epochs=5 if quick else 10, progress=say)
+        prompt = "The capital of France is"
+        record["unprotected"] = slip_eval.unprotected_run(model, prompt, 16)
+        record["runs"] = {mode.mode: slip_eval.slip_run(model, mode, prompt, 16, ignore_eos=True)
+                          for mode in (weights_float, weights_fixed)}
+        record["agreement_fixed_vs_fp32"] = slip_eval.greedy_agreement(model, weights_fixed, prompts, 8 if quick else 32)
+        record["agreement_float_vs_fp32"] = slip_eval.greedy_agreement(model, weights_float, prompts, 8 if quick else 32)
+        write_json(out / f"slip_weights{tag}.json", record)
+        slip_eval.plot_weights(record, out / f"slip_weights{tag}.png")
+        records["weights"] = record
+    if what in (Part.prompt, Part.both):
+        prompt_config = resolve_config(model_config, protect=Protect.prompt, rank=None, energy=None, split="2,28",
+                                       fixed_point=True, repetitions=2)
+        record = {"environment": environment(), "config": prompt_config.to_dict()}
+        record["view_attack"] = slip_eval.prompt_view_attack(model, prompt_config, prompts, candidates=32 if quick else 64,
+                                                             progress=say)
+        record["unprotected"] = slip_eval.unprotected_run(model, prompts[0], 16)  # 16 tokens, EOS ignored (latency)
+        record["run"] = slip_eval.slip_run(model, prompt_config, prompts[0], 16, ignore_eos=True)
+        record["blind_read"] = slip_eval.demo_prompt_line(model, prompts[0], split=prompt_config.layers, max_new_tokens=8,
+                                                          chat=True)
+        write_json(out / f"slip_prompt{tag}.json", record)
+        slip_eval.plot_prompt(record, out / f"slip_prompt{tag}.png")
+        records["prompt"] = record
+    if json_output:
+        print_json(records)
+        return
+    for name, record in records.items():
+        err_console.print(f"slip eval {name}: written to {out}/slip_{name}{tag}.json")

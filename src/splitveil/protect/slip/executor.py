@@ -1,0 +1,335 @@
+"""The untrusted executor: multiplies masked inputs by W_residual, and sees nothing else.
+
+`SlipExecutorService` has the duck-typed contract of `serve.service.PartService` (`admit`, `run`, `release`,
+`sessions`, `evict_idle`, `close_session`, `max_frame_bytes`), so `serve.server.SplitServer` serves it unchanged:
+TLS, bearer token checked at the upgrade, one session per connection, one compute thread, idle eviction.
+
+Frames (see `wire/frame.py`). OPEN, CLOSE, ERROR and OK as for every service. A FORWARD frame carries one int64
+tensor, 1-D, that starts with a two-element header:
+
+    [group_id, positions, x_0 ... x_{positions * n - 1}]
+
+`group_id` addresses a linear group (0 .. number of groups - 1: no limit of the part byte, which stays 0);
+`positions` is how many rows follow; n is that group's input width. In the fixed-point mode the values are ring
+elements (x + r mod 2^64); in the float mode they are float64 bit patterns (the wire has no float64 codec). The
+RESULT frame carries int64 [positions, m]: W_residual (x + r), in the same representation. Everything is checked
+before any compute: kind, codec, rank, header, group, position count, payload length, finiteness of floats,
+sequence number, session and owner. A bad frame gets an ERROR frame and changes no session.
+
+Every frame the service receives can be recorded (`record`), raw, in arrival order: the untrusted side's whole
+view, for the attacks of `protect.slip.view`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from splitveil.core.errors import ConfigError, SplitveilError, WireError
+from splitveil.protect.slip.decompose import LinearGroup
+from splitveil.protect.slip.fixedpoint import FixedPoint, RingWeight, float64_to_wire, wire_to_float64
+from splitveil.wire.frame import (
+    MAX_FRAME_BYTES,
+    NO_SESSION,
+    Frame,
+    FrameKind,
+    decode_frame,
+    encode_frame,
+    error_frame,
+    text_frame,
+)
+
+log = logging.getLogger(__name__)
+HEADER_ELEMENTS = 2  # group id, positions
+MODES = ("fixed", "float")
+
+
+def positions_per_frame(max_frame_bytes: int, n: int, m: int) -> int:
+    """Rows of one group that fit a frame both ways: request 8 (2 + P n) bytes, reply 8 P m bytes, plus headers."""
+    return max(1, (max_frame_bytes - 96) // (8 * max(n, m, 1)))
+
+
+@dataclass
+class ExecutorSession:
+    owner: bytes = b""
+    next_seq: int = 0
+    rows: int = 0  # rows multiplied so far
+    last_active: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+
+@dataclass
+class ExecutorWork:
+    """One admitted FORWARD frame: group `group_id` applied to `values` [positions, n]."""
+
+    session_id: bytes
+    session: ExecutorSession
+    frame: Frame
+    group_id: int
+    values: torch.Tensor  # [P, n] int64 (ring) or float64
+    released: bool = False
+
+    @property
+    def is_step(self) -> bool:
+        return self.values.shape[0] == 1
+
+
+# -- the residual weights an executor is provisioned with ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidualBundle:
+    """What the untrusted side receives: W_residual per group and a manifest. Nothing of W_secure."""
+
+    groups: tuple[LinearGroup, ...]
+    fixed_point: FixedPoint
+    model: str
+    sha256: str  # digest of the residual tensors (checked by the trusted side at OPEN)
+
+    def to_dict(self) -> dict:
+        return {"format": "splitveil-slip-residual/1", "model": self.model, "sha256": self.sha256,
+                "fixed_point": self.fixed_point.to_dict(), "groups": [g.to_dict() for g in self.groups]}
+
+
+def residual_digest(weights: dict[int, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for group_id in sorted(weights):
+        tensor = weights[group_id].contiguous()
+        digest.update(struct.pack("<III", group_id, *tensor.shape))
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_residual(folder: Path, groups: list[LinearGroup], weights: dict[int, torch.Tensor], *, model: str,
+                  fixed_point: FixedPoint) -> ResidualBundle:
+    """Writes `residual.safetensors` (float32 [m, n] per group) and `manifest.json` into `folder`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bundle = ResidualBundle(tuple(groups), fixed_point, model, residual_digest(weights))
+    save_file({f"group.{gid}": w.contiguous() for gid, w in weights.items()}, str(folder / "residual.safetensors"))
+    (folder / "manifest.json").write_text(json.dumps(bundle.to_dict(), indent=1))
+    return bundle
+
+
+def load_residual(folder: Path) -> tuple[ResidualBundle, dict[int, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest_file, weights_file = folder / "manifest.json", folder / "residual.safetensors"
+    if not (manifest_file.is_file() and weights_file.is_file()):
+        raise ConfigError(f"{folder} holds no SLIP residual (manifest.json and residual.safetensors)")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != "splitveil-slip-residual/1":
+        raise ConfigError(f"{manifest_file} is not a SLIP residual manifest")
+    groups = tuple(LinearGroup.from_dict(g) for g in manifest["groups"])
+    tensors = load_file(str(weights_file))
+    weights = {g.group_id: tensors[f"group.{g.group_id}"].to(torch.float32) for g in groups}
+    for group in groups:
+        if tuple(weights[group.group_id].shape) != (group.total_out, group.in_features):
+            raise ConfigError(f"{weights_file}: group {group.group_id} has the wrong shape")
+    fp = manifest["fixed_point"]
+    bundle = ResidualBundle(groups, FixedPoint(fp["frac_bits_x"], fp["frac_bits_w"]), manifest["model"], manifest["sha256"])
+    if residual_digest(weights) != bundle.sha256:
+        raise ConfigError(f"{weights_file} does not match its manifest's digest")
+    return bundle, weights
+
+
+def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: FixedPoint) -> dict[int, torch.Tensor]:
+    """The matrices the executor multiplies with: ring-encoded int64 (fixed) or float64 (float)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown SLIP mode {mode!r}; use fixed or float")
+    if mode == "fixed":
+        return {gid: fixed_point.encode_w(w) for gid, w in weights.items()}
+    return {gid: w.to(torch.float64) for gid, w in weights.items()}
+
+
+# -- the service -----------------------------------------------------------------------------------------------
+
+
+class SlipExecutorService:
+    """Serves masked products y = x W_residual^T per linear group.
+
+    Args:
+        weights: group id -> W_residual as the executor computes with it ([m, n] int64 ring elements or float64).
+        mode: "fixed" (ring) or "float".
+        info: extra facts OPEN replies carry (the residual's digest, the model).
+        record: a list to which every received frame's raw bytes are appended (the untrusted side's view).
+        tamper: test hook, (group id, correct reply) -> reply sent: a misbehaving executor.
+    """
+
+    def __init__(self, weights: dict[int, torch.Tensor], *, mode: str, info: dict | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES, max_sessions: int = 16, max_rows: int = 1 << 24,
+                 record: list | None = None, tamper: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        if mode not in MODES:
+            raise ConfigError(f"unknown SLIP mode {mode!r}; use fixed or float")
+        expected = torch.int64 if mode == "fixed" else torch.float64
+        if any(w.dtype != expected or w.dim() != 2 for w in weights.values()):
+            raise ConfigError(f"the {mode} executor multiplies with {expected} matrices")
+        self.shapes = {gid: tuple(w.shape) for gid, w in weights.items()}  # group id -> (m, n)
+        self.mode = mode
+        # fixed point: exact ring products through float64 limbs (see RingWeight); float: float64 products
+        self._products = {gid: RingWeight(w).matmul if mode == "fixed" else (lambda x, w=w: x @ w.t())
+                          for gid, w in weights.items()}
+        self.max_frame_bytes = max_frame_bytes
+        self.max_sessions = max_sessions
+        self.max_rows = max_rows
+        self.record = record
+        self.tamper = tamper
+        self.info = {**(info or {}), "slip": True, "mode": mode, "groups": len(self.shapes),
+                     "max_frame_bytes": max_frame_bytes}
+        self.sessions: dict[bytes, ExecutorSession] = {}
+        self.rows_computed = 0
+        self.macs = 0  # multiply-accumulates done (the untrusted side's work)
+        self._lock = threading.Lock()
+
+    # -- admission -------------------------------------------------------------------------------------------
+
+    def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None):
+        frame = None
+        if self.record is not None:
+            self.record.append(bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        try:
+            frame = decode_frame(data, max_bytes=self.max_frame_bytes)
+            if frame.kind == FrameKind.OPEN:
+                if bound_session not in (None, NO_SESSION):
+                    raise WireError("this connection already has a session")
+                return None, encode_frame(self._open(owner))
+            session = self._session(frame.session, owner, bound_session)
+            if frame.kind == FrameKind.CLOSE:
+                self.close_session(frame.session)
+                return None, encode_frame(Frame(FrameKind.OK, session=frame.session, seq=frame.seq))
+            if frame.kind != FrameKind.FORWARD:
+                raise WireError(f"a client may not send {frame.kind.name} frames")
+            group_id, values = self._check_forward(session, frame)
+            session.next_seq += 1
+            session.rows += values.shape[0]
+            with self._lock:
+                session.in_flight += 1
+            session.last_active = time.monotonic()
+            return ExecutorWork(frame.session, session, frame, group_id, values), None
+        except SplitveilError as error:
+            log.warning("refused a frame: %s", error.message)
+            return None, _error_reply(error.message, frame)
+        except Exception as error:  # a bug must not escape to the transport
+            log.error("refused a frame after an internal error: %s: %s", type(error).__name__, " ".join(str(error).split()))
+            return None, _error_reply("internal server error", frame)
+
+    def _open(self, owner: bytes) -> Frame:
+        if len(self.sessions) >= self.max_sessions:
+            raise WireError(f"the executor is full ({self.max_sessions} sessions)")
+        session_id = secrets.token_bytes(16)
+        self.sessions[session_id] = ExecutorSession(owner=owner)
+        return text_frame(FrameKind.OK, json.dumps(self.info), session=session_id)
+
+    def _session(self, session_id: bytes, owner: bytes, bound_session: bytes | None) -> ExecutorSession:
+        session = self.sessions.get(session_id)
+        if session is None or session_id == NO_SESSION:
+            raise WireError("unknown session")
+        if bound_session == NO_SESSION:
+            raise WireError("open a session on this connection first")
+        if (bound_session is not None and session_id != bound_session) or not secrets.compare_digest(session.owner, owner):
+            raise WireError("this session belongs to another client")
+        return session
+
+    def _check_forward(self, session: ExecutorSession, frame: Frame) -> tuple[int, torch.Tensor]:
+        if frame.seq != session.next_seq:
+            raise WireError(f"frame out of order: expected sequence number {session.next_seq}, got {frame.seq}")
+        if frame.part != 0:
+            raise WireError(f"the SLIP executor serves part 0 only, not {frame.part}")
+        tensor = frame.tensor
+        if tensor is None or frame.codec != "int64" or tensor.dim() != 1:
+            raise WireError("a SLIP forward frame carries a 1-D int64 tensor: [group, positions, values...]")
+        if tensor.numel() < HEADER_ELEMENTS + 1:
+            raise WireError("a SLIP forward frame carries a header and at least one value")
+        group_id, positions = int(tensor[0]), int(tensor[1])
+        shape = self.shapes.get(group_id)
+        if shape is None:
+            raise WireError(f"no linear group {group_id} (this executor has {len(self.shapes)})")
+        most = positions_per_frame(self.max_frame_bytes, shape[1], shape[0])
+        if not 1 <= positions <= most:
+            raise WireError(f"{positions} positions in one frame for group {group_id}; send 1 .. {most}")
+        n = shape[1]
+        if tensor.numel() != HEADER_ELEMENTS + positions * n:
+            raise WireError(f"group {group_id} takes {positions} x {n} values, the frame carries {tensor.numel() - HEADER_ELEMENTS}")
+        if session.rows + positions > self.max_rows:
+            raise WireError(f"the session would exceed its limit of {self.max_rows} rows")
+        values = tensor[HEADER_ELEMENTS:].reshape(positions, n)
+        if self.mode == "float":
+            values = wire_to_float64(values)
+            if not bool(torch.isfinite(values).all()):
+                raise WireError("masked input holds NaN or Inf")
+        return group_id, values
+
+    def close_session(self, session_id: bytes) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def evict_idle(self, idle_seconds: float) -> list[bytes]:
+        now = time.monotonic()
+        stale = [sid for sid, s in self.sessions.items() if not s.in_flight and now - s.last_active > idle_seconds]
+        for sid in stale:
+            self.close_session(sid)
+        return stale
+
+    def release(self, work: ExecutorWork) -> None:
+        if work.released:
+            return
+        work.released = True
+        with self._lock:
+            work.session.in_flight -= 1
+        work.session.last_active = time.monotonic()
+
+    # -- compute ---------------------------------------------------------------------------------------------
+
+    def run(self, works: list[ExecutorWork]) -> list[bytes]:
+        """Computes each admitted frame; replies in order. Never raises."""
+        replies = []
+        for work in works:
+            try:
+                replies.append(self._run_one(work))
+            except Exception as error:
+                log.error("internal error on a forward frame: %s: %s", type(error).__name__, " ".join(str(error).split()))
+                replies.append(_error_reply("internal server error", work.frame))
+            finally:
+                self.release(work)
+        return replies
+
+    def _run_one(self, work: ExecutorWork) -> bytes:
+        output = self._products[work.group_id](work.values)  # [P, m]: ring (mod 2^64) or float64
+        self.rows_computed += work.values.shape[0]
+        self.macs += work.values.shape[0] * self.shapes[work.group_id][0] * self.shapes[work.group_id][1]
+        if self.tamper is not None:
+            output = self.tamper(work.group_id, output)
+        if self.mode == "float":
+            output = float64_to_wire(output)
+        return encode_frame(Frame(FrameKind.RESULT, output.contiguous(), codec="int64", session=work.session_id, seq=work.frame.seq))
+
+    def handle(self, data: bytes, *, owner: bytes = b"") -> bytes:
+        """admit + run (loopback use). Never raises."""
+        work, reply = self.admit(data, owner=owner)
+        return reply if work is None else self.run([work])[0]
+
+
+def _error_reply(message: str, frame: Frame | None) -> bytes:
+    message = " ".join(message.split()) or "error"
+    try:
+        return encode_frame(error_frame(message, session=frame.session if frame else NO_SESSION, seq=frame.seq if frame else 0))
+    except Exception:
+        return encode_frame(error_frame(message))
+
+
+def build_executor_service(folder: Path, *, mode: str, record: list | None = None, **limits) -> SlipExecutorService:
+    """The executor for the residual bundle in `folder` (what `splitveil slip serve` runs)."""
+    bundle, weights = load_residual(folder)
+    return SlipExecutorService(executor_weights(weights, mode, bundle.fixed_point), mode=mode, record=record,
+                               info={"model": bundle.model, "residual_sha256": bundle.sha256}, **limits)

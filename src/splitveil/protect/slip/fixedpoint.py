@@ -1,0 +1,183 @@
+"""Pure arithmetic of the masked product: the ring Z_{2^64}, fixed-point encoding, one-time masks, float masks.
+
+Ring. Elements are int64 tensors; addition and multiplication wrap modulo 2^64 (two's complement), which is
+exactly arithmetic in Z_{2^64}. `ring_matmul` is an int64 matrix product (exact: every partial sum wraps).
+
+Fixed point. An activation x is encoded as round(x * 2^fx) and a weight w as round(w * 2^fw); their product
+carries scale 2^(fx + fw) and is decoded by reading the ring element as a signed integer and dividing. With the
+defaults fx = 16, fw = 20 a product's magnitude must stay below 2^(63 - 36) = 2^27 (checked by the caller with
+`product_bound`), activations are resolved to 2^-16 and weights to 2^-20 (about 1e-6).
+
+Masks. A fixed-point mask is uniform over all of Z_{2^64} (from the operating system's CSPRNG unless a seeded
+generator is given for tests): x + r is then uniform and independent of x, whatever x is (a one-time pad:
+information-theoretic hiding, as long as each r is used once). The float variant adds r uniform in
+[-scale, scale] to a float64 x: x + r is NOT independent of x; two inputs x, x' give views whose statistical
+distance per coordinate is |x - x'| / (2 scale). That is statistical hiding only, stated as such everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitveil.protect.slip.errors import FixedPointOverflow
+
+RING_BITS = 64
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """The fixed-point scales: activations x 2^frac_bits_x, weights x 2^frac_bits_w; products x 2^(both)."""
+
+    frac_bits_x: int = 16
+    frac_bits_w: int = 20
+
+    def __post_init__(self):
+        if not (0 <= self.frac_bits_x <= 40 and 0 <= self.frac_bits_w <= 40 and self.frac_bits_x + self.frac_bits_w <= 56):
+            raise FixedPointOverflow(f"fractional bits {self.frac_bits_x} + {self.frac_bits_w} leave no room in a 64-bit ring")
+
+    @property
+    def product_bits(self) -> int:
+        return self.frac_bits_x + self.frac_bits_w
+
+    @property
+    def max_output(self) -> float:
+        """Largest |y| a decoded product may have (2^(63 - fx - fw))."""
+        return float(2 ** (RING_BITS - 1 - self.product_bits))
+
+    def encode_x(self, x: torch.Tensor) -> torch.Tensor:
+        return _encode(x, self.frac_bits_x)
+
+    def encode_w(self, w: torch.Tensor) -> torch.Tensor:
+        return _encode(w, self.frac_bits_w)
+
+    def decode_product(self, y: torch.Tensor) -> torch.Tensor:
+        """A ring product (int64, read as signed) -> float32 at scale 2^-(fx + fw)."""
+        return (y.to(torch.float64) * (2.0 ** -self.product_bits)).to(torch.float32)
+
+    def check_product_fits(self, x: torch.Tensor, w_max_abs: float) -> None:
+        """Raises when some row of x times a weight matrix whose entries are at most `w_max_abs` could leave the
+        signed range of the ring (then the decoded value would wrap around). x: [P, n] float."""
+        bound = product_bound(x, w_max_abs)
+        if bound >= self.max_output:
+            raise FixedPointOverflow(
+                f"a linear layer's output could reach {bound:.3g}, beyond the fixed-point range {self.max_output:.3g} "
+                f"(2^{RING_BITS - 1 - self.product_bits}); use fewer fractional bits or the float variant")
+
+    def to_dict(self) -> dict:
+        return {"frac_bits_x": self.frac_bits_x, "frac_bits_w": self.frac_bits_w, "ring_bits": RING_BITS}
+
+
+def _encode(values: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    scaled = torch.round(values.detach().to(torch.float64) * float(2**frac_bits))
+    if scaled.numel() and not bool(scaled.abs().max() < 2.0**62):
+        raise FixedPointOverflow(f"a value of magnitude {float(values.abs().max()):.3g} does not fit the ring at 2^{frac_bits}")
+    return scaled.to(torch.int64)
+
+
+def product_bound(x: torch.Tensor, w_max_abs: float) -> float:
+    """max over rows of ||x_row||_1 * max|W| (+1 per term for rounding): a bound on |W x| per output."""
+    if x.numel() == 0:
+        return 0.0
+    return float((x.detach().abs().to(torch.float64).sum(-1).max() + x.shape[-1]) * (w_max_abs + 1e-6))
+
+
+def ring_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [P, n] @ w[m, n]^T in Z_{2^64} (int64, wrapping)."""
+    if x.dtype != torch.int64 or w.dtype != torch.int64:
+        raise TypeError("ring products take int64 tensors")
+    return x @ w.t()
+
+
+class RingWeight:
+    """A ring-encoded weight matrix [m, n] prepared for fast exact products x W^T in Z_{2^64}.
+
+    The masked input x is uniform over 64 bits, so no float can hold it; but W's entries are small integers
+    (|W| 2^fw). Splitting x into limbs of L bits, each limb times W sums to less than 2^L max|W| n, exact in float64
+    when that stays below 2^53. The limbs go through one float64 matrix product (stacked as rows, so W is read once),
+    each partial product is converted back to int64 and shifted into place; the shifts and sums wrap modulo 2^64,
+    which gives the ring product bit for bit. When W is too large for limbs of at least 8 bits, a plain int64
+    matrix product is used (exact too, slower)."""
+
+    def __init__(self, weight: torch.Tensor):
+        if weight.dtype != torch.int64 or weight.dim() != 2:
+            raise TypeError("a ring weight is an int64 matrix")
+        self.shape = tuple(weight.shape)
+        largest = int(weight.abs().max()) if weight.numel() else 0
+        self.limb_bits = limb_bits_for(largest, self.shape[1])
+        if self.limb_bits is None:
+            self.int64 = weight
+            self.float64 = None
+        else:
+            self.int64 = None
+            self.float64 = weight.to(torch.float64)  # exact: |entries| < 2^53
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [P, n] int64 -> x W^T [P, m] int64 (mod 2^64)."""
+        if self.float64 is None:
+            return ring_matmul(x, self.int64)
+        bits = self.limb_bits
+        count = -(-RING_BITS // bits)
+        mask = (1 << bits) - 1
+        limbs = torch.stack([(x >> (bits * i)) & mask for i in range(count)])  # [count, P, n], each in [0, 2^bits)
+        partial = (limbs.reshape(-1, x.shape[1]).to(torch.float64) @ self.float64.t()).to(torch.int64)
+        partial = partial.reshape(count, x.shape[0], self.shape[0])
+        out = partial[0].clone()
+        for i in range(1, count):
+            out += partial[i] << (bits * i)  # wraps modulo 2^64
+        return out
+
+    def to_int64(self) -> torch.Tensor:
+        return self.int64 if self.int64 is not None else self.float64.to(torch.int64)
+
+
+def limb_bits_for(largest: int, n: int) -> int | None:
+    """The widest limb (8..32 bits) for which 2^bits * largest * n < 2^53; None when even 8 bits do not fit."""
+    for bits in range(32, 7, -1):
+        if (2**bits) * max(largest, 1) * max(n, 1) < 2**53:
+            return bits
+    return None
+
+
+def ring_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b  # int64 addition wraps modulo 2^64
+
+
+def ring_sub(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a - b
+
+
+def uniform_ring(shape: tuple[int, ...], *, generator: np.random.Generator | None = None) -> torch.Tensor:
+    """Elements uniform over Z_{2^64} (every int64 value equally likely): OS randomness, or `generator` (tests)."""
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if generator is None:
+        raw = np.frombuffer(os.urandom(8 * count), dtype="<i8")
+    else:
+        raw = generator.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=count, dtype=np.int64, endpoint=True)
+    return torch.from_numpy(raw.astype(np.int64).reshape(shape))
+
+
+def uniform_float(shape: tuple[int, ...], *, scale: float, generator: np.random.Generator | None = None) -> torch.Tensor:
+    """float64 masks uniform in [-scale, scale] (statistical hiding only; see the module docstring)."""
+    rng = generator if generator is not None else np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    return torch.from_numpy(rng.uniform(-scale, scale, size=shape))
+
+
+# -- float64 through the int64 codec ----------------------------------------------------------------------------
+
+
+def float64_to_wire(values: torch.Tensor) -> torch.Tensor:
+    """float64 values as int64 bit patterns (the wire has no float64 codec; the bits travel unchanged)."""
+    return values.to(torch.float64).contiguous().view(torch.int64)
+
+
+def wire_to_float64(bits: torch.Tensor) -> torch.Tensor:
+    return bits.contiguous().view(torch.float64)
+
+
+def high_bits(values: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """The top `bits` bits of ring elements as integers 0 .. 2^bits - 1 (for uniformity tests)."""
+    return ((values >> (RING_BITS - bits)) & ((1 << bits) - 1)).to(torch.int64)

@@ -1,0 +1,223 @@
+"""Runtime glue: a protected model from a registered name (decompositions cached), the executor as a child process
+on 127.0.0.1 over TLS, and one generation through it with its figures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitveil.core.errors import TransportError
+from splitveil.protect.slip.trusted import SlipConfig, SlipModel
+
+CACHE_VERSION = 1
+MAX_PREFILL_ROWS = 512  # mask pairs per group made before a generation starts
+
+
+def slip_cache_dir(model_name: str, config: SlipConfig) -> Path:
+    """Where the decomposition and the executor's residual bundle of (model, config) are cached."""
+    from splitveil.models.loading import cache_root, config_digest
+
+    key = {"v": CACHE_VERSION, "model": config_digest(model_name), "rank": config.rank, "energy": config.energy,
+           "layers": config.layers, "head": config.include_head}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / "slip" / digest
+
+
+def protect_registered(model_name: str, config: SlipConfig, *, generator=None):
+    """Loads `model_name`, protects it with `config`, and makes sure the executor's residual bundle exists.
+
+    Returns:
+        (slip model, tokenizer, bundle folder, seconds spent decomposing (0 when cached)).
+    """
+    from splitveil.models.loading import load_causal_lm
+    from splitveil.protect.slip.decompose import causal_lm_groups
+    from splitveil.protect.slip.executor import save_residual
+    from splitveil.protect.slip.trusted import load_decompositions, save_decompositions
+
+    model, tokenizer = load_causal_lm(model_name)
+    folder = slip_cache_dir(model_name, config)
+    start, stop = config.layers if config.layers is not None else (0, model.config.num_hidden_layers)
+    groups = [g for g, _ in causal_lm_groups(model, layers=range(start, stop), include_head=config.include_head)]
+    cached = load_decompositions(folder, groups) if (folder / "manifest.json").is_file() else None
+    started = time.perf_counter()
+    slip = SlipModel(model, config, decompositions=cached, generator=generator)
+    seconds = 0.0 if cached is not None else time.perf_counter() - started
+    if cached is None:
+        partial = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        save_decompositions(partial, slip.decompositions)
+        save_residual(partial, slip.groups, slip.residual_weights(), model=model_name, fixed_point=config.fixed_point)
+        if folder.exists():  # another process won the race; keep theirs
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.rename(folder)
+    return slip, tokenizer, folder, seconds
+
+
+class FrameLog:
+    """Appends every frame an executor receives to a file (4-byte length, then the frame): its whole view."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "ab")
+
+    def append(self, data: bytes) -> None:
+        self._file.write(struct.pack("<I", len(data)) + bytes(data))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_frame_log(path: Path) -> list[bytes]:
+    data = Path(path).read_bytes()
+    frames, offset = [], 0
+    while offset + 4 <= len(data):
+        (size,) = struct.unpack_from("<I", data, offset)
+        frames.append(data[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    return frames
+
+
+@dataclass
+class ExecutorProcess:
+    """`splitveil slip serve` as a child process on 127.0.0.1 with a fresh certificate and token.
+
+    Uses the TLS and token helpers of `serve.process` / `transport.tls`; the command differs from `ServerProcess`.
+    """
+
+    bundle: Path
+    mode: str
+    log_frames: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout: float = 180.0
+
+    def __enter__(self) -> "ExecutorProcess":
+        from splitveil.serve.auth import new_token, write_token
+        from splitveil.serve.process import free_port
+        from splitveil.transport.tls import fingerprint_pem, generate_self_signed
+
+        self._folder = tempfile.TemporaryDirectory(prefix="splitveil-slip-")
+        folder = Path(self._folder.name)
+        self.cert, self.key, self.token_file = folder / "cert.pem", folder / "key.pem", folder / "token"
+        generate_self_signed(self.cert, self.key)
+        self.token = new_token()
+        write_token(self.token_file, self.token)
+        self.fingerprint = fingerprint_pem(self.cert)
+        self.port = free_port()
+        self.url = f"wss://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "splitveil.cli.main", "slip", "serve", "--bundle", str(self.bundle),
+                   "--mode", self.mode, "--host", "127.0.0.1", "--port", str(self.port), "--tls-cert", str(self.cert),
+                   "--tls-key", str(self.key), "--token-file", str(self.token_file), *self.extra_args]
+        if self.log_frames is not None:
+            command += ["--log-frames", str(self.log_frames)]
+        self.log_path = folder / "executor.log"
+        self._log = open(self.log_path, "w")
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while "splitveil slip serve: listening on" not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+                self.__exit__(None, None, None)
+                raise TransportError(f"the SLIP executor did not start: {tail[0]}")
+            time.sleep(0.1)
+        self.startup_seconds = time.perf_counter() - self.started
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        self._folder.cleanup()
+
+
+def connect_client(url: str, *, token: str, mode: str, residual_sha256: str | None, groups: int,
+                   ca_file: Path | None = None, pin_sha256: str | None = None):
+    """A `SlipClient` over TLS WebSockets to the executor at `url`, checking its mode and residual."""
+    from splitveil.protect.slip.client import SlipClient
+    from splitveil.transport.network import WebSocketTransport
+
+    transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256)
+    expect = {"mode": mode, "groups": groups}
+    if residual_sha256 is not None:
+        expect["residual_sha256"] = residual_sha256
+    client = SlipClient(transport, expect=expect)
+    client.open()
+    return client, transport
+
+
+def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *, max_new_tokens: int,
+                   chat: bool = False, fill_rows: int | None = None, prompt_ids: list[int] | None = None,
+                   ignore_eos: bool = False) -> dict:
+    """Generates greedily through the protected model; returns the result and its figures.
+
+    The mask pools are filled before the clock starts (offline work), for `fill_rows` rows per group (default:
+    every position the run can take, prompt + max_new_tokens, at most `MAX_PREFILL_ROWS`: a pair costs 8 (n + m)
+    bytes, 2.4 MB per position over SmolLM2's 121 groups; beyond that the pools refill during the run and the
+    result counts those refills)."""
+    from splitveil.edge.generate import GenerationConfig, SplitCausalLM
+
+    runner = SplitCausalLM(slip.model, None, tokenizer=tokenizer, transport=transport)
+    if prompt_ids is None:
+        prompt_ids = runner.encode_prompt(prompt, chat=chat)
+    offline_before = slip.offline_seconds
+    slip.fill_pools(fill_rows if fill_rows is not None else min(len(prompt_ids) + max_new_tokens, MAX_PREFILL_ROWS))
+    slip.attach(client)
+    trips: list[int] = []  # round trips of each forward (prefill, then one per decode step)
+    forward = runner.step
+
+    def counted_step(input_ids):
+        before_step = transport.stats.round_trips
+        logits = forward(input_ids)
+        trips.append(transport.stats.round_trips - before_step)
+        return logits
+
+    runner.step = counted_step
+    before = transport.stats.snapshot()
+    cost_before = slip.cost.to_dict()
+    refills_before = sum(r.pool.refills_during_use for r in slip.runtimes)
+    eos = () if tokenizer is None or ignore_eos else None  # without a tokenizer (token-id prompts): run to the length
+    result = runner.generate(prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos))
+    moved = transport.stats.since(before)
+    cost = {key: value - cost_before[key] for key, value in slip.cost.to_dict().items() if isinstance(value, int)}
+    trusted = sum(cost[key] for key in ("secure_linear_flops", "check_flops", "mask_flops", "local_linear_flops", "other_flops"))
+    untrusted = cost["untrusted_flops"]
+    steps = trips[1:]
+    return {
+        "token_ids": result.token_ids,
+        "text": result.text,
+        "prompt_tokens": len(prompt_ids),
+        "finish_reason": result.finish_reason,
+        "round_trips": moved.round_trips,
+        "round_trips_prefill": trips[0] if trips else 0,
+        "round_trips_per_decode_step": (sum(steps) / len(steps)) if steps else None,
+        "bytes_up": moved.bytes_up,
+        "bytes_down": moved.bytes_down,
+        "online_seconds": round(result.seconds, 6),
+        "prefill_seconds": round(result.prefill_seconds, 6),
+        "decode_seconds": round(result.decode_seconds, 6),
+        "decode_tokens_per_second": round(len(steps) / result.decode_seconds, 3) if steps and result.decode_seconds > 0 else None,
+        "offline_seconds": round(slip.offline_seconds - offline_before, 6),
+        "pool_refills_during_generation": sum(r.pool.refills_during_use for r in slip.runtimes) - refills_before,
+        "secure_flops_share": trusted / (trusted + untrusted) if trusted + untrusted else 0.0,
+        "trusted_flops": trusted,
+        "untrusted_flops": untrusted,
+        "unprotected_flops": untrusted + cost["local_linear_flops"] + cost["other_flops"],
+        "flops": cost,
+    }
