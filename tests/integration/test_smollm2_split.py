@@ -79,3 +79,55 @@ def test_chat_template_and_stop_strings(smollm2):
     stopped = lm.generate("What is the capital of France?", chat=True, max_new_tokens=30, stop=("Paris",))
     assert stopped.finish_reason == "stop" and "Paris" not in stopped.text
     assert len(stopped.token_ids) < len(answer.token_ids)
+
+
+BATCH_PROMPTS = [PROMPT, "What is the capital of France?", "1, 2, 3, 4, 5,", "Once upon a time, in a small village by the sea, there lived"]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("padded_row_bytes", [0, 2**40], ids=["per-row-attention", "padded-attention"])
+def test_batched_steps_equal_single_steps_and_unsplit_greedy_tokens(smollm2, padded_row_bytes, monkeypatch):
+    """Four sessions of different lengths: trunk and tail steps batched (as the service runs them) against single
+    steps (states) and against greedy decoding of the unsplit model (tokens; past end-of-sequence too)."""
+    from splitveil.models import kv_cache
+    from splitveil.models.causal_lm import CausalLMSplittable, forward_batched_step
+    from splitveil.plan.plan import apply
+
+    monkeypatch.setattr(kv_cache, "PADDED_ROW_BYTES", padded_row_bytes)
+    model, tokenizer = smollm2
+    steps = 10
+    splittable = CausalLMSplittable(model)
+    single = [apply(splittable, SplitPlan.from_cuts((2, 28))) for _ in BATCH_PROMPTS]
+    batched = [apply(splittable, SplitPlan.from_cuts((2, 28))) for _ in BATCH_PROMPTS]
+    prompts = [torch.tensor([tokenizer(p)["input_ids"]]) for p in BATCH_PROMPTS]
+    tokens = []
+    for ids, s_parts, b_parts in zip(prompts, single, batched):
+        s_parts[2](s_parts[1](s_parts[0](ids)))
+        tokens.append([int(b_parts[2](b_parts[1](b_parts[0](ids)))[0, -1].argmax())])
+    for _ in range(steps):
+        heads = torch.cat([parts[0](torch.tensor([[t[-1]]])) for parts, t in zip(batched, tokens)])
+        trunk_out = forward_batched_step([parts[1] for parts in batched], heads)
+        logits = forward_batched_step([parts[2] for parts in batched], trunk_out)
+        for row, (parts, t) in enumerate(zip(single, tokens)):
+            single_trunk = parts[1](parts[0](torch.tensor([[t[-1]]])))
+            torch.testing.assert_close(trunk_out[row : row + 1], single_trunk, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[row : row + 1], parts[2](single_trunk), rtol=1e-4, atol=1e-4)
+            t.append(int(logits[row, -1].argmax()))
+    for ids, t in zip(prompts, tokens):
+        reference = ids
+        for _ in range(steps + 1):
+            reference = torch.cat([reference, model(reference).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert t == reference[0, ids.shape[1]:].tolist()
+    assert len({tuple(t) for t in tokens}) == len(tokens)
+
+
+def test_trunk_state_bytes_count_its_own_positions(smollm2):
+    from splitveil.models.causal_lm import CausalLMSplittable
+    from splitveil.plan.plan import apply
+
+    model, tokenizer = smollm2
+    trunk = apply(CausalLMSplittable(model), SplitPlan.from_cuts((2, 28)))[1]
+    assert trunk.state_bytes() == 0
+    trunk(torch.randn(1, 100, 576))
+    per_position = 26 * 2 * 3 * 64 * 4  # layers x (keys, values) x kv heads x head dim x fp32
+    assert per_position * 100 <= trunk.state_bytes() <= per_position * 150

@@ -7,8 +7,10 @@ forward over a window of its decoder layers, so whatever the family computes aro
 position embeddings, masks, dropout) is computed exactly as in the unsplit model. The window is a shallow view of
 the base model whose layer list holds only the part's layers and whose final norm is the identity unless the part
 ends the model. A part that starts mid-model feeds the received hidden state straight into its first layer.
-Each part owns a KV cache holding only its layers; attention modules index it by their global layer number,
-which the cache maps to its local slot.
+Each part owns a KV cache holding only its layers (`kv_cache.PartCache`); attention modules index it by their
+global layer number, which the cache maps to its local slot. The view carries its own copy of the config whose
+per-layer lists (`layer_types` ...) hold only the part's layers, because the base forward picks each layer's mask
+and rotary embedding by the layer's index in the (shortened) layer list.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from splitveil.models.splittable import Part, Splittable
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks", "block", "decoder_layers")
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm")
+# config attributes listing one entry per layer: names ending so, or named so
+_PER_LAYER_SUFFIXES = ("_types", "_type", "_modes")
+_PER_LAYER_NAMES = ("no_rope_layers",)
 
 
 def _find_child(module: nn.Module, names: tuple[str, ...], kind: str, predicate=lambda m: True) -> str:
@@ -33,21 +38,61 @@ def _find_child(module: nn.Module, names: tuple[str, ...], kind: str, predicate=
     raise ConfigError(f"cannot find the {kind} of {type(module).__name__} (looked for {', '.join(names)})")
 
 
-def _part_cache_class():
-    from transformers import DynamicCache
+def _new_cache(owner: "CausalLMSplittable", first_layer: int, num_layers: int):
+    from splitveil.models.kv_cache import PartCache
 
-    class PartCache(DynamicCache):
-        """A DynamicCache over layers [first_layer, first_layer + n): global layer numbers map to local slots."""
+    return PartCache(owner.config, first_layer, num_layers)
 
-        def __init__(self, config, first_layer: int, num_layers: int):
-            super().__init__(config=config)
-            self.layers = self.layers[first_layer : first_layer + num_layers]
-            self.first_layer = first_layer
 
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states, value_states, layer_idx - self.first_layer, *args, **kwargs)
+def _is_per_layer(name: str, value, num_layers: int) -> bool:
+    """Whether config attribute `name` lists one entry per decoder layer (`layer_types`, `no_rope_layers` ...)."""
+    if not isinstance(value, (list, tuple)) or len(value) != num_layers or name.startswith("mtp_"):
+        return False
+    return name.endswith(_PER_LAYER_SUFFIXES) or name in _PER_LAYER_NAMES
 
-    return PartCache
+
+def _part_config(config, first_layer: int, num_layers: int):
+    """A shallow copy of `config` whose per-layer lists hold only layers [first_layer, first_layer + num_layers).
+
+    The base forward of a family looks a layer's type up by the layer's index in its layer list (`layer_types[i]`
+    picks the mask and the rotary embedding); in a part's view that index is local, so the lists must be too.
+    """
+    if first_layer and getattr(config, "is_heterogeneous", False):
+        raise ConfigError("models with per-layer config overrides (per_layer_config) can only be cut before layer 0")
+    total = config.num_hidden_layers
+    sliced = copy.copy(config)
+    for name, value in vars(config).items():
+        if _is_per_layer(name, value, total):
+            setattr(sliced, name, type(value)(value[first_layer : first_layer + num_layers]))
+    sliced.num_hidden_layers = num_layers
+    return sliced
+
+
+def _with_config_for_ragged_steps(module: nn.Module, configs: dict) -> nn.Module:
+    """A shallow copy of `module` in which every submodule holding a config holds a copy that selects ragged
+    attention (weights shared, not copied); `module` itself when nothing in it holds a config."""
+    children = {name: None if child is None else _with_config_for_ragged_steps(child, configs)
+                for name, child in module._modules.items()}
+    config = module.__dict__.get("config")
+    changed = any(new is not old for new, old in zip(children.values(), module._modules.values()))
+    if config is None and not changed:
+        return module
+    clone = copy.copy(module)
+    object.__setattr__(clone, "_modules", children)
+    if config is not None:
+        if id(config) not in configs:
+            configs[id(config)] = _ragged_copy(config)
+        clone.__dict__["config"] = configs[id(config)]
+    return clone
+
+
+def _ragged_copy(config):
+    """A shallow copy of `config` that selects ragged attention (and so builds no masks)."""
+    from splitveil.models.kv_cache import RAGGED_ATTENTION
+
+    ragged = copy.copy(config)
+    ragged._attn_implementation = RAGGED_ATTENTION
+    return ragged
 
 
 class _InjectHidden(nn.Module):
@@ -91,6 +136,8 @@ class CausalLMSplittable(Splittable):
         if self.lm_head is None:
             raise ConfigError(f"{type(model).__name__} has no LM head")
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        # (start, end) -> whether batched decode steps of that range equal single steps (checked on first use)
+        self.batch_verdicts: dict[tuple[int, int], bool] = {}
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -157,6 +204,7 @@ class CausalLMPart(Part):
         self.num_layers = min(end - 1, owner.num_blocks) - self.first_layer
         self.last_logits_only = last_logits_only
         self._view, self._inject = self._make_view()
+        self._ragged = None  # (view, inject) for batched decode steps, built on first use
         self.cache = None
         self.seq_len = 0  # positions seen so far by this part
         self.reset()
@@ -166,12 +214,22 @@ class CausalLMPart(Part):
         names = self.owner.segment_names
         return f"{names[self.start]}..{names[self.end - 1]}"
 
-    def _make_view(self):
-        """A shallow copy of the base model that runs only this part's layers (weights shared, not copied)."""
+    def _make_view(self, *, ragged: bool = False):
+        """A shallow copy of the base model that runs only this part's layers (weights shared, not copied).
+
+        The view's config is the part's own (per-layer lists sliced to its layers). With `ragged`, the layers'
+        attention modules and the view read copies of their configs that select `ragged_attention`, for batched
+        decode steps (and the view builds no masks: a decode step attends to everything its session kept).
+        """
         owner = self.owner
         if self.num_layers == 0 and not self.has_embed:
             return None, None
         layers = list(owner.layers[self.first_layer : self.first_layer + self.num_layers])
+        config = _part_config(owner.base.config, self.first_layer, self.num_layers)
+        if ragged:
+            configs: dict = {}  # the layers keep whole-model configs (they index them by global layer number)
+            layers = [_with_config_for_ragged_steps(layer, configs) for layer in layers]
+            config = _ragged_copy(config)
         inject = None
         if not self.has_embed:
             inject = _InjectHidden(layers[0])
@@ -182,11 +240,22 @@ class CausalLMPart(Part):
         if not self.has_head:
             modules[owner.norm_attr] = nn.Identity()
         object.__setattr__(view, "_modules", modules)
+        view.__dict__["config"] = config
         return view, inject
 
+    def _ragged_view(self):
+        """The view for batched decode steps (built on first use; see `_make_view`)."""
+        if self._ragged is None:
+            self._ragged = self._make_view(ragged=True)
+        return self._ragged
+
     def reset(self) -> None:
-        self.cache = _part_cache_class()(self.owner.config, self.first_layer, self.num_layers) if self.num_layers else None
+        self.cache = _new_cache(self.owner, self.first_layer, self.num_layers) if self.num_layers else None
         self.seq_len = 0
+
+    def state_bytes(self) -> int:
+        """Bytes of memory this part's KV cache keeps alive (its own buffers, spare capacity included)."""
+        return self.cache.state_bytes() if self.cache is not None else 0
 
     def clone(self) -> "CausalLMPart":
         return CausalLMPart(self.owner, self.start, self.end, last_logits_only=self.last_logits_only)
@@ -204,15 +273,7 @@ class CausalLMPart(Part):
         if not self.has_embed or self.has_head or self._view is None:
             raise ConfigError("fork_forward needs a head part: it starts at the embedding and ends before the LM head")
         batch = inputs_embeds.shape[0]
-        fork = None
-        if self.cache is not None:
-            fork = _part_cache_class()(self.owner.config, self.first_layer, self.num_layers)
-            for own, new in zip(self.cache.layers, fork.layers):
-                if own.is_initialized and own.keys.numel():
-                    keys = own.keys.expand(batch, -1, -1, -1).clone()  # a normal tensor, usable by autograd
-                    values = own.values.expand(batch, -1, -1, -1).clone()
-                    new.lazy_initialization(keys, values)
-                    new.keys, new.values = keys, values
+        fork = self.cache.forked(batch) if self.cache is not None else None  # normal tensors, usable by autograd
         position_ids = torch.full((batch, 1), self.seq_len, dtype=torch.long)
         output = self._view(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=fork,
                             use_cache=fork is not None)
@@ -220,8 +281,12 @@ class CausalLMPart(Part):
 
     @property
     def input_embeddings(self) -> torch.Tensor:
-        """The embedding matrix [V, H] (what an attacker who knows the public weights ranks candidates against)."""
-        return self.owner.model.get_input_embeddings().weight
+        """The input embeddings [V, H] of every token, as the model's embedding module outputs them (scaled for the
+        families that scale them, e.g. Gemma): what an attacker who knows the public weights ranks candidates
+        against, and what `fork_forward` takes."""
+        module = self.owner.model.get_input_embeddings()
+        scale = getattr(module, "embed_scale", None)
+        return module.weight if scale is None else module.weight * scale.to(module.weight.dtype)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,9 +324,15 @@ class CausalLMPart(Part):
 def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> torch.Tensor:
     """One decode step of several sessions through the same layers in one forward.
 
-    Each part (one per session, same segments, no embedding) keeps its own KV cache of its own length. The caches
-    are gathered left-padded into one batch cache, the step runs with a padding mask and each session's own
-    positions, and each session's cache becomes its row of the grown batch cache (a view: no second copy).
+    Each part (one per session, same segments, no embedding) keeps its own KV cache of its own length. Everything
+    but attention runs once for the batch; attention runs per session on that session's own cache, into which
+    the step appends in place (`kv_cache.StepCache`): no cache is copied into a batch tensor, no memory is shared
+    between sessions, and each row sees exactly what a single step of its session would (no padding, no mask).
+    The new positions are committed only when the whole forward succeeded: a failed step changes no session.
+
+    A family might compute something per position that this skips (a mask carrying a position bias, say), so the
+    first batched step of each model and segment range is also run as single steps on copies of the caches; if
+    they differ, that range is never batched (ConfigError, and the service runs the steps one at a time).
 
     Args:
         parts: the sessions' parts, all over the same owner and segments, each holding layers.
@@ -270,53 +341,58 @@ def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> tor
     Returns:
         [B, 1, H] hidden states, or [B, 1, V] logits when the parts hold the head.
     """
+    from splitveil.models.kv_cache import StepCache, register_ragged_attention
+
+    first = parts[0]
+    _check_batchable(parts, hidden)
+    register_ragged_attention()
+    step_cache = StepCache([p.cache for p in parts], first.owner.config._attn_implementation)
+    view, inject = first._ragged_view()
+    position_ids = torch.tensor([p.seq_len for p in parts], dtype=torch.long).unsqueeze(1)  # [B, 1]: own positions
+    inject.incoming = hidden
+    try:
+        output = view(inputs_embeds=hidden, position_ids=position_ids, past_key_values=step_cache, use_cache=True)
+    finally:
+        inject.incoming = None
+    out = output.last_hidden_state
+    result = first.owner.logits(out) if first.has_head else out
+    key = (first.start, first.end)
+    if key not in first.owner.batch_verdicts:
+        first.owner.batch_verdicts[key] = _agrees_with_single_steps(parts, hidden, result)
+        _check_batchable(parts, hidden)
+    step_cache.commit()
+    for part in parts:
+        part.seq_len += 1
+    return result
+
+
+_BATCHABLE_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def _check_batchable(parts: list[CausalLMPart], hidden: torch.Tensor) -> None:
+    """Raises a ConfigError unless `parts` can run one batched step on `hidden`."""
     first = parts[0]
     if first.has_embed or first._view is None:
         raise ConfigError("batched steps need parts that start after the embedding and hold layers")
     if any(p.owner is not first.owner or (p.start, p.end) != (first.start, first.end) for p in parts):
         raise ConfigError("batched steps need parts over the same model and segments")
-    batch = len(parts)
-    lengths = [p.seq_len for p in parts]
-    longest = max(lengths)
-    batch_cache = _part_cache_class()(first.owner.config, first.first_layer, first.num_layers)
-    for slot in range(first.num_layers):
-        sample = next((p.cache.layers[slot] for p in parts if p.seq_len), None)
-        if sample is None:
-            break  # every session is empty: nothing to gather
-        kv_heads, head_dim = sample.keys.shape[1], sample.keys.shape[3]
-        keys = sample.keys.new_zeros(batch, kv_heads, longest, head_dim)
-        values = sample.values.new_zeros(batch, kv_heads, longest, head_dim)
-        for row, part in enumerate(parts):
-            if part.seq_len:
-                keys[row, :, longest - part.seq_len:] = part.cache.layers[slot].keys[0]
-                values[row, :, longest - part.seq_len:] = part.cache.layers[slot].values[0]
-        layer = batch_cache.layers[slot]
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    mask = torch.zeros(batch, longest + 1, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, longest - length:] = 1
-    position_ids = torch.tensor(lengths, dtype=torch.long).unsqueeze(1)  # [B, 1]: each session's own next position
-    first._inject.incoming = hidden
-    try:
-        output = first._view(
-            inputs_embeds=hidden,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=batch_cache,
-            use_cache=True,
-        )
-    finally:
-        first._inject.incoming = None
+    if hidden.shape[0] != len(parts) or hidden.shape[1] != 1:
+        raise ConfigError(f"a batched step takes [{len(parts)}, 1, hidden] states, got {list(hidden.shape)}")
+    other_types = set(getattr(first._view.config, "layer_types", None) or ()) - _BATCHABLE_LAYER_TYPES
+    if other_types:
+        raise ConfigError(f"batched steps run full and sliding-window attention, not {', '.join(sorted(other_types))}")
+    if first.owner.batch_verdicts.get((first.start, first.end)) is False:
+        raise ConfigError(f"batched steps of {first.name} differ from single steps for this model; run them one by one")
+
+
+def _agrees_with_single_steps(parts: list[CausalLMPart], hidden: torch.Tensor, batched: torch.Tensor) -> bool:
+    """Whether `batched` (a batched step's output) equals single steps of every part, run on copies of their caches
+    (float tolerance, relative to the output's scale)."""
     for row, part in enumerate(parts):
-        keep = longest + 1 - lengths[row] - 1  # padding columns of this row
-        for slot in range(part.num_layers):
-            grown = batch_cache.layers[slot]
-            own = part.cache.layers[slot]
-            if not own.is_initialized:
-                own.lazy_initialization(grown.keys, grown.values)
-            own.keys = grown.keys[row : row + 1, :, keep:]
-            own.values = grown.values[row : row + 1, :, keep:]
-        part.seq_len += 1
-    out = output.last_hidden_state
-    return first.owner.logits(out) if first.has_head else out
+        probe = part.clone()
+        probe.cache, probe.seq_len = part.cache.forked(1), part.seq_len
+        single = probe(hidden[row : row + 1])
+        scale = max(1.0, float(single.abs().max()))
+        if not torch.allclose(batched[row : row + 1], single, rtol=1e-4, atol=1e-4 * scale):
+            return False
+    return True
