@@ -37,6 +37,12 @@ def serve(
     no_batch: bool = typer.Option(False, "--no-batch", help="Run each session's steps alone instead of batching them."),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, help="How long to wait for more steps to batch."),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+    dataset: str = typer.Option(None, "--dataset", help="Vision models (lenet, vgg, resnet) only: the data set the "
+                                "classifier is trained on (its weights come from the training cache; trained if missing)."),
+    defence: str = typer.Option(None, "--defence", help="Vision models only: salt, salt:conv, salt:fc or salt:perm "
+                                "(Salted DNNs: the client keeps the salt; this process serves the cloud part)."),
+    salt_layer: int = typer.Option(None, "--salt-layer", help="Vision models only: the salt layer's position "
+                                   "(default: split - 1)."),
 ) -> None:
     """Serve the trunk of a Λ-split over TLS WebSockets: many sessions, each with its own KV cache."""
     from splitveil.plan.plan import parse_cuts
@@ -44,6 +50,11 @@ def serve(
     from splitveil.serve.server import ServerLimits, SplitServer
 
     cuts = parse_cuts(split)
+    vision = _is_vision_model(model)
+    if not vision and (dataset or defence or salt_layer is not None):
+        raise ConfigError("--dataset, --defence and --salt-layer apply to vision models (lenet, vgg, resnet) only")
+    if vision and (dataset is None or defence is None or len(cuts) != 1):
+        raise ConfigError(f"serving {model} needs --dataset, --defence salt[:conv|fc|perm] and one cut (--split K)")
     if insecure and (tls_cert or tls_key):
         raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
     if insecure and not is_loopback(host):
@@ -53,8 +64,12 @@ def serve(
     setup(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with err_console.status(f"loading the cloud part of {model} ..."):
-        service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
-                                      max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb)
+        if vision:
+            service = _salted_vision_service(model, dataset, cuts[0], defence, salt_layer, max_sessions=max_sessions,
+                                             max_frame_bytes=max_frame_bytes)
+        else:
+            service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
+                                          max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb)
     limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000,
                           max_connections=max_connections or 2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
@@ -82,3 +97,20 @@ def serve(
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     typer.echo("splitveil serve: stopped")
+
+
+def _is_vision_model(name: str) -> bool:
+    from splitveil.models.vision_zoo import VISION_MODELS
+
+    return name in VISION_MODELS
+
+
+def _salted_vision_service(model: str, dataset: str, cut: int, defence: str, salt_layer: int | None, **limits):
+    """The cloud part of the salted classifier `attack output --quick` trains (same sizes, same cache entry)."""
+    from splitveil.cli.attack_output import _check
+    from splitveil.edge.salted import vision_service
+    from splitveil.experiments.output_privacy import OutputAttackSpec, prepare_models
+
+    kind = _check(dataset, model, cut, defence, salt_layer, None)
+    spec = OutputAttackSpec.quick(dataset=dataset, model=model, split=cut, salt=kind, salt_layer=salt_layer)
+    return vision_service(prepare_models(spec)["salted"], cut, **limits)

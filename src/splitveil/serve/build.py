@@ -96,3 +96,35 @@ def tls_for_server(cert: Path | None, key: Path | None):
         if not Path(path).is_file():
             raise ConfigError(f"no such file: {path}")
     return server_context(cert, key), cert, fingerprint_pem(cert)
+
+
+def build_classifier_service(model, cut: int, *, example, info: dict | None = None, max_sessions: int = 64,
+                             max_frame_bytes: int = MAX_FRAME_BYTES, max_batch: int = 64,
+                             max_tokens: int = 1 << 40) -> PartService:
+    """Serves the cloud part of a `SequentialSplittable` classifier split at `cut` (edge | cloud).
+
+    The served part runs on copies of the cloud's segments only. Its FORWARD frames must carry features of exactly
+    the shape the edge produces for `example` (one input, as the edge takes it: an image batch of one, or a pair
+    (images, salts) for a salted model); a session may classify `max_tokens` rows in all, `max_batch` per frame.
+    """
+    import copy
+    import math
+
+    import torch
+
+    from splitveil.models.sequential import SequentialSplittable
+    from splitveil.plan.plan import SplitPlan
+
+    edge, cloud = apply(model, SplitPlan.two_way(cut))
+    with torch.no_grad():
+        feature_shape = tuple(edge(example).shape[1:])
+    segments = [copy.deepcopy(module) for module in cloud.modules()]
+    served = SequentialSplittable(blocks=segments, name=f"{getattr(model, 'name', 'model')} cloud part").make_part(0, len(segments))
+    served.name = f"blocks {cut}.. and head"  # what `splitveil serve` prints
+    smallest = math.prod(feature_shape) * 4 + 28 + 4 * (1 + len(feature_shape))  # one fp32 row and its header
+    if max_frame_bytes < smallest:
+        raise ConfigError(f"--max-frame-bytes {max_frame_bytes} cannot carry one row of these features; use at least {smallest}")
+    info = {"model": getattr(model, "name", "model"), "cuts": [cut], "placement": ["edge", "cloud"], **(info or {})}
+    return PartService({1: served}, hidden_size=math.prod(feature_shape), info=info, max_sessions=max_sessions,
+                       max_tokens=max_tokens, max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=False,
+                       max_kv_bytes=2**30, input_shapes={1: feature_shape})  # stateless parts: the budget stays unused

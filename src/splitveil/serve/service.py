@@ -84,6 +84,10 @@ class PartService:
         max_kv_bytes: bytes of part state (KV caches) all sessions together may hold; None = no server-wide bound.
             When the sum of `state_bytes()` plus what admitted work is expected to add reaches it, OPEN and FORWARD
             frames are refused with an ERROR frame until sessions close.
+        input_shapes: part index -> the exact shape of one example of that part's input, for parts that take
+            something else than hidden states (a CNN's cloud part: (channels, height, width)). Such a part's FORWARD
+            must carry a float tensor [batch, *shape]; it is counted as `batch` positions and never batched with
+            other sessions. Parts not listed take [batch, positions, hidden_size], as before.
     """
 
     def __init__(
@@ -98,8 +102,10 @@ class PartService:
         max_batch: int = 8,
         batch_steps: bool = True,
         max_kv_bytes: int | None = None,
+        input_shapes: dict[int, tuple[int, ...]] | None = None,
     ):
         self.parts = dict(parts)
+        self.input_shapes = {int(i): tuple(int(d) for d in shape) for i, shape in (input_shapes or {}).items()}
         self.hidden_size = hidden_size
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
@@ -109,6 +115,9 @@ class PartService:
         self.max_kv_bytes = max_kv_bytes
         self.info = {**(info or {}), "parts": sorted(self.parts), "hidden_size": hidden_size,
                      "max_frame_bytes": max_frame_bytes, "max_tokens": max_tokens}
+        if self.input_shapes:
+            self.info["input_shapes"] = {str(i): list(shape) for i, shape in sorted(self.input_shapes.items())}
+            self.info["max_batch"] = max_batch
         self.sessions: dict[bytes, Session] = {}
         self.batch_sizes: Counter[int] = Counter()  # batch size -> forwards computed at that size (bounded histogram)
         # server-wide state accounting; admit/close run on the event loop, run() on the compute thread
@@ -144,7 +153,7 @@ class PartService:
             if frame.kind != FrameKind.FORWARD:
                 raise WireError(f"a client may not send {frame.kind.name} frames")
             self._check_forward(session, frame)
-            rows_positions = frame.tensor.shape[0] * frame.tensor.shape[1]
+            rows_positions = self._positions(frame)
             reserved = self._reserve(rows_positions)
             session.next_seq += 1
             session.tokens += rows_positions
@@ -232,12 +241,22 @@ class PartService:
         tensor = frame.tensor
         if tensor is None or frame.codec not in FLOAT_CODECS:
             raise WireError("a forward frame must carry a float tensor (fp32, fp16 or bf16)")
-        if tensor.dim() != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
+        shape = self.input_shapes.get(frame.part)
+        if shape is not None:
+            if tensor.dim() != 1 + len(shape) or tuple(tensor.shape[1:]) != shape or tensor.shape[0] == 0:
+                raise WireError(f"expected inputs of shape [batch, {', '.join(map(str, shape))}], got {list(tensor.shape)}")
+        elif tensor.dim() != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
             raise WireError(f"expected hidden states of shape [batch, positions, {self.hidden_size}], got {list(tensor.shape)}")
         if tensor.shape[0] > self.max_batch:
             raise WireError(f"batch of {tensor.shape[0]} exceeds the limit of {self.max_batch}")
-        if session.tokens + tensor.shape[0] * tensor.shape[1] > self.max_tokens:
+        if session.tokens + self._positions(frame) > self.max_tokens:
             raise WireError(f"the session would exceed its limit of {self.max_tokens} positions (rows x positions)")
+
+    def _positions(self, frame: Frame) -> int:
+        """What a FORWARD counts against the limits: rows x positions of hidden states, or rows of shaped inputs."""
+        if frame.part in self.input_shapes:
+            return frame.tensor.shape[0]
+        return frame.tensor.shape[0] * frame.tensor.shape[1]
 
     def close_session(self, session_id: bytes) -> bool:
         session = self.sessions.pop(session_id, None)
@@ -285,7 +304,8 @@ class PartService:
         singles: list[int] = []
         for index, work in enumerate(works):
             tensor = work.frame.tensor
-            if self.batch_steps and tensor.shape[0] == 1 and tensor.shape[1] == 1 and work.session.tokens > 1:
+            if (self.batch_steps and work.frame.part not in self.input_shapes and tensor.shape[0] == 1
+                    and tensor.shape[1] == 1 and work.session.tokens > 1):
                 batchable.setdefault(work.frame.part, []).append(index)
             else:
                 singles.append(index)

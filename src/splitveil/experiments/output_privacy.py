@@ -1,0 +1,276 @@
+"""What the cloud reads of a salted split classifier's output: train (cached), split, salt, attack, score.
+
+`run_output_attack(spec)` gives one record (a dict, JSON-ready) with the standard and salted models' accuracies, the
+cloud's accuracy when it reads the salted output as if unsalted, and the salt-recovery attack's figures;
+`run_output_sweep` runs it over salt-layer positions and `write_output_report` turns records into JSONL, a plot and
+a Markdown report.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from splitveil.core.errors import ConfigError
+
+#: bump when a change to the salt layer or its training makes cached salted weights stale
+SALT_CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OutputAttackSpec:
+    dataset: str = "fashion-mnist"
+    model: str = "vgg"
+    split: int = 2  # cut after this many blocks: the client runs blocks [0, split) with the salt layer
+    salt: str = "conv"  # conv, fc or perm (protect.salt.SaltKind)
+    salt_layer: int | None = None  # the salt layer sits after this many blocks (None: split - 1, just before the cut)
+    salt_values: int | None = None  # how many salts (None: C for conv/fc, 4 C for perm)
+    seed: int = 0
+    train_size: int = 30_000  # both models' training images (capped at 45% of the data set)
+    aux_size: int = 15_000  # the attacker's auxiliary images (capped at 40%)
+    test_size: int = 2_000  # held-out images scored
+    epochs: int = 1  # standard model epochs (the image-privacy victim's, so its cache is shared)
+    salted_epochs: int = 6  # salted model epochs, fine-tuned from the standard model's weights
+    attack_epochs: int = 6  # passes of the salt reader over the auxiliary set (fresh salts each pass)
+    adversary_weight: float = 0.0  # countermeasure: adversarial training against a salt/class reader at the cut (0 = off)
+
+    @classmethod
+    def quick(cls, **overrides) -> "OutputAttackSpec":
+        """Sizes for a run of a few minutes on one thread (a minute once both models are cached)."""
+        return cls(**{"train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1, "salted_epochs": 6,
+                      "attack_epochs": 4, **overrides})
+
+    @property
+    def position(self) -> int:
+        return self.split - 1 if self.salt_layer is None else self.salt_layer
+
+
+def _sizes(n: int, spec: OutputAttackSpec) -> tuple[int, int, int]:
+    train = min(spec.train_size, int(0.45 * n))
+    aux = min(spec.aux_size, int(0.4 * n))
+    test = min(spec.test_size, n - train - aux)
+    return train, aux, test
+
+
+def prepare_models(spec: OutputAttackSpec, *, quiet: bool = True) -> dict:
+    """Data splits, the standard model (cached, the same checkpoint as the image-privacy victim) and the salted one
+    (cached; fine-tuned from the standard model's weights with a fresh uniform salt per example)."""
+    from splitveil.data.images import load_dataset, split_dataset
+    from splitveil.models.vision_zoo import VISION_MODELS, build_vision_model
+    from splitveil.protect.salt import SaltConfig
+    from splitveil.train.classifier import TrainConfig, cached_classifier
+
+    VISION_MODELS.get(spec.model)
+    data = load_dataset(spec.dataset)
+    train, aux, test = _sizes(len(data), spec)
+    splits = split_dataset(data, train=train, aux=aux, test=test, seed=spec.seed)
+    shape, classes = data.image_shape, data.num_classes
+    standard, standard_cached = cached_classifier(
+        lambda: build_vision_model(spec.model, shape, classes), splits.train.images, splits.train.labels,
+        TrainConfig(epochs=spec.epochs, seed=spec.seed), quiet=quiet,
+        key_fields={"dataset": spec.dataset, "model": spec.model, "train": train, "split_seed": spec.seed})
+    config = SaltConfig(kind=spec.salt, position=spec.position, values=spec.salt_values)
+    salted, salted_cached = cached_salted(standard, config, splits.train, spec, quiet=quiet)
+    return {"splits": splits, "standard": standard, "standard_cached": standard_cached, "salted": salted,
+            "salted_cached": salted_cached}
+
+
+def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet: bool = True):
+    """The salted model: a salted copy of `standard` fine-tuned on `train_data`, or its cached weights."""
+    from splitveil.protect.salt import salt_model, train_salted
+    from splitveil.train.classifier import cache_dir, cache_key
+
+    torch.manual_seed(spec.seed)
+    model = salt_model(copy.deepcopy(standard), config, input_shape=train_data.image_shape,
+                       num_classes=train_data.num_classes)
+    countermeasure = {"adversary_weight": spec.adversary_weight, "adversary_cut": spec.split} if spec.adversary_weight else {}
+    key = cache_key(dataset=spec.dataset, model=spec.model, train=len(train_data), split_seed=spec.seed,
+                    epochs=spec.epochs, salted_epochs=spec.salted_epochs, salt=config.to_dict(),
+                    salt_code_version=SALT_CODE_VERSION, **countermeasure)
+    path = cache_dir() / f"{spec.model}-salted-{key}.pt"
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), True
+        except (RuntimeError, OSError, EOFError):
+            pass
+    adversary = None
+    if spec.adversary_weight:
+        from splitveil.protect.salt_adversary import SaltAdversary
+
+        model.check_cut(spec.split)
+        with torch.no_grad():
+            shape = model.run((torch.zeros(2, *train_data.image_shape), torch.zeros(2, dtype=torch.int64)), 0,
+                              model.boundary(spec.split)).shape[1:]
+        adversary = SaltAdversary(tuple(shape), model.values, model.num_classes, cut=spec.split,
+                                  weight=spec.adversary_weight)
+    train_salted(model, train_data.images, train_data.labels, epochs=spec.salted_epochs, lr=2e-3, seed=spec.seed,
+                 quiet=quiet, adversary=adversary)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    except OSError:
+        pass
+    return model, False
+
+
+def evaluation_key(seed: int) -> bytes:
+    """The client key of the scored requests: fixed by the seed so that a record can be reproduced (a real client
+    draws its key with `secrets`, `SaltKey`'s default)."""
+    return hashlib.sha256(f"splitveil-salt-evaluation-{seed}".encode()).digest()
+
+
+def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dict | None = None) -> dict:
+    """Runs every output attack on one salted split and returns its record."""
+    from splitveil.attack.output import OUTPUT_ATTACKS, OutputTarget
+    from splitveil.experiments.records import environment
+    from splitveil.plan.plan import SplitPlan, apply
+    from splitveil.protect.salt import SaltKey, decode_labels, predict_salted
+    from splitveil.train.classifier import accuracy, predict
+
+    stamp = environment()
+    began = time.perf_counter()
+    models = models or prepare_models(spec, quiet=quiet)
+    splits, standard, salted = models["splits"], models["standard"], models["salted"]
+    salted.check_cut(spec.split)
+    test, table = splits.test, salted.table
+    salts = SaltKey(salted.values, key=evaluation_key(spec.seed)).draw(len(test))  # one request per test image
+    edge, cloud = apply(salted, SplitPlan.two_way(spec.split))
+    features = torch.cat([edge((test.images[i:i + 256], salts[i:i + 256])) for i in range(0, len(test), 256)])
+    cloud_logits = predict(cloud, features)  # what the cloud computes (and sees)
+    unsplit_logits = predict_salted(salted, test.images, salts)
+    if not torch.equal(cloud_logits.argmax(-1), unsplit_logits.argmax(-1)):
+        raise RuntimeError("the salted split disagrees with the salted unsplit model")  # the Splittable contract broke
+    client_labels = decode_labels(cloud_logits, salts, table)
+    target = OutputTarget.from_parts(edge, cloud, image_shape=test.image_shape, table=table, aux=splits.aux)
+    unsalted = OUTPUT_ATTACKS.get("unsalted")(target, seed=spec.seed)
+    read_as_unsalted = decode_labels(cloud_logits, unsalted.reconstruct(features), table)
+    attack_began = time.perf_counter()
+    recovery = OUTPUT_ATTACKS.get("recovery")(target, seed=spec.seed, quiet=quiet, epochs=spec.attack_epochs).fit()
+    recovered = recovery.reconstruct(features)
+    head_only = recovery.salt_head_guess(features)
+    class_read = recovery.read_labels(features)
+    attack_seconds = time.perf_counter() - attack_began
+    labels = test.labels
+    values, classes = int(table.shape[0]), int(table.shape[1])
+    return {
+        "kind": "output-privacy",
+        "spec": asdict(spec),
+        "plan": SplitPlan.two_way(spec.split).to_dict(),
+        "salt": salted.salt_config.to_dict(),
+        "dataset": spec.dataset, "model": spec.model, "split": spec.split, "salt_layer": spec.position,
+        "defence": f"salt:{salted.salt_config.kind.value}",
+        "salt_values": values, "num_classes": classes, "adversary_weight": spec.adversary_weight,
+        "feature_shape": list(features.shape[1:]),
+        "sizes": {"train": len(splits.train), "aux": len(splits.aux), "test": len(test)},
+        "accuracy_standard": accuracy(predict(standard, test.images), labels),
+        "accuracy_salted": float((client_labels == labels).float().mean()),
+        "cloud_accuracy_unsalted_read": float((read_as_unsalted == labels).float().mean()),
+        "salt_recovery": float((recovered == salts).float().mean()),
+        "cloud_accuracy_with_recovered_salt": float((decode_labels(cloud_logits, recovered, table) == labels).float().mean()),
+        "salt_recovery_salt_head_only": float((head_only == salts).float().mean()),
+        "salt_recovery_rule": recovery.rule,
+        "cloud_accuracy_class_head": float((class_read == labels).float().mean()),
+        "chance_salt": 1.0 / values, "chance_class": 1.0 / classes,
+        "split_equals_unsplit": True,
+        "threat_models": {"unsalted": unsalted.describe(), "recovery": recovery.describe()},
+        "attack_seconds": attack_seconds,
+        "seconds": time.perf_counter() - began,
+        "models_cached": {"standard": models["standard_cached"], "salted": models["salted_cached"]},
+        "environment": stamp,
+    }
+
+
+def run_output_sweep(spec: OutputAttackSpec, positions: list[int], *, on_record=None, quiet: bool = True) -> list[dict]:
+    """One record per salt-layer position, each with the cut just after its salted block (split = position + 1)
+    unless `spec.split` is deeper."""
+    records = []
+    for position in positions:
+        run = replace(spec, salt_layer=position, split=max(spec.split, position + 1))
+        records.append(run_output_attack(run, quiet=quiet))
+        if on_record is not None:
+            on_record(records)
+    return records
+
+
+def label(record: dict) -> str:
+    """The defence as reports name it: salt:conv, or salt:conv+adversary1 with the countermeasure."""
+    weight = record.get("adversary_weight") or 0
+    return record["defence"] + (f"+adversary{weight:g}" if weight else "")
+
+
+def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
+    """Records -> `<stem>.jsonl`, `<stem>.png` (accuracies and salt recovery against the salt layer) and `<stem>.md`."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from splitveil.experiments.records import save_figure
+
+    if not records:
+        raise ConfigError("no records to report")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot write to --out {out_dir}: {error.strerror or error}") from None
+    jsonl = out_dir / f"{stem}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ordered = sorted(records, key=lambda r: (label(r), r["salt_layer"], r["split"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+
+    def series(r: dict) -> str:  # one line per defence; runs cut deeper than just after the salted block apart
+        return label(r) + ("" if r["split"] == r["salt_layer"] + 1 else f", cut {r['split']}")
+
+    # the cloud's decoding with the recovered salt equals the client's wherever the salt is recovered (table), so
+    # the left panel shows the client (solid), the class read from the features (dashed) and the naive read (grey)
+    for index, defence in enumerate(sorted({series(r) for r in ordered})):
+        rows = [r for r in ordered if series(r) == defence]
+        x, colour = [r["salt_layer"] for r in rows], f"C{index % 10}"
+        axes[0].plot(x, [r["accuracy_salted"] for r in rows], "o-", color=colour, label=f"client: {defence}")
+        axes[0].plot(x, [r["cloud_accuracy_class_head"] for r in rows], "x--", color=colour,
+                     label=f"cloud, class from features: {defence}")
+        axes[0].plot(x, [r["cloud_accuracy_unsalted_read"] for r in rows], "s", color="grey", ms=3)
+        axes[1].plot(x, [r["salt_recovery"] for r in rows], "o-", color=colour, label=defence)
+    axes[0].plot([], [], "s", color="grey", ms=3, label="cloud, read as unsalted (every run)")
+    axes[0].axhline(ordered[0]["accuracy_standard"], color="black", lw=1, label="standard model")
+    axes[0].axhline(ordered[0]["chance_class"], color="black", lw=1, ls=":", label="chance")
+    axes[1].axhline(ordered[0]["chance_salt"], color="black", lw=1, ls=":", label="chance (10 salts)")
+    axes[0].set(xlabel="salt layer (after this many blocks)", ylabel="accuracy", ylim=(0, 1), title="label accuracy")
+    axes[1].set(xlabel="salt layer (after this many blocks)", ylabel="fraction of salts recovered", ylim=(0, 1.02),
+                title="salt recovery by the cloud")
+    for ax in axes:
+        ax.legend(fontsize=6, loc="lower right" if ax is axes[1] else "center right")
+        ax.set_xticks(sorted({r["salt_layer"] for r in ordered}))
+    plot = save_figure(fig, out_dir / f"{stem}.png")
+    first = ordered[0]
+    lines = [f"# Output privacy (Salted DNNs): {first['model']} on {first['dataset']}", "",
+             f"Generated from the records in `{jsonl.name}` by `write_output_report`. Both models trained on "
+             f"{first['sizes']['train']} images; the attacker's auxiliary set holds {first['sizes']['aux']} (disjoint); "
+             f"{first['sizes']['test']} test images scored, one keyed salt per image. Standard model accuracy "
+             f"{first['accuracy_standard']:.3f}; chance {first['chance_class']:.3f} (class), {first['chance_salt']:.3f} (salt).", "",
+             "| defence | salt layer | cut | features | salted accuracy | cloud, read as unsalted | salt recovery "
+             "(as guessed / salt head alone) | cloud, with recovered salt | cloud, class head | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ordered:
+        lines.append(f"| {label(r)} | {r['salt_layer']} | {r['split']} | {'x'.join(map(str, r['feature_shape']))} | "
+                     f"{r['accuracy_salted']:.3f} | {r['cloud_accuracy_unsalted_read']:.3f} | {r['salt_recovery']:.3f} / "
+                     f"{r['salt_recovery_salt_head_only']:.3f} | {r['cloud_accuracy_with_recovered_salt']:.3f} | "
+                     f"{r['cloud_accuracy_class_head']:.3f} | {r['seconds']:.0f} |")
+    lines += ["", "## Threat models", ""]
+    for name, threat in sorted(first["threat_models"].items()):
+        lines.append(f"- **{name}**: {threat['description']}")
+    lines += ["", f"![accuracies and salt recovery against the salt layer]({plot.name})", ""]
+    markdown = out_dir / f"{stem}.md"
+    markdown.write_text("\n".join(lines))
+    return jsonl, plot, markdown

@@ -1,0 +1,91 @@
+"""Output attacks on salted splits: threat models granted through capabilities, the salt-recovery reader, the
+experiment record and report, and the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from splitveil.attack.output import OUTPUT_ATTACKS, OutputTarget
+from splitveil.core.errors import ConfigError
+from splitveil.data.images import ImageData
+from splitveil.models.vision_zoo import build_vision_model
+from splitveil.plan.plan import SplitPlan, apply
+from splitveil.protect.salt import SaltConfig, salt_model
+
+SHAPE, CLASSES = (1, 12, 12), 10
+
+
+def target(*, aux: bool = True, position: int = 1, cut: int = 2):
+    torch.manual_seed(0)
+    model = salt_model(build_vision_model("vgg", SHAPE, CLASSES), SaltConfig(position=position), input_shape=SHAPE,
+                       num_classes=CLASSES).eval()
+    edge, cloud = apply(model, SplitPlan.two_way(cut))
+    data = ImageData("random", torch.rand(400, *SHAPE), torch.randint(CLASSES, (400,)), CLASSES) if aux else None
+    return model, edge, cloud, OutputTarget.from_parts(edge, cloud, image_shape=SHAPE, table=model.table, aux=data)
+
+
+def test_registry_lists_the_attacks():
+    assert OUTPUT_ATTACKS.names() == ["recovery", "unsalted"]
+
+
+def test_recovery_needs_auxiliary_data():
+    *_, without = target(aux=False)
+    with pytest.raises(ConfigError, match="auxiliary data"):
+        OUTPUT_ATTACKS.get("recovery")(without)
+    OUTPUT_ATTACKS.get("unsalted")(without)  # needs only the cloud part
+
+
+def test_attacks_hold_private_copies_and_never_the_salts():
+    model, edge, cloud, offered = target()
+    attack = OUTPUT_ATTACKS.get("recovery")(offered, epochs=1)
+    caps = attack.target
+    assert caps.edge.owner is not model and caps.cloud.owner is not model
+    ours = {id(p) for p in model.parameters()}
+    assert not ours & ({id(p) for p in caps.edge.parameters()} | {id(p) for p in caps.cloud.parameters()})
+    unsalted = OUTPUT_ATTACKS.get("unsalted")(offered)
+    assert unsalted.target.edge is None  # not declared, not granted
+    assert torch.equal(unsalted.reconstruct(torch.zeros(3, 1)), torch.zeros(3, dtype=torch.int64))
+
+
+def test_recovery_reads_the_salt_of_an_untrained_salted_model():
+    model, edge, cloud, offered = target()
+    attack = OUTPUT_ATTACKS.get("recovery")(offered, epochs=3, seed=1).fit()
+    images, salts = torch.rand(200, *SHAPE), torch.randint(CLASSES, (200,))
+    with torch.no_grad():
+        features = edge((images, salts))
+    recovered = attack.reconstruct(features)
+    assert recovered.shape == salts.shape
+    assert float((recovered == salts).float().mean()) > 0.5  # chance is 0.1: the salt maps survive one block
+
+
+def test_run_output_attack_record_and_report(tmp_path, monkeypatch):
+    from splitveil.experiments.output_privacy import OutputAttackSpec, run_output_attack, write_output_report
+
+    monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
+    spec = OutputAttackSpec(dataset="digits", model="lenet", split=2, train_size=200, aux_size=128, test_size=50,
+                            salted_epochs=1, attack_epochs=1)
+    record = run_output_attack(spec)
+    for key in ("accuracy_standard", "accuracy_salted", "cloud_accuracy_unsalted_read", "salt_recovery",
+                "cloud_accuracy_with_recovered_salt", "seconds"):
+        assert 0 <= record[key] <= (1 if key != "seconds" else 1e6), key
+    assert record["salt_layer"] == 1 and record["split_equals_unsplit"]
+    assert run_output_attack(spec)["models_cached"] == {"standard": True, "salted": True}
+    paths = write_output_report([record], tmp_path / "out", "stem")
+    assert all(p.is_file() for p in paths)
+    assert json.loads(paths[0].read_text().splitlines()[0])["kind"] == "output-privacy"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--defence", "noise"], "unknown --defence"),
+    (["--defence", "salt:xyz"], "unknown salt kind"),
+    (["--split", "2", "--salt-layer", "2"], "must be below --split"),
+    (["--split", "9"], "out of range"),
+])
+def test_cli_refuses_bad_options(args, message, capsys):
+    from splitveil.cli.main import main
+
+    assert main(["attack", "output", *args]) == 2
+    assert message in capsys.readouterr().err
