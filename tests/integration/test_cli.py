@@ -84,7 +84,7 @@ def test_generate_json_split_equals_no_split():
 
 @pytest.mark.model
 def test_demo_reports_identical_output():
-    proc = run_cli("demo", "--max-new-tokens", "8", "--json")
+    proc = run_cli("demo", "--max-new-tokens", "8", "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["identical_to_unsplit"] is True
@@ -95,6 +95,13 @@ def test_demo_reports_identical_output():
     # the README's claim: every prompt token and every answer token (the budgeted attack is deterministic)
     assert summary["privacy"]["token_recovery"] == 1.0 and summary["privacy"]["answer_recovery"] == 1.0
     assert summary["privacy"]["recovered_user_text"] == summary["prompt"]
+    # the same prompt through SLIP's prompt deployment: the same exact attack reads nothing of the masked view
+    masked = summary["prompt_deployment"]
+    assert masked["privacy"]["token_recovery"] <= 0.05
+    assert masked["privacy"]["closest_relative_distance"] > 0.99  # no candidate anywhere near a masked row
+    assert masked["privacy"]["frames_received"] > 0 and masked["new_tokens"] == 8
+    assert masked["same_tokens_as_unsplit"] is True
+    assert masked["tokens_per_second"] > 0 and masked["round_trips_per_decode_step"] == 4 * 26
     port = int(summary["transport"].rsplit(":", 1)[1])
     import socket
 
@@ -219,3 +226,33 @@ def test_client_transport_security_errors_are_one_line(args, expected, capsys, t
     token.write_text("t" * 32)
     args = [str(token) if a == "TOKEN" else a for a in args]
     expect_one_line_error(args, expected, capsys)
+
+
+@pytest.mark.slow
+def test_generate_protect_prompt_is_slip_generate():
+    """`generate --split A,B --protect prompt` runs SLIP's prompt deployment exactly as `slip generate` does: same
+    JSON fields, and (fixed point) the unsplit model's greedy tokens."""
+    common = ["--split", "2,28", "--protect", "prompt", "--prompt", "The capital of France is", "--max-new-tokens", "6",
+              "--json"]
+    runs = [run_cli(*command, *common, timeout=600) for command in (["generate"], ["slip", "generate"])]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+    ours, theirs = (json.loads(proc.stdout.strip().splitlines()[-1]) for proc in runs)
+    plain = run_cli("generate", "--no-split", "--prompt", "The capital of France is", "--max-new-tokens", "6", "--json")
+    assert sorted(ours) == sorted(theirs) and ours["protect"] == "prompt" and ours["round_trips_per_decode_step"] == 104
+    assert ours["token_ids"] == theirs["token_ids"] == json.loads(plain.stdout.strip().splitlines()[-1])["token_ids"]
+
+
+@pytest.mark.slow
+def test_sweep_measures_slip_like_any_defence(tmp_path):
+    """`attack text-sweep --defences slip:0`: the registered slip deployment (a real executor process, its logged
+    view) in the same records and report as the cut defences; the prompt is read at chance."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("My PIN is 4471; please write a letter to close the account.\n")
+    proc = run_cli("attack", "text-sweep", "--attacks", "nearest", "--depths", "", "--defences", "slip:0", "--prompts",
+                   str(prompts), "--quick", "--out", str(tmp_path), "--allow-dirty", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "text-privacy_smollm2-135m_quick.jsonl").read_text().splitlines()[0])
+    assert record["defence"]["name"] == "slip" and record["defence"]["frames_received"] > 0
+    assert record["token_recovery"] <= 0.05 and record["utility_greedy_match"] == 1.0
+    assert "| nearest | slip 0 |" in (tmp_path / "text-privacy_smollm2-135m_quick.md").read_text()

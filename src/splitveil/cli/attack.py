@@ -27,10 +27,12 @@ def text(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
     defence: str = typer.Option(None, "--defence", help="Defend the uplink on the device first: noise (Gaussian, "
                                 "std = strength x each position's RMS), permute (secret permutation of the hidden "
-                                "dimensions; the cloud runs a permuted trunk) or randcut (the cut moved 0..strength "
-                                "layers deeper by a per-session secret). The attack adapts to it."),
+                                "dimensions; the cloud runs a permuted trunk), randcut (the cut moved 0..strength "
+                                "layers deeper by a per-session secret) or slip (SLIP's prompt deployment: the trunk's "
+                                "linear layers computed by an executor process on one-time-masked fixed-point inputs; "
+                                "its logged view is attacked). The attack adapts to it."),
     strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity; randcut: "
-                                   "a whole number of layers)."),
+                                   "a whole number of layers; slip: the secure rank k, 0 for public weights)."),
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (token_recovery, prompt_exact, "
                                      "answer_recovery, examples, ...)."),
@@ -74,6 +76,16 @@ def _print_record(record: dict, cuts, wire: str, defence: str | None, strength: 
     if record["defence"]:
         typer.echo(f"  defence {defence} at strength {strength:g}: greedy tokens equal to the undefended split "
                    f"{record['utility_greedy_match']:.3f}; the cloud holds {record['defence']['cloud_holds']}")
+        described = record["defence"]
+        if "control_clear_view_token_recovery" in described:
+            typer.echo(f"  the same attack on the rows before the defence hides them (an unmasked offload) recovers "
+                       f"{described['control_clear_view_token_recovery']:.3f}")
+        search = described.get("exact_search")
+        if search:
+            typer.echo(f"  exact search: {search['mean_verified_per_position']:.0f} candidates verified per position; "
+                       f"closest candidate at relative distance {search['closest_relative_distance_min']:.3g} "
+                       f"(match tolerance {search['tolerance']:g}); {search['positions_unmatchable']} of "
+                       f"{search['positions']} positions proven unmatchable by the output bound")
         ppl = record.get("perplexity")
         if ppl:
             typer.echo(f"  held-out perplexity {ppl['defended']:.2f} defended vs {ppl['undefended']:.2f} undefended "
@@ -100,12 +112,9 @@ def _read_prompts(path: Path | None) -> list[str]:
 
 def _check_defence(name: str, strength: float, cuts) -> None:
     """Fails before any model loads: an unknown defence, a bad strength, or a randomised cut that reaches the tail."""
-    from splitveil.plan.plan import SplitPlan
-    from splitveil.protect.cut import CUT_DEFENCES
+    from splitveil.experiments.text_defences import TEXT_DEFENCES
 
-    defence = CUT_DEFENCES.get(name)(strength)
-    if hasattr(defence, "session_plan"):
-        defence.session_plan(SplitPlan.lambda_split(*cuts))
+    TEXT_DEFENCES.get(name).check(strength, tuple(cuts))
 
 
 def _check_ranker(ranker: str | None, attack: str) -> str | None:
@@ -137,7 +146,7 @@ def text_sweep(
     tail_start: int = typer.Option(28, "--tail-start", help="B: where the tail starts (same for every depth)."),
     attacks: str = typer.Option("nearest,exact", "--attacks", help="Attacks to run at every depth."),
     defences: str = typer.Option("", "--defences", help="Defences to measure at --defence-depth against each attack's "
-                                 "adaptive version, as NAME:STRENGTH items, e.g. noise:0.1,noise:0.5,permute:1,randcut:2."),
+                                 "adaptive version, as NAME:STRENGTH items, e.g. noise:0.1,noise:0.5,permute:1,randcut:2,slip:0."),
     defence_depth: int = typer.Option(2, "--defence-depth", help="Head depth at which the defences are measured."),
     prompts: Path = typer.Option(None, "--prompts", help="One prompt per line (default: the built-in set)."),
     wire: str = typer.Option("fp32", "--wire", help="fp32, fp16 or bf16."),
@@ -208,3 +217,4 @@ def text_sweep(
     paths = write_text_report(records, out, stem)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 from splitveil.cli import attack_image  # noqa: E402,F401  (registers the image commands)
+from splitveil.cli import attack_output  # noqa: E402,F401  (registers the output commands)

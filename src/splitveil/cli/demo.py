@@ -6,6 +6,7 @@ import typer
 
 from splitveil.cli.common import load_model, print_json, setup, status
 
+SLIP_TOKENS = 16  # tokens generated through the prompt deployment (its decode runs ~1.7 tok/s on 2 CPU cores)
 DEMO_PROMPT = "Write a short note to my doctor about my blood pressure readings this week: 150/95 on Monday, 145/92 today."
 
 
@@ -17,29 +18,20 @@ def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: 
 
     import torch
 
-    from splitveil.attack.text.attacks import ExactInversion, TailReadout
+    from splitveil.attack.text.attacks import ExactInversion, TailReadout, chat_template_hints
     from splitveil.metrics.text import token_recovery
 
     head, remote, tail = split_lm.stages
     uplink = torch.cat(remote.history, dim=1)[0]  # [positions, H]: exactly what the server received
     tokenizer = split_lm.tokenizer
-    template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
     n = len(prompt_ids)
-    prefix = 0  # the chat template's public tokens around the user's text: the attacker tries them first
-    while prefix < min(len(template), n) and template[prefix] == prompt_ids[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < min(len(template), n) - prefix and template[-1 - suffix] == prompt_ids[-1 - suffix]:
-        suffix += 1
-    hints = [*prompt_ids[:prefix], *([None] * (n - prefix - suffix)), *prompt_ids[n - suffix:]]
+    hints, user = chat_template_hints(tokenizer, prompt_ids)  # the template's public tokens are tried first
     attack = ExactInversion(head, candidates=256, max_verified=budget)
     started = time.perf_counter()
     recovered = attack.reconstruct(uplink[:n], hints=hints)
     seconds = time.perf_counter() - started
     downlink = torch.cat(remote.replies, dim=1)[0]  # [positions, H]: exactly what the server sent back
     answer_read = TailReadout(tail).reconstruct(downlink)[n - 1 : n - 1 + len(answer_ids)]
-    user = slice(prefix, n - suffix)
     return {
         "attack": f"exact inversion, at most {budget} candidates per position",
         "token_recovery": token_recovery(prompt_ids[user], recovered[user]),
@@ -84,6 +76,11 @@ def demo(
     hf_model, tokenizer = load_model(model, quiet=json_output)
     with status("generating with the unsplit model ...", quiet=json_output):
         plain_result = SplitCausalLM(hf_model, tokenizer=tokenizer).generate(prompt, chat=True, max_new_tokens=max_new_tokens)
+    from splitveil.experiments.slip_text import prompt_deployment_exposure
+
+    with status("the same prompt through SLIP's prompt deployment (executor child process, TLS) ...", quiet=json_output):
+        masked = prompt_deployment_exposure(model, prompt, cuts=cuts, max_new_tokens=min(max_new_tokens, SLIP_TOKENS),
+                                            model=hf_model, tokenizer=tokenizer)
     up, down = split_result.bytes_per_decode_step
     layers = hf_model.config.num_hidden_layers
     summary = {
@@ -105,6 +102,15 @@ def demo(
         "unsplit_tokens_per_second": plain_result.decode_tokens_per_second,
     }
     summary["speed_ratio"] = summary["split_tokens_per_second"] / summary["unsplit_tokens_per_second"]
+    summary["prompt_deployment"] = {
+        "offloaded": f"the linear layers of layers {cuts[0]}..{cuts[1] - 1}, on one-time-masked fixed-point inputs (k = 0)",
+        "privacy": {key: masked[key] for key in ("attack", "token_recovery", "recovered_user_text",
+                                                 "closest_relative_distance", "seconds", "frames_received")},
+        "new_tokens": len(masked["token_ids"]),
+        "same_tokens_as_unsplit": masked["token_ids"] == plain_result.token_ids[: len(masked["token_ids"])],
+        "tokens_per_second": masked["decode_tokens_per_second"],
+        "round_trips_per_decode_step": masked["round_trips_per_decode_step"],
+    }
     if json_output:
         print_json(summary)
         return
@@ -124,3 +130,13 @@ def demo(
     out(f"           and {privacy['answer_recovery']:.0%} of the answer through the public tail; see `splitveil attack text`")
     out(f"  decode speed: split over TLS {summary['split_tokens_per_second']:.1f} tok/s, unsplit "
         f"{summary['unsplit_tokens_per_second']:.1f} tok/s (ratio {summary['speed_ratio']:.3f})")
+    slip = summary["prompt_deployment"]
+    seen = slip["privacy"]
+    out(f"  prompt deployment (SLIP, `generate --split {cuts[0]},{cuts[1]} --protect prompt`): {slip['offloaded']} "
+        f"in an executor child process over TLS")
+    out(f"  privacy: the executor can read {seen['token_recovery']:.0%} of your prompt's tokens from the "
+        f"{seen['frames_received']} frames it received ({seen['attack']}; closest candidate at "
+        f"{seen['closest_relative_distance']:.3f} of the row's norm, {seen['seconds']:.0f} s): \"{seen['recovered_user_text']}\"")
+    out(f"  cost: decode {slip['tokens_per_second'] or 0:.2f} tok/s against {summary['unsplit_tokens_per_second']:.1f} unsplit, "
+        f"{slip['round_trips_per_decode_step'] or 0:.0f} round trips per decode step; first {slip['new_tokens']} tokens "
+        f"identical to the unsplit model: {'yes' if slip['same_tokens_as_unsplit'] else 'NO'}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.common import err_console, load_model, print_json, setup, status
+from splitveil.cli.slip import Protect
 from splitveil.core.errors import ConfigError
 
 
@@ -40,7 +41,13 @@ def generate(
                             "(checked right after the TLS handshake, before the token is sent)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback (the token "
                                   "and hidden states cross the network in clear)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, round_trips, seconds."),
+    protect: Protect = typer.Option(None, "--protect", help="prompt: SLIP's prompt deployment, the same path as "
+                                    "`splitveil slip generate --protect prompt`: the linear layers of layers A..B-1 of "
+                                    "--split A,B run in an untrusted executor (a child process over TLS, or --server "
+                                    "URL of `splitveil slip serve`) on one-time-masked fixed-point inputs; everything "
+                                    "else runs here. Greedy, fixed point, secure rank 0."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
+                                     "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
     """Generate text through a split model: the cloud part in-process (--split), on a server (--server), or unsplit (--no-split)."""
@@ -48,6 +55,13 @@ def generate(
 
     if not prompt.strip():
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
+    do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
+    if protect is not None:
+        _check_protect(protect, split=split, no_split=no_split, wire=wire, sampling=do_sample or seed is not None,
+                       stop=bool(stop), insecure=insecure, server=server, trust=bool(token_file or ca or pin))
+        _generate_protected(model, prompt=prompt, split=split, max_new_tokens=max_new_tokens, chat=chat, server=server,
+                            token_file=token_file, ca=ca, pin=pin, json_output=json_output, threads=threads)
+        return
     if no_split and (split or server):
         raise ConfigError("--no-split runs the unsplit model here; drop --split/--server or --no-split")
     if insecure and not server:
@@ -55,7 +69,6 @@ def generate(
     if not no_split and not split and not server:
         raise ConfigError("give --split A,B (e.g. --split 2,28), --server URL or --no-split")
     plan = SplitPlan.unsplit() if no_split else (SplitPlan.from_cuts(parse_cuts(split)) if split else None)
-    do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
     from splitveil.edge.generate import GenerationConfig, SplitCausalLM
 
     config = GenerationConfig(
@@ -103,3 +116,37 @@ def generate(
         f"plan {plan.describe()}, wire {wire.value}, up {result.bytes_up} B, down {result.bytes_down} B "
         f"({result.bytes_up / steps:.0f} / {result.bytes_down / steps:.0f} B per token), {result.round_trips} round trips[/dim]"
     )
+
+
+def _check_protect(protect: Protect, *, split, no_split: bool, wire: Wire, sampling: bool, stop: bool, insecure: bool,
+                   server, trust: bool) -> None:
+    """Flags that do not go with --protect prompt: one ConfigError line (exit 2) before anything loads."""
+    if protect != Protect.prompt:
+        raise ConfigError("--protect weights protects every layer: run `splitveil slip generate --protect weights`")
+    if no_split or not split:
+        raise ConfigError("--protect prompt offloads the trunk's linear layers masked: give --split A,B, not --no-split")
+    if wire != Wire.fp32:
+        raise ConfigError("--wire does not apply to --protect prompt: the cloud receives masked ring elements")
+    if sampling or stop:
+        raise ConfigError("--protect prompt decodes greedily: drop --sample/--temperature/--top-p/--top-k/--seed/--stop")
+    if insecure:
+        raise ConfigError("--protect prompt always uses TLS: drop --insecure")
+    if trust and not server:
+        raise ConfigError("--token-file, --ca and --pin go with --server")
+
+
+def _generate_protected(model: str, *, prompt: str, split: str, max_new_tokens: int, chat: bool, server, token_file,
+                        ca, pin, json_output: bool, threads: int) -> None:
+    """`generate --split A,B --protect prompt`: `splitveil slip generate --protect prompt` with the same flags."""
+    from transformers import AutoConfig
+
+    from splitveil.cli.slip import print_summary, resolve_config, run_protected
+    from splitveil.models.loading import resolve_model_dir
+
+    setup(threads)
+    model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
+    config = resolve_config(model_config, protect=Protect.prompt, rank=None, energy=None, split=split, fixed_point=True,
+                            repetitions=2)
+    summary = run_protected(model, config, protect=Protect.prompt, prompt=prompt, max_new_tokens=max_new_tokens,
+                            chat=chat, server=server, token_file=token_file, ca=ca, pin=pin, quiet=json_output)
+    print_summary(summary, json_output=json_output)

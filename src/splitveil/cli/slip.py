@@ -107,9 +107,20 @@ def generate(
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
     config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split,
                             fixed_point=fixed_point, repetitions=repetitions)
+    summary = run_protected(model, config, protect=protect, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat,
+                            server=server, token_file=token_file, ca=ca, pin=pin, log_frames=log_frames,
+                            quiet=json_output)
+    print_summary(summary, json_output=json_output)
+
+
+def run_protected(model: str, config, *, protect: Protect, prompt: str, max_new_tokens: int, chat: bool = False,
+                  server: str | None = None, token_file: Path | None = None, ca: Path | None = None,
+                  pin: str | None = None, log_frames: Path | None = None, quiet: bool = False) -> dict:
+    """One protected generation (`slip generate`, and `generate --protect prompt`): the executor at `server`, or
+    started as a child process (TLS, 127.0.0.1); returns the summary `--json` prints."""
     from splitveil.protect.slip.runtime import ExecutorProcess, connect_client, protect_registered, run_generation
 
-    with status(f"loading and decomposing {model} ...", quiet=json_output):
+    with status(f"loading and decomposing {model} ...", quiet=quiet):
         slip, tokenizer, bundle_dir, decompose_seconds = protect_registered(model, config)
     sha = json.loads((bundle_dir / "manifest.json").read_text())["sha256"]
     if server:
@@ -125,7 +136,7 @@ def generate(
             transport.close()
         startup = None
     else:
-        with status("starting the untrusted executor ...", quiet=json_output):
+        with status("starting the untrusted executor ...", quiet=quiet):
             executor = ExecutorProcess(bundle_dir, config.mode, log_frames=log_frames).__enter__()
         try:
             client, transport = connect_client(executor.url, token=executor.token, mode=config.mode, residual_sha256=sha,
@@ -138,21 +149,25 @@ def generate(
         finally:
             executor.__exit__(None, None, None)
         startup = round(executor.startup_seconds, 3)
-    summary = {
+    return {
         **result, "model": model, "protect": protect.value, "mode": config.mode, "rank": slip.secure_rank(),
         "config": config.to_dict(), "groups": len(slip.groups), "decompose_seconds": round(decompose_seconds, 3),
         "executor_startup_seconds": startup, "executor": server or "child process (TLS, 127.0.0.1)",
     }
+
+
+def print_summary(summary: dict, *, json_output: bool) -> None:
+    """The answer on stdout and one dim line of figures on stderr, or the whole summary as JSON."""
     if json_output:
         print_json(summary)
         return
-    typer.echo(result["text"])
+    typer.echo(summary["text"])
     err_console.print(
-        f"[dim]slip {protect.value} ({config.mode}, rank {summary['rank']}, {len(slip.groups)} linear groups): "
-        f"{len(result['token_ids'])} tokens, online {result['online_seconds']:.2f} s "
-        f"({result['decode_tokens_per_second'] or 0:.2f} tok/s decode), offline {result['offline_seconds']:.2f} s, "
-        f"{result['round_trips']} round trips ({result['round_trips_per_decode_step'] or 0:.0f} per decode step), "
-        f"secure FLOPs share {result['secure_flops_share']:.4f}[/dim]")
+        f"[dim]slip {summary['protect']} ({summary['mode']}, rank {summary['rank']}, {summary['groups']} linear groups): "
+        f"{len(summary['token_ids'])} tokens, online {summary['online_seconds']:.2f} s "
+        f"({summary['decode_tokens_per_second'] or 0:.2f} tok/s decode), offline {summary['offline_seconds']:.2f} s, "
+        f"{summary['round_trips']} round trips ({summary['round_trips_per_decode_step'] or 0:.0f} per decode step), "
+        f"secure FLOPs share {summary['secure_flops_share']:.4f}[/dim]")
 
 
 @app.command("serve")

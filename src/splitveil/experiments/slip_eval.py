@@ -345,41 +345,11 @@ def finite(value):
 def slip_text_attack(model_name: str, cuts: tuple[int, int], attack_name: str, prompts: list[str], *,
                      max_new_tokens: int = 8, candidates: int = 256, max_verified: int | None = None,
                      progress=None) -> dict:
-    """The text attacks of `attack.text` (exact, nearest; learned needs its training text: `make_attack`) run on the
-    SLIP prompt deployment's view: each prompt is one session of a real executor process (TLS) that logs every frame;
-    the attack gets the first offloaded layer's masked rows as its uplink (`uplink_downlink`). The attacker knows
-    SLIP, so it knows the masks are fresh and uniform: there is nothing to undo. Returns per-prompt recovery and the
-    mean, in the shape of `text_privacy` records (the hook for registering `slip` as a text defence)."""
-    from splitveil.attack.text.attacks import TEXT_ATTACKS, wire_tolerance
-    from splitveil.attack.text.target import TextTarget
-    from splitveil.edge.generate import SplitCausalLM
-    from splitveil.metrics.text import token_recovery
-    from splitveil.models.loading import load_causal_lm
-    from splitveil.plan.plan import SplitPlan
-    from splitveil.protect.slip.decompose import causal_lm_groups
-    from splitveil.protect.slip.trusted import SlipConfig
-    from splitveil.protect.slip.view import uplink_downlink
+    """`splitveil attack text --defence slip` as a function: the registered text defence (`experiments.slip_text`),
+    each prompt one session of a real executor process that logs every frame, attacked by the adaptive attacker of
+    `attack.text.adaptive`. Returns the `text_privacy` record."""
+    from splitveil.experiments.text_privacy import TextAttackSpec, run_text_attack
 
-    model, tokenizer = load_causal_lm(model_name)
-    public = SplitCausalLM(model, SplitPlan.lambda_split(*cuts), tokenizer=tokenizer)
-    target = TextTarget.from_split(public, cuts[0])  # the public model and the cut: what the cloud knows anyway
-    kwargs = {"candidates": candidates, "max_verified": max_verified, "tolerance": wire_tolerance("fp32")} \
-        if attack_name == "exact" else {}
-    attack = TEXT_ATTACKS.get(attack_name)(target, **kwargs)
-    config = SlipConfig(mode="fixed", rank=0, layers=tuple(cuts))
-    groups = [g for g, _ in causal_lm_groups(model, layers=range(*cuts), include_head=False)]
-    rows = []
-    for index, prompt in enumerate(prompts):
-        seen = prompt_view(model_name, config, prompt, max_new_tokens=max_new_tokens)
-        uplink, _ = uplink_downlink(seen["view"], groups, hidden_size=model.config.hidden_size, mode="fixed",
-                                    fixed_point=config.fixed_point)
-        n = len(seen["prompt_ids"])
-        started = time.perf_counter()
-        recovered = attack.reconstruct(uplink[:n].float())
-        rows.append({"prompt": prompt, "prompt_tokens": n, "recovered": tokenizer.decode(recovered),
-                     "token_recovery": token_recovery(seen["prompt_ids"], recovered),
-                     "seconds_per_token": (time.perf_counter() - started) / max(n, 1)})
-        if progress is not None:
-            progress(index + 1, len(prompts))
-    return {"attack": attack_name, "cuts": list(cuts), "defence": "slip", "prompts": len(rows),
-            "token_recovery": sum(r["token_recovery"] for r in rows) / max(len(rows), 1), "rows": rows}
+    spec = TextAttackSpec(model=model_name, cuts=tuple(cuts), attack=attack_name, max_new_tokens=max_new_tokens,
+                          defence="slip", strength=0, candidates=candidates, max_verified=max_verified)
+    return run_text_attack(spec, prompts, progress=progress)

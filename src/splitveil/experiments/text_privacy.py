@@ -29,8 +29,9 @@ class TextAttackSpec:
     attack: str = "exact"
     wire: str = "fp32"
     max_new_tokens: int = 24  # answer tokens generated (and read back from the downlink)
-    defence: str | None = None  # a registered cut defence (noise, permute, randcut), applied on the device
-    strength: float = 0.0  # noise: std as a fraction of each position's RMS; permute: on if > 0; randcut: layers
+    defence: str | None = None  # a registered text defence (noise, permute, randcut, slip; `TEXT_DEFENCES`)
+    strength: float = 0.0  # noise: std as a fraction of each position's RMS; permute: on if > 0; randcut: layers;
+    # slip: the secure rank k
     candidates: int = 256  # exact attack: tokens verified per batch
     max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
     ranker: str | None = None  # exact attack: "learned" orders candidates with a learned readout (cost, not answer)
@@ -39,16 +40,10 @@ class TextAttackSpec:
     heldout_chars: int = 3_000  # perplexity cost of a defence: characters of held-out text (end of the fortunes)
 
 
-@dataclass
-class Observation:
-    prompt_ids: list[int]
-    generated_ids: list[int]
-    uplink: torch.Tensor  # [positions, H] every state the cloud received, in order
-    downlink: torch.Tensor  # [positions, H] every state the cloud sent back
-
-
-def observe(lm, prompt: str, max_new_tokens: int) -> Observation:
+def observe(lm, prompt: str, max_new_tokens: int):
     """Runs a greedy split generation and records every FORWARD frame's tensor as the cloud decoded it."""
+    from splitveil.experiments.text_defences import Observation
+
     transport = lm.transport
     if lm.service is None or not hasattr(transport, "handler"):
         raise ConfigError("observing needs the in-process service (a Λ-split without --server)")
@@ -83,13 +78,14 @@ def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
 
         texts = fortunes_corpus(spec.aux_chars)
         learned = TEXT_ATTACKS.get("learned")(target, [tokenizer(t)["input_ids"][:128] for t in texts], steps=spec.learned_steps,
-                                              **adaptation.attack_options("learned"))
+                                              **adaptation.attack_options("learned", target))
         if spec.attack == "learned":
             return learned
     kwargs: dict = {}
     if spec.attack == "exact":
         kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified, "tolerance": wire_tolerance(spec.wire),
-                  "ranker": learned.scores if spec.ranker == "learned" else None, **adaptation.attack_options("exact")}
+                  "ranker": learned.scores if spec.ranker == "learned" else None,
+                  **adaptation.attack_options("exact", target)}
     return TEXT_ATTACKS.get(spec.attack)(target, **kwargs)
 
 
@@ -107,90 +103,114 @@ def heldout_perplexity(lm, token_lists: list[list[int]]) -> float:
 def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) -> dict:
     """Attacks each prompt's uplink (prompt recovery) and downlink (answer recovery); returns the record.
 
-    Every prompt is its own session: a defence draws a fresh session key for each (a new noise stream, a new
-    permutation, a new cut depth), and the adaptive attacker starts again from what that session's cloud holds.
+    Every prompt is its own session of the defence's deployment (`TEXT_DEFENCES`): a fresh session key for each (a
+    new noise stream, a new permutation, a new cut depth, new one-time masks), and the adaptive attacker starts again
+    from what that session's cloud holds.
     """
     from splitveil.attack.text.adaptive import adaptation_for
     from splitveil.attack.text.attacks import TEXT_ATTACKS, TailReadout
     from splitveil.attack.text.target import TextTarget
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.experiments.records import environment
+    from splitveil.experiments.text_defences import deployment_for
+    from splitveil.models.causal_lm import CausalLMSplittable
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
-    from splitveil.protect.cut import CUT_DEFENCES
 
     stamp = environment()  # the code and machine as the run starts
     if len(spec.cuts) != 2:
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
     TEXT_ATTACKS.get(spec.attack)
-    defence_class = CUT_DEFENCES.get(spec.defence) if spec.defence else None
+    deployment_class = deployment_for(spec.defence)
+    if spec.defence:
+        deployment_class.check(spec.strength, tuple(spec.cuts))
     model, tokenizer = load_causal_lm(spec.model)
     plan = SplitPlan.lambda_split(*spec.cuts)
-    reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if defence_class else None
+    public = CausalLMSplittable(model)  # the public model: what every attacker knows
+    reference = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire) if spec.defence else None
     attacks: dict[int, object] = {}  # head depth -> the attack built for it (one per depth the attacker meets)
     adaptation = adaptation_for(spec.defence, spec.strength, spec.wire)
-    rows, blind, setup_seconds, readout = [], None, 0.0, None
-    for index, prompt in enumerate(prompts):
-        defence = defence_class(spec.strength) if defence_class else None  # this session's own key
-        lm = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence)
-        cloud = next(iter(lm.service.parts.values()))
-        depth = cloud.first_layer  # what the cloud runs tells it where the cut is (randcut's secret included)
-        target = TextTarget.from_split(lm, depth)  # the public model and cuts, never the victim's live parts
-        undo, secret_recovered = adaptation.session(lm, defence, depth)
-        if depth not in attacks:
-            building = time.perf_counter()
-            attacks[depth] = _make_attack(spec, target, tokenizer, adaptation)
-            setup_seconds += time.perf_counter() - building
-        attack = attacks[depth]
-        readout = readout or TailReadout(target)  # the tail's cut is the same in every session
-        seen = observe(lm, prompt, spec.max_new_tokens)
-        n = len(seen.prompt_ids)
-        probe = adaptation.probe(lm, seen.uplink[:n], spec.cuts[0])  # e.g. a blind search for this session's secret
-        if probe is not None:
-            probe = {"true_depth": depth, **probe}
-            blind = blind or probe
-            if secret_recovered is None:
-                secret_recovered = adaptation.secret_recovered(probe, depth)
-        started = time.perf_counter()
-        recovered = attack.reconstruct(undo(seen.uplink[:n]))
-        seconds = time.perf_counter() - started
-        answer_read = readout.reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
-        utility = 1.0
-        if reference is not None:  # greedy tokens against the undefended split, position by position
-            clean = reference.generate(prompt, max_new_tokens=spec.max_new_tokens).token_ids
-            utility = token_recovery(clean, seen.generated_ids)
-        rows.append({
-            "utility_greedy_match": utility,
-            "prompt": prompt,
-            "prompt_tokens": n,
-            "head_depth": depth,
-            "secret_recovered_by_attacker": secret_recovered,
-            **({"blind_probe": probe} if probe is not None else {}),
-            "recovered": tokenizer.decode(recovered),
-            "token_recovery": token_recovery(seen.prompt_ids, recovered),
-            "prompt_exact": exact_match(seen.prompt_ids, recovered),
-            "token_f1": token_f1(seen.prompt_ids, recovered),
-            "answer": tokenizer.decode(seen.generated_ids, skip_special_tokens=True),
-            "answer_recovery": token_recovery(seen.generated_ids, answer_read),
-            "seconds_per_token": seconds / max(n, 1),
-        })
-        if progress is not None:
-            progress(index + 1, len(prompts))
-    perplexity = None
-    if defence_class is not None:  # on held-out text (the end of the fortunes corpus), defended vs undefended
-        from splitveil.attack.text.learned import fortunes_corpus
+    rows, blind, setup_seconds, readout, searches = [], None, 0.0, None, []
+    with deployment_class(spec.model, model, tokenizer, plan, strength=spec.strength, wire=spec.wire) as deployment:
+        for index, prompt in enumerate(prompts):
+            session = deployment.session()
+            depth = session.depth  # what the cloud runs tells it where the cut is (randcut's secret included)
+            target = TextTarget(public, public.boundary(depth), public.boundary(spec.cuts[1]))  # never live parts
+            undo, secret_recovered = adaptation.session(session.lm, session.defence, depth)
+            if depth not in attacks:
+                building = time.perf_counter()
+                attacks[depth] = _make_attack(spec, target, tokenizer, adaptation)
+                setup_seconds += time.perf_counter() - building
+            attack = attacks[depth]
+            readout = readout or TailReadout(target)  # the tail's cut is the same in every session
+            seen = session.observe(prompt, spec.max_new_tokens)
+            n = len(seen.prompt_ids)
+            probe = adaptation.probe(session.lm, seen.uplink[:n], spec.cuts[0])  # e.g. a blind search for the secret
+            if probe is not None:
+                probe = {"true_depth": depth, **probe}
+                blind = blind or probe
+                if secret_recovered is None:
+                    secret_recovered = adaptation.secret_recovered(probe, depth)
+            started = time.perf_counter()
+            recovered = attack.reconstruct(undo(seen.uplink[:n]))
+            seconds = time.perf_counter() - started
+            searches += getattr(attack, "search", [])
+            control = None
+            if seen.clear_uplink is not None and spec.attack == "exact":  # the same attack on the view without hiding
+                control = token_recovery(seen.prompt_ids, attack.reconstruct(seen.clear_uplink[:n]))
+            answer_read = readout.reconstruct(undo(seen.downlink))[n - 1 : n - 1 + len(seen.generated_ids)]
+            utility = 1.0
+            if reference is not None:  # greedy tokens against the undefended split, position by position
+                clean = reference.generate(prompt, max_new_tokens=spec.max_new_tokens).token_ids
+                utility = token_recovery(clean, seen.generated_ids)
+            rows.append({
+                "utility_greedy_match": utility,
+                "prompt": prompt,
+                "prompt_tokens": n,
+                "head_depth": depth,
+                "secret_recovered_by_attacker": secret_recovered,
+                **({"blind_probe": probe} if probe is not None else {}),
+                "recovered": tokenizer.decode(recovered),
+                "token_recovery": token_recovery(seen.prompt_ids, recovered),
+                **({"control_clear_view_token_recovery": control} if control is not None else {}),
+                "prompt_exact": exact_match(seen.prompt_ids, recovered),
+                "token_f1": token_f1(seen.prompt_ids, recovered),
+                "answer": tokenizer.decode(seen.generated_ids, skip_special_tokens=True),
+                "answer_recovery": token_recovery(seen.generated_ids, answer_read),
+                "seconds_per_token": seconds / max(n, 1),
+            })
+            if progress is not None:
+                progress(index + 1, len(prompts))
+        perplexity = None
+        if spec.defence:  # on held-out text (the end of the fortunes corpus), defended vs undefended
+            from splitveil.attack.text.learned import fortunes_corpus
 
-        heldout = [tokenizer(t)["input_ids"][:96] for t in fortunes_corpus(spec.heldout_chars, from_end=True)]
-        defended = SplitCausalLM(model, plan, tokenizer=tokenizer, wire=spec.wire, defence=defence_class(spec.strength))
-        perplexity = {"undefended": heldout_perplexity(reference, heldout), "defended": heldout_perplexity(defended, heldout),
-                      "tokens": sum(len(ids) - 1 for ids in heldout)}
+            heldout = [tokenizer(t)["input_ids"][:96] for t in fortunes_corpus(spec.heldout_chars, from_end=True)]
+            defended = deployment.perplexity(heldout)
+            perplexity = {"undefended": heldout_perplexity(reference, heldout), "defended": defended,
+                          "tokens": sum(len(ids) - 1 for ids in heldout)} if defended is not None else None
+        described = deployment.describe()
     total = sum(r["prompt_tokens"] for r in rows)
     recovered_secrets = [r["secret_recovered_by_attacker"] for r in rows if r["secret_recovered_by_attacker"] is not None]
+    controls = [(r["control_clear_view_token_recovery"], r["prompt_tokens"]) for r in rows if "control_clear_view_token_recovery" in r]
+    attack = next(iter(attacks.values()))
+    if controls:
+        described["control_clear_view_token_recovery"] = sum(c * t for c, t in controls) / sum(t for _, t in controls)
+    if searches and getattr(attack, "output_bound", None) is not None:  # how the exact search ran against the view
+        described["exact_search"] = {
+            "output_bound": attack.output_bound,
+            "rule": "every candidate's output has norm <= output_bound (public norm weights), so a position whose "
+                    "observation has ||o|| - output_bound > tolerance x ||o|| cannot match any token: its search stops "
+                    "after the first round (candidates + 1 verified) and takes the closest",
+            "positions": len(searches),
+            "positions_unmatchable": sum(s["unmatchable"] for s in searches),
+            "mean_verified_per_position": sum(s["verified"] for s in searches) / len(searches),
+            "closest_relative_distance_min": min(s["closest_relative"] for s in searches),
+            "tolerance": attack.tolerance}
     return {
         "experiment": "text-attack",
         "spec": asdict(spec),
-        "threat_model": {**next(iter(attacks.values())).threat_model.to_dict(),
-                         **({"auxiliary_data": True} if spec.ranker else {})},
+        "threat_model": {**attack.threat_model.to_dict(), **({"auxiliary_data": True} if spec.ranker else {})},
         "environment": stamp,
         "token_recovery": sum(r["token_recovery"] * r["prompt_tokens"] for r in rows) / total,
         "prompt_exact": sum(r["prompt_exact"] for r in rows) / len(rows),
@@ -200,11 +220,11 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "setup_seconds": setup_seconds,  # building the attack once: training a readout or ranker (0 for the others)
         "utility_greedy_match": sum(r["utility_greedy_match"] for r in rows) / len(rows),
         "perplexity": perplexity,
-        "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": defence_class.cloud_holds,
-                    "reveals_secret": defence_class.reveals_secret,
+        "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": deployment.cloud_holds,
+                    "reveals_secret": deployment.reveals_secret,
                     "secret_recovered_by_attacker": all(recovered_secrets) if recovered_secrets else None,
                     "head_depths": sorted({r["head_depth"] for r in rows}),
-                    "blind_depth_search": blind} if defence_class else None,
+                    "blind_depth_search": blind, **described} if spec.defence else None,
         "examples": [{"prompt": r["prompt"], "recovered": r["recovered"]} for r in rows],
         "rows": rows,
     }

@@ -4,7 +4,11 @@
   the learned readout on states it noises itself;
 - permute: it matches the permuted trunk the cloud must hold against the public weights (`recover_permutation`);
 - randcut: the cloud is told the depth (it must run the right layers); an eavesdropper who is not told tries every
-  depth and keeps the one at which a token's state matches (`identify_cut_depth`).
+  depth and keeps the one at which a token's state matches (`identify_cut_depth`);
+- slip: the cloud receives layer A's linear inputs (the normed states) in fixed point under fresh uniform one-time
+  masks; the attacker compares its candidates in that space (`first_linear_input`), trains its readout on views it
+  masks itself (`slip_mask_augmenter`), and stops the exact search after its first round where the norm layer's
+  public weights prove that no token can match (`norm_output_bound`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 from splitveil.attack.text.attacks import ExactInversion, wire_tolerance
 from splitveil.attack.text.target import TextTarget
+from splitveil.core.errors import ConfigError
 
 
 def noise_tolerance(strength: float, wire: str = "fp32") -> float:
@@ -61,8 +66,10 @@ class Adaptation:
     def __init__(self, strength: float = 0.0, wire: str = "fp32"):
         self.strength, self.wire = strength, wire
 
-    def attack_options(self, attack: str) -> dict:
-        """Extra keyword arguments for the attack named `attack` (`exact`, or `learned` also when it is a ranker)."""
+    def attack_options(self, attack: str, target: TextTarget | None = None) -> dict:
+        """Extra keyword arguments for the attack named `attack` (`exact`, or `learned` also when it is a ranker)
+        against `target` (the public model and cuts; adaptations that model a defence with public weights read
+        them there)."""
         return {}
 
     def session(self, lm, defence, depth: int):
@@ -80,7 +87,7 @@ class Adaptation:
 
 
 class NoiseAdaptation(Adaptation):
-    def attack_options(self, attack: str) -> dict:
+    def attack_options(self, attack: str, target: TextTarget | None = None) -> dict:
         if self.strength <= 0:
             return {}
         if attack == "exact":
@@ -116,8 +123,70 @@ class RandomisedCutAdaptation(Adaptation):
         return None if probe is None else probe["identified_depth"] == depth
 
 
+def first_linear_input(target: TextTarget):
+    """The public map from the head's output (the residual stream after the cut) to what the first linear layer
+    after the cut reads: that layer's input norm (the first norm registered in the decoder layer: `input_layernorm`
+    in Llama-style families, `ln_1` in GPT-2). A private copy; the weights are public."""
+    import copy
+
+    splittable = target.splittable
+    layer = splittable.layers[target.head_end - splittable.boundary(0)]
+    norm = next((module for name, module in layer.named_children() if "norm" in name.lower() or name.startswith("ln")), None)
+    if norm is None:
+        raise ConfigError(f"no input norm found in {type(layer).__name__}: cannot model what its linear layers read")
+    return copy.deepcopy(norm).requires_grad_(False)
+
+
+def slip_mask_augmenter(normalise, *, frac_bits: int = 16, seed: int = 0):
+    """The attacker's own copy of SLIP's masking of the first offloaded layer's input: states [N, H] -> normed,
+    encoded in fixed point at 2^frac_bits, plus uniform masks over Z_2^64 (its own generator), read back as the
+    view is read (x 2^-frac_bits): what the cloud receives for those states."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+
+    def augment(states: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            encoded = torch.round(normalise(states).double() * 2.0**frac_bits).to(torch.int64)
+            masks = torch.randint(low, high, encoded.shape, generator=generator, dtype=torch.int64)
+            return ((encoded + masks).double() * 2.0**-frac_bits).float()  # the ring sum wraps, as on the wire
+
+    return augment
+
+
+def norm_output_bound(norm) -> float | None:
+    """An upper bound on ||norm(h)|| over every h, from the norm layer's public weights: RMSNorm gives w * h / rms(h)
+    with ||h / rms(h)|| <= sqrt(H), so ||.|| <= max|w| sqrt(H) (Gemma's (1 + w) likewise); LayerNorm adds its bias.
+    None for a norm layer this does not know (the exact attack then searches without the bound)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.dim() != 1:
+        return None
+    kind = type(norm).__name__
+    scale = weight.detach().double()
+    if "Gemma" in kind:
+        scale = 1.0 + scale
+    elif not (kind.endswith("RMSNorm") or isinstance(norm, torch.nn.LayerNorm)):
+        return None
+    bound = float(scale.abs().max()) * weight.numel() ** 0.5
+    bias = getattr(norm, "bias", None)
+    return bound + (float(bias.detach().double().norm()) if bias is not None else 0.0)
+
+
+class SlipAdaptation(Adaptation):
+    """SLIP's prompt deployment (strength = the secure rank k): nothing to undo and no secret the cloud can recover
+    (the masks never leave the device); the attacker models what crosses (normed, fixed point, masked)."""
+
+    def attack_options(self, attack: str, target: TextTarget | None = None) -> dict:
+        if target is None:
+            raise ConfigError("the adaptive attacker against slip needs the target (the public model and cuts)")
+        normalise = first_linear_input(target)
+        if attack == "exact":
+            return {"transform": normalise, "output_bound": norm_output_bound(normalise)}
+        return {"augment": slip_mask_augmenter(normalise)} if attack == "learned" else {}
+
+
 ADAPTATIONS: dict[str | None, type[Adaptation]] = {
-    None: Adaptation, "noise": NoiseAdaptation, "permute": PermutationAdaptation, "randcut": RandomisedCutAdaptation}
+    None: Adaptation, "noise": NoiseAdaptation, "permute": PermutationAdaptation, "randcut": RandomisedCutAdaptation,
+    "slip": SlipAdaptation}
 
 
 def adaptation_for(defence: str | None, strength: float = 0.0, wire: str = "fp32") -> Adaptation:

@@ -48,6 +48,21 @@ def wire_tolerance(wire: str) -> float:
         raise ConfigError(f"no match tolerance for wire {wire!r}; known: {', '.join(WIRE_TOLERANCE)}") from None
 
 
+def chat_template_hints(tokenizer, prompt_ids: list[int]) -> tuple[list[int | None], slice]:
+    """The chat template's public tokens around the user's text, as the attacker expects them: (hints for the exact
+    attack's `reconstruct`, None where the user's text is; the slice of the user's text in `prompt_ids`)."""
+    template = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    n = len(prompt_ids)
+    prefix = 0
+    while prefix < min(len(template), n) and template[prefix] == prompt_ids[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(template), n) - prefix and template[-1 - suffix] == prompt_ids[-1 - suffix]:
+        suffix += 1
+    return [*prompt_ids[:prefix], *([None] * (n - prefix - suffix)), *prompt_ids[n - suffix:]], slice(prefix, n - suffix)
+
+
 def merge_rankings(rankings: list[torch.Tensor]) -> torch.Tensor:
     """Pure: token ids ordered by their best rank over several score vectors [V] (higher score = better)."""
     ranks = torch.stack([torch.argsort(torch.argsort(scores, descending=True)) for scores in rankings])  # 0 = best
@@ -99,6 +114,13 @@ class ExactInversion(Attack):
         ranker: optional scores [T, V] for observed states [T, H] (e.g. a learned readout's logits): its best
             tokens are verified first and its ranking is merged with the gradient's. It changes the cost, never the
             answer: every accepted token is still verified through the head.
+        transform: what a defence does to the head's output before it crosses, as the attacker models it from public
+            weights (differentiable; e.g. SLIP's cloud receives layer A's normed input): candidates are compared with
+            the observation after it. None compares the head's output itself.
+        output_bound: an upper bound on the norm of every candidate's (transformed) output, from public weights
+            (e.g. a norm layer's: max|w| sqrt(H)). Every candidate then lies at least ||observed|| - output_bound
+            from the observation; when that exceeds the match limit, no token can match, so the search stops after
+            its first round and takes the closest seen (as when the budget runs out). None: no bound, full search.
     """
 
     name = "exact"
@@ -106,9 +128,13 @@ class ExactInversion(Attack):
                                description="a cloud that knows the public weights of the layers before the cut")
 
     def __init__(self, target: TextTarget | CausalLMPart, *, candidates: int = 256, restarts: int = 3,
-                 max_verified: int | None = None, tolerance: float = WIRE_TOLERANCE["fp16"], ranker=None):
+                 max_verified: int | None = None, tolerance: float = WIRE_TOLERANCE["fp16"], ranker=None,
+                 transform=None, output_bound: float | None = None):
         self.head = granted(self, target).head  # a private copy of the public head, with its own prefix cache
         self.ranker = ranker
+        self.transform = transform if transform is not None else (lambda states: states)
+        self.output_bound = output_bound
+        self.search: list[dict] = []  # per position of the last reconstruct: verified, closest distance, unmatchable
         self.embeddings = self.head.input_embeddings.detach()  # [V, H]
         self.unit_embeddings = torch.nn.functional.normalize(self.embeddings.float(), dim=-1)  # first guesses
         vocab = self.embeddings.shape[0]
@@ -121,7 +147,7 @@ class ExactInversion(Attack):
 
     def _distances(self, token_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = self.head.fork_forward(self.embeddings[token_ids].unsqueeze(1))[:, 0]  # [B, H]
+            out = self.transform(self.head.fork_forward(self.embeddings[token_ids].unsqueeze(1))[:, 0])  # [B, H]
         self.verified += len(token_ids)
         return (out - target).norm(dim=-1)
 
@@ -129,7 +155,7 @@ class ExactInversion(Attack):
         """First-order change of ||head(e) - target||^2 when e moves from the start token's embedding to each row."""
         embed = self.embeddings[start_token].clone().requires_grad_(True)
         with torch.enable_grad():
-            out = self.head.fork_forward(embed.view(1, 1, -1))[0, 0]
+            out = self.transform(self.head.fork_forward(embed.view(1, 1, -1))[0])[0]
             (grad,) = torch.autograd.grad((out - target).pow(2).sum(), embed)
         return self.embeddings @ grad
 
@@ -157,6 +183,8 @@ class ExactInversion(Attack):
         hit = verify(torch.cat([torch.tensor([first_guess]), first]))
         if hit is not None:
             return hit
+        if self.unmatchable(target):  # proven: no token's output comes within the limit, searching on changes nothing
+            return min(seen, key=seen.get)
         starts = [t for t, _ in sorted(seen.items(), key=lambda item: item[1])[: self.restarts]]
         with torch.no_grad():
             rankings = [-self._scores(s, target) for s in [first_guess, *starts]] + ([prior] if prior is not None else [])
@@ -169,6 +197,11 @@ class ExactInversion(Attack):
                 return hit
         return min(seen, key=seen.get)
 
+    def unmatchable(self, target: torch.Tensor) -> bool:
+        """Whether `output_bound` proves that no token matches `target`: every candidate output has norm <= bound,
+        so its distance is >= ||target|| - bound (triangle inequality), which exceeds the match limit."""
+        return self.output_bound is not None and float(target.norm()) - self.output_bound > self._limit(target)
+
     def reconstruct(self, observed: torch.Tensor, hints: list[int | None] | None = None) -> list[int]:
         """observed: [T, H] uplink states of consecutive positions from the start -> T token ids.
 
@@ -177,6 +210,7 @@ class ExactInversion(Attack):
         """
         started = time.perf_counter()
         self.head.reset()
+        self.search = []
         with torch.no_grad():
             priors = self.ranker(observed.float()) if self.ranker is not None else None  # [T, V]
             guesses = priors.argmax(-1).tolist() if priors is not None else nearest_tokens(observed, self.unit_embeddings)
@@ -188,8 +222,13 @@ class ExactInversion(Attack):
             if hint is not None:
                 distance = float(self._distances(torch.tensor([hint]), target)[0])
                 token = hint if distance <= self._limit(target) else None
+            verified_before = self.verified
             if token is None:
                 token = self._invert_position(target, guesses[position], None if priors is None else priors[position])
+            self.search.append({"verified": self.verified - verified_before,
+                                "closest_relative": float(self._distances(torch.tensor([token]), target)[0])
+                                / (float(target.norm()) or 1.0), "unmatchable": self.unmatchable(target)})
+            self.verified -= 1  # the line above only measures the accepted token's distance again
             recovered.append(token)
             self.head(torch.tensor([[token]]))  # commit: the prefix cache grows by the recovered token
         self.seconds_per_token = (time.perf_counter() - started) / max(observed.shape[0], 1)
