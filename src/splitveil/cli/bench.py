@@ -97,3 +97,6 @@ def service(
                        f"{row['steps_per_second']:7.1f} steps/s ({row['speedup_vs_one_session']:.2f}x one session)"
                        + (f"  errors: {row['errors'][:1]}" if row["errors"] else ""))
     typer.echo(f"wrote {json_path} and {png_path}")
+
+
+from splitveil.cli import bench_hardening  # noqa: E402,F401  (registers `bench fuzz` and `bench load`)

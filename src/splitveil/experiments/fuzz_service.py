@@ -1,0 +1,725 @@
+"""Hostile peers for the service: message generators, a client that judges every answer, and the `bench fuzz` run.
+
+Every generator is a pure function of a seeded `random.Random` and a `Target` (the session the connection holds,
+the sequence number the server expects, the hidden size, a live session of *another* connection). It returns the
+messages to send in order: frames as `bytes`, WebSocket text messages as `str`; the `http` category returns raw
+HTTP upgrade requests instead. `FuzzClient.run_case` sends them over a real TLS WebSocket and judges each answer:
+
+- an ERROR frame (one non-empty line), after which the server may close the connection (a clean close is counted);
+- a RESULT or OK only when the message really was a valid frame for this connection (checked with `decode_frame`);
+- anything else is a failure: no answer within the timeout (`hang`; `handshake_timeout` when the WebSocket
+  upgrade itself got no answer, before any hostile byte was sent), a close without an ERROR frame, an
+  undecodable answer, "internal server error", a malformed frame that was accepted, HTTP 5xx, or a traceback in
+  the server's log while the case ran (`unhandled`).
+
+One exception is documented in docs/service.md and counted apart, not as a failure: a message larger than twice
+the frame limit is closed by the WebSocket layer with code 1009 and no ERROR frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitveil.core.errors import WireError
+from splitveil.core.registry import Registry
+from splitveil.wire.frame import MAGIC, MAX_FRAME_BYTES, NO_SESSION, WIRE_VERSION, FrameKind, decode_frame
+
+HEADER = struct.Struct("<2sBBBBBB16sI")  # the documented frame header (wire/frame.py), packed with any field value
+CODEC_IDS = {"fp32": 1, "fp16": 2, "bf16": 3}  # the float codecs' wire ids
+FAILURES = ("hang", "handshake_timeout", "closed_without_error", "bad_reply", "accepted_malformed", "internal_error", "unhandled",
+            "http_5xx", "harness_error")
+REPLY_CAP = 256 * 1024 * 1024
+
+
+@dataclass
+class Target:
+    """What a connection knows when it builds its next hostile message."""
+
+    session: bytes = NO_SESSION  # the connection's own session (zeros while it holds none)
+    seq: int = 0  # the sequence number the server expects next
+    hidden: int = 576
+    part: int = 1
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    foreign: bytes | None = None  # a live session of another connection (the bystander's), when known
+
+
+@dataclass(frozen=True)
+class Category:
+    generate: Callable[[random.Random, Target], list]
+    session: str  # "yes": OPEN first; "no": send on a fresh connection; "any": either, chosen by the rng
+    transport: str = "websocket"  # or "http": raw upgrade requests over TLS
+
+
+CATEGORIES: Registry[Category] = Registry("fuzz category")
+
+
+def raw_frame(*, kind: int = FrameKind.FORWARD, session: bytes = NO_SESSION, seq: int = 0, part: int = 1,
+              codec: int = 1, shape: tuple[int, ...] = (), payload: bytes = b"", magic: bytes = MAGIC,
+              version: int = WIRE_VERSION, flags: int = 0, ndim: int | None = None) -> bytes:
+    """A frame with any header values (the encoder refuses invalid ones; a hostile peer does not)."""
+    ndim = len(shape) if ndim is None else ndim
+    return (HEADER.pack(magic, version, kind, codec, ndim, part, flags, session, seq)
+            + struct.pack(f"<{len(shape)}I", *shape) + payload)
+
+
+def float_payload(values: np.ndarray, codec: str) -> bytes:
+    """Float32 values as the raw bytes of `codec` (bf16: the top 16 bits of each float32)."""
+    values = np.asarray(values, dtype=np.float32)
+    if codec == "fp32":
+        return values.astype("<f4").tobytes()
+    if codec == "fp16":
+        with np.errstate(over="ignore"):
+            return values.astype("<f2").tobytes()
+    return (values.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+
+
+def valid_forward(rng: random.Random, t: Target, *, positions: int | None = None, codec: str | None = None,
+                  values: np.ndarray | None = None) -> bytes:
+    """A FORWARD the server must accept: [1, positions, hidden] finite floats for the connection's session."""
+    codec = codec or rng.choice(list(CODEC_IDS))
+    positions = positions or rng.randint(1, 4)
+    if values is None:
+        values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (1, positions, t.hidden))
+    return raw_frame(session=t.session, seq=t.seq, part=t.part, codec=CODEC_IDS[codec], shape=(1, positions, t.hidden),
+                     payload=float_payload(values, codec))
+
+
+def _register(name: str, session: str, transport: str = "websocket"):
+    def add(generate):
+        CATEGORIES.register(name, Category(generate, session, transport))
+        return generate
+    return add
+
+
+@_register("random_bytes", "any")
+def random_bytes(rng, t):
+    size = rng.choice([0, rng.randint(1, 27), rng.randint(28, 100), rng.randint(101, 4096)])
+    prefix = rng.choice([b"", b"SV", b"SV\x01", b"SV\x01\x02"])
+    return [(prefix + rng.randbytes(size))[:size]]
+
+
+@_register("bit_flip", "yes")
+def bit_flip(rng, t):
+    frame = bytearray(valid_forward(rng, t, positions=rng.randint(1, 2)))
+    for _ in range(rng.randint(1, 8)):
+        at = rng.randrange(40) if rng.random() < 0.6 else rng.randrange(len(frame))
+        frame[at] ^= 1 << rng.randrange(8)
+    return [bytes(frame)]
+
+
+@_register("truncation", "any")
+def truncation(rng, t):
+    whole = rng.choice([valid_forward(rng, t), raw_frame(kind=FrameKind.OPEN, part=0),
+                        raw_frame(kind=FrameKind.CLOSE, session=t.session, seq=t.seq)])
+    return [whole[: rng.randrange(len(whole))]]
+
+
+HUGE_DIMS = (0, 1, 2, 3, 8, 9, 2**16, 2**31 - 1, 2**31, 2**32 - 1)
+
+
+@_register("absurd_shape", "yes")
+def absurd_shape(rng, t):
+    style = rng.randrange(5)
+    codec = rng.randint(1, 5)
+    if style == 0:  # an empty tensor whose other dimensions are huge
+        shape = [rng.choice((2**31, 2**32 - 1, rng.getrandbits(32))) for _ in range(rng.randint(1, 3))]
+        shape.insert(rng.randrange(len(shape) + 1), 0)
+        return [raw_frame(session=t.session, seq=t.seq, part=t.part, codec=codec, shape=tuple(shape))]
+    if style == 1:  # the product overflows 64 bits
+        shape = tuple(rng.choice((2**32 - 1, 2**31 + rng.getrandbits(31))) for _ in range(4))
+        return [raw_frame(session=t.session, seq=t.seq, part=t.part, codec=codec, shape=shape, payload=rng.randbytes(rng.randint(0, 64)))]
+    if style == 2:  # ndim anywhere in 0..255, with the dimensions it announces (capped) or fewer
+        ndim = rng.randint(0, 255)
+        dims = tuple(rng.choice(HUGE_DIMS + (t.hidden,)) for _ in range(min(ndim, 64) if rng.random() < 0.7 else rng.randint(0, 3)))
+        return [raw_frame(session=t.session, seq=t.seq, part=t.part, codec=codec, shape=dims, ndim=ndim,
+                          payload=rng.randbytes(rng.randint(0, 64)))]
+    if style == 3:  # consistent byte count, wrong rank or width: [n], [1, n], [b, n, h, 1], width hidden +- 1
+        count = rng.randint(1, 6)
+        shape = rng.choice([(count * t.hidden,), (count, t.hidden), (1, count, t.hidden, 1), (1, count, t.hidden + 1),
+                            (1, count, max(t.hidden - 1, 1)), (9, 1, t.hidden), (count, 0, t.hidden)])
+        size = int(np.prod(shape))
+        return [raw_frame(session=t.session, seq=t.seq, part=t.part, codec=1, shape=shape,
+                          payload=float_payload(np.zeros(size), "fp32"))]
+    shape = tuple(rng.choice(HUGE_DIMS) for _ in range(rng.randint(1, 4)))  # random huge dims, a short payload
+    return [raw_frame(session=t.session, seq=t.seq, part=t.part, codec=codec, shape=shape, payload=rng.randbytes(rng.randint(0, 16)))]
+
+
+@_register("nonfinite", "yes")
+def nonfinite(rng, t):
+    positions = rng.randint(1, 3)
+    values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (1, positions, t.hidden)).astype(np.float32)
+    for _ in range(rng.randint(1, 5)):
+        values.flat[rng.randrange(values.size)] = rng.choice([np.nan, np.inf, -np.inf, 1e5])  # 1e5: Inf only in fp16
+    return [valid_forward(rng, t, positions=positions, values=values)]
+
+
+@_register("huge_values", "yes")
+def huge_values(rng, t):
+    """Finite but extreme inputs (valid frames: RESULT or ERROR are both right answers)."""
+    positions = rng.randint(1, 2)
+    codec = rng.choice(list(CODEC_IDS))
+    top = {"fp32": 3.4e38, "fp16": 65504.0, "bf16": 3.38e38}[codec]
+    values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (1, positions, t.hidden)).astype(np.float32)
+    mask = np.random.default_rng(rng.getrandbits(32)).random(values.shape) < rng.choice([0.01, 0.5, 1.0])
+    values[mask] = rng.choice([top, -top, 1e38 if codec != "fp16" else 6e4, 1e30 if codec != "fp16" else 1e4])
+    return [valid_forward(rng, t, positions=positions, codec=codec, values=values)]
+
+
+@_register("bad_header", "yes")
+def bad_header(rng, t):
+    fields = dict(session=t.session, seq=t.seq, part=t.part, codec=1, shape=(1, 1, t.hidden),
+                  payload=float_payload(np.zeros((1, 1, t.hidden)), "fp32"))
+    which = rng.choice(["magic", "version", "kind", "codec", "part", "seq", "session"])
+    if which == "magic":
+        fields["magic"] = rng.choice([b"VS", b"sv", b"\0\0", rng.randbytes(2)])
+        fields["magic"] = fields["magic"] if fields["magic"] != MAGIC else b"XX"
+    elif which == "version":
+        fields["version"] = rng.choice([0, 2, 255, rng.randint(2, 255)])
+    elif which == "kind":
+        fields["kind"] = rng.choice([0, FrameKind.RESULT, FrameKind.ERROR, FrameKind.OK, 7, rng.randint(7, 255)])
+    elif which == "codec":
+        fields["codec"] = rng.choice([0, 4, 5, 6, rng.randint(6, 255)])
+    elif which == "part":
+        fields["part"] = rng.choice([p for p in (0, 2, 3, 255, rng.randint(0, 255)) if p != t.part])
+    elif which == "seq":
+        fields["seq"] = rng.choice([s for s in (t.seq + 1, t.seq + 2, 2**32 - 1, rng.getrandbits(32)) if s != t.seq])
+    else:
+        fields["session"] = rng.choice([NO_SESSION, rng.randbytes(16), bytes(15) + b"\1"])
+    return [raw_frame(**fields)]
+
+
+@_register("foreign_session", "any")
+def foreign_session(rng, t):
+    """FORWARD or CLOSE naming another connection's live session (the bystander's when known)."""
+    other = t.foreign or rng.randbytes(16)
+    if rng.random() < 0.5:
+        return [raw_frame(kind=FrameKind.CLOSE, session=other, seq=rng.getrandbits(8))]
+    return [valid_forward(rng, Target(other, rng.randint(0, 200), t.hidden, t.part, t.max_frame_bytes))]
+
+
+@_register("text_message", "any")
+def text_message(rng, t):
+    return [rng.choice(["", "hello", '{"kind": "OPEN"}', "SV\x01\x01", "\u00e9\u4e2d\U0001f600" * rng.randint(1, 50),
+                        "x" * rng.randint(1, 10000), raw_frame(kind=FrameKind.OPEN).hex()])]
+
+
+@_register("second_open", "yes")
+def second_open(rng, t):
+    return [raw_frame(kind=FrameKind.OPEN, part=0)] * rng.randint(1, 2)
+
+
+@_register("no_session", "no")
+def no_session(rng, t):
+    """Valid-looking frames on a connection that holds no session."""
+    session = rng.choice([NO_SESSION, rng.randbytes(16), t.foreign or NO_SESSION])
+    if rng.random() < 0.3:
+        return [raw_frame(kind=FrameKind.CLOSE, session=session)]
+    return [valid_forward(rng, Target(session, 0, t.hidden, t.part, t.max_frame_bytes))]
+
+
+@_register("close_then_use", "yes")
+def close_then_use(rng, t):
+    """CLOSE of the connection's own session (valid), then frames for the closed session."""
+    closed = Target(t.session, t.seq, t.hidden, t.part, t.max_frame_bytes)
+    return [raw_frame(kind=FrameKind.CLOSE, session=t.session, seq=t.seq), valid_forward(rng, closed)]
+
+
+@_register("oversize", "any")
+def oversize(rng, t):
+    """Frames over the size limit; one in ten over twice the limit (closed by the WebSocket layer, documented)."""
+    limit = t.max_frame_bytes
+    size = 2 * limit + rng.randint(1, 4096) if rng.random() < 0.1 else limit + rng.randint(1, 65536)
+    positions = max(1, (size - 40) // (4 * t.hidden))
+    frame = raw_frame(session=t.session, seq=t.seq, part=t.part, codec=1, shape=(1, positions, t.hidden))
+    return [frame + bytes(size - len(frame))]
+
+
+_UPGRADE = ("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+HTTP_REQUESTS = (  # `{token}` is the server's real token, filled in when sent
+    _UPGRADE + "Authorization: Bearer {token}\r\nAuthorization: Bearer x\r\n\r\n",
+    _UPGRADE + "Authorization: Bearer x\r\nAuthorization: Bearer {token}\r\n\r\n",
+    _UPGRADE + "Authorization: Bearer wrong-token\r\n\r\n",
+    _UPGRADE + "\r\n",
+    _UPGRADE + "Authorization: Basic {token}\r\n\r\n",
+    _UPGRADE + "Authorization: Bearer " + "A" * 9000 + "\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n",
+    "\x00\x01garbage\r\n\r\n",
+)
+
+
+@_register("http", "no", transport="http")
+def http_requests(rng, t):
+    """Raw upgrade requests: the server must answer HTTP 4xx (or close), never 5xx and never 101."""
+    return [rng.choice(HTTP_REQUESTS)]
+
+
+# -- judging answers ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """How the server answered one case. `failure` is None when every answer was right."""
+
+    category: str
+    index: int | None = None  # the case's number in its run (replayable with `case_rng(seed, index)`)
+    messages: list = field(default_factory=list)
+    answers: list = field(default_factory=list)  # "result", "ok", "error", "clean_close", "close_1009", "http_4xx", ...
+    failure: str | None = None
+    detail: str = ""
+
+    def reproducer(self, limit: int = 512) -> dict:
+        """The failing case as data: category, failure, and each message as hex (cut at `limit` bytes)."""
+        def show(message):
+            data = message.encode() if isinstance(message, str) else message
+            return {"type": "text" if isinstance(message, str) else "binary", "bytes": len(data), "hex": data[:limit].hex()}
+        return {"category": self.category, "case": self.index, "failure": self.failure, "detail": self.detail,
+                "messages": [show(m) for m in self.messages]}
+
+
+def _accepts(message, t: Target, reply_kind: int) -> bool:
+    """Whether a RESULT/OK answer to `message` is right: the message must be a valid frame for this connection."""
+    if not isinstance(message, bytes):
+        return False
+    try:
+        frame = decode_frame(message, max_bytes=t.max_frame_bytes)
+    except WireError:
+        return False
+    if reply_kind == FrameKind.OK:
+        return (frame.kind == FrameKind.OPEN and t.session == NO_SESSION) or (
+            frame.kind == FrameKind.CLOSE and frame.session == t.session != NO_SESSION)
+    shape = frame.shape
+    return (reply_kind == FrameKind.RESULT and frame.kind == FrameKind.FORWARD and frame.session == t.session != NO_SESSION
+            and frame.seq == t.seq and frame.part == t.part and len(shape) == 3 and shape[-1] == t.hidden and 0 not in shape)
+
+
+class FuzzClient:
+    """Sends hostile cases to a server over TLS and judges the answers.
+
+    Args:
+        url: wss://127.0.0.1:PORT.
+        token: the server's bearer token.
+        ca_file: the server's certificate.
+        hidden: the served part's hidden size; part: its index in the plan.
+        timeout: seconds to wait for any one answer before calling it a hang.
+        close_wait: seconds to wait for the server to close after an ERROR frame.
+        unhandled: returns the server log lines that show an unhandled path since the last call (tracebacks).
+        settle: seconds to wait after a case before reading the log (a server logs a failed handler after closing).
+    """
+
+    def __init__(self, url: str, *, token: str, ca_file, hidden: int, part: int = 1, max_frame_bytes: int = MAX_FRAME_BYTES,
+                 timeout: float = 20.0, close_wait: float = 2.0, unhandled: Callable[[], list[str]] = lambda: [],
+                 settle: float = 0.0):
+        from splitveil.transport.tls import client_context
+
+        self.url, self.token, self.timeout, self.close_wait = url, token, timeout, close_wait
+        self.ssl = client_context(ca_file=ca_file)
+        self.hidden, self.part, self.max_frame_bytes = hidden, part, max_frame_bytes
+        self.unhandled, self.settle = unhandled, settle
+        self.foreign: Callable[[], bytes | None] = lambda: None
+
+    def run_case(self, category: str, rng: random.Random, *, index: int | None = None) -> Outcome:
+        """Runs one case of `category` drawn from `rng` on fresh connections; never raises."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+        spec = CATEGORIES.get(category)
+        t = Target(hidden=self.hidden, part=self.part, max_frame_bytes=self.max_frame_bytes, foreign=self.foreign())
+        outcome = Outcome(category, index)
+
+        try:
+            if spec.transport == "http":
+                self._http(spec, rng, t, outcome)
+            else:
+                self._websocket(spec, rng, t, outcome)
+        except TimeoutError as error:
+            outcome.failure, outcome.detail = "hang", f"no answer within {self.timeout:g} s ({error})"
+        except InvalidStatus as error:  # the upgrade itself was refused (connection limits): 503 is a fair answer
+            status = error.response.status_code
+            outcome.answers.append(f"upgrade_refused_{status}")
+            if status >= 500 and status != 503:
+                outcome.failure, outcome.detail = "http_5xx", f"upgrade answered HTTP {status}"
+        except ConnectionClosed as closed:  # closed while opening its session or sending valid frames
+            outcome.failure = "closed_without_error"
+            outcome.detail = f"closed before the hostile message (code {closed.rcvd.code if closed.rcvd else None})"
+        except InvalidHandshake as error:  # the server closed or garbled the upgrade
+            outcome.failure, outcome.detail = "closed_without_error", f"upgrade failed: {error}"[:300]
+        except (OSError, WireError) as error:
+            outcome.failure, outcome.detail = "bad_reply", f"{type(error).__name__}: {error}"[:300]
+        except Exception as error:  # a defect of this harness: counted, never hidden
+            outcome.failure, outcome.detail = "harness_error", f"{type(error).__name__}: {error}"[:300]
+        if self.settle:
+            time.sleep(self.settle)
+        lines = self.unhandled()
+        if lines and outcome.failure is None:
+            outcome.failure, outcome.detail = "unhandled", " | ".join(lines[:3])[:500]
+        return outcome
+
+    def _websocket(self, spec: Category, rng: random.Random, t: Target, outcome: Outcome) -> None:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        try:
+            ws = connect(self.url, ssl=self.ssl, additional_headers={"Authorization": f"Bearer {self.token}"},
+                         max_size=REPLY_CAP, compression=None, open_timeout=self.timeout, close_timeout=1)
+        except TimeoutError as error:  # before any hostile byte: the opening handshake itself stalled
+            outcome.failure, outcome.detail = "handshake_timeout", f"no WebSocket handshake within {self.timeout:g} s ({error})"
+            return
+        with ws:
+            if spec.session == "yes" or (spec.session == "any" and rng.random() < 0.5):
+                ws.send(raw_frame(kind=FrameKind.OPEN, part=0))
+                opened = decode_frame(ws.recv(timeout=self.timeout), max_bytes=REPLY_CAP, finite=False)
+                if opened.kind != FrameKind.OK:  # e.g. the server is full: a valid answer, nothing to fuzz with
+                    outcome.answers.append(f"open_refused: {opened.message}")
+                    return
+                t.session = opened.session
+                for _ in range(rng.choice([1, 2]) if rng.random() < 0.15 else 0):  # sometimes a session with state
+                    ws.send(valid_forward(rng, t, codec="fp32", positions=1))
+                    if decode_frame(ws.recv(timeout=self.timeout), max_bytes=REPLY_CAP, finite=False).kind != FrameKind.RESULT:
+                        outcome.failure, outcome.detail = "bad_reply", "a valid FORWARD was refused"
+                        return
+                    t.seq += 1
+            messages = spec.generate(rng, t)
+            for message in messages:
+                outcome.messages.append(message)
+                try:
+                    ws.send(message)
+                    reply = ws.recv(timeout=self.timeout)
+                except ConnectionClosed as closed:
+                    code = closed.rcvd.code if closed.rcvd else None
+                    size = len(message.encode() if isinstance(message, str) else message)
+                    if size > 2 * self.max_frame_bytes and code in (1009, None):  # None: reset while still sending
+                        outcome.answers.append("close_1009")
+                    else:
+                        outcome.failure, outcome.detail = "closed_without_error", f"close code {code}"
+                    return
+                if not self._judge(reply, message, t, outcome):
+                    return
+                if outcome.answers[-1] == "error":
+                    try:
+                        ws.recv(timeout=self.close_wait)
+                        outcome.answers.append("error_then_more")
+                    except ConnectionClosed:
+                        outcome.answers.append("clean_close")
+                    except TimeoutError:
+                        outcome.answers.append("error_kept_open")
+                    return
+
+    def _judge(self, reply, message, t: Target, outcome: Outcome) -> bool:
+        if isinstance(reply, str):
+            outcome.failure, outcome.detail = "bad_reply", "a text message instead of a frame"
+            return False
+        try:
+            frame = decode_frame(reply, max_bytes=REPLY_CAP, finite=False)
+        except WireError as error:
+            outcome.failure, outcome.detail = "bad_reply", f"undecodable answer: {error.message}"
+            return False
+        if frame.kind == FrameKind.ERROR:
+            text = frame.message
+            if text == "internal server error":
+                outcome.failure, outcome.detail = "internal_error", text
+                return False
+            if not text.strip() or "\n" in text:
+                outcome.failure, outcome.detail = "bad_reply", f"ERROR message is not one line: {text[:200]!r}"
+                return False
+            outcome.answers.append("error")
+            outcome.detail = text[:200]
+            return True
+        if frame.kind in (FrameKind.RESULT, FrameKind.OK) and _accepts(message, t, frame.kind):
+            if frame.kind == FrameKind.RESULT:
+                t.seq += 1
+                outcome.answers.append("result")
+            else:
+                t.session, t.seq = (frame.session, 0) if t.session == NO_SESSION else (NO_SESSION, 0)
+                outcome.answers.append("ok")
+            return True
+        outcome.failure = "accepted_malformed" if frame.kind in (FrameKind.RESULT, FrameKind.OK) else "bad_reply"
+        outcome.detail = f"answered {frame.kind.name} to a message that is not a valid frame for this connection"
+        return False
+
+    def _http(self, spec: Category, rng: random.Random, t: Target, outcome: Outcome) -> None:
+        self.send_http(spec.generate(rng, t), outcome)
+
+    def send_http(self, requests: list[str], outcome: Outcome) -> Outcome:
+        """Sends raw HTTP requests (`{token}` filled in), each on its own TLS connection, and judges the status lines."""
+        import socket
+        from urllib.parse import urlparse
+
+        parsed = urlparse(self.url)
+        for request in requests:
+            data = request.replace("{token}", self.token).encode("latin-1")
+            outcome.messages.append(data)
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=self.timeout) as raw:
+                with self.ssl.wrap_socket(raw, server_hostname=parsed.hostname) as sock:
+                    sock.sendall(data)
+                    try:
+                        head = sock.recv(256)
+                    except (ConnectionError, ssl.SSLError):
+                        head = b""
+            status = head.split(b"\r\n", 1)[0].decode("latin-1", errors="replace")
+            parts = status.split()
+            code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+            if code is None:
+                outcome.answers.append("http_closed")
+            elif code >= 500:
+                outcome.failure, outcome.detail = "http_5xx", status
+                return outcome
+            else:
+                outcome.answers.append("http_4xx" if 400 <= code < 500 else f"http_{code}")
+            if code == 101:
+                outcome.failure, outcome.detail = "accepted_malformed", f"upgrade accepted: {status}"
+                return outcome
+        return outcome
+
+
+def case_plan(count: int, seed: int, categories: list[str] | None = None) -> list[tuple[str, int]]:
+    """(category, case seed) for `count` cases: categories in turn, seeds from `seed` (reproducible one by one)."""
+    names = categories or CATEGORIES.names()
+    rng = random.Random(seed)
+    return [(names[i % len(names)], rng.getrandbits(64)) for i in range(count)]
+
+
+def log_watcher(path) -> Callable[[], list[str]]:
+    """Returns a function that gives the new lines of a server log that show an unhandled path (tracebacks, ERROR)."""
+    state = {"offset": 0}
+
+    def new_lines() -> list[str]:
+        with open(path, "rb") as handle:
+            handle.seek(state["offset"])
+            chunk = handle.read()
+        cut = chunk.rfind(b"\n") + 1
+        state["offset"] += cut
+        lines = chunk[:cut].decode("utf-8", errors="replace").splitlines()
+        return [line for line in lines if is_unhandled_line(line)]
+
+    return new_lines
+
+
+_LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (ERROR|CRITICAL) ")  # `splitveil serve`'s log format
+
+
+def is_unhandled_line(line: str) -> bool:
+    """A log line of an unhandled path: a traceback, or a record at ERROR/CRITICAL level."""
+    return "Traceback (most recent call last)" in line or bool(_LOG_LEVEL.match(line))
+
+
+# -- the benchmark -----------------------------------------------------------------------------------------------
+
+
+def case_rng(seed: int, index: int) -> random.Random:
+    """The generator of case `index` of a run seeded `seed` (any case can be replayed alone)."""
+    return random.Random(f"splitveil-fuzz:{seed}:{index}")
+
+
+@dataclass(frozen=True)
+class FuzzBenchSpec:
+    model: str = "smollm2-135m"
+    cuts: tuple[int, int] = (2, 28)
+    messages: int = 20000  # hostile messages to send at least
+    workers: int = 4  # hostile connections at a time
+    seed: int = 0
+    timeout_seconds: float = 60.0  # per answer: longer is a hang
+    bystander_tokens: int = 16  # tokens per bystander generation
+    rss_period_seconds: float = 0.5
+    categories: tuple[str, ...] = ()  # empty: all
+
+
+class Tally:
+    """Counts per category and in total; keeps the first reproducers of each (category, failure)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.cases = 0
+        self.messages = 0
+        self.per_category: dict[str, Counter] = {}
+        self.reproducers: list[dict] = []
+
+    def add(self, outcome: Outcome) -> int:
+        with self.lock:
+            counts = self.per_category.setdefault(outcome.category, Counter())
+            self.cases += 1
+            counts["cases"] += 1
+            sent = len(outcome.messages)
+            self.messages += sent
+            counts["messages"] += sent
+            for answer in outcome.answers:
+                counts[answer.split(":")[0]] += 1
+            if outcome.failure:
+                counts[f"failure:{outcome.failure}"] += 1
+                if sum(1 for r in self.reproducers if (r["category"], r["failure"]) == (outcome.category, outcome.failure)) < 3:
+                    self.reproducers.append(outcome.reproducer())
+            return self.messages
+
+    def summary(self) -> dict:
+        total = Counter()
+        for counts in self.per_category.values():
+            total.update(counts)
+        failures = {name: total.get(f"failure:{name}", 0) for name in FAILURES}
+        return {"cases": self.cases, "messages_sent": self.messages, "error_frames": total["error"],
+                "clean_closes_after_error": total["clean_close"], "errors_kept_open": total["error_kept_open"],
+                "valid_results": total["result"], "ok_answers": total["ok"], "closed_1009_oversize": total["close_1009"],
+                "http_4xx": total["http_4xx"], "http_closed": total["http_closed"], "failures": failures,
+                "unhandled_paths": failures["unhandled"] + failures["internal_error"], "hangs": failures["hang"],
+                "handshake_timeouts": failures["handshake_timeout"],
+                "total_failures": sum(failures.values())}
+
+
+def replay_failures(reproducers: list[dict], names: list[str], seed: int, workers: int, client: FuzzClient) -> None:
+    """Replays each failing case alone (no other traffic), and records what it gives then.
+
+    A server log line is blamed on the case that read the log next; with several workers (or a line logged just
+    after a connection closed) that may be a neighbour. So a log-only failure that does not come back alone is
+    followed by the cases just before it, and the first of those that fails alone is recorded as the likely cause.
+    """
+    client.unhandled()
+    for reproducer in reproducers:
+        index = reproducer["case"]
+        again = client.run_case(reproducer["category"], case_rng(seed, index), index=index)
+        reproducer["replayed_alone"] = {"failure": again.failure, "detail": again.detail[:300]}
+        if reproducer["failure"] != "unhandled" or again.failure is not None:
+            continue
+        for earlier in range(index - 1, max(-1, index - 1 - 2 * workers), -1):
+            neighbour = client.run_case(names[earlier % len(names)], case_rng(seed, earlier), index=earlier)
+            if neighbour.failure is not None:
+                reproducer["likely_cause"] = neighbour.reproducer()
+                break
+
+
+def run_fuzz_bench(spec: FuzzBenchSpec, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Hostile messages from `spec.workers` connections against a real `splitveil serve`, with a bystander generating."""
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.experiments.load_service import Bystander, RssSampler, rss_summary
+    from splitveil.experiments.records import environment
+    from splitveil.models.loading import load_causal_lm
+    from splitveil.plan.plan import SplitPlan
+    from splitveil.serve.process import ServerProcess
+    from splitveil.transport.network import WebSocketTransport
+
+    names = list(spec.categories) or CATEGORIES.names()
+    for name in names:
+        CATEGORIES.get(name)
+    # the client library logs a traceback when the server resets a connection while an oversize message is still
+    # being sent (the documented close of messages over twice the limit); the outcome is judged, not logged
+    logging.getLogger("websockets.client").setLevel(logging.CRITICAL)
+    model, tokenizer = load_causal_lm(spec.model)
+    hidden = model.config.hidden_size
+    unsplit = SplitCausalLM(model, tokenizer=tokenizer)
+    prompts = [unsplit.encode_prompt(p) for p in ("The capital of France is", "List three facts about the moon.")]
+    expected = [unsplit.generate(p, max_new_tokens=spec.bystander_tokens, eos_token_ids=()).token_ids for p in prompts]
+    record = {"benchmark": "fuzz", "spec": asdict(spec), "environment": environment(), "categories": names}
+    tally = Tally()
+    with ServerProcess(spec.model, spec.cuts, extra_args=["--max-sessions", str(spec.workers + 16)]) as server:
+        watcher, watch_lock = log_watcher(server.log_path), threading.Lock()
+
+        def unhandled():
+            with watch_lock:
+                return watcher()
+
+        sampler = RssSampler(server.process.pid, spec.rss_period_seconds).start()
+        transport = WebSocketTransport(server.url, token=server.token, ca_file=server.cert, timeout=spec.timeout_seconds)
+        lm = SplitCausalLM(model, SplitPlan.from_cuts(spec.cuts), tokenizer=tokenizer, transport=transport)
+        for stage in lm.stages:
+            if hasattr(stage, "recover_seconds"):
+                stage.recover_seconds = 0.0  # harm to its session must show
+        bystander = Bystander(lm, prompts, expected, spec.bystander_tokens).start()
+        counter = {"next": 0}
+        started = time.monotonic()
+
+        def work():
+            client = FuzzClient(server.url, token=server.token, ca_file=server.cert, hidden=hidden,
+                                timeout=spec.timeout_seconds, unhandled=unhandled)
+            client.foreign = lambda: bystander.session
+            while True:
+                with tally.lock:
+                    if tally.messages >= spec.messages:
+                        return
+                    index = counter["next"]
+                    counter["next"] += 1
+                outcome = client.run_case(names[index % len(names)], case_rng(spec.seed, index), index=index)
+                sent = tally.add(outcome)
+                if progress is not None:
+                    progress(min(sent, spec.messages), spec.messages)
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(spec.workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.monotonic() - started
+        record["bystander"] = bystander.stop()
+        replay_failures(tally.reproducers[:20], names, spec.seed, spec.workers,
+                        FuzzClient(server.url, token=server.token, ca_file=server.cert, hidden=hidden,
+                                   timeout=spec.timeout_seconds, unhandled=unhandled, settle=0.5))
+        after = SplitCausalLM(model, SplitPlan.from_cuts(spec.cuts), tokenizer=tokenizer,
+                              transport=WebSocketTransport(server.url, token=server.token, ca_file=server.cert))
+        record["after_fuzz_identical"] = [after.generate(p, max_new_tokens=spec.bystander_tokens, eos_token_ids=()).token_ids
+                                          for p in prompts] == expected
+        after.close()
+        lm.close()
+        late = unhandled()
+        record["server_alive"] = server.process.poll() is None
+        samples = sampler.stop()
+        log_text = Path(server.log_path).read_text(errors="replace")
+    summary = tally.summary()
+    summary["unhandled_log_lines_after_last_case"] = late[:10]
+    summary["server_log_tracebacks"] = log_text.count("Traceback (most recent call last)")
+    record.update({"seconds": seconds, "summary": summary, "reproducers": tally.reproducers,
+                   "per_category": {name: dict(counts) for name, counts in sorted(tally.per_category.items())},
+                   "rss": {"timeline": samples, **rss_summary(samples)}})
+    record["passed"] = bool(summary["total_failures"] == 0 and not late and summary["server_log_tracebacks"] == 0
+                            and record["bystander"]["identical_to_unsplit"] and record["after_fuzz_identical"]
+                            and record["server_alive"] and record["rss"]["bounded"])
+    return record
+
+
+def plot_fuzz_bench(record: dict, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from splitveil.experiments.records import save_figure
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(record["per_category"])
+    rows = [record["per_category"][n] for n in names]
+    kinds = [("error", "ERROR frame"), ("result", "valid RESULT"), ("ok", "OK"), ("close_1009", "close 1009"),
+             ("http_4xx", "HTTP 4xx"), ("http_closed", "HTTP closed")]
+    bottom = [0] * len(names)
+    for key, label in kinds:
+        values = [row.get(key, 0) for row in rows]
+        if any(values):
+            left.barh(names, values, left=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    failures = [sum(v for k, v in row.items() if k.startswith("failure:")) for row in rows]
+    if any(failures):
+        left.barh(names, failures, left=bottom, color="red", label="failure")
+    left.set_xlabel("answers")
+    summary = record["summary"]
+    left.set_title(f"{summary['messages_sent']} hostile messages: {summary['total_failures']} failures, {summary['hangs']} hangs")
+    left.legend(fontsize=7)
+    timeline = record["rss"]["timeline"]
+    right.plot([t for t, _ in timeline], [m for _, m in timeline], color="#444444")
+    right.set_ylim(0, 1.15 * max([m for _, m in timeline] or [1]))
+    right.set_xlabel("seconds")
+    right.set_ylabel("server RSS, MiB")
+    right.set_title(f"server memory; bystander identical: {record['bystander']['identical_to_unsplit']}")
+    return save_figure(fig, path)
+
+
+def save_fuzz_bench(record: dict, out_dir, stem: str):
+    from splitveil.experiments.records import write_json
+
+    out_dir = Path(out_dir)
+    return write_json(out_dir / f"{stem}.json", record), plot_fuzz_bench(record, out_dir / f"{stem}.png")
