@@ -70,6 +70,9 @@ def test_records_carry_the_state_stamped_at_the_start_not_at_the_end(repo, monke
 @pytest.mark.parametrize("command", [
     ["bench", "llm"],
     ["bench", "service"],
+    ["bench", "batched"],
+    ["bench", "fuzz"],
+    ["bench", "load"],
     ["attack", "text-sweep", "--quick"],
     ["attack", "image-sweep", "--dataset", "digits", "--quick"],
 ])

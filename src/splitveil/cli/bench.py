@@ -99,4 +99,38 @@ def service(
     typer.echo(f"wrote {json_path} and {png_path}")
 
 
+@app.command("batched")
+def batched(
+    sessions: str = typer.Option("1,16,64", "--sessions", help="Concurrent sessions per measurement, comma-separated."),
+    steps: int = typer.Option(24, "--steps", min=1, help="Batched decode steps timed per repeat."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Alternating repeats per algorithm and session count."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Batched decode steps of the SmolLM2 trunk (split 2,28): per-session buffers against the old gathering step,
+    aggregate steps/s and KV memory kept alive, both in one run."""
+    from splitveil.core.errors import ConfigError
+    from splitveil.experiments.bench_batched import BatchedBenchSpec, run_batched_bench, save_batched_bench
+
+    try:
+        levels = tuple(int(s) for s in sessions.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"bad --sessions {sessions!r}: give session counts like 1,16,64") from None
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"bad --sessions {sessions!r}: give positive session counts")
+    spec = BatchedBenchSpec(sessions=levels, steps=steps, repeats=repeats)
+    stamp_run(allow_dirty)
+    setup(threads)
+    with err_console.status("benchmarking ...") as spinner:
+        record = run_batched_bench(spec, progress=lambda message: spinner.update(message))
+    for count, row in record["summary"].items():
+        typer.echo(f"{count:>3} sessions: " + ", ".join(
+            f"{name} {value['steps_per_second']:.1f} steps/s" if isinstance(value, dict) else f"{name} {value:.2f}"
+            for name, value in row.items()))
+    stem = f"batched-decode_{Path(spec.model).name}_split-{'-'.join(map(str, spec.cuts))}_cpu-{threads}thread"
+    json_path, png_path = save_batched_bench(record, out, stem)
+    typer.echo(f"wrote {json_path} and {png_path}")
+
+
 from splitveil.cli import bench_hardening  # noqa: E402,F401  (registers `bench fuzz` and `bench load`)

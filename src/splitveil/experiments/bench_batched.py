@@ -245,22 +245,3 @@ def plot_batched_bench(record: dict, path: Path) -> Path:
 
 def save_batched_bench(record: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
     return write_json(out_dir / f"{stem}.json", record), plot_batched_bench(record, out_dir / f"{stem}.png")
-
-
-def main() -> None:  # pragma: no cover - a benchmark run, not a test
-    """`python -m splitveil.experiments.bench_batched [OUT_DIR]`: writes the JSON and the PNG."""
-    import sys
-
-    from splitveil.core.runtime import set_threads
-
-    set_threads(1)
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results")
-    record = run_batched_bench(BatchedBenchSpec(), progress=lambda message: print(message, flush=True))
-    for count, row in record["summary"].items():
-        rates = {k: round(v["steps_per_second"], 1) if isinstance(v, dict) else round(v, 2) for k, v in row.items()}
-        print(count, rates)
-    save_batched_bench(record, out_dir, "batched-decode_smollm2-135m_split-2-28_cpu-1thread")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
