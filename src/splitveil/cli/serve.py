@@ -86,6 +86,14 @@ def serve(
                    f"{service.max_tokens} positions per session, {service.max_kv_bytes / 2**20:.4g} MiB of KV cache")
         typer.echo(f"splitveil serve: listening on {srv.url}", nl=True)
 
+    serve_until_stopped(server, ready, host=host, port=port)
+    typer.echo("splitveil serve: stopped")
+
+
+def serve_until_stopped(server, ready, *, host: str, port: int) -> None:
+    """Runs `server` (a `SplitServer`) until SIGINT or SIGTERM, calling `ready(server)` once it listens; an address
+    it cannot listen on is a ConfigError (exit 2, one line). Used by `splitveil serve` and `splitveil slip serve`."""
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -96,7 +104,6 @@ def serve(
         asyncio.run(main())
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    typer.echo("splitveil serve: stopped")
 
 
 def _is_vision_model(name: str) -> bool:

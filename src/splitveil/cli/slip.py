@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import signal
 from enum import Enum
 from pathlib import Path
 
@@ -186,6 +184,7 @@ def serve(
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
 ) -> None:
     """The untrusted executor: multiplies masked inputs by W_residual, over TLS with a bearer token."""
+    from splitveil.cli.serve import serve_until_stopped
     from splitveil.protect.slip.executor import build_executor_service
     from splitveil.protect.slip.runtime import FrameLog
     from splitveil.serve.build import tls_for_server, token_for_server
@@ -208,16 +207,8 @@ def serve(
         typer.echo(f"splitveil slip serve: token file {token_path}")
         typer.echo(f"splitveil slip serve: listening on {srv.url}")
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.stop_from_loop)
-        await server.serve(ready=ready)
-
     try:
-        asyncio.run(main())
-    except OSError as error:
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        serve_until_stopped(server, ready, host=host, port=port)
     finally:
         if record is not None:
             record.close()

@@ -53,8 +53,13 @@ def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
     return train, aux, test
 
 
-def prepare_victim(spec: ImageAttackSpec, *, quiet: bool = True) -> dict:
-    """Data splits, the trained victim (cached) and the separately trained evaluator for reconstructions."""
+def splits_and_victim(spec, *, quiet: bool = True):
+    """The data splits of `spec` and its model trained on the train split (cached): what the image and the output
+    privacy experiments share. `spec` has dataset, model, seed, epochs and train/aux/test sizes.
+
+    Returns:
+        (splits, victim, was_cached).
+    """
     from splitveil.data.images import load_dataset, split_dataset
     from splitveil.models.vision_zoo import VISION_MODELS, build_vision_model
     from splitveil.train.classifier import TrainConfig, cached_classifier
@@ -68,6 +73,17 @@ def prepare_victim(spec: ImageAttackSpec, *, quiet: bool = True) -> dict:
         lambda: build_vision_model(spec.model, shape, classes), splits.train.images, splits.train.labels,
         TrainConfig(epochs=spec.epochs, seed=spec.seed), quiet=quiet,
         key_fields={"dataset": spec.dataset, "model": spec.model, "train": train, "split_seed": spec.seed})
+    return splits, victim, cached
+
+
+def prepare_victim(spec: ImageAttackSpec, *, quiet: bool = True) -> dict:
+    """Data splits, the trained victim (cached) and the separately trained evaluator for reconstructions."""
+    from splitveil.models.vision_zoo import build_vision_model
+    from splitveil.train.classifier import TrainConfig, cached_classifier
+
+    splits, victim, cached = splits_and_victim(spec, quiet=quiet)
+    shape, classes = splits.train.image_shape, splits.train.num_classes
+    aux = len(splits.aux)
     # the evaluator: another architecture and seed, trained on the attacker-side (auxiliary) split
     evaluator_name = "lenet" if spec.model != "lenet" else "resnet"
     evaluator, _ = cached_classifier(
@@ -214,20 +230,10 @@ def _rounded(images: torch.Tensor) -> list:
 
 def write_image_report(records: list[dict], out_dir, stem: str) -> tuple:
     """Records -> `<stem>.jsonl`, `<stem>_grid.png`, `<stem>_depth.png` and `<stem>.md`; returns the paths."""
-    import json
-    from pathlib import Path
-
     from splitveil.experiments.image_report import mine_intervals, mine_trend, plot_depth, plot_grid
+    from splitveil.experiments.records import write_records
 
-    if not records:
-        raise ConfigError("no records to report")
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"cannot write to --out {out_dir}: {error.strerror or error}") from None
-    jsonl = out_dir / f"{stem}.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out_dir, jsonl = write_records(records, out_dir, stem)
     grid, depth = out_dir / f"{stem}_grid.png", out_dir / f"{stem}_depth.png"
     plot_grid(records, grid)
     plot_depth(records, depth)

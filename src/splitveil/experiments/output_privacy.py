@@ -49,30 +49,13 @@ class OutputAttackSpec:
         return self.split - 1 if self.salt_layer is None else self.salt_layer
 
 
-def _sizes(n: int, spec: OutputAttackSpec) -> tuple[int, int, int]:
-    train = min(spec.train_size, int(0.45 * n))
-    aux = min(spec.aux_size, int(0.4 * n))
-    test = min(spec.test_size, n - train - aux)
-    return train, aux, test
-
-
 def prepare_models(spec: OutputAttackSpec, *, quiet: bool = True) -> dict:
     """Data splits, the standard model (cached, the same checkpoint as the image-privacy victim) and the salted one
     (cached; fine-tuned from the standard model's weights with a fresh uniform salt per example)."""
-    from splitveil.data.images import load_dataset, split_dataset
-    from splitveil.models.vision_zoo import VISION_MODELS, build_vision_model
+    from splitveil.experiments.image_privacy import splits_and_victim
     from splitveil.protect.salt import SaltConfig
-    from splitveil.train.classifier import TrainConfig, cached_classifier
 
-    VISION_MODELS.get(spec.model)
-    data = load_dataset(spec.dataset)
-    train, aux, test = _sizes(len(data), spec)
-    splits = split_dataset(data, train=train, aux=aux, test=test, seed=spec.seed)
-    shape, classes = data.image_shape, data.num_classes
-    standard, standard_cached = cached_classifier(
-        lambda: build_vision_model(spec.model, shape, classes), splits.train.images, splits.train.labels,
-        TrainConfig(epochs=spec.epochs, seed=spec.seed), quiet=quiet,
-        key_fields={"dataset": spec.dataset, "model": spec.model, "train": train, "split_seed": spec.seed})
+    splits, standard, standard_cached = splits_and_victim(spec, quiet=quiet)
     config = SaltConfig(kind=spec.salt, position=spec.position, values=spec.salt_values)
     salted, salted_cached = cached_salted(standard, config, splits.train, spec, quiet=quiet)
     return {"splits": splits, "standard": standard, "standard_cached": standard_cached, "salted": salted,
@@ -82,7 +65,7 @@ def prepare_models(spec: OutputAttackSpec, *, quiet: bool = True) -> dict:
 def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet: bool = True):
     """The salted model: a salted copy of `standard` fine-tuned on `train_data`, or its cached weights."""
     from splitveil.protect.salt import salt_model, train_salted
-    from splitveil.train.classifier import cache_dir, cache_key
+    from splitveil.train.classifier import cache_dir, cache_key, load_cached_weights, save_cached_weights
 
     torch.manual_seed(spec.seed)
     model = salt_model(copy.deepcopy(standard), config, input_shape=train_data.image_shape,
@@ -92,12 +75,8 @@ def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet
                     epochs=spec.epochs, salted_epochs=spec.salted_epochs, salt=config.to_dict(),
                     salt_code_version=SALT_CODE_VERSION, **countermeasure)
     path = cache_dir() / f"{spec.model}-salted-{key}.pt"
-    if path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval(), True
-        except (RuntimeError, OSError, EOFError):
-            pass
+    if load_cached_weights(model, path):
+        return model.eval(), True
     adversary = None
     if spec.adversary_weight:
         from splitveil.protect.salt_adversary import SaltAdversary
@@ -110,13 +89,7 @@ def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet
                                   weight=spec.adversary_weight)
     train_salted(model, train_data.images, train_data.labels, epochs=spec.salted_epochs, lr=2e-3, seed=spec.seed,
                  quiet=quiet, adversary=adversary)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
-    except OSError:
-        pass
+    save_cached_weights(model, path)
     return model, False
 
 
@@ -207,25 +180,14 @@ def label(record: dict) -> str:
 
 def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     """Records -> `<stem>.jsonl`, `<stem>.png` (accuracies and salt recovery against the salt layer) and `<stem>.md`."""
-    import json
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.experiments.records import save_figure, write_records
 
-    if not records:
-        raise ConfigError("no records to report")
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"cannot write to --out {out_dir}: {error.strerror or error}") from None
-    jsonl = out_dir / f"{stem}.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out_dir, jsonl = write_records(records, out_dir, stem)
     ordered = sorted(records, key=lambda r: (label(r), r["salt_layer"], r["split"]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
 

@@ -106,6 +106,21 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
+def write_records(records: list[dict], out_dir, stem: str) -> tuple[Path, Path]:
+    """Writes `records` as `<out_dir>/<stem>.jsonl` (the start of every experiment report); returns (out_dir, that
+    file). No records, or a folder that cannot be made, is a ConfigError."""
+    if not records:
+        raise ConfigError("no records to report")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot write to --out {out_dir}: {error.strerror or error}") from None
+    jsonl = out_dir / f"{stem}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out_dir, jsonl
+
+
 def save_figure(fig, path: Path) -> Path:
     """Writes a matplotlib figure as a PNG (folders made as needed) and closes it."""
     import matplotlib.pyplot as plt

@@ -22,17 +22,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@dataclass
-class ServerProcess:
-    """A `splitveil serve` child on 127.0.0.1 with a fresh self-signed certificate and a fresh token."""
+class ChildServer:
+    """A splitveil serving command as a child process on 127.0.0.1 with a fresh self-signed certificate and a
+    fresh token; waits until its log says it listens. Subclasses give the command (`ServerProcess`, the SLIP
+    executor's `ExecutorProcess`)."""
 
-    model: str
-    cuts: tuple[int, ...]
-    extra_args: list[str] = field(default_factory=list)
-    startup_timeout: float = 180.0
+    startup_timeout: float
+    prefix = "splitveil-serve-"  # of the temporary folder
+    log_name = "server.log"
+    what = "the server"  # in the error when it does not start
 
-    def __enter__(self) -> "ServerProcess":
-        self._folder = tempfile.TemporaryDirectory(prefix="splitveil-serve-")
+    def _command_args(self) -> tuple[list[str], list[str], str]:
+        """(arguments before --host, arguments after --token-file, the log line that says it listens)."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix=self.prefix)
         folder = Path(self._folder.name)
         self.cert, self.key, self.token_file = folder / "cert.pem", folder / "key.pem", folder / "token"
         generate_self_signed(self.cert, self.key)
@@ -42,20 +47,22 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"wss://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "splitveil.cli.main", "serve", "--model", self.model,
-                   "--split", ",".join(map(str, self.cuts)), "--host", "127.0.0.1", "--port", str(self.port),
+        head, tail, listening = self._command_args()
+        command = [sys.executable, "-m", "splitveil.cli.main", *head, "--host", "127.0.0.1", "--port", str(self.port),
                    "--tls-cert", str(self.cert), "--tls-key", str(self.key), "--token-file", str(self.token_file),
-                   *self.extra_args]
-        self.log_path = folder / "server.log"
+                   *tail]
+        self.log_path = folder / self.log_name
         self._log = open(self.log_path, "w")
+        self.started = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
-        while "splitveil serve: listening on" not in self.log_path.read_text():
+        while listening not in self.log_path.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+                tail_line = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
                 self.__exit__(None, None, None)
-                raise TransportError(f"the server did not start: {tail[0]}")
+                raise TransportError(f"{self.what} did not start: {tail_line[0]}")
             time.sleep(0.1)
+        self.startup_seconds = time.perf_counter() - self.started
         return self
 
     def __exit__(self, *exc) -> None:
@@ -68,3 +75,20 @@ class ServerProcess:
                 self.process.wait(5)
         self._log.close()
         self._folder.cleanup()
+
+
+@dataclass
+class ServerProcess(ChildServer):
+    """A `splitveil serve` child on 127.0.0.1 with a fresh self-signed certificate and a fresh token."""
+
+    model: str
+    cuts: tuple[int, ...]
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout: float = 180.0
+
+    def _command_args(self) -> tuple[list[str], list[str], str]:
+        head = ["serve", "--model", self.model, "--split", ",".join(map(str, self.cuts))]
+        return head, list(self.extra_args), "splitveil serve: listening on"
+
+    def __enter__(self) -> "ServerProcess":
+        return super().__enter__()

@@ -40,14 +40,20 @@ log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
 
 
-@dataclass
-class Session:
-    parts: dict[int, Part]  # part index -> this session's copy
+@dataclass(kw_only=True)
+class SessionState:
+    """What every service keeps per session: who owns it, the next sequence number, and whether it is idle."""
+
     owner: bytes = b""  # digest of the token that opened it
     next_seq: int = 0
-    tokens: int = 0  # rows x positions admitted so far (what its KV cache holds once computed)
     last_active: float = field(default_factory=time.monotonic)  # last frame admitted or answered
     in_flight: int = 0  # admitted FORWARD frames not computed yet (a session waiting in a queue is not idle)
+
+
+@dataclass
+class Session(SessionState):
+    parts: dict[int, Part]  # part index -> this session's copy
+    tokens: int = 0  # rows x positions admitted so far (what its KV cache holds once computed)
     kv_bytes: int = 0  # its parts' state_bytes() after its last compute
     kv_tokens: int = 0  # its `tokens` at that moment
     closed: bool = False
@@ -69,7 +75,95 @@ class Work:
         return self.frame.tensor.shape[1] == 1
 
 
-class PartService:
+class SessionService:
+    """The session plumbing every frame service shares (`PartService`, the SLIP executor's service): `admit`
+    answers OPEN and CLOSE, checks the session and its owner, hands a FORWARD to `_admit_forward`, and turns any
+    error into an ERROR frame; `evict_idle` drops idle sessions.
+
+    Subclasses set `sessions`, `max_frame_bytes`, `_lock`, and give `_open(owner) -> Frame`, `_admit_forward(session,
+    frame) -> work` and `close_session(session id)`.
+    """
+
+    sessions: dict[bytes, SessionState]
+    max_frame_bytes: int
+    _log = log  # where refusals are logged
+
+    def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None) -> tuple[object | None, bytes | None]:
+        """Validates one frame. Returns (work, None) for a FORWARD to compute, else (None, reply bytes).
+
+        Args:
+            owner: digest of the caller's token; sessions answer only to the token that opened them.
+            bound_session: the one session this caller's connection may use: NO_SESSION for a connection that has
+                opened none yet (it may only OPEN), None for in-process callers (any session of `owner`).
+        """
+        frame = None
+        try:
+            frame = decode_frame(data, max_bytes=self.max_frame_bytes)
+            if not isinstance(frame, Frame):  # cannot happen; keeps the promise below even if decoding changes
+                raise WireError("undecodable frame")
+            if frame.kind == FrameKind.OPEN:
+                if bound_session not in (None, NO_SESSION):
+                    raise WireError("this connection already has a session")
+                return None, encode_frame(self._open(owner))
+            session = self._session(frame.session, owner, bound_session)
+            if frame.kind == FrameKind.CLOSE:
+                self.close_session(frame.session)
+                return None, encode_frame(Frame(FrameKind.OK, session=frame.session, seq=frame.seq))
+            if frame.kind != FrameKind.FORWARD:
+                raise WireError(f"a client may not send {frame.kind.name} frames")
+            work = self._admit_forward(session, frame)  # checks the frame and counts it against the limits
+            session.next_seq += 1
+            with self._lock:
+                session.in_flight += 1
+            session.last_active = time.monotonic()
+            return work, None
+        except SplitveilError as error:
+            self._log.warning("refused a frame: %s", _one_line(error.message))
+            return None, error_reply(error.message, frame)
+        except Exception as error:  # a bug must not escape to the transport; the client still gets its ERROR frame
+            self._log.error("refused a frame after an internal error: %s: %s", type(error).__name__, _one_line(str(error)))
+            self._log.debug("internal error while admitting a frame", exc_info=True)
+            return None, error_reply("internal server error", frame)
+
+    def _open(self, owner: bytes) -> Frame:
+        raise NotImplementedError
+
+    def _admit_forward(self, session: SessionState, frame: Frame):
+        raise NotImplementedError
+
+    def close_session(self, session_id: bytes) -> bool:
+        raise NotImplementedError
+
+    def _session(self, session_id: bytes, owner: bytes, bound_session: bytes | None):
+        session = self.sessions.get(session_id)
+        if session is None or session_id == NO_SESSION:
+            raise WireError("unknown session")
+        if bound_session == NO_SESSION:
+            raise WireError("open a session on this connection first")
+        if (bound_session is not None and session_id != bound_session) or not secrets.compare_digest(session.owner, owner):
+            raise WireError("this session belongs to another client")
+        return session
+
+    def evict_idle(self, idle_seconds: float) -> list[bytes]:
+        """Drops sessions idle for longer than `idle_seconds`; returns their ids. A session whose frame waits for
+        compute is not idle, however long it waits."""
+        now = time.monotonic()
+        stale = [sid for sid, s in self.sessions.items() if not s.in_flight and now - s.last_active > idle_seconds]
+        for sid in stale:
+            self.close_session(sid)
+        return stale
+
+
+def error_reply(message: str, frame: Frame | None) -> bytes:
+    """An ERROR frame of one line answering `frame` (or no session, when there is no frame to answer)."""
+    try:
+        return encode_frame(error_frame(_one_line(message), session=frame.session if frame else NO_SESSION,
+                                        seq=frame.seq if frame else 0))
+    except Exception:  # e.g. a frame object with fields that cannot be encoded back
+        return encode_frame(error_frame(_one_line(message)))
+
+
+class PartService(SessionService):
     """Serves `parts` (part index in the plan -> Part) to sessions.
 
     Args:
@@ -129,53 +223,12 @@ class PartService:
 
     # -- admission -------------------------------------------------------------------------------------------
 
-    def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None) -> tuple[Work | None, bytes | None]:
-        """Validates one frame. Returns (work, None) for a FORWARD to compute, else (None, reply bytes).
-
-        Args:
-            owner: digest of the caller's token; sessions answer only to the token that opened them.
-            bound_session: the one session this caller's connection may use: NO_SESSION for a connection that has
-                opened none yet (it may only OPEN), None for in-process callers (any session of `owner`).
-        """
-        frame = None
-        try:
-            frame = decode_frame(data, max_bytes=self.max_frame_bytes)
-            if not isinstance(frame, Frame):  # cannot happen; keeps the promise below even if decoding changes
-                raise WireError("undecodable frame")
-            if frame.kind == FrameKind.OPEN:
-                if bound_session not in (None, NO_SESSION):
-                    raise WireError("this connection already has a session")
-                return None, encode_frame(self._open(owner))
-            session = self._session(frame.session, owner, bound_session)
-            if frame.kind == FrameKind.CLOSE:
-                self.close_session(frame.session)
-                return None, encode_frame(Frame(FrameKind.OK, session=frame.session, seq=frame.seq))
-            if frame.kind != FrameKind.FORWARD:
-                raise WireError(f"a client may not send {frame.kind.name} frames")
-            self._check_forward(session, frame)
-            rows_positions = self._positions(frame)
-            reserved = self._reserve(rows_positions)
-            session.next_seq += 1
-            session.tokens += rows_positions
-            with self._lock:
-                session.in_flight += 1
-            session.last_active = time.monotonic()
-            return Work(frame.session, session, frame, reserved=reserved), None
-        except SplitveilError as error:
-            log.warning("refused a frame: %s", _one_line(error.message))
-            return None, self._error_reply(error.message, frame)
-        except Exception as error:  # a bug must not escape to the transport; the client still gets its ERROR frame
-            log.error("refused a frame after an internal error: %s: %s", type(error).__name__, _one_line(str(error)))
-            log.debug("internal error while admitting a frame", exc_info=True)
-            return None, self._error_reply("internal server error", frame)
-
-    @staticmethod
-    def _error_reply(message: str, frame: Frame | None) -> bytes:
-        try:
-            return encode_frame(error_frame(_one_line(message), session=frame.session if frame else NO_SESSION,
-                                            seq=frame.seq if frame else 0))
-        except Exception:  # e.g. a frame object with fields that cannot be encoded back
-            return encode_frame(error_frame(_one_line(message)))
+    def _admit_forward(self, session: Session, frame: Frame) -> Work:
+        self._check_forward(session, frame)
+        rows_positions = self._positions(frame)
+        reserved = self._reserve(rows_positions)
+        session.tokens += rows_positions
+        return Work(frame.session, session, frame, reserved=reserved)
 
     # -- memory accounting -----------------------------------------------------------------------------------
 
@@ -223,16 +276,6 @@ class PartService:
         self.sessions[session_id] = Session({index: part.clone() for index, part in self.parts.items()}, owner=owner)
         return text_frame(FrameKind.OK, json.dumps(self.info), session=session_id)
 
-    def _session(self, session_id: bytes, owner: bytes, bound_session: bytes | None) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None or session_id == NO_SESSION:
-            raise WireError("unknown session")
-        if bound_session == NO_SESSION:
-            raise WireError("open a session on this connection first")
-        if (bound_session is not None and session_id != bound_session) or not secrets.compare_digest(session.owner, owner):
-            raise WireError("this session belongs to another client")
-        return session
-
     def _check_forward(self, session: Session, frame: Frame) -> None:
         if frame.seq != session.next_seq:
             raise WireError(f"frame out of order: expected sequence number {session.next_seq}, got {frame.seq}")
@@ -269,15 +312,6 @@ class PartService:
             session.kv_bytes = session.kv_tokens = 0
         return True
 
-    def evict_idle(self, idle_seconds: float) -> list[bytes]:
-        """Drops sessions idle for longer than `idle_seconds`; returns their ids. A session whose frame waits for
-        compute is not idle, however long it waits."""
-        now = time.monotonic()
-        stale = [sid for sid, s in self.sessions.items() if not s.in_flight and now - s.last_active > idle_seconds]
-        for sid in stale:
-            self.close_session(sid)
-        return stale
-
     # -- compute ---------------------------------------------------------------------------------------------
 
     def run(self, works: list[Work]) -> list[bytes]:
@@ -287,7 +321,7 @@ class PartService:
         except Exception as error:  # a bug in the grouping itself: every frame still gets its reply
             log.error("compute round failed: %s: %s", type(error).__name__, _one_line(str(error)))
             log.debug("compute round failed", exc_info=True)
-            return [self._error_reply("internal server error", work.frame) for work in works]
+            return [error_reply("internal server error", work.frame) for work in works]
         finally:
             for work in works:
                 try:

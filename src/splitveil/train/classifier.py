@@ -88,19 +88,32 @@ def cached_classifier(build, images: torch.Tensor, labels: torch.Tensor, config:
     torch.manual_seed(config.seed)
     model = build()
     path = cache_dir() / f"{key_fields.get('model', 'model')}-{cache_key(**key_fields, **asdict(config))}.pt"
-    if use_cache and path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval(), True
-        except (RuntimeError, OSError, EOFError):
-            pass  # a stale or broken file: train again and overwrite it
+    if use_cache and load_cached_weights(model, path):
+        return model.eval(), True
     train_classifier(model, images, labels, config, quiet=quiet, desc=f"train {key_fields.get('model', '')}")
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache only costs time
+        save_cached_weights(model, path)
     return model, False
+
+
+def load_cached_weights(model: nn.Module, path: Path) -> bool:
+    """Loads the weights cached at `path` into `model`; False when there are none or they do not fit (a stale or
+    broken file: the caller trains again and overwrites it)."""
+    if not path.is_file():
+        return False
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
+    except (RuntimeError, OSError, EOFError):
+        return False
+
+
+def save_cached_weights(model: nn.Module, path: Path) -> None:
+    """Caches `model`'s weights at `path` (written aside, then renamed); a read-only cache only costs time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    except OSError:
+        pass

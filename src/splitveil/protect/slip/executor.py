@@ -1,7 +1,7 @@
 """The untrusted executor: multiplies masked inputs by W_residual, and sees nothing else.
 
-`SlipExecutorService` has the duck-typed contract of `serve.service.PartService` (`admit`, `run`, `release`,
-`sessions`, `evict_idle`, `close_session`, `max_frame_bytes`), so `serve.server.SplitServer` serves it unchanged:
+`SlipExecutorService` is a `serve.service.SessionService`, as `PartService` is (the same admission, sessions and
+eviction; `run` and `release` of its own), so `serve.server.SplitServer` serves it unchanged:
 TLS, bearer token checked at the upgrade, one session per connection, one compute thread, idle eviction.
 
 Frames (see `wire/frame.py`). OPEN, CLOSE, ERROR and OK as for every service. A FORWARD frame carries one int64
@@ -30,24 +30,16 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from splitveil.core.errors import ConfigError, SplitveilError, WireError
+from splitveil.core.errors import ConfigError, WireError
 from splitveil.protect.slip.decompose import LinearGroup
 from splitveil.protect.slip.fixedpoint import FixedPoint, RingWeight, float64_to_wire, wire_to_float64
-from splitveil.wire.frame import (
-    MAX_FRAME_BYTES,
-    NO_SESSION,
-    Frame,
-    FrameKind,
-    decode_frame,
-    encode_frame,
-    error_frame,
-    text_frame,
-)
+from splitveil.serve.service import SessionService, SessionState, error_reply
+from splitveil.wire.frame import MAX_FRAME_BYTES, Frame, FrameKind, encode_frame, text_frame
 
 log = logging.getLogger(__name__)
 HEADER_ELEMENTS = 2  # group id, positions
@@ -60,12 +52,8 @@ def positions_per_frame(max_frame_bytes: int, n: int, m: int) -> int:
 
 
 @dataclass
-class ExecutorSession:
-    owner: bytes = b""
-    next_seq: int = 0
+class ExecutorSession(SessionState):
     rows: int = 0  # rows multiplied so far
-    last_active: float = field(default_factory=time.monotonic)
-    in_flight: int = 0
 
 
 @dataclass
@@ -157,7 +145,7 @@ def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: F
 # -- the service -----------------------------------------------------------------------------------------------
 
 
-class SlipExecutorService:
+class SlipExecutorService(SessionService):
     """Serves masked products y = x W_residual^T per linear group.
 
     Args:
@@ -167,6 +155,8 @@ class SlipExecutorService:
         record: a list to which every received frame's raw bytes are appended (the untrusted side's view).
         tamper: test hook, (group id, correct reply) -> reply sent: a misbehaving executor.
     """
+
+    _log = log  # refusals are logged as the executor's
 
     def __init__(self, weights: dict[int, torch.Tensor], *, mode: str, info: dict | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, max_sessions: int = 16, max_rows: int = 1 << 24,
@@ -196,34 +186,14 @@ class SlipExecutorService:
     # -- admission -------------------------------------------------------------------------------------------
 
     def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None):
-        frame = None
         if self.record is not None:
             self.record.append(bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
-        try:
-            frame = decode_frame(data, max_bytes=self.max_frame_bytes)
-            if frame.kind == FrameKind.OPEN:
-                if bound_session not in (None, NO_SESSION):
-                    raise WireError("this connection already has a session")
-                return None, encode_frame(self._open(owner))
-            session = self._session(frame.session, owner, bound_session)
-            if frame.kind == FrameKind.CLOSE:
-                self.close_session(frame.session)
-                return None, encode_frame(Frame(FrameKind.OK, session=frame.session, seq=frame.seq))
-            if frame.kind != FrameKind.FORWARD:
-                raise WireError(f"a client may not send {frame.kind.name} frames")
-            group_id, values = self._check_forward(session, frame)
-            session.next_seq += 1
-            session.rows += values.shape[0]
-            with self._lock:
-                session.in_flight += 1
-            session.last_active = time.monotonic()
-            return ExecutorWork(frame.session, session, frame, group_id, values), None
-        except SplitveilError as error:
-            log.warning("refused a frame: %s", error.message)
-            return None, _error_reply(error.message, frame)
-        except Exception as error:  # a bug must not escape to the transport
-            log.error("refused a frame after an internal error: %s: %s", type(error).__name__, " ".join(str(error).split()))
-            return None, _error_reply("internal server error", frame)
+        return super().admit(data, owner=owner, bound_session=bound_session)
+
+    def _admit_forward(self, session: ExecutorSession, frame: Frame) -> ExecutorWork:
+        group_id, values = self._check_forward(session, frame)
+        session.rows += values.shape[0]
+        return ExecutorWork(frame.session, session, frame, group_id, values)
 
     def _open(self, owner: bytes) -> Frame:
         if len(self.sessions) >= self.max_sessions:
@@ -231,16 +201,6 @@ class SlipExecutorService:
         session_id = secrets.token_bytes(16)
         self.sessions[session_id] = ExecutorSession(owner=owner)
         return text_frame(FrameKind.OK, json.dumps(self.info), session=session_id)
-
-    def _session(self, session_id: bytes, owner: bytes, bound_session: bytes | None) -> ExecutorSession:
-        session = self.sessions.get(session_id)
-        if session is None or session_id == NO_SESSION:
-            raise WireError("unknown session")
-        if bound_session == NO_SESSION:
-            raise WireError("open a session on this connection first")
-        if (bound_session is not None and session_id != bound_session) or not secrets.compare_digest(session.owner, owner):
-            raise WireError("this session belongs to another client")
-        return session
 
     def _check_forward(self, session: ExecutorSession, frame: Frame) -> tuple[int, torch.Tensor]:
         if frame.seq != session.next_seq:
@@ -274,13 +234,6 @@ class SlipExecutorService:
     def close_session(self, session_id: bytes) -> bool:
         return self.sessions.pop(session_id, None) is not None
 
-    def evict_idle(self, idle_seconds: float) -> list[bytes]:
-        now = time.monotonic()
-        stale = [sid for sid, s in self.sessions.items() if not s.in_flight and now - s.last_active > idle_seconds]
-        for sid in stale:
-            self.close_session(sid)
-        return stale
-
     def release(self, work: ExecutorWork) -> None:
         if work.released:
             return
@@ -299,7 +252,7 @@ class SlipExecutorService:
                 replies.append(self._run_one(work))
             except Exception as error:
                 log.error("internal error on a forward frame: %s: %s", type(error).__name__, " ".join(str(error).split()))
-                replies.append(_error_reply("internal server error", work.frame))
+                replies.append(error_reply("internal server error", work.frame))
             finally:
                 self.release(work)
         return replies
@@ -318,14 +271,6 @@ class SlipExecutorService:
         """admit + run (loopback use). Never raises."""
         work, reply = self.admit(data, owner=owner)
         return reply if work is None else self.run([work])[0]
-
-
-def _error_reply(message: str, frame: Frame | None) -> bytes:
-    message = " ".join(message.split()) or "error"
-    try:
-        return encode_frame(error_frame(message, session=frame.session if frame else NO_SESSION, seq=frame.seq if frame else 0))
-    except Exception:
-        return encode_frame(error_frame(message))
 
 
 def build_executor_service(folder: Path, *, mode: str, record: list | None = None, **limits) -> SlipExecutorService:

@@ -8,8 +8,6 @@ activations stay on the trusted side. Each module is one linear group (nothing i
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,7 +15,7 @@ from torch import nn
 
 from splitveil.core.errors import ConfigError
 from splitveil.protect.slip.decompose import LinearGroup, decompose, is_decomposable, weight_matrix
-from splitveil.protect.slip.trusted import GroupRuntime, SlipConfig, SlipCost, SlipLinear
+from splitveil.protect.slip.trusted import GroupRuntime, ProtectedGroups, SlipConfig, SlipCost, SlipLinear
 
 
 class SlipConv2d(nn.Module):
@@ -41,10 +39,11 @@ class SlipConv2d(nn.Module):
         return out.reshape(batch, h * w, self.out_channels).transpose(1, 2).reshape(batch, self.out_channels, h, w)
 
 
-class SlipNetwork:
+class SlipNetwork(ProtectedGroups):
     """Protects, in place, every Linear and Conv2d of `model` (a CNN or any stack); `model` keeps working as before.
 
-    Same verbs as `SlipModel`: `attach(client)`, `reference()`, `executor_weights()`, `fill_pools(rows)`.
+    Same verbs as `SlipModel` (`trusted.ProtectedGroups`): `attach(client)`, `reference()`, `executor_weights()`,
+    `fill_pools(rows)`.
     """
 
     def __init__(self, model: nn.Module, config: SlipConfig, *, generator: np.random.Generator | None = None):
@@ -67,24 +66,3 @@ class SlipNetwork:
             parent, attr = owners[id(module)]
             replacement = SlipConv2d(runtime, module) if isinstance(module, nn.Conv2d) else SlipLinear(runtime, 0, name)
             setattr(parent, attr, replacement)
-
-    def attach(self, client) -> None:
-        for runtime in self.runtimes:
-            runtime.client = client
-
-    def executor_weights(self) -> dict[int, torch.Tensor]:
-        return {r.group.group_id: r.ring_weight.to_int64() if r.ring_weight is not None else r.weight for r in self.runtimes}
-
-    def fill_pools(self, rows: int) -> None:
-        for runtime in self.runtimes:
-            runtime.pool.refill(rows)
-
-    @contextlib.contextmanager
-    def reference(self):
-        for runtime in self.runtimes:
-            runtime.clear = True
-        try:
-            yield self
-        finally:
-            for runtime in self.runtimes:
-                runtime.clear = False

@@ -7,15 +7,12 @@ import hashlib
 import json
 import os
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitveil.core.errors import TransportError
 from splitveil.protect.slip.trusted import SlipConfig, SlipModel
+from splitveil.serve.process import ChildServer
 
 CACHE_VERSION = 1
 MAX_PREFILL_ROWS = 512  # mask pairs per group made before a generation starts
@@ -89,62 +86,28 @@ def read_frame_log(path: Path) -> list[bytes]:
 
 
 @dataclass
-class ExecutorProcess:
-    """`splitveil slip serve` as a child process on 127.0.0.1 with a fresh certificate and token.
-
-    Uses the TLS and token helpers of `serve.process` / `transport.tls`; the command differs from `ServerProcess`.
-    """
+class ExecutorProcess(ChildServer):
+    """`splitveil slip serve` as a child process on 127.0.0.1 with a fresh certificate and token
+    (`serve.process.ChildServer`, as `ServerProcess`; only the command differs)."""
 
     bundle: Path
     mode: str
     log_frames: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout: float = 180.0
+    prefix = "splitveil-slip-"
+    log_name = "executor.log"
+    what = "the SLIP executor"
+
+    def _command_args(self) -> tuple[list[str], list[str], str]:
+        head = ["slip", "serve", "--bundle", str(self.bundle), "--mode", self.mode]
+        tail = list(self.extra_args)
+        if self.log_frames is not None:
+            tail += ["--log-frames", str(self.log_frames)]
+        return head, tail, "splitveil slip serve: listening on"
 
     def __enter__(self) -> "ExecutorProcess":
-        from splitveil.serve.auth import new_token, write_token
-        from splitveil.serve.process import free_port
-        from splitveil.transport.tls import fingerprint_pem, generate_self_signed
-
-        self._folder = tempfile.TemporaryDirectory(prefix="splitveil-slip-")
-        folder = Path(self._folder.name)
-        self.cert, self.key, self.token_file = folder / "cert.pem", folder / "key.pem", folder / "token"
-        generate_self_signed(self.cert, self.key)
-        self.token = new_token()
-        write_token(self.token_file, self.token)
-        self.fingerprint = fingerprint_pem(self.cert)
-        self.port = free_port()
-        self.url = f"wss://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "splitveil.cli.main", "slip", "serve", "--bundle", str(self.bundle),
-                   "--mode", self.mode, "--host", "127.0.0.1", "--port", str(self.port), "--tls-cert", str(self.cert),
-                   "--tls-key", str(self.key), "--token-file", str(self.token_file), *self.extra_args]
-        if self.log_frames is not None:
-            command += ["--log-frames", str(self.log_frames)]
-        self.log_path = folder / "executor.log"
-        self._log = open(self.log_path, "w")
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.startup_timeout
-        while "splitveil slip serve: listening on" not in self.log_path.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
-                self.__exit__(None, None, None)
-                raise TransportError(f"the SLIP executor did not start: {tail[0]}")
-            time.sleep(0.1)
-        self.startup_seconds = time.perf_counter() - self.started
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
-        self._folder.cleanup()
+        return super().__enter__()
 
 
 def connect_client(url: str, *, token: str, mode: str, residual_sha256: str | None, groups: int,

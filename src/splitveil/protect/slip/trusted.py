@@ -226,7 +226,46 @@ class SlipLinear(nn.Module):
         return f"{self.name}: group {group.group_id}, member {self.member}, rank {self.runtime.rights[self.member].shape[0]}"
 
 
-class SlipModel:
+class ProtectedGroups:
+    """The verbs every protected model shares over its `runtimes` (one `GroupRuntime` per linear group):
+    `SlipModel` (a causal LM) and `network.SlipNetwork` (any stack of linear and convolution layers)."""
+
+    runtimes: list[GroupRuntime]
+
+    def attach(self, client) -> None:
+        """Routes every group's masked products through `client` (a `SlipClient`)."""
+        for runtime in self.runtimes:
+            runtime.client = client
+
+    def executor_weights(self) -> dict[int, torch.Tensor]:
+        """The matrices an executor multiplies with (exactly the ones the masks were dealt with)."""
+        return {runtime.group.group_id: runtime.ring_weight.to_int64() if runtime.ring_weight is not None else runtime.weight
+                for runtime in self.runtimes}
+
+    def fill_pools(self, rows: int) -> float:
+        """Precomputes `rows` mask pairs for every group (offline); returns the seconds it took."""
+        before = self.offline_seconds
+        for runtime in self.runtimes:
+            runtime.pool.refill(rows)
+        return self.offline_seconds - before
+
+    @property
+    def offline_seconds(self) -> float:
+        return sum(runtime.pool.offline_seconds for runtime in self.runtimes)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Computes every protected product in the clear (same arithmetic, no masks, no executor) inside."""
+        for runtime in self.runtimes:
+            runtime.clear = True
+        try:
+            yield self
+        finally:
+            for runtime in self.runtimes:
+                runtime.clear = False
+
+
+class SlipModel(ProtectedGroups):
     """Protects a transformers causal LM in place: see the module docstring.
 
     Args:
@@ -269,41 +308,9 @@ class SlipModel:
 
     # -- connection and masks --------------------------------------------------------------------------------
 
-    def attach(self, client) -> None:
-        """Routes every group's masked products through `client` (a `SlipClient`)."""
-        for runtime in self.runtimes:
-            runtime.client = client
-
     def residual_weights(self) -> dict[int, torch.Tensor]:
         """W_residual per group, float32 [m, n]: what the untrusted side is given."""
         return {gid: torch.cat([p.residual for p in parts]) for gid, parts in self.decompositions.items()}
-
-    def executor_weights(self) -> dict[int, torch.Tensor]:
-        """The matrices an executor multiplies with (exactly the ones the masks were dealt with)."""
-        return {runtime.group.group_id: runtime.ring_weight.to_int64() if runtime.ring_weight is not None else runtime.weight
-                for runtime in self.runtimes}
-
-    def fill_pools(self, rows: int) -> float:
-        """Precomputes `rows` mask pairs for every group (offline); returns the seconds it took."""
-        before = self.offline_seconds
-        for runtime in self.runtimes:
-            runtime.pool.refill(rows)
-        return self.offline_seconds - before
-
-    @property
-    def offline_seconds(self) -> float:
-        return sum(runtime.pool.offline_seconds for runtime in self.runtimes)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """Computes every protected product in the clear (same arithmetic, no masks, no executor) inside."""
-        for runtime in self.runtimes:
-            runtime.clear = True
-        try:
-            yield self
-        finally:
-            for runtime in self.runtimes:
-                runtime.clear = False
 
     def secure_rank(self) -> int:
         return max((p.rank for parts in self.decompositions.values() for p in parts), default=0)
