@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 app = typer.Typer(help="Attacks that measure what a split leaks.", no_args_is_help=True)
@@ -169,10 +169,7 @@ def text_sweep(
     from splitveil.experiments.text_privacy import TextAttackSpec, run_text_attack, write_text_report
     from splitveil.wire.codecs import FLOAT_CODECS
 
-    try:
-        levels = [int(d) for d in depths.split(",") if d.strip()]
-    except ValueError:
-        raise ConfigError(f"bad --depths {depths!r}: give layer counts like 1,2,4") from None
+    levels = int_list(depths, "--depths", "layer counts like 1,2,4")
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     for name in names:
         TEXT_ATTACKS.get(name)

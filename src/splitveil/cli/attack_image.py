@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -116,10 +116,7 @@ def image_sweep(
     """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth, with a report."""
     from splitveil.experiments.image_privacy import run_image_sweep, write_image_report
 
-    try:
-        cuts = [int(s) for s in splits.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"bad --splits {splits!r}: give cut indices like 1,2,4") from None
+    cuts = int_list(splits, "--splits", "cut indices like 1,2,4")
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if not cuts or not names:
         raise ConfigError("give at least one cut (--splits) and one attack (--attacks)")

@@ -9,7 +9,7 @@ import typer
 
 from splitveil.cli.attack import app
 from splitveil.cli.attack_image import DEFAULT_OUT, _check_out
-from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 
@@ -110,10 +110,7 @@ def output_sweep(
     """Salted accuracy, unsalted reading and salt recovery at every salt-layer position, with records, plot and report."""
     from splitveil.experiments.output_privacy import run_output_sweep, write_output_report
 
-    try:
-        positions = [int(s) for s in salt_layers.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"bad --salt-layers {salt_layers!r}: give positions like 0,1,3") from None
+    positions = int_list(salt_layers, "--salt-layers", "positions like 0,1,3")
     defences = [d.strip() for d in defence.split(",") if d.strip()]
     if not positions or not defences:
         raise ConfigError("give at least one --salt-layers position and one --defence")

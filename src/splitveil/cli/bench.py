@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import allow_dirty_option, err_console, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, result_stem, setup, stamp_run
 
 app = typer.Typer(help="Benchmarks: ratios measured in one run, written as JSON + PNG under benchmarks/results/.",
                   no_args_is_help=True)
@@ -35,7 +35,7 @@ def llm(
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("benchmark runs", total=total)
         record = run_llm_bench(spec, progress=lambda name, repeat: progress.advance(task))
-    stem = f"llm-decode_{Path(model).name}_split-{'-'.join(map(str, spec.cuts))}_cpu-{threads}thread"
+    stem = result_stem("llm-decode", model, spec.cuts, threads)
     json_path, png_path = save_llm_bench(record, out, stem)
     for name, row in record["summary"].items():
         up, down = row["bytes_per_decode_step"]["up"], row["bytes_per_decode_step"]["down"]
@@ -67,10 +67,7 @@ def service(
     cuts = parse_cuts(split)
     if len(cuts) != 2:
         raise ConfigError("the service benchmark needs a Λ-split: --split A,B")
-    try:
-        levels = tuple(int(s) for s in sessions.split(","))
-    except ValueError:
-        raise ConfigError(f"bad --sessions {sessions!r}: give numbers like 1,4,16") from None
+    levels = tuple(int_list(sessions, "--sessions", "numbers like 1,4,16"))
     parts = tuple(p.strip() for p in only.split(","))
     unknown = set(parts) - {"throughput", "rtt", "concurrency"}
     if unknown or not levels or min(levels) < 1:
@@ -80,7 +77,7 @@ def service(
     setup(threads)
     with err_console.status("benchmarking ...") as spinner:
         record = run_service_bench(spec, parts=parts, progress=lambda message: spinner.update(message))
-    stem = f"service_{Path(model).name}_split-{cuts[0]}-{cuts[1]}_cpu-{threads}thread"
+    stem = result_stem("service", model, cuts, threads)
     json_path, png_path = save_service_bench(record, out, stem)
     if "throughput" in record:
         for name, row in record["throughput"]["summary"].items():
@@ -113,10 +110,7 @@ def batched(
     from splitveil.core.errors import ConfigError
     from splitveil.experiments.bench_batched import BatchedBenchSpec, run_batched_bench, save_batched_bench
 
-    try:
-        levels = tuple(int(s) for s in sessions.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(f"bad --sessions {sessions!r}: give session counts like 1,16,64") from None
+    levels = tuple(int_list(sessions, "--sessions", "session counts like 1,16,64"))
     if not levels or min(levels) < 1:
         raise ConfigError(f"bad --sessions {sessions!r}: give positive session counts")
     spec = BatchedBenchSpec(sessions=levels, steps=steps, repeats=repeats)
@@ -128,7 +122,7 @@ def batched(
         typer.echo(f"{count:>3} sessions: " + ", ".join(
             f"{name} {value['steps_per_second']:.1f} steps/s" if isinstance(value, dict) else f"{name} {value:.2f}"
             for name, value in row.items()))
-    stem = f"batched-decode_{Path(spec.model).name}_split-{'-'.join(map(str, spec.cuts))}_cpu-{threads}thread"
+    stem = result_stem("batched-decode", spec.model, spec.cuts, threads)
     json_path, png_path = save_batched_bench(record, out, stem)
     typer.echo(f"wrote {json_path} and {png_path}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.bench import app
-from splitveil.cli.common import allow_dirty_option, err_console, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, result_stem, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -20,10 +20,6 @@ def _lambda_cuts(split: str) -> tuple[int, int]:
     if len(cuts) != 2:
         raise ConfigError(f"this benchmark needs a Λ-split: --split A,B (got {split!r})")
     return cuts
-
-
-def _stem(kind: str, model: str, cuts: tuple[int, int], threads: int) -> str:
-    return f"{kind}_{Path(model).name}_split-{cuts[0]}-{cuts[1]}_cpu-{threads}thread"
 
 
 @app.command("fuzz")
@@ -57,7 +53,7 @@ def fuzz(
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("hostile messages", total=messages)
         record = run_fuzz_bench(spec, progress=lambda done, total: progress.update(task, completed=done))
-    json_path, png_path = save_fuzz_bench(record, out, _stem("fuzz", model, cuts, threads))
+    json_path, png_path = save_fuzz_bench(record, out, result_stem("fuzz", model, cuts, threads))
     summary, bystander, rss = record["summary"], record["bystander"], record["rss"]
     typer.echo(f"{summary['messages_sent']} hostile messages in {record['seconds']:.0f} s: {summary['error_frames']} ERROR frames "
                f"({summary['clean_closes_after_error']} then closed), {summary['valid_results']} valid RESULTs, "
@@ -110,7 +106,7 @@ def load(
             progress.update(tasks[stage], completed=done, total=total)
 
         record = run_load_bench(spec, progress=show)
-    json_path, png_path = save_load_bench(record, out, _stem("load", model, cuts, threads))
+    json_path, png_path = save_load_bench(record, out, result_stem("load", model, cuts, threads))
     steady, rss = record["load"], record["rss"]
     typer.echo(f"{steady['sessions']} sessions for {steady['seconds']:g} s over TLS: {steady['steps_per_second']:.1f} steps/s, "
                f"p50 {steady['p50_step_ms']:.0f} ms, p99 {steady['p99_step_ms']:.0f} ms per step, {steady['error_count']} errors, "

@@ -47,6 +47,25 @@ def stamp_run(allow_dirty: bool) -> dict:
     return stamp(allow_dirty=allow_dirty)
 
 
+def int_list(text: str, option: str, wanted: str) -> list[int]:
+    """Comma-separated whole numbers given to `option`; one line naming the option and what to give when not.
+
+    Args:
+        wanted: what the numbers are, with an example, e.g. "cut indices like 1,2,4".
+    """
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"bad {option} {text!r}: give {wanted}") from None
+
+
+def result_stem(kind: str, model: str, cuts, threads: int) -> str:
+    """The file name stem of a benchmark's JSON and PNG: what ran, on which split, with how many torch threads."""
+    from pathlib import Path
+
+    return f"{kind}_{Path(model).name}_split-{'-'.join(map(str, cuts))}_cpu-{threads}thread"
+
+
 def load_model(name: str, *, quiet: bool = False):
     """Loads `name` (registered model or local directory) with its tokenizer, with a spinner."""
     from splitveil.models.loading import load_causal_lm
