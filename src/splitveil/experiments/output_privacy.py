@@ -14,11 +14,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from torch import nn
 
 from splitveil.core.errors import ConfigError
 
 #: bump when a change to the salt layer or its training makes cached salted weights stale
 SALT_CODE_VERSION = 1
+#: names the time-series augmentation (models/timeseries.augment_series) in cache keys; change it with that function
+SERIES_AUGMENTATION = "shift20%-gain0.1-jitter0.05"
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,28 @@ class OutputAttackSpec:
     salted_epochs: int = 6  # salted model epochs, fine-tuned from the standard model's weights
     attack_epochs: int = 6  # passes of the salt reader over the auxiliary set (fresh salts each pass)
     adversary_weight: float = 0.0  # countermeasure: adversarial training against a salt/class reader at the cut (0 = off)
+    test_repeats: int = 1  # each test example is sent this many times, each a request with its own keyed salt
+    batch_size: int = 64  # training batch of the standard and the salted model
 
     @classmethod
     def quick(cls, **overrides) -> "OutputAttackSpec":
         """Sizes for a run of a few minutes on one thread (a minute once both models are cached)."""
         return cls(**{"train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1, "salted_epochs": 6,
                       "attack_epochs": 4, **overrides})
+
+    @classmethod
+    def for_data(cls, dataset: str, *, quick: bool = False, **overrides) -> "OutputAttackSpec":
+        """The spec's defaults for `dataset`: image sets as `quick`/the full sizes say; a small time-series set
+        (BasicMotions: 80 series) all of it, split 40 / 24 / 16, many epochs of small batches, and every test series
+        sent 10 times with fresh salts (quick: fewer epochs)."""
+        from splitveil.data.timeseries import is_time_series
+
+        if not is_time_series(dataset):
+            return cls.quick(dataset=dataset, **overrides) if quick else cls(dataset=dataset, **overrides)
+        epochs = 100 if quick else 300
+        return cls(**{"dataset": dataset, "model": "sensor-cnn", "train_size": 40, "aux_size": 24, "test_size": 16,
+                      "epochs": epochs, "salted_epochs": epochs, "attack_epochs": epochs, "test_repeats": 10,
+                      "batch_size": 8, **overrides})
 
     @property
     def position(self) -> int:
@@ -52,18 +71,65 @@ class OutputAttackSpec:
 def prepare_models(spec: OutputAttackSpec, *, quiet: bool = True) -> dict:
     """Data splits, the standard model (cached, the same checkpoint as the image-privacy victim) and the salted one
     (cached; fine-tuned from the standard model's weights with a fresh uniform salt per example)."""
-    from splitveil.experiments.image_privacy import splits_and_victim
     from splitveil.protect.salt import SaltConfig
 
-    splits, standard, standard_cached = splits_and_victim(spec, quiet=quiet)
+    splits, standard, standard_cached = standard_model(spec, quiet=quiet)
     config = SaltConfig(kind=spec.salt, position=spec.position, values=spec.salt_values)
     salted, salted_cached = cached_salted(standard, config, splits.train, spec, quiet=quiet)
     return {"splits": splits, "standard": standard, "standard_cached": standard_cached, "salted": salted,
             "salted_cached": salted_cached}
 
 
+def standard_model(spec: OutputAttackSpec, *, quiet: bool = True):
+    """(splits, the standard model trained on the train split (cached), was_cached): the image-privacy victim for an
+    image set, the sensor CNN for a time series."""
+    from splitveil.data.images import split_dataset
+    from splitveil.data.timeseries import is_time_series, load_time_series
+    from splitveil.experiments.image_privacy import splits_and_victim
+    from splitveil.models.timeseries import augment_series, build_time_series_model
+    from splitveil.train.classifier import TrainConfig, cached_classifier, train_classifier
+
+    if not is_time_series(spec.dataset):
+        return splits_and_victim(spec, quiet=quiet)
+    data = load_time_series(spec.dataset)
+    splits = split_dataset(data, train=spec.train_size, aux=spec.aux_size, test=spec.test_size, seed=spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+
+    def train(model, images, labels, config, **options):  # the salted model's recipe: augmented batches
+        return train_classifier(model, images, labels, config, **options, loss=lambda m, x, y: nn.functional.cross_entropy(
+            m(augment_series(x, generator)), y))
+
+    model, cached = cached_classifier(
+        lambda: build_time_series_model(spec.model, data.image_shape, data.num_classes), splits.train.images,
+        splits.train.labels, TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, seed=spec.seed), quiet=quiet,
+        train=train, key_fields={"dataset": spec.dataset, "model": spec.model, "train": spec.train_size,
+                                 "split_seed": spec.seed, "augment": SERIES_AUGMENTATION})
+    return splits, model, cached
+
+
+def model_blocks(dataset: str, model: str) -> int:
+    """How many blocks (cut points) `model` has for `dataset`; a ConfigError names the models that fit."""
+    from splitveil.data.images import DATASETS
+    from splitveil.data.timeseries import TIME_SERIES, is_time_series
+    from splitveil.models.timeseries import TIME_SERIES_MODELS, build_time_series_model
+    from splitveil.models.vision_zoo import VISION_MODELS, build_vision_model
+
+    if is_time_series(dataset):
+        if model not in TIME_SERIES_MODELS:
+            raise ConfigError(f"--model {model} is an image model; the time series {dataset} takes "
+                              f"{', '.join(TIME_SERIES_MODELS.names())}")
+        return build_time_series_model(model, (6, 100), 4).num_blocks
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown --dataset {dataset!r}; known: {', '.join(DATASETS.names() + TIME_SERIES.names())}")
+    if model not in VISION_MODELS:
+        raise ConfigError(f"--model {model} does not take images; {dataset} takes {', '.join(VISION_MODELS.names())}")
+    return build_vision_model(model, (1, 28, 28), 10).num_blocks
+
+
 def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet: bool = True):
     """The salted model: a salted copy of `standard` fine-tuned on `train_data`, or its cached weights."""
+    from splitveil.data.timeseries import is_time_series
+    from splitveil.models.timeseries import augment_series
     from splitveil.protect.salt import salt_model, train_salted
     from splitveil.train.classifier import cache_dir, cache_key, load_cached_weights, save_cached_weights
 
@@ -71,6 +137,11 @@ def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet
     model = salt_model(copy.deepcopy(standard), config, input_shape=train_data.image_shape,
                        num_classes=train_data.num_classes)
     countermeasure = {"adversary_weight": spec.adversary_weight, "adversary_cut": spec.split} if spec.adversary_weight else {}
+    if spec.batch_size != 64:  # (64, the default, stays out of the key so that earlier cached models still load)
+        countermeasure["batch_size"] = spec.batch_size
+    augment = None
+    if is_time_series(spec.dataset):
+        augment, countermeasure["augment"] = augment_series, SERIES_AUGMENTATION
     key = cache_key(dataset=spec.dataset, model=spec.model, train=len(train_data), split_seed=spec.seed,
                     epochs=spec.epochs, salted_epochs=spec.salted_epochs, salt=config.to_dict(),
                     salt_code_version=SALT_CODE_VERSION, **countermeasure)
@@ -88,7 +159,7 @@ def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet
         adversary = SaltAdversary(tuple(shape), model.values, model.num_classes, cut=spec.split,
                                   weight=spec.adversary_weight)
     train_salted(model, train_data.images, train_data.labels, epochs=spec.salted_epochs, lr=2e-3, seed=spec.seed,
-                 quiet=quiet, adversary=adversary)
+                 batch_size=spec.batch_size, quiet=quiet, adversary=adversary, augment=augment)
     save_cached_weights(model, path)
     return model, False
 
@@ -113,6 +184,8 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
     splits, standard, salted = models["splits"], models["standard"], models["salted"]
     salted.check_cut(spec.split)
     test, table = splits.test, salted.table
+    if spec.test_repeats > 1:  # the same inputs sent again, each request with its own salt
+        test = test.subset(torch.arange(len(test)).repeat(spec.test_repeats))
     salts = SaltKey(salted.values, key=evaluation_key(spec.seed)).draw(len(test))  # one request per test image
     edge, cloud = apply(salted, SplitPlan.two_way(spec.split))
     features = torch.cat([edge((test.images[i:i + 256], salts[i:i + 256])) for i in range(0, len(test), 256)])
@@ -125,7 +198,8 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
     unsalted = OUTPUT_ATTACKS.get("unsalted")(target, seed=spec.seed)
     read_as_unsalted = decode_labels(cloud_logits, unsalted.reconstruct(features), table)
     attack_began = time.perf_counter()
-    recovery = OUTPUT_ATTACKS.get("recovery")(target, seed=spec.seed, quiet=quiet, epochs=spec.attack_epochs).fit()
+    recovery = OUTPUT_ATTACKS.get("recovery")(target, seed=spec.seed, quiet=quiet, epochs=spec.attack_epochs,
+                                              batch_size=spec.batch_size).fit()
     recovered = recovery.reconstruct(features)
     head_only = recovery.salt_head_guess(features)
     class_read = recovery.read_labels(features)
@@ -141,7 +215,8 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
         "defence": f"salt:{salted.salt_config.kind.value}",
         "salt_values": values, "num_classes": classes, "adversary_weight": spec.adversary_weight,
         "feature_shape": list(features.shape[1:]),
-        "sizes": {"train": len(splits.train), "aux": len(splits.aux), "test": len(test)},
+        "sizes": {"train": len(splits.train), "aux": len(splits.aux), "test": len(splits.test),
+                  "requests": len(test)},
         "accuracy_standard": accuracy(predict(standard, test.images), labels),
         "accuracy_salted": float((client_labels == labels).float().mean()),
         "cloud_accuracy_unsalted_read": float((read_as_unsalted == labels).float().mean()),

@@ -130,7 +130,7 @@ class SaltLayer(nn.Module):
     """(activation, salts) -> the activation with the salt mixed in, same shape.
 
     Args:
-        activation_shape: the activation's shape per example, (C, H, W) or (F,).
+        activation_shape: the activation's shape per example, (C, H, W), (C, T) for a series, or (F,).
         values: how many salts exist.
         kind: conv or fc (perm uses the conv path).
         channels: salt channels (conv) or features (fc) concatenated before the projection.
@@ -141,15 +141,21 @@ class SaltLayer(nn.Module):
         self.activation_shape, self.values, self.kind = tuple(activation_shape), values, SaltKind(kind)
         width, spatial = activation_shape[0], tuple(activation_shape[1:])
         self.spatial = spatial
+        if len(spatial) > 2:
+            raise ConfigError(f"a salt layer takes vectors, series or images, not activations of shape {activation_shape}")
         if self.kind == SaltKind.FC or not spatial:
             self.embed = nn.Linear(values, channels)  # [B, S] -> [B, channels]
+        elif len(spatial) == 1:  # a series: [B, S, 1] -> [B, ch, T]
+            self.embed = nn.ConvTranspose1d(values, channels, kernel_size=spatial)
         else:
             self.embed = nn.ConvTranspose2d(values, channels, kernel_size=spatial)  # [B, S, 1, 1] -> [B, ch, H, W]
         # salt maps of unit scale, like the (normalised) activations they join: the default initialisation of a
         # transposed convolution scales by its H x W fan-in and starts the salt near zero, which slows training down
         nn.init.normal_(self.embed.weight, std=1.0)
         nn.init.zeros_(self.embed.bias)
-        if spatial:
+        if len(spatial) == 1:
+            self.project = nn.Conv1d(width + channels, width, 1)
+        elif spatial:
             self.project = nn.Conv2d(width + channels, width, 1)
         else:
             self.project = nn.Linear(width + channels, width)
@@ -161,12 +167,12 @@ class SaltLayer(nn.Module):
         return nn.functional.one_hot(salts, self.values).float()
 
     def salt_map(self, salts: torch.Tensor) -> torch.Tensor:
-        """The salt's representation, shaped to concatenate: [B, ch, H, W] or [B, ch]."""
+        """The salt's representation, shaped to concatenate: [B, ch, H, W], [B, ch, T] or [B, ch]."""
         code = self.salt_input(salts)  # [B, S]
-        if isinstance(self.embed, nn.ConvTranspose2d):
-            return self.embed(code[:, :, None, None])
-        out = self.embed(code)
-        return out[:, :, None, None].expand(-1, -1, *self.spatial) if self.spatial else out
+        if isinstance(self.embed, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            return self.embed(code.reshape(*code.shape, *(1,) * len(self.spatial)))
+        out = self.embed(code)  # [B, ch], broadcast over the positions of a series or an image
+        return out.reshape(*out.shape, *(1,) * len(self.spatial)).expand(-1, -1, *self.spatial)
 
     def forward(self, x: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([x, self.salt_map(salts)], dim=1))
@@ -305,12 +311,13 @@ class SaltKey:
 
 def train_salted(model: SaltedSplittable, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 1,
                  batch_size: int = 64, lr: float = 2e-3, seed: int = 0, quiet: bool = True,
-                 adversary=None) -> SaltedSplittable:
+                 adversary=None, augment=None) -> SaltedSplittable:
     """Cross-entropy on `table[s, y]` with a fresh uniform salt per example and step; returns the model in eval mode.
 
     Args:
         adversary: a `salt_adversary.SaltAdversary`: its loss on the features at its cut is added (through a
             gradient reversal), so the client's blocks learn to hide the salt and the class from it.
+        augment: `augment(batch, generator) -> batch`, applied to each training batch (None: the data as it is).
     """
     from splitveil.train.classifier import progress
 
@@ -331,11 +338,12 @@ def train_salted(model: SaltedSplittable, images: torch.Tensor, labels: torch.Te
             batch = order[step * batch_size:(step + 1) * batch_size]
             salts = torch.randint(model.values, (len(batch),), generator=generator)
             targets = salt_labels(labels[batch], salts, model.table)
+            inputs = images[batch] if augment is None else augment(images[batch], generator)
             if adversary is None:
-                loss = loss_fn(model(images[batch], salts), targets)
+                loss = loss_fn(model(inputs, salts), targets)
             else:
                 boundary = model.boundary(adversary.cut)
-                features = model.run((images[batch], salts), 0, boundary)
+                features = model.run((inputs, salts), 0, boundary)
                 loss = loss_fn(model.run(features, boundary, len(model.segments)), targets) + \
                     adversary.loss(features, salts, labels[batch])
             optimiser.zero_grad()

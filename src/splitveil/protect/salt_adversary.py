@@ -26,6 +26,26 @@ class _Reverse(torch.autograd.Function):
         return -ctx.weight * grad, None
 
 
+def reader_trunk(feature_shape: tuple[int, ...], *, width: int = 64, convs: int = 1, hidden_layers: int = 1) -> nn.Module:
+    """Features at a cut -> [N, 256]: `convs` conv-BN-ReLU layers then pooling to 4x4 (an image's maps) or 16 positions
+    (a series), or `hidden_layers` linear-ReLU layers for vectors. What both salt readers (this adversary and the
+    cloud's `recovery` attack) put in front of their salt and class heads."""
+    if len(feature_shape) in (2, 3):
+        conv, norm, pool = (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d(4)) if len(feature_shape) == 3 else \
+            (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d(16))
+        layers, channels = [], feature_shape[0]
+        for index in range(convs):
+            stride = 2 if index > 0 and feature_shape[1] >= 8 else 1
+            layers += [conv(channels, width, 3, stride=stride, padding=1), norm(width), nn.ReLU()]
+            channels = width
+        return nn.Sequential(*layers, pool, nn.Flatten(), nn.Linear(width * 16, 256), nn.ReLU())
+    layers, features = [], math.prod(feature_shape)
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(features, 256), nn.ReLU()]
+        features = 256
+    return nn.Sequential(*layers)
+
+
 def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
     """Identity forward; the gradient flowing back is multiplied by -weight."""
     return _Reverse.apply(x, weight)
@@ -45,12 +65,7 @@ class SaltAdversary(nn.Module):
                  width: int = 64):
         super().__init__()
         self.cut, self.weight = cut, weight
-        if len(feature_shape) == 3:
-            self.trunk = nn.Sequential(
-                nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(width * 16, 256), nn.ReLU())
-        else:
-            self.trunk = nn.Sequential(nn.Linear(math.prod(feature_shape), 256), nn.ReLU())
+        self.trunk = reader_trunk(feature_shape, width=width, convs=1, hidden_layers=1)
         self.salt_head, self.class_head = nn.Linear(256, values), nn.Linear(256, classes)
 
     def loss(self, features: torch.Tensor, salts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from splitveil.attack.base import ThreatModel
 from splitveil.attack.output.base import OUTPUT_ATTACKS, OutputAttack
+from splitveil.protect.salt_adversary import reader_trunk
 
 
 class FeatureReader(nn.Module):
@@ -24,15 +25,7 @@ class FeatureReader(nn.Module):
 
     def __init__(self, feature_shape: tuple[int, ...], values: int, classes: int, *, width: int = 64):
         super().__init__()
-        if len(feature_shape) == 3:
-            channels, height, _ = feature_shape
-            stride = 2 if height >= 8 else 1
-            self.trunk = nn.Sequential(
-                nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 3, stride=stride, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(width * 16, 256), nn.ReLU())
-        else:
-            self.trunk = nn.Sequential(nn.Linear(math.prod(feature_shape), 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        self.trunk = reader_trunk(feature_shape, width=width, convs=2, hidden_layers=2)
         self.salt_head, self.class_head = nn.Linear(256, values), nn.Linear(256, classes)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
