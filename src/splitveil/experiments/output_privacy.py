@@ -253,6 +253,13 @@ def label(record: dict) -> str:
     return record["defence"] + (f"+adversary{weight:g}" if weight else "")
 
 
+def _requests(record: dict) -> str:
+    requests, test = record["sizes"].get("requests", record["sizes"]["test"]), record["sizes"]["test"]
+    if requests == test:
+        return "one request with its own keyed salt per example"
+    return f"each sent {requests // test} times, {requests} requests with their own keyed salts"
+
+
 def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     """Records -> `<stem>.jsonl`, `<stem>.png` (accuracies and salt recovery against the salt layer) and `<stem>.md`."""
     import matplotlib
@@ -263,7 +270,7 @@ def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     from splitveil.experiments.records import save_figure, write_records
 
     out_dir, jsonl = write_records(records, out_dir, stem)
-    ordered = sorted(records, key=lambda r: (label(r), r["salt_layer"], r["split"]))
+    ordered = sorted(records, key=lambda r: (label(r), r["salt_layer"], r["split"], r["spec"].get("seed", 0)))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
 
     def series(r: dict) -> str:  # one line per defence; runs cut deeper than just after the salted block apart
@@ -273,16 +280,22 @@ def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     # the left panel shows the client (solid), the class read from the features (dashed) and the naive read (grey)
     for index, defence in enumerate(sorted({series(r) for r in ordered})):
         rows = [r for r in ordered if series(r) == defence]
-        x, colour = [r["salt_layer"] for r in rows], f"C{index % 10}"
-        axes[0].plot(x, [r["accuracy_salted"] for r in rows], "o-", color=colour, label=f"client: {defence}")
-        axes[0].plot(x, [r["cloud_accuracy_class_head"] for r in rows], "x--", color=colour,
+        x, colour = sorted({r["salt_layer"] for r in rows}), f"C{index % 10}"
+
+        def mean(key: str) -> list[float]:  # over the seeds of each salt layer
+            return [sum(r[key] for r in rows if r["salt_layer"] == p) / sum(r["salt_layer"] == p for r in rows) for p in x]
+
+        seeds = len(rows) // len(x)
+        suffix = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+        axes[0].plot(x, mean("accuracy_salted"), "o-", color=colour, label=f"client: {defence}{suffix}")
+        axes[0].plot(x, mean("cloud_accuracy_class_head"), "x--", color=colour,
                      label=f"cloud, class from features: {defence}")
-        axes[0].plot(x, [r["cloud_accuracy_unsalted_read"] for r in rows], "s", color="grey", ms=3)
-        axes[1].plot(x, [r["salt_recovery"] for r in rows], "o-", color=colour, label=defence)
+        axes[0].plot(x, mean("cloud_accuracy_unsalted_read"), "s", color="grey", ms=3)
+        axes[1].plot(x, mean("salt_recovery"), "o-", color=colour, label=defence + suffix)
     axes[0].plot([], [], "s", color="grey", ms=3, label="cloud, read as unsalted (every run)")
     axes[0].axhline(ordered[0]["accuracy_standard"], color="black", lw=1, label="standard model")
     axes[0].axhline(ordered[0]["chance_class"], color="black", lw=1, ls=":", label="chance")
-    axes[1].axhline(ordered[0]["chance_salt"], color="black", lw=1, ls=":", label="chance (10 salts)")
+    axes[1].axhline(ordered[0]["chance_salt"], color="black", lw=1, ls=":", label=f"chance ({ordered[0]['salt_values']} salts)")
     axes[0].set(xlabel="salt layer (after this many blocks)", ylabel="accuracy", ylim=(0, 1), title="label accuracy")
     axes[1].set(xlabel="salt layer (after this many blocks)", ylabel="fraction of salts recovered", ylim=(0, 1.02),
                 title="salt recovery by the cloud")
@@ -293,14 +306,15 @@ def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     first = ordered[0]
     lines = [f"# Output privacy (Salted DNNs): {first['model']} on {first['dataset']}", "",
              f"Generated from the records in `{jsonl.name}` by `write_output_report`. Both models trained on "
-             f"{first['sizes']['train']} images; the attacker's auxiliary set holds {first['sizes']['aux']} (disjoint); "
-             f"{first['sizes']['test']} test images scored, one keyed salt per image. Standard model accuracy "
+             f"{first['sizes']['train']} examples; the attacker's auxiliary set holds {first['sizes']['aux']} (disjoint); "
+             f"{first['sizes']['test']} test examples scored, {_requests(first)}. Standard model accuracy "
              f"{first['accuracy_standard']:.3f}; chance {first['chance_class']:.3f} (class), {first['chance_salt']:.3f} (salt).", "",
-             "| defence | salt layer | cut | features | salted accuracy | cloud, read as unsalted | salt recovery "
+             "| defence | salt layer | cut | seed | features | salted accuracy | cloud, read as unsalted | salt recovery "
              "(as guessed / salt head alone) | cloud, with recovered salt | cloud, class head | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ordered:
-        lines.append(f"| {label(r)} | {r['salt_layer']} | {r['split']} | {'x'.join(map(str, r['feature_shape']))} | "
+        lines.append(f"| {label(r)} | {r['salt_layer']} | {r['split']} | {r['spec'].get('seed', 0)} | "
+                     f"{'x'.join(map(str, r['feature_shape']))} | "
                      f"{r['accuracy_salted']:.3f} | {r['cloud_accuracy_unsalted_read']:.3f} | {r['salt_recovery']:.3f} / "
                      f"{r['salt_recovery_salt_head_only']:.3f} | {r['cloud_accuracy_with_recovered_salt']:.3f} | "
                      f"{r['cloud_accuracy_class_head']:.3f} | {r['seconds']:.0f} |")
