@@ -113,3 +113,25 @@ def test_splitveil_serve_serves_a_salted_cloud_part(tmp_path, monkeypatch):
             client.close()
     salts = SaltKey(salted.values, key=b"d" * 32).draw(50)
     assert torch.equal(labels, decode_labels(predict_salted(salted, test.images[:50], salts), salts, salted.table))
+
+
+def test_salted_sensor_cnn_over_tls_equals_in_process(serve_service, tls_files):
+    """The time-series modality through the same service: a salted sensor CNN's cloud part over TLS."""
+    from splitveil.models.timeseries import build_time_series_model
+
+    torch.manual_seed(1)
+    shape = (6, 100)
+    model = salt_model(build_time_series_model("sensor-cnn", shape, 4), SaltConfig(position=1), input_shape=shape,
+                       num_classes=4).eval()
+    server = serve_service(vision_service(model, CUT, max_batch=8))
+    series = torch.randn(12, *shape)
+    transport = Recording(server.url, token=tls_files["token"], ca_file=tls_files["cert"], timeout=20)
+    client = SaltedSplitClassifier(model, CUT, transport=transport, key=SaltKey(model.values, key=b"c" * 32))
+    try:
+        labels = client.classify(series)
+    finally:
+        client.close()
+    salts = SaltKey(model.values, key=b"c" * 32).draw(len(series))
+    assert torch.equal(labels, decode_labels(predict_salted(model, series, salts), salts, model.table))
+    sent = [decode_frame(data) for data in transport.sent]
+    assert all(f.tensor.shape[1:] == (32, 50) for f in sent if f.tensor is not None)  # the edge's features only
