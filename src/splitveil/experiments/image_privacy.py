@@ -29,7 +29,7 @@ class ImageAttackSpec:
     train_size: int = 30_000  # victim's training images (capped at 45% of the data set)
     aux_size: int = 15_000  # attacker's auxiliary images, disjoint from the victim's (capped at 40%)
     test_size: int = 2_000  # held-out images: attacked ones are the first `samples`; MINE uses all
-    epochs: int = 1  # victim classifier epochs
+    epochs: int = 15  # victim classifier epochs
     attack_epochs: int = 2  # decoder / substitute / c-GAN epochs over the auxiliary set ...
     min_attack_steps: int = 300  # ... or more, so that a small auxiliary set still gets this many batches of 64
     rmle_steps: int = 300
@@ -37,13 +37,28 @@ class ImageAttackSpec:
     mine_repeats: int = 3  # MINE estimates (seeds seed, seed+1, ...) averaged per cut: one is noisy
     mine_lr: float = 5e-4  # at 500 steps, 1e-3 sent some seeds astray (cut 3: 2.17 to 4.44 nats; 5e-4: 4.36 to 4.38)
     attack_options: dict = field(default_factory=dict)  # extra keyword arguments of the attack
+    defence: str = "none"  # a registered image defence (protect.image), built in at the cut
+    strength: float | None = None  # its one knob; None: the defence's default
+    defence_options: dict = field(default_factory=dict)  # its other keyword arguments
+    schedule: str = "onecycle"  # the victims' learning-rate schedule (TrainConfig.schedule)
+    augment: bool = True  # shifts and flips of the victims' training batches
+    lr: float = 2e-3  # victims' (peak) learning rate
+    heldout_accuracy: bool = True  # also score the undefended victim on every image outside train and aux
 
     @classmethod
     def quick(cls, **overrides) -> "ImageAttackSpec":
-        """Sizes for a run of a minute or two on one thread once the victim is cached."""
-        return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1,
+        """Sizes for a run of a minute or two on one thread once the victim is cached. Victims: 3 epochs on 10,000
+        images, one-cycle schedule, no augmentation (the first release's single constant-rate epoch left the VGG at
+        0.827 and a funnel-shaped edge far from converged)."""
+        return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 3,
                       "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 3,
-                      "mine_lr": 1e-3, **overrides})
+                      "mine_lr": 1e-3, "schedule": "onecycle", "augment": False, "heldout_accuracy": False,
+                      **overrides})
+
+    def make_defence(self):
+        from splitveil.protect.image import make_defence
+
+        return make_defence(self.defence, self.strength, **self.defence_options)
 
 
 def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
@@ -51,6 +66,14 @@ def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
     aux = min(spec.aux_size, int(0.4 * n))
     test = min(spec.test_size, n - train - aux)
     return train, aux, test
+
+
+def train_config(spec):
+    """The victims' `TrainConfig` for `spec` (a spec without the newer fields gets the first release's)."""
+    from splitveil.train.classifier import TrainConfig
+
+    return TrainConfig(epochs=spec.epochs, seed=spec.seed, lr=getattr(spec, "lr", 2e-3),
+                       schedule=getattr(spec, "schedule", "constant"), augment=getattr(spec, "augment", False))
 
 
 def splits_and_victim(spec, *, quiet: bool = True):
@@ -62,7 +85,7 @@ def splits_and_victim(spec, *, quiet: bool = True):
     """
     from splitveil.data.images import load_dataset, split_dataset
     from splitveil.models.vision_zoo import VISION_MODELS, build_vision_model
-    from splitveil.train.classifier import TrainConfig, cached_classifier
+    from splitveil.train.classifier import cached_classifier
 
     VISION_MODELS.get(spec.model)
     data = load_dataset(spec.dataset)
@@ -71,9 +94,48 @@ def splits_and_victim(spec, *, quiet: bool = True):
     shape, classes = data.image_shape, data.num_classes
     victim, cached = cached_classifier(
         lambda: build_vision_model(spec.model, shape, classes), splits.train.images, splits.train.labels,
-        TrainConfig(epochs=spec.epochs, seed=spec.seed), quiet=quiet,
+        train_config(spec), quiet=quiet,
         key_fields={"dataset": spec.dataset, "model": spec.model, "train": train, "split_seed": spec.seed})
     return splits, victim, cached
+
+
+def defended_victim(spec: ImageAttackSpec, splits, undefended, *, quiet: bool = True):
+    """The victim with `spec`'s defence built in at `spec.split` and trained with its loss (cached by data set,
+    model, cut, defence, strength, options and seed); the undefended victim itself when the defence is the identity.
+
+    Returns:
+        (model, defence, was_cached).
+    """
+    from splitveil.models.vision_zoo import build_vision_model
+    from splitveil.protect.image import defended_model
+    from splitveil.protect.image.base import train_defended
+    from splitveil.train.classifier import cached_classifier
+
+    defence = spec.make_defence()
+    if not defence.trains:
+        return undefended, defence, True
+    shape, classes = splits.train.image_shape, splits.train.num_classes
+    model, cached = cached_classifier(
+        lambda: defended_model(build_vision_model(spec.model, shape, classes), defence, spec.split,
+                               num_classes=classes, image_shape=shape),
+        splits.train.images, splits.train.labels, train_config(spec), quiet=quiet, train=train_defended(defence, spec.split),
+        key_fields={"dataset": spec.dataset, "model": spec.model, "train": len(splits.train), "split_seed": spec.seed,
+                    "cut": spec.split, "defence": defence.name, "strength": defence.strength, **defence.options()})
+    return model, defence, cached
+
+
+def untrained_edge(model: str, image_shape, num_classes: int, defence: str, strength: float, options: dict, cut: int):
+    """The defended edge's architecture with fresh weights (public knowledge: what an adaptive shadow attacker
+    trains as its substitute edge)."""
+    from torch import nn
+
+    from splitveil.models.vision_zoo import build_vision_model
+    from splitveil.protect.image import defended_model, make_defence
+    from splitveil.protect.image.base import cut_segment
+
+    built = defended_model(build_vision_model(model, image_shape, num_classes), make_defence(defence, strength, **options),
+                           cut, num_classes=num_classes, image_shape=image_shape)
+    return nn.Sequential(*built.segments[:cut_segment(built, cut)])
 
 
 def prepare_victim(spec: ImageAttackSpec, *, quiet: bool = True) -> dict:
@@ -90,8 +152,24 @@ def prepare_victim(spec: ImageAttackSpec, *, quiet: bool = True) -> dict:
         lambda: build_vision_model(evaluator_name, shape, classes), splits.aux.images, splits.aux.labels,
         TrainConfig(epochs=5, seed=spec.seed + 1), quiet=quiet,
         key_fields={"dataset": spec.dataset, "model": f"{evaluator_name}-evaluator", "train": aux, "split_seed": spec.seed})
-    return {"splits": splits, "victim": victim, "victim_cached": cached, "evaluator": evaluator,
-            "evaluator_model": evaluator_name}
+    prepared = {"splits": splits, "victim": victim, "victim_cached": cached, "evaluator": evaluator,
+                "evaluator_model": evaluator_name}
+    if getattr(spec, "heldout_accuracy", False):
+        prepared["heldout"] = heldout_accuracy(spec, victim)
+    return prepared
+
+
+def heldout_accuracy(spec, model) -> dict:
+    """`model`'s accuracy on every image of the data set outside the train and auxiliary splits (the test split
+    included): for Fashion-MNIST at the default sizes 25,000 images, more than its official 10,000-image test set."""
+    from splitveil.data.images import load_dataset
+    from splitveil.train.classifier import accuracy, predict
+
+    data = load_dataset(spec.dataset)
+    train, aux, _ = _sizes(len(data), spec)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))  # split_dataset's order
+    rest = data.subset(order[train + aux:])
+    return {"accuracy": accuracy(predict(model, rest.images), rest.labels), "images": len(rest)}
 
 
 def attack_options(spec: ImageAttackSpec, aux_size: int) -> dict:
@@ -103,12 +181,17 @@ def attack_options(spec: ImageAttackSpec, aux_size: int) -> dict:
 
 def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict | None = None,
                      mine_cache: dict | None = None) -> dict:
-    """Runs one attack on one split and returns its record.
+    """Runs one attack on one split of the victim defended by `spec.defence`, and returns its record.
+
+    The attack is adaptive: the edge it queries or holds is the defended one (stochastic layers on, as deployed),
+    and a shadow attacker trains a substitute of the defended edge's architecture.
 
     Args:
         victim: a `prepare_victim(spec)` result to reuse (a sweep prepares it once).
-        mine_cache: a dict reused across runs of one sweep: MINE depends on the split, not on the attack.
+        mine_cache: a dict reused across runs of one sweep: MINE depends on the split and defence, not on the attack.
     """
+    from functools import partial
+
     from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
     from splitveil.experiments.records import environment
     from splitveil.metrics.image import distance_correlation, mse, psnr, ssim
@@ -118,21 +201,32 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
 
     stamp = environment()  # the code and machine as the run starts
     attack_class = IMAGE_ATTACKS.get(spec.attack)
+    spec.make_defence()  # an unknown defence or a bad strength fails before any training
     began = time.perf_counter()
     victim = victim or prepare_victim(spec, quiet=quiet)
-    splits, model = victim["splits"], victim["victim"]
+    splits, undefended = victim["splits"], victim["victim"]
+    model, defence, defended_cached = defended_victim(spec, splits, undefended, quiet=quiet)
     plan = SplitPlan.two_way(spec.split)
     edge, cloud = apply(model, plan)
     test = splits.test
+    torch.manual_seed(spec.seed)  # stochastic defences draw the same noise for the split and the unsplit model
     logits_unsplit = predict(model, test.images)
+    torch.manual_seed(spec.seed)
     logits_split = predict(lambda x: cloud(edge(x)), test.images)
     if not torch.equal(logits_split.argmax(-1), logits_unsplit.argmax(-1)):
         raise RuntimeError("the split classifier disagrees with the unsplit one")  # the Splittable contract broke
-    target = ImageTarget.from_parts(edge, cloud, image_shape=test.image_shape, aux=splits.aux)
+    logits_undefended = logits_unsplit if model is undefended else predict(undefended, test.images)
+    shape, classes = test.image_shape, test.num_classes
+    # a defended edge's architecture is public to the adaptive shadow attacker (undefended: its generic substitute,
+    # as in the first release's records)
+    architecture = partial(untrained_edge, spec.model, shape, classes, defence.name, defence.strength,
+                           defence.options(), spec.split) if defence.trains else None
+    target = ImageTarget.from_parts(edge, cloud, image_shape=shape, aux=splits.aux, edge_architecture=architecture)
     n = min(spec.samples, len(test))
     if n < 2:
         raise ConfigError(f"{spec.dataset} leaves {len(test)} test image(s): too few to attack")
     originals = test.images[:n]  # [n, C, H, W]
+    torch.manual_seed(spec.seed + 7)
     features = target.query(originals)  # [n, *feature_shape]: what the cloud receives
     attack = attack_class(target, seed=spec.seed, quiet=quiet, **attack_options(spec, len(splits.aux)))
     attack_began = time.perf_counter()
@@ -140,27 +234,35 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     reconstructions = attack.reconstruct(features).clamp(0, 1)
     attack_seconds = time.perf_counter() - attack_began
     baseline = splits.aux.images.mean(0, keepdim=True).expand_as(originals)  # the attacker's prior: the mean image
-    key = (spec.dataset, spec.model, spec.split, spec.seed, len(test), spec.mine_steps, spec.mine_repeats, spec.mine_lr)
+    key = (spec.dataset, spec.model, spec.split, spec.seed, len(test), spec.mine_steps, spec.mine_repeats, spec.mine_lr,
+           defence.name, defence.strength, tuple(sorted(defence.options().items())))
     if mine_cache is not None and key in mine_cache:
         mine_runs = mine_cache[key]
     else:
+        torch.manual_seed(spec.seed + 11)
         test_features = target.query(test.images)
         mine_runs = [mine_estimate(test.images, test_features, steps=spec.mine_steps, lr=spec.mine_lr, seed=spec.seed + i)
                      for i in range(spec.mine_repeats)]
         if mine_cache is not None:
             mine_cache[key] = mine_runs
     evaluator = victim["evaluator"]
-    return {
+    threat = attack.describe()
+    if defence.trains:
+        threat["knows_defence"] = True
+        threat["description"] += f"; adaptive: knows the {defence.name} defence and attacks the defended edge"
+    record = {
         "kind": "image-privacy",
         "spec": asdict(spec),
         "plan": plan.to_dict(),
         "dataset": spec.dataset, "model": spec.model, "split": spec.split, "attack": spec.attack,
-        "threat_model": attack.describe(),
+        "defence": defence.name, "strength": defence.strength, "defence_info": defence.describe(),
+        "threat_model": threat,
         "feature_shape": list(target.feature_shape),
         "image_shape": list(test.image_shape),
         "sizes": {"train": len(splits.train), "aux": len(splits.aux), "test": len(test), "attacked": n},
         "accuracy": accuracy(logits_split, test.labels),
         "accuracy_unsplit": accuracy(logits_unsplit, test.labels),
+        "accuracy_undefended": accuracy(logits_undefended, test.labels),
         "split_max_abs_logit_diff": float((logits_split - logits_unsplit).abs().max()),
         "mse": mse(reconstructions, originals),
         "psnr": psnr(reconstructions, originals),
@@ -176,48 +278,65 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "dcor_unbiased": distance_correlation(originals, features, bias_corrected=True),
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - began,
-        "victim_cached": victim["victim_cached"],
+        "victim_cached": victim["victim_cached"] and defended_cached,
         "examples": {"originals": _rounded(originals[:GRID_EXAMPLES]), "reconstructions": _rounded(reconstructions[:GRID_EXAMPLES])},
         "environment": stamp,
     }
+    if "heldout" in victim:
+        record["accuracy_undefended_heldout"] = victim["heldout"]
+    return record
 
 
 def sweep_cut(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = None) -> list[dict]:
-    """Every attack at `spec.split` (MINE estimated once): a sweep's unit of work, also in a worker process."""
+    """Every attack at `spec.split` against `spec.defence` (MINE estimated once): a sweep's unit of work, also in a
+    worker process."""
     victim = victim or prepare_victim(spec)
     mine_cache: dict = {}
     return [run_image_attack(replace(spec, attack=name), victim=victim, mine_cache=mine_cache) for name in attacks]
 
 
-def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], *, jobs: int = 1,
-                    on_records=None) -> list[dict]:
-    """Every attack at every cut; records sorted by (attack, cut).
+def resolve_defences(defences) -> list[tuple[str, float]]:
+    """[(name, strength or None)] -> [(name, strength)] with each default strength filled in."""
+    from splitveil.protect.image import make_defence
 
-    The victim is trained (or loaded) once here, so its checkpoint is cached before any worker starts. With
-    `jobs` > 1 the cuts run in that many worker processes of one torch thread each, the deepest (slowest) first;
-    `on_records(records_so_far)` is called whenever a cut finishes (a long sweep can write what it has).
+    return [(name, make_defence(name, strength).strength) for name, strength in defences]
+
+
+def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], *, jobs: int = 1,
+                    on_records=None, defences=None) -> list[dict]:
+    """Every attack at every cut (and against every defence of `defences`, [(name, strength or None)], when given);
+    records sorted by (defence as listed, attack, cut).
+
+    The undefended victim is trained (or loaded) once here, so its checkpoint is cached before any worker starts;
+    each (cut, defence) unit trains (or loads) its defended victim. With `jobs` > 1 the units run in that many worker
+    processes of one torch thread each, the deepest cut first; `on_records(records_so_far)` is called whenever a unit
+    finishes (a long sweep can write what it has).
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
     from splitveil.core.runtime import set_threads
 
+    defences = resolve_defences(defences or [(spec.defence, spec.strength)])
     victim = prepare_victim(spec)
     records: list[dict] = []
+    order = {defence: i for i, defence in enumerate(defences)}
 
     def collect(new: list[dict]) -> None:
         records.extend(new)
-        records.sort(key=lambda r: (attacks.index(r["attack"]), r["split"]))
+        records.sort(key=lambda r: (order.get((r["defence"], r["strength"]), 0), attacks.index(r["attack"]), r["split"]))
         if on_records is not None:
             on_records(records)
 
-    if jobs <= 1 or len(cuts) == 1:
-        for cut in cuts:
-            collect(sweep_cut(replace(spec, split=cut), attacks, victim))
+    units = [replace(spec, split=cut, defence=name, strength=strength)
+             for cut in sorted(cuts, reverse=True) for name, strength in defences]
+    if jobs <= 1 or len(units) == 1:
+        for unit in sorted(units, key=lambda u: (order[(u.defence, u.strength)], u.split)):
+            collect(sweep_cut(unit, attacks, victim))
         return records
-    with ProcessPoolExecutor(min(jobs, len(cuts)), mp_context=get_context("spawn"), initializer=set_threads,
+    with ProcessPoolExecutor(min(jobs, len(units)), mp_context=get_context("spawn"), initializer=set_threads,
                              initargs=(1,)) as pool:
-        futures = [pool.submit(sweep_cut, replace(spec, split=cut), attacks) for cut in sorted(cuts, reverse=True)]
+        futures = [pool.submit(sweep_cut, unit, attacks) for unit in units]
         for future in as_completed(futures):
             collect(future.result())
     return records

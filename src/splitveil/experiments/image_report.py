@@ -93,3 +93,184 @@ def plot_depth(records: list[dict], path: Path) -> Path:
         axis.grid(alpha=0.3)
     fig.suptitle(f"{records[0]['model']} on {records[0]['dataset']}", fontsize=9)
     return save_figure(fig, path)
+
+
+#: the paper's three claims for SiftFunnel against the best earlier defence (arXiv 2501.00824)
+CLAIM_ACCURACY_DROP = 0.03  # accuracy loss below 3 points (v1)
+CLAIM_MSE_RATIO = 1.3  # reconstruction error about 30% higher than the best baseline's (v7)
+CLAIM_MINE_REDUCTION = 0.5  # mutual information at least 50% lower (v7)
+#: a baseline setting is "at matched accuracy" when it is at most this far below SiftFunnel's accuracy
+MATCH_TOLERANCE = 0.01
+
+
+def defence_settings(records: list[dict]) -> list[dict]:
+    """One row per (defence, strength, cut): accuracy, MINE, and per attack SSIM / MSE; the strongest attack is the
+    one with the highest SSIM (it also reports that attack's MSE, and the lowest MSE over attacks)."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        key = (r.get("defence", "none"), r.get("strength", 0.0), r["split"])
+        row = rows.setdefault(key, {"defence": key[0], "strength": key[1], "split": key[2], "accuracy": r["accuracy"],
+                                    "accuracy_undefended": r.get("accuracy_undefended", r["accuracy"]),
+                                    "mine": r["mine"], "mine_runs": r.get("mine_runs") or [r["mine"]],
+                                    "dcor": r["dcor"], "feature_shape": r["feature_shape"], "attacks": {}})
+        row["attacks"][r["attack"]] = {"ssim": r["ssim"], "mse": r["mse"], "psnr": r["psnr"],
+                                       "recon_accuracy": r["recon_accuracy"], "examples": r.get("examples")}
+    for row in rows.values():
+        strongest = max(row["attacks"], key=lambda a: row["attacks"][a]["ssim"])
+        row["strongest"] = strongest
+        row["strongest_ssim"] = row["attacks"][strongest]["ssim"]
+        row["lowest_mse"] = min(a["mse"] for a in row["attacks"].values())
+    return sorted(rows.values(), key=lambda r: (r["split"], r["defence"] != "none", r["defence"], r["strength"]))
+
+
+def siftfunnel_claims(rows: list[dict]) -> list[str]:
+    """The paper's three claims checked on the rows of one cut, each stated as reached or not with the numbers.
+
+    The best baseline is, among the other defences' settings whose accuracy is at least SiftFunnel's minus
+    `MATCH_TOLERANCE` (matched accuracy), the one whose strongest attack reconstructs worst (highest lowest-MSE over
+    the attacks). Reconstruction error is each setting's lowest MSE over the attacks run (its strongest attacker).
+    """
+    lines = []
+    for funnel in [r for r in rows if r["defence"] == "siftfunnel"]:
+        tag = f"siftfunnel strength {funnel['strength']:g} at cut {funnel['split']}"
+        drop = funnel["accuracy_undefended"] - funnel["accuracy"]
+        lines.append(f"- {tag}, accuracy drop < {CLAIM_ACCURACY_DROP:.0%}: "
+                     f"{'reached' if drop < CLAIM_ACCURACY_DROP else 'not reached'} ({funnel['accuracy_undefended']:.3f} -> "
+                     f"{funnel['accuracy']:.3f}, drop {drop:+.3f})")
+        matched = [r for r in rows if r["split"] == funnel["split"] and r["defence"] not in ("none", "siftfunnel")
+                   and r["accuracy"] >= funnel["accuracy"] - MATCH_TOLERANCE
+                   and set(r["attacks"]) >= set(funnel["attacks"])]
+        if not matched:
+            lines.append(f"- {tag}: no baseline setting at matched accuracy (>= {funnel['accuracy'] - MATCH_TOLERANCE:.3f}) "
+                         "ran the same attacks, so the MSE and MINE claims are not tested")
+            continue
+        best = max(matched, key=lambda r: r["lowest_mse"])
+        ratio = funnel["lowest_mse"] / best["lowest_mse"] if best["lowest_mse"] > 0 else float("inf")
+        lines.append(f"- {tag}, reconstruction MSE >= {CLAIM_MSE_RATIO}x the best baseline at matched accuracy "
+                     f"({best['defence']} {best['strength']:g}, accuracy {best['accuracy']:.3f}): "
+                     f"{'reached' if ratio >= CLAIM_MSE_RATIO else 'not reached'} (strongest attacker's MSE "
+                     f"{funnel['lowest_mse']:.4f} vs {best['lowest_mse']:.4f}, {ratio:.2f}x)")
+        lowest_mine = min(matched, key=lambda r: r["mine"])
+        for label, base in (("the best baseline", best), ("the matched baseline with the lowest MINE", lowest_mine)):
+            reduction = 1 - funnel["mine"] / base["mine"] if base["mine"] > 0 else float("nan")
+            lines.append(f"- {tag}, MINE >= {CLAIM_MINE_REDUCTION:.0%} lower than {label} ({base['defence']} "
+                         f"{base['strength']:g}): {'reached' if reduction >= CLAIM_MINE_REDUCTION else 'not reached'} "
+                         f"({funnel['mine']:.2f} vs {base['mine']:.2f} nats, {reduction:.0%} lower)")
+            if base is best and lowest_mine is best:
+                break
+    return lines
+
+
+def plot_privacy_utility(records: list[dict], path: Path) -> Path:
+    """Per cut: the strongest attack's SSIM against accuracy (left) and MINE against accuracy (right), one curve per
+    defence over its strengths; the undefended model is a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from splitveil.experiments.records import save_figure
+
+    rows = defence_settings(records)
+    cuts = sorted({r["split"] for r in rows})
+    fig, axes = plt.subplots(len(cuts), 2, figsize=(10, 3.8 * len(cuts)), squeeze=False)
+    for (left, right), cut in zip(axes, cuts):
+        at_cut = [r for r in rows if r["split"] == cut]
+        for defence in sorted({r["defence"] for r in at_cut}):
+            points = sorted((r for r in at_cut if r["defence"] == defence), key=lambda r: r["strength"])
+            style = {"marker": "*", "markersize": 12, "linestyle": "none"} if defence == "none" else {"marker": "o"}
+            accuracy = [p["accuracy"] for p in points]
+            left.plot(accuracy, [p["strongest_ssim"] for p in points], label=defence, **style)
+            lows = [p["mine"] - min(p["mine_runs"]) for p in points]
+            highs = [max(p["mine_runs"]) - p["mine"] for p in points]
+            right.errorbar(accuracy, [p["mine"] for p in points], yerr=[lows, highs], capsize=3, label=defence, **style)
+            for p in points:
+                if defence != "none":
+                    left.annotate(f"{p['strength']:g}", (p["accuracy"], p["strongest_ssim"]), fontsize=6,
+                                  textcoords="offset points", xytext=(3, 3))
+        left.set(xlabel="test accuracy (defended model)", ylabel="SSIM of the strongest attack",
+                 title=f"cut {cut}: privacy vs utility (lower-right is better)")
+        right.set(xlabel="test accuracy (defended model)", ylabel="MINE I(x; z) (nats), bars: min-max over seeds",
+                  title=f"cut {cut}: mutual information")
+        for axis in (left, right):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    fig.suptitle(f"{records[0]['model']} on {records[0]['dataset']}: defences, each attacked by every attack", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_defence_grid(records: list[dict], path: Path) -> Path:
+    """Originals, then per (defence, strength, cut) the strongest attack's reconstructions of the same images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from splitveil.experiments.records import save_figure
+
+    rows = defence_settings(records)
+    originals = np.asarray(records[0]["examples"]["originals"])
+    k = len(originals)
+    labelled = [("original", originals)]
+    for r in rows:
+        best = r["attacks"][r["strongest"]]
+        if best.get("examples"):
+            labelled.append((f"{r['defence']} {r['strength']:g} @{r['split']}\n{r['strongest']} SSIM {best['ssim']:.2f}",
+                             np.asarray(best["examples"]["reconstructions"])))
+    fig, axes = plt.subplots(len(labelled), k, figsize=(1.1 * k + 1.6, 1.1 * len(labelled)), squeeze=False)
+    for row, (label, images) in enumerate(labelled):
+        for col in range(k):
+            axes[row][col].imshow(images[col].mean(0), cmap="gray", vmin=0, vmax=1)
+            axes[row][col].set_xticks([]), axes[row][col].set_yticks([])
+        axes[row][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    return save_figure(fig, path)
+
+
+def write_defence_report(records: list[dict], out_dir, stem: str) -> tuple:
+    """Records of a defence sweep -> `<stem>.jsonl`, `<stem>_utility.png`, `<stem>_grid.png`, `<stem>.md`."""
+    from splitveil.experiments.records import write_records
+
+    out_dir, jsonl = write_records(records, out_dir, stem)
+    utility, grid = out_dir / f"{stem}_utility.png", out_dir / f"{stem}_grid.png"
+    plot_privacy_utility(records, utility)
+    plot_defence_grid(records, grid)
+    rows = defence_settings(records)
+    attacks = sorted({r["attack"] for r in records})
+    first = records[0]
+    lines = [f"# Image defences: {first['model']} on {first['dataset']}", "",
+             f"Generated from the records in `{jsonl.name}` by `write_defence_report`. Victims trained on "
+             f"{first['sizes']['train']} images ({first['spec']['epochs']} epoch(s)); attacker's auxiliary set "
+             f"{first['sizes']['aux']} (disjoint); accuracy on {first['sizes']['test']} test images, "
+             f"{first['sizes']['attacked']} attacked. Every attack is adaptive: it queries or holds the defended edge "
+             "(noise and dropout on, as deployed), and the shadow attacker trains a substitute of the defended "
+             "architecture. Cells: SSIM / MSE; the strongest attack (highest SSIM) is in bold.", ""]
+    if "accuracy_undefended_heldout" in first:
+        held = first["accuracy_undefended_heldout"]
+        lines += [f"Undefended victim on every held-out image ({held['images']} images outside train and auxiliary "
+                  f"sets): accuracy {held['accuracy']:.4f}.", ""]
+    header = " | ".join(attacks)
+    lines += [f"| defence | strength | cut | sent | accuracy (drop) | {header} | MINE (nats) [min, max] | dCor² |",
+              "|---|---|---|---|---|" + "---|" * len(attacks) + "---|---|"]
+    for r in rows:
+        cells = []
+        for attack in attacks:
+            a = r["attacks"].get(attack)
+            cell = "-" if a is None else f"{a['ssim']:.3f} / {a['mse']:.4f}"
+            cells.append(f"**{cell}**" if attack == r["strongest"] else cell)
+        drop = r["accuracy_undefended"] - r["accuracy"]
+        lines.append(f"| {r['defence']} | {r['strength']:g} | {r['split']} | {'x'.join(map(str, r['feature_shape']))} | "
+                     f"{r['accuracy']:.3f} ({drop:+.3f}) | {' | '.join(cells)} | {r['mine']:.2f} "
+                     f"[{min(r['mine_runs']):.2f}, {max(r['mine_runs']):.2f}] | {r['dcor']:.3f} |")
+    claims = siftfunnel_claims(rows)
+    if claims:
+        lines += ["", "## SiftFunnel's claims (arXiv 2501.00824) on these records", "",
+                  f"Matched accuracy: a baseline setting at most {MATCH_TOLERANCE} below SiftFunnel's accuracy. "
+                  "Reconstruction error: the lowest MSE over the attacks run (the strongest attacker).", "", *claims]
+    lines += ["", "## Defences", ""]
+    for name, info in sorted({r.get("defence", "none"): r.get("defence_info", {}) for r in records}.items()):
+        lines.append(f"- **{name}**: {info.get('description', '')}")
+    lines += ["", f"![privacy against utility]({utility.name})", "", f"![strongest attack's reconstructions]({grid.name})", ""]
+    markdown = out_dir / f"{stem}.md"
+    markdown.write_text("\n".join(lines))
+    return jsonl, utility, grid, markdown

@@ -61,6 +61,7 @@ class ImageTarget(Target):
     query: PartQuery | None = None  # images -> features through the edge, no gradients (black box)
     cloud: object | None = None  # the cloud Part (its weights)
     aux: ImageData | None = None  # attacker's own labelled data, disjoint from the victim's
+    edge_architecture: object | None = None  # public: () -> an untrained edge of the deployed (defended) architecture
 
     offers = {"knows_head_weights": ("edge", "the edge part's weights"),
               "queries_edge": ("query", "query access to the edge"),
@@ -68,11 +69,14 @@ class ImageTarget(Target):
               "auxiliary_data": ("aux", "auxiliary data")}
 
     @classmethod
-    def from_parts(cls, edge, cloud, *, image_shape, aux: ImageData | None = None) -> "ImageTarget":
-        """Everything a two-way split can offer: edge weights and queries, the cloud part, auxiliary data."""
+    def from_parts(cls, edge, cloud, *, image_shape, aux: ImageData | None = None,
+                   edge_architecture=None) -> "ImageTarget":
+        """Everything a two-way split can offer: edge weights and queries, the cloud part, auxiliary data, and (when
+        the edge is not a plain prefix of a public model, e.g. a defended one) a builder of its architecture."""
         with torch.no_grad():
             feature_shape = tuple(edge(torch.zeros(1, *image_shape)).shape[1:])
-        return cls(tuple(image_shape), feature_shape, edge=edge, query=PartQuery(edge), cloud=cloud, aux=aux)
+        return cls(tuple(image_shape), feature_shape, edge=edge, query=PartQuery(edge), cloud=cloud, aux=aux,
+                   edge_architecture=edge_architecture)
 
     def offered(self, field: str) -> bool:
         return getattr(self, field) is not None
@@ -88,7 +92,8 @@ class ImageTarget(Target):
         return self.aux  # the attacker's own data
 
     def public(self) -> dict:
-        return {"image_shape": self.image_shape, "feature_shape": self.feature_shape}
+        return {"image_shape": self.image_shape, "feature_shape": self.feature_shape,
+                "edge_architecture": self.edge_architecture}
 
 
 class ImageAttack(Attack):

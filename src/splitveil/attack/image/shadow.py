@@ -41,7 +41,9 @@ def moment_gap(features: torch.Tensor, reference_mean: torch.Tensor, reference_s
 @IMAGE_ATTACKS.register("shadow")
 class ShadowModelAttack(ImageAttack):
     """Args: epochs: substitute-edge epochs and decoder epochs over the auxiliary set; moments: weight of matching the
-    observed features' per-channel mean/std (uses only what the cloud sees, unpaired)."""
+    observed features' per-channel mean/std (uses only what the cloud sees, unpaired). When the target publishes the
+    edge's architecture (`edge_architecture`, e.g. a defended edge with its funnel or noise layer), the substitute is
+    a freshly initialised copy of it, stochastic layers included; otherwise a generic conv edge."""
 
     name = "shadow"
     threat_model = ThreatModel(observes="uplink", knows_cloud_weights=True, auxiliary_data=True,
@@ -59,7 +61,10 @@ class ShadowModelAttack(ImageAttack):
 
         aux, cloud = self.target.aux, self.target.cloud
         torch.manual_seed(self.seed)
-        self.substitute = substitute_edge(self.target.image_shape, self.target.feature_shape, width=self.width)
+        architecture = getattr(self.target, "edge_architecture", None)
+        # adaptive: a substitute of the deployed edge's own architecture when it is public (a defended edge)
+        self.substitute = (architecture() if architecture is not None
+                           else substitute_edge(self.target.image_shape, self.target.feature_shape, width=self.width))
         optimiser = torch.optim.Adam(self.substitute.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(self.seed)
         if observed is not None:
