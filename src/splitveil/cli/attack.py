@@ -215,3 +215,4 @@ def text_sweep(
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 from splitveil.cli import attack_image  # noqa: E402,F401  (registers the image commands)
 from splitveil.cli import attack_output  # noqa: E402,F401  (registers the output commands)
+from splitveil.cli import attack_diffusion  # noqa: E402,F401  (registers the diffusion command)
