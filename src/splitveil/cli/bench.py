@@ -127,4 +127,49 @@ def batched(
     typer.echo(f"wrote {json_path} and {png_path}")
 
 
+@app.command("ray")
+def ray(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
+    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts (A,B); the servers run the trunk."),
+    replicas: str = typer.Option("1,2", "--replicas", help="Ray Serve replica counts, comma-separated."),
+    sessions: str = typer.Option("1,8,32", "--sessions", help="Concurrent light sessions, comma-separated."),
+    seconds: float = typer.Option(10.0, "--seconds", min=1.0, help="Measured seconds per session count."),
+    warmup: float = typer.Option(3.0, "--warmup", min=0.0, help="Seconds before each measured window."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also the plain `splitveil serve` (no Ray)."),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="Rounds over sessions x variants (alternating); medians."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
+    threads: int = typer.Option(1, "--threads", help="Torch threads in this process."),
+) -> None:
+    """The trunk on Ray Serve (`serve --ray`) with 1 and 2 replicas: aggregate decode steps/s and p50/p99 step latency
+    at 1, 8 and 32 light sessions, next to the plain server."""
+    from splitveil.core.errors import ConfigError
+    from splitveil.experiments.bench_ray import RayBenchSpec, run_ray_bench, save_ray_bench
+    from splitveil.plan.plan import parse_cuts
+
+    cuts = parse_cuts(split)
+    counts = tuple(int_list(replicas, "--replicas", "replica counts like 1,2"))
+    levels = tuple(int_list(sessions, "--sessions", "session counts like 1,8,32"))
+    if len(cuts) != 2 or not counts or not levels or min(counts + levels) < 1:
+        raise ConfigError("bench ray needs --split A,B and positive --replicas and --sessions counts")
+    spec = RayBenchSpec(model=model, cuts=cuts, replicas=counts, sessions=levels, seconds=seconds,
+                        warmup_seconds=warmup, baseline=baseline, repeats=repeats)
+    stamp_run(allow_dirty)
+    setup(threads)
+    with err_console.status("benchmarking ...") as spinner:
+        record = run_ray_bench(spec, progress=lambda message: spinner.update(message))
+    for name, variant in record["variants"].items():
+        if "ray_start_seconds" in variant:
+            typer.echo(f"{name}: Ray started in {variant['ray_start_seconds']:.1f} s, replicas ready in "
+                       f"{variant['replicas_ready_seconds']:.1f} s (listening after {variant['listening_after_seconds']:.1f} s)")
+    for row in record["summary"]:
+        typer.echo(f"{row['variant']:>6} {row['sessions']:>3} sessions: {row['steps_per_second']:6.1f} steps/s "
+                   f"(range {row['steps_per_second_range'][0]:.1f}-{row['steps_per_second_range'][1]:.1f}), "
+                   f"p50 {row['p50_step_ms']} ms, p99 {row['p99_step_ms']} ms, {row['errors']} errors")
+    json_path, png_path = save_ray_bench(record, out, result_stem("ray-trunk", model, cuts, threads))
+    typer.echo(f"wrote {json_path} and {png_path}")
+    if not record["passed"]:
+        raise typer.Exit(1)
+
+
 from splitveil.cli import bench_hardening  # noqa: E402,F401  (registers `bench fuzz` and `bench load`)

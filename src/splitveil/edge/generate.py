@@ -313,12 +313,14 @@ class SplitCausalLM:
         config: GenerationConfig | None = None,
         *,
         chat: bool = False,
+        on_token=None,
         **overrides,
     ) -> GenerationResult:
         """Generates up to `max_new_tokens` after `prompt` (text or token ids).
 
         Keyword overrides are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-        eos_token_ids, stop).
+        eos_token_ids, stop). `on_token(generated)`, if given, is called with the token ids generated so far after
+        each new token (for streaming); an exception it raises ends the generation (remote sessions are closed).
         """
         config = GenerationConfig(**{**asdict(config or GenerationConfig()), **overrides})
         if isinstance(prompt, str):
@@ -357,6 +359,8 @@ class SplitCausalLM:
                     generator=generator,
                 )
                 generated.append(token)
+                if on_token is not None:
+                    on_token(generated)
                 if token in eos_ids:
                     finish = "eos"
                     break
