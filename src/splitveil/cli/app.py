@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from splitveil.cli import attack, bench, demo, generate, serve, slip
+from splitveil.cli import attack, bench, demo, edge, generate, serve, slip
+from splitveil.cli import partition
+from splitveil.cli.generate_image import generate_image
 
 app = typer.Typer(
     name="splitveil",
@@ -17,8 +19,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("generate")(generate.generate)
+app.command("generate-image")(generate_image)
 app.command("serve")(serve.serve)
+app.command("edge")(edge.edge)
 app.command("demo")(demo.demo)
 app.add_typer(bench.app, name="bench")
 app.add_typer(attack.app, name="attack")
 app.add_typer(slip.app, name="slip")
+app.add_typer(partition.app, name="partition")

@@ -37,12 +37,23 @@ def serve(
     no_batch: bool = typer.Option(False, "--no-batch", help="Run each session's steps alone instead of batching them."),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, help="How long to wait for more steps to batch."),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
-    dataset: str = typer.Option(None, "--dataset", help="Vision models (lenet, vgg, resnet) only: the data set the "
+    dataset: str = typer.Option(None, "--dataset", help="Classifiers (lenet, vgg, resnet; sensor-cnn for basic-motions) only: the data set the "
                                 "classifier is trained on (its weights come from the training cache; trained if missing)."),
     defence: str = typer.Option(None, "--defence", help="Vision models only: salt, salt:conv, salt:fc or salt:perm "
                                 "(Salted DNNs: the client keeps the salt; this process serves the cloud part)."),
     salt_layer: int = typer.Option(None, "--salt-layer", help="Vision models only: the salt layer's position "
                                    "(default: split - 1)."),
+    ray: bool = typer.Option(False, "--ray", help="Run the trunk as a Ray Serve deployment on a local Ray instance; "
+                             "this process is the TLS ingress. The limits apply per replica (see docs/deploy.md)."),
+    replicas: int = typer.Option(None, "--replicas", min=1, help="With --ray: trunk replicas (default 2)."),
+    placement: str = typer.Option(None, "--placement", help="Diffusion models only: serve the cloud part of reference "
+                                  "(UNet + scheduler) or unet-split (default: the UNet's trunk; --split A = down blocks "
+                                  "in the head)."),
+    enclave: bool = typer.Option(False, "--enclave", help="Run the trunk in a trusted executor process behind a sealed "
+                                 "channel (SIMULATED attestation); this process only relays ciphertext. Needs --insecure "
+                                 "on loopback (see docs/tee-partition.md)."),
+    attestation_key: Path = typer.Option(None, "--attestation-key", help="With --enclave: the SIMULATED attestation key."),
+    observe: Path = typer.Option(None, "--observe", help="With --enclave: record every byte this process relays."),
 ) -> None:
     """Serve the trunk of a Λ-split over TLS WebSockets: many sessions, each with its own KV cache."""
     from splitveil.plan.plan import parse_cuts
@@ -50,7 +61,20 @@ def serve(
     from splitveil.serve.server import ServerLimits, SplitServer
 
     cuts = parse_cuts(split)
+    if not enclave and (attestation_key or observe):
+        raise ConfigError("--attestation-key and --observe go with --enclave")
+    if enclave:  # TEE partitioning: the trunk in a trusted executor process (tee/enclave_lm.py)
+        from splitveil.tee.enclave_lm import serve_enclave
+
+        return serve_enclave(model=model, cuts=cuts, host=host, port=port, token_file=token_file, insecure=insecure,
+                             attestation_key=attestation_key, observe=observe, tls_cert=tls_cert, tls_key=tls_key,
+                             threads=threads, limits={"max-sessions": max_sessions, "max-tokens": max_tokens})
     vision = _is_vision_model(model)
+    diffusion = _is_diffusion_model(model)
+    if placement is not None and not diffusion:
+        raise ConfigError("--placement applies to diffusion models only")
+    if ray and diffusion:
+        raise ConfigError("--ray serves an LM trunk; drop --ray to serve a diffusion model")
     if not vision and (dataset or defence or salt_layer is not None):
         raise ConfigError("--dataset, --defence and --salt-layer apply to vision models (lenet, vgg, resnet) only")
     if vision and (dataset is None or defence is None or len(cuts) != 1):
@@ -59,12 +83,28 @@ def serve(
         raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
     if insecure and not is_loopback(host):
         raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
+    if replicas is not None and not ray:
+        raise ConfigError("--replicas goes with --ray")
+    if ray and vision:
+        raise ConfigError("--ray serves an LM trunk; drop --ray to serve a vision model")
     token, token_path = token_for_server(token_file)
     ssl_context, cert_path, fingerprint = (None, None, None) if insecure else tls_for_server(tls_cert, tls_key)
     setup(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ray:
+        _serve_on_ray(model, cuts, replicas or 2, max_sessions=max_sessions, max_tokens=max_tokens, max_kv_mb=max_kv_mb,
+                      max_frame_bytes=max_frame_bytes, no_batch=no_batch, batch_window_ms=batch_window_ms,
+                      idle_timeout=idle_timeout, threads=threads, max_connections=max_connections, token=token,
+                      token_path=token_path, ssl_context=ssl_context, cert_path=cert_path, fingerprint=fingerprint,
+                      host=host, port=port)
+        typer.echo("splitveil serve: stopped")
+        return
     with err_console.status(f"loading the cloud part of {model} ..."):
-        if vision:
+        if diffusion:
+            from splitveil.diffusion.serve import diffusion_service
+
+            service = diffusion_service(model, split, placement, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes)
+        elif vision:
             service = _salted_vision_service(model, dataset, cuts[0], defence, salt_layer, max_sessions=max_sessions,
                                              max_frame_bytes=max_frame_bytes)
         else:
@@ -106,10 +146,35 @@ def serve_until_stopped(server, ready, *, host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
+def _serve_on_ray(model: str, cuts, replicas: int, *, max_sessions: int, max_tokens, max_kv_mb, max_frame_bytes: int,
+                  no_batch: bool, batch_window_ms: float, idle_timeout: float, threads: int, max_connections, **ingress):
+    """`serve --ray`: the same limits, per replica; the KV budget's default is split among the replicas."""
+    from splitveil.serve.build import default_max_kv_mb
+    from splitveil.serve.ray_serve import RayOptions, ReplicaSettings, serve_on_ray
+    from splitveil.serve.server import ServerLimits
+
+    if len(cuts) != 2:
+        raise ConfigError("--ray serves the trunk of a Λ-split: give --split A,B")
+    settings = ReplicaSettings(model=model, cuts=tuple(cuts), max_sessions=max_sessions, max_tokens=max_tokens,
+                               max_kv_mb=max_kv_mb if max_kv_mb is not None else default_max_kv_mb() / replicas,
+                               max_frame_bytes=max_frame_bytes, batch_steps=not no_batch,
+                               batch_window=batch_window_ms / 1000, idle_timeout=idle_timeout, threads=threads)
+    limits = ServerLimits(idle_timeout=idle_timeout, max_connections=max_connections or 2 * max_sessions * replicas)
+    serve_on_ray(settings, RayOptions(replicas=replicas), limits=limits, announce=typer.echo, **ingress)
+
+
+def _is_diffusion_model(name: str) -> bool:
+    from splitveil.diffusion.pipeline import is_diffusion_model
+
+    return is_diffusion_model(name)
+
+
 def _is_vision_model(name: str) -> bool:
+    """Our classifiers: the CNNs for images and the sensor CNN for series (served salted)."""
+    from splitveil.models.timeseries import TIME_SERIES_MODELS
     from splitveil.models.vision_zoo import VISION_MODELS
 
-    return name in VISION_MODELS
+    return name in VISION_MODELS or name in TIME_SERIES_MODELS
 
 
 def _salted_vision_service(model: str, dataset: str, cut: int, defence: str, salt_layer: int | None, **limits):
@@ -119,5 +184,5 @@ def _salted_vision_service(model: str, dataset: str, cut: int, defence: str, sal
     from splitveil.experiments.output_privacy import OutputAttackSpec, prepare_models
 
     kind = _check(dataset, model, cut, defence, salt_layer, None)
-    spec = OutputAttackSpec.quick(dataset=dataset, model=model, split=cut, salt=kind, salt_layer=salt_layer)
+    spec = OutputAttackSpec.for_data(dataset, quick=True, model=model, split=cut, salt=kind, salt_layer=salt_layer)
     return vision_service(prepare_models(spec)["salted"], cut, **limits)

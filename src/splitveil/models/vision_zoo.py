@@ -77,3 +77,6 @@ def resnet(image_shape=(1, 28, 28), num_classes: int = 10, *, width: int = 16) -
 def build_vision_model(name: str, image_shape, num_classes: int) -> SequentialSplittable:
     """The registered model `name` for images of `image_shape` (C, H, W) and `num_classes` classes."""
     return VISION_MODELS.get(name)(tuple(image_shape), num_classes)
+
+
+from splitveil.models import mobilenet as _mobilenet  # noqa: E402,F401  registers "mobilenet" (MobileNet-style)

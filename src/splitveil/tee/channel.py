@@ -1,0 +1,288 @@
+"""The sealed channel into the trusted executor: a SIMULATED attestation, X25519 key agreement, AES-GCM sealing.
+
+What a real TEE gives and what is simulated here:
+
+- **Measurement.** A real enclave's measurement (SGX MRENCLAVE, TDX MRTD/RTMRs, SEV-SNP launch digest) is computed by
+  the CPU over the pages loaded into it. Here `measure` hashes the executor's Python source files, the part's range
+  and every tensor of the weights it holds (SHA-256); the executor process computes it over what it loaded.
+- **Quote.** A real quote is signed by a key fused into the CPU and certified by the vendor (Intel's PCS, AMD's
+  VCEK chain). Here an Ed25519 `AttestationKey` stands in for that key: whoever holds its private half (the executor
+  process, given a file at start) can sign any measurement, so this proves nothing against the machine's operator.
+  The client trusts the public half it was given, checks the signature and compares the measurement with the one it
+  expects (computed from the code and weights it meant to run). Everything else is real cryptography.
+- **Key agreement.** The executor makes a fresh X25519 key per session and the quote signs it, with the client's own
+  fresh X25519 key and nonce: the session key (HKDF-SHA256 of the shared secret, bound to the whole transcript) is
+  known only to the client and the attested executor, and a recorded quote cannot be replayed into another session.
+- **Sealing.** AES-256-GCM, one key per direction, a 64-bit message counter in the nonce and the associated data
+  (with the session id and the direction). The receiver accepts each counter once and only in increasing order, so
+  a tampered message fails authentication and a replayed (or reordered) one is refused before decryption.
+
+Pure functions and one small stateful class (`SealedChannel`); nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitveil.core.errors import SplitveilError
+
+PROTOCOL = b"splitveil-tee/1"
+NONCE_BYTES = 32
+KEY_BYTES = 32  # X25519 public keys, measurements
+SIGNATURE_BYTES = 64  # Ed25519
+COUNTER = struct.Struct("<Q")
+TO_EXECUTOR, TO_CLIENT = b"C2E", b"E2C"  # the two directions of a session
+SIMULATED = "SIMULATED attestation (software key, no TEE hardware)"  # how the CLI and records name it
+
+
+class SealError(SplitveilError):
+    """Sealed input refused (tampered, replayed, wrong key) or an attestation that does not verify."""
+
+
+# -- measurement ---------------------------------------------------------------------------------------------------
+
+
+def code_files() -> list[Path]:
+    """The executor's code that the measurement covers: the `tee` package and the model definitions it runs."""
+    here = Path(__file__).resolve().parent
+    models = here.parent / "models"
+    return sorted(here.glob("*.py")) + [models / "sequential.py", models / "vision_zoo.py", models / "mobilenet.py"]
+
+
+def measure(state: dict, *, label: str, files: list[Path] | None = None) -> bytes:
+    """SHA-256 over the executor's code, a label (model and part range) and its weights, in a fixed order.
+
+    Args:
+        state: name -> tensor (a state dict) of everything the executor holds.
+        label: what the executor runs, e.g. "vgg fashion-mnist blocks [0, 3)".
+        files: the code files (default `code_files()`); missing files count as empty.
+    """
+    digest = hashlib.sha256(PROTOCOL + b"/measurement\0" + label.encode() + b"\0")
+    for path in files if files is not None else code_files():
+        data = path.read_bytes() if path.is_file() else b""
+        digest.update(path.name.encode() + b"\0" + COUNTER.pack(len(data)) + data)
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
+    return digest.digest()
+
+
+# -- the simulated attestation key ---------------------------------------------------------------------------------
+
+
+class AttestationKey:
+    """SIMULATED hardware attestation key (Ed25519). `private` is None on the verifying side."""
+
+    def __init__(self, private=None, public=None):
+        self.private, self.public = private, public if public is not None else private.public_key()
+
+    @classmethod
+    def generate(cls) -> "AttestationKey":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, data: bytes) -> "AttestationKey":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.from_private_bytes(data))
+
+    @classmethod
+    def from_public_bytes(cls, data: bytes) -> "AttestationKey":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        return cls(None, Ed25519PublicKey.from_public_bytes(data))
+
+    def private_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization as s
+
+        return self.private.private_bytes(s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption())
+
+    def public_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization as s
+
+        return self.public.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+
+    def write_private(self, path: Path) -> Path:
+        path.write_bytes(self.private_bytes())
+        os.chmod(path, 0o600)
+        return path
+
+    def sign(self, message: bytes) -> bytes:
+        return self.private.sign(message)
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            self.public.verify(signature, message)
+            return True
+        except InvalidSignature:
+            return False
+
+
+# -- handshake -----------------------------------------------------------------------------------------------------
+
+
+def _x25519():
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    return X25519PrivateKey, X25519PublicKey
+
+
+def _raw_public(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization as s
+
+    return key.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+
+
+def quote_message(measurement: bytes, executor_public: bytes, client_public: bytes, client_nonce: bytes,
+                  session: bytes) -> bytes:
+    """What the (simulated) quote signs: the measurement bound to this session's keys and the client's nonce."""
+    return PROTOCOL + b"/quote\0" + measurement + executor_public + client_public + client_nonce + session
+
+
+def _session_keys(shared: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(client -> executor key, executor -> client key) from the X25519 secret, bound to the whole transcript."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    material = HKDF(algorithm=hashes.SHA256(), length=64, salt=hashlib.sha256(transcript).digest(),
+                    info=PROTOCOL + b"/session-keys").derive(shared)
+    return material[:32], material[32:]
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The client's first message: a fresh nonce and X25519 public key."""
+
+    nonce: bytes
+    public: bytes
+
+    def to_bytes(self) -> bytes:
+        return self.nonce + self.public
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Hello":
+        if len(data) != NONCE_BYTES + KEY_BYTES:
+            raise SealError(f"a hello carries {NONCE_BYTES + KEY_BYTES} bytes, not {len(data)}")
+        return cls(bytes(data[:NONCE_BYTES]), bytes(data[NONCE_BYTES:]))
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The executor's answer: its session X25519 public key, its measurement and the (simulated) signature."""
+
+    public: bytes
+    measurement: bytes
+    signature: bytes
+
+    def to_bytes(self) -> bytes:
+        return self.public + self.measurement + self.signature
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Quote":
+        if len(data) != 2 * KEY_BYTES + SIGNATURE_BYTES:
+            raise SealError(f"a quote carries {2 * KEY_BYTES + SIGNATURE_BYTES} bytes, not {len(data)}")
+        return cls(bytes(data[:KEY_BYTES]), bytes(data[KEY_BYTES:2 * KEY_BYTES]), bytes(data[2 * KEY_BYTES:]))
+
+
+class ClientHandshake:
+    """The client's side: `hello()`, then `finish(quote)` -> a `SealedChannel` once the quote verifies."""
+
+    def __init__(self, session: bytes, *, attestation: AttestationKey, expected_measurement: bytes):
+        x25519_private, _ = _x25519()
+        self.session, self.attestation, self.expected = bytes(session), attestation, bytes(expected_measurement)
+        self._key = x25519_private.generate()
+        self.nonce = os.urandom(NONCE_BYTES)
+
+    def hello(self) -> Hello:
+        return Hello(self.nonce, _raw_public(self._key))
+
+    def finish(self, quote: Quote) -> "SealedChannel":
+        _, x25519_public = _x25519()
+        hello = self.hello()
+        message = quote_message(quote.measurement, quote.public, hello.public, hello.nonce, self.session)
+        if not self.attestation.verify(quote.signature, message):
+            raise SealError("attestation refused: the quote's signature does not verify with the trusted key")
+        if not hmac.compare_digest(quote.measurement, self.expected):
+            raise SealError(f"attestation refused: the executor measures {quote.measurement.hex()[:16]}..., "
+                            f"not the expected {self.expected.hex()[:16]}... (other code or weights)")
+        shared = self._key.exchange(x25519_public.from_public_bytes(quote.public))
+        send, receive = _session_keys(shared, message)
+        return SealedChannel(self.session, send_key=send, receive_key=receive, send_direction=TO_EXECUTOR,
+                             receive_direction=TO_CLIENT)
+
+
+def executor_handshake(hello: Hello, session: bytes, *, attestation: AttestationKey,
+                       measurement: bytes) -> tuple[Quote, "SealedChannel"]:
+    """The executor's side: a fresh X25519 key, the signed quote, and the session's channel."""
+    x25519_private, x25519_public = _x25519()
+    key = x25519_private.generate()
+    public = _raw_public(key)
+    message = quote_message(measurement, public, hello.public, hello.nonce, bytes(session))
+    try:
+        shared = key.exchange(x25519_public.from_public_bytes(hello.public))
+    except ValueError:
+        raise SealError("hello refused: not a valid X25519 public key") from None
+    client_to_executor, executor_to_client = _session_keys(shared, message)
+    channel = SealedChannel(bytes(session), send_key=executor_to_client, receive_key=client_to_executor,
+                            send_direction=TO_CLIENT, receive_direction=TO_EXECUTOR)
+    return Quote(public, measurement, attestation.sign(message)), channel
+
+
+# -- sealing -------------------------------------------------------------------------------------------------------
+
+
+class SealedChannel:
+    """AES-256-GCM both ways with per-direction keys and counters; each received counter is accepted once, in order.
+
+    A sealed message is `counter (8 bytes LE) | ciphertext | tag (16)`; the nonce is the direction and the counter,
+    the associated data the protocol, the session id, the direction and the counter.
+    """
+
+    def __init__(self, session: bytes, *, send_key: bytes, receive_key: bytes, send_direction: bytes,
+                 receive_direction: bytes):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self.session = session
+        self._send, self._receive = AESGCM(send_key), AESGCM(receive_key)
+        self._send_direction, self._receive_direction = send_direction, receive_direction
+        self.sent = 0  # counter of the next message sealed
+        self.accepted = -1  # highest counter opened so far
+
+    def _nonce_aad(self, direction: bytes, counter: int) -> tuple[bytes, bytes]:
+        nonce = direction[:4].ljust(4, b"\0") + COUNTER.pack(counter)
+        return nonce, PROTOCOL + self.session + direction + COUNTER.pack(counter)
+
+    def seal(self, plaintext: bytes) -> bytes:
+        counter = self.sent
+        self.sent += 1
+        nonce, aad = self._nonce_aad(self._send_direction, counter)
+        return COUNTER.pack(counter) + self._send.encrypt(nonce, bytes(plaintext), aad)
+
+    def open(self, sealed: bytes) -> bytes:
+        """The plaintext; `SealError` (one line) for a replayed, reordered, truncated or tampered message."""
+        from cryptography.exceptions import InvalidTag
+
+        if len(sealed) < COUNTER.size + 16:
+            raise SealError("sealed input refused: too short to be a sealed message")
+        (counter,) = COUNTER.unpack_from(sealed, 0)
+        if counter <= self.accepted:
+            raise SealError(f"sealed input refused: replayed message (counter {counter} already used; "
+                            f"next must exceed {self.accepted})")
+        nonce, aad = self._nonce_aad(self._receive_direction, counter)
+        try:
+            plaintext = self._receive.decrypt(nonce, bytes(sealed[COUNTER.size:]), aad)
+        except InvalidTag:
+            raise SealError("sealed input refused: authentication failed (tampered, or sealed for another "
+                            "session)") from None
+        self.accepted = counter
+        return plaintext
