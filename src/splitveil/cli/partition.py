@@ -198,7 +198,7 @@ def accelerator(
     threads: int = typer.Option(1, "--threads"),
 ) -> None:
     """The untrusted accelerator: serves blocks [p, end) and the head (copies of those segments only) over TLS."""
-    from splitveil.cli.serve import serve_until_stopped
+    from splitveil.serve.server import serve_until_stopped
     from splitveil.serve.build import build_classifier_service, tls_for_server, token_for_server
     from splitveil.serve.server import SplitServer
     from splitveil.tee.process import check_cut, load_model
@@ -239,7 +239,7 @@ def enclave(
     """The trusted executor: holds blocks [0, p) only, opens sealed input, releases the feature map at p."""
     import gc
 
-    from splitveil.cli.serve import serve_until_stopped
+    from splitveil.serve.server import serve_until_stopped
     from splitveil.serve.auth import read_token
     from splitveil.serve.build import tls_for_server, token_for_server
     from splitveil.serve.server import SplitServer
@@ -335,7 +335,7 @@ def enclave_lm(
     threads: int = typer.Option(1, "--threads"),
 ) -> None:
     """The trusted executor of `serve --enclave`: the LM trunk behind the sealed channel, plain ws on 127.0.0.1."""
-    from splitveil.cli.serve import serve_until_stopped
+    from splitveil.serve.server import serve_until_stopped
     from splitveil.plan.plan import parse_cuts
     from splitveil.serve.build import token_for_server
     from splitveil.serve.server import SplitServer

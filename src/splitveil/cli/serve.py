@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import typer
@@ -126,24 +124,10 @@ def serve(
                    f"{service.max_tokens} positions per session, {service.max_kv_bytes / 2**20:.4g} MiB of KV cache")
         typer.echo(f"splitveil serve: listening on {srv.url}", nl=True)
 
+    from splitveil.serve.server import serve_until_stopped
+
     serve_until_stopped(server, ready, host=host, port=port)
     typer.echo("splitveil serve: stopped")
-
-
-def serve_until_stopped(server, ready, *, host: str, port: int) -> None:
-    """Runs `server` (a `SplitServer`) until SIGINT or SIGTERM, calling `ready(server)` once it listens; an address
-    it cannot listen on is a ConfigError (exit 2, one line). Used by `splitveil serve` and `splitveil slip serve`."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.stop_from_loop)
-        await server.serve(ready=ready)
-
-    try:
-        asyncio.run(main())
-    except OSError as error:
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def _serve_on_ray(model: str, cuts, replicas: int, *, max_sessions: int, max_tokens, max_kv_mb, max_frame_bytes: int,

@@ -184,7 +184,7 @@ def serve(
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
 ) -> None:
     """The untrusted executor: multiplies masked inputs by W_residual, over TLS with a bearer token."""
-    from splitveil.cli.serve import serve_until_stopped
+    from splitveil.serve.server import serve_until_stopped
     from splitveil.protect.slip.executor import build_executor_service
     from splitveil.protect.slip.runtime import FrameLog
     from splitveil.serve.build import tls_for_server, token_for_server

@@ -362,11 +362,10 @@ def serve_on_ray(settings: ReplicaSettings, options: RayOptions, *, token: str, 
     """`splitveil serve --ray`: starts Ray, deploys the trunk, serves the ingress until SIGINT/SIGTERM, then stops
     Ray (every replica with it). `announce(line)` prints a status line; the last says where it listens."""
     import shutil
-    import signal
 
     import ray
 
-    from splitveil.core.errors import ConfigError
+    from splitveil.serve.server import serve_until_stopped
 
     started = time.perf_counter()
     temp_dir = start_ray(options, cpus=options.replicas)
@@ -391,16 +390,7 @@ def serve_on_ray(settings: ReplicaSettings, options: RayOptions, *, token: str, 
                      f"{limits.max_connections} connections at the ingress")
             announce(f"splitveil serve: listening on {srv.url}")
 
-        async def main() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, server.stop_from_loop)
-            await server.serve(ready=ready)
-
-        try:
-            asyncio.run(main())
-        except OSError as error:
-            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+        serve_until_stopped(server, ready, host=host, port=port)
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -285,3 +285,22 @@ class SplitServer:
                 pass
         if self._thread is not None:
             self._thread.join(10)
+
+
+def serve_until_stopped(server: "SplitServer", ready, *, host: str, port: int) -> None:
+    """Runs `server` until SIGINT or SIGTERM, calling `ready(server)` once it listens; an address it cannot listen on
+    is a ConfigError (exit 2, one line). Used by `splitveil serve` (plain and `--ray`), `slip serve` and `partition`."""
+    import signal
+
+    from splitveil.core.errors import ConfigError
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop_from_loop)
+        await server.serve(ready=ready)
+
+    try:
+        asyncio.run(main())
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
