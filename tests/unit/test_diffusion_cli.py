@@ -51,3 +51,16 @@ def test_attack_diffusion_json(capsys, tmp_path):
     record = json.loads(out)
     assert {"prompt_token_recovery", "image_ssim", "ssim_by_step"} <= set(record)
     assert len(record["ssim_by_step"]) == 2
+
+
+def test_bench_diffusion_refuses_an_unknown_model(capsys, tmp_path):
+    assert main(["bench", "diffusion", "--model", "nope", "--allow-dirty", "--out", str(tmp_path)]) == 2
+    assert "unknown diffusion model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_diffusion_writes_records_summary_and_plots(tmp_path):
+    assert main(["bench", "diffusion", "--model", "tiny-diffusion", "--quick", "--allow-dirty", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "diffusion_tiny-diffusion_summary.json").read_text())
+    assert {r["placement"] for r in summary["leakage"]} >= {"reference", "unet-split"}
+    assert len(list(tmp_path.glob("*.png"))) >= 3

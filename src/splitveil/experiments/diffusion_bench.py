@@ -160,6 +160,36 @@ def plot_leakage(records: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def run_diffusion_bench(model_name: str, out: Path, *, quick: bool = False) -> list[Path]:
+    """Traffic and quality against wire bits, leakage per placement and sample quality for `model_name`: records,
+    summary and plots under `out`. The caller stamps the run (`stamp_run`) first."""
+    from splitveil.diffusion.pipeline import load_diffusion
+    from splitveil.experiments.diffusion_quality import sample_quality
+    from splitveil.experiments.records import environment, write_json, write_records
+
+    env = environment()
+    model = load_diffusion(model_name)
+    stem = f"diffusion_{Path(model_name).name}"
+    prompts = PROMPTS[:2] if quick else PROMPTS
+    traffic = traffic_and_quality(model, prompts=prompts)
+    write_records([{**r, "environment": env} for r in traffic], out, f"{stem}_traffic")
+    summary = summarise_traffic(traffic)
+    leaks = leakage(model, quick=quick, pictures_stem=out / stem)
+    write_records(leaks, out, f"{stem}_leakage")
+    quality = sample_quality(model, per_class=5 if quick else 20) if model_name == "fashion-mnist-diffusion" else None
+    report = {"kind": "diffusion-summary", "model": model_name, "environment": env, "traffic": summary,
+              "sample_quality": quality,
+              "leakage": [{"placement": r["placement"], "split": r["spec"]["head_blocks"] if r["placement"] == "unet-split" else None,
+                           "wire": r["spec"]["wire"], "prompt_token_recovery": r["prompt_token_recovery"],
+                           "prompt_exact": r["prompt_exact"], "image_ssim": r["image_ssim"],
+                           "image_ssim_step": r["image_ssim_step"], "ssim_by_step": r["ssim_by_step"]} for r in leaks]}
+    write_json(out / f"{stem}_summary.json", report)
+    plot_quality(summary, out / f"{stem}_quality_vs_bits.png")
+    plot_traffic(summary, out / f"{stem}_bytes_per_step.png")
+    plot_leakage(leaks, out / f"{stem}_leakage_by_step.png")
+    return sorted(out.glob(f"{stem}_*"))
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -174,38 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from splitveil.core.errors import SplitveilError
-    from splitveil.diffusion.pipeline import load_diffusion
-    from splitveil.experiments.diffusion_quality import sample_quality
-    from splitveil.experiments.records import environment, stamp_run, write_json, write_records
+    from splitveil.experiments.records import stamp_run
 
     torch.set_num_threads(1)
     try:
         stamp_run(allow_dirty=args.allow_dirty)
-        env = environment()
-        model = load_diffusion(args.model)
-        out = args.out
-        stem = f"diffusion_{Path(args.model).name}"
-        prompts = PROMPTS[:2] if args.quick else PROMPTS
-        traffic = traffic_and_quality(model, prompts=prompts)
-        write_records([{**r, "environment": env} for r in traffic], out, f"{stem}_traffic")
-        summary = summarise_traffic(traffic)
-        leaks = leakage(model, quick=args.quick, pictures_stem=out / stem)
-        write_records(leaks, out, f"{stem}_leakage")
-        quality = sample_quality(model, per_class=5 if args.quick else 20) if args.model == "fashion-mnist-diffusion" else None
-        report = {"kind": "diffusion-summary", "model": args.model, "environment": env, "traffic": summary,
-                  "sample_quality": quality,
-                  "leakage": [{"placement": r["placement"], "split": r["spec"]["head_blocks"] if r["placement"] == "unet-split" else None,
-                               "wire": r["spec"]["wire"], "prompt_token_recovery": r["prompt_token_recovery"],
-                               "prompt_exact": r["prompt_exact"], "image_ssim": r["image_ssim"],
-                               "image_ssim_step": r["image_ssim_step"], "ssim_by_step": r["ssim_by_step"]} for r in leaks]}
-        write_json(out / f"{stem}_summary.json", report)
-        plot_quality(summary, out / f"{stem}_quality_vs_bits.png")
-        plot_traffic(summary, out / f"{stem}_bytes_per_step.png")
-        plot_leakage(leaks, out / f"{stem}_leakage_by_step.png")
+        written = run_diffusion_bench(args.model, args.out, quick=args.quick)
     except SplitveilError as error:
         print(f"diffusion_bench: error: {error.message}", file=sys.stderr)
         return 2
-    print(json.dumps({"wrote": sorted(str(p) for p in out.glob(f"{stem}_*"))}))
+    print(json.dumps({"wrote": [str(p) for p in written]}))
     return 0
 
 
