@@ -81,7 +81,8 @@ class SessionService:
     error into an ERROR frame; `evict_idle` drops idle sessions.
 
     Subclasses set `sessions`, `max_frame_bytes`, `_lock`, and give `_open(owner) -> Frame`, `_admit_forward(session,
-    frame) -> work` and `close_session(session id)`.
+    frame) -> work` (work with `session`, `frame` and `released`) and `_run_one(work) -> reply bytes`; `run`, `release`,
+    `handle` and `close_session` here serve services without batching or reservations (`PartService` overrides them).
     """
 
     sessions: dict[bytes, SessionState]
@@ -131,8 +132,42 @@ class SessionService:
     def _admit_forward(self, session: SessionState, frame: Frame):
         raise NotImplementedError
 
-    def close_session(self, session_id: bytes) -> bool:
+    def _run_one(self, work) -> bytes:
         raise NotImplementedError
+
+    def _failure_message(self, error: Exception) -> str:
+        """What the client is told when computing its frame failed (nothing internal by default)."""
+        return "internal server error"
+
+    def close_session(self, session_id: bytes) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def release(self, work) -> None:
+        """Ends an admitted FORWARD (computed or dropped); its session may go idle again."""
+        if work.released:
+            return
+        work.released = True
+        with self._lock:
+            work.session.in_flight -= 1
+        work.session.last_active = time.monotonic()
+
+    def run(self, works: list) -> list[bytes]:
+        """Computes each admitted frame with `_run_one`; replies in order. Never raises."""
+        replies = []
+        for work in works:
+            try:
+                replies.append(self._run_one(work))
+            except Exception as error:  # a bug must not take the server or other sessions down
+                self._log.error("forward failed: %s: %s", type(error).__name__, _one_line(str(error)))
+                replies.append(error_reply(self._failure_message(error), work.frame))
+            finally:
+                self.release(work)
+        return replies
+
+    def handle(self, data: bytes, *, owner: bytes = b"") -> bytes:
+        """Admits and computes one frame (loopback use). Never raises."""
+        work, reply = self.admit(data, owner=owner)
+        return reply if work is None else self.run([work])[0]
 
     def _session(self, session_id: bytes, owner: bytes, bound_session: bytes | None):
         session = self.sessions.get(session_id)
@@ -388,10 +423,6 @@ class PartService(SessionService):
                                             session=work.session_id, seq=frame.seq))
         return encode_frame(Frame(FrameKind.RESULT, output, codec=frame.codec, session=work.session_id, seq=frame.seq, part=frame.part))
 
-    def handle(self, data: bytes, *, owner: bytes = b"") -> bytes:
-        """Admits and computes one frame (loopback use). Never raises."""
-        work, reply = self.admit(data, owner=owner)
-        return reply if work is None else self.run([work])[0]
 
 
 def _one_line(text: str) -> str:

@@ -21,14 +21,13 @@ import json
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from splitveil.core.errors import TransportError, WireError
-from splitveil.serve.service import SessionService, SessionState, error_reply
+from splitveil.serve.service import SessionService, SessionState
 from splitveil.tee.channel import (
     SIMULATED,
     AttestationKey,
@@ -107,12 +106,17 @@ class EnclaveService(SessionService):
         self.sessions[session_id] = EnclaveSession(owner=owner)
         return text_frame(FrameKind.OK, json.dumps(self.info), session=session_id)
 
-    def _admit_forward(self, session: EnclaveSession, frame: Frame) -> EnclaveWork:
+    @staticmethod
+    def _payload(session: EnclaveSession, frame: Frame) -> bytes:
+        """The bytes of a hello or sealed message, after checking its order and its form."""
         if frame.seq != session.next_seq:
             raise WireError(f"frame out of order: expected sequence number {session.next_seq}, got {frame.seq}")
         if frame.tensor is None or frame.codec != "uint8" or frame.tensor.dim() != 1:
             raise WireError("the trusted executor takes 1-D uint8 frames (a hello or a sealed message)")
-        data = frame.tensor.numpy().tobytes()
+        return frame.tensor.numpy().tobytes()
+
+    def _admit_forward(self, session: EnclaveSession, frame: Frame) -> EnclaveWork:
+        data = self._payload(session, frame)
         if frame.part == HELLO_PART:
             if session.channel is not None:
                 raise SealError("hello refused: this session already has its key")
@@ -129,34 +133,9 @@ class EnclaveService(SessionService):
             raise WireError(f"{images.shape[0]} images in one message; send 1 .. {self.max_batch}")
         return EnclaveWork(frame.session, session, frame, images=images.float())
 
-    def close_session(self, session_id: bytes) -> bool:
-        return self.sessions.pop(session_id, None) is not None
-
-    def release(self, work: EnclaveWork) -> None:
-        if work.released:
-            return
-        work.released = True
-        with self._lock:
-            work.session.in_flight -= 1
-        work.session.last_active = time.monotonic()
-
-    def run(self, works: list[EnclaveWork]) -> list[bytes]:
-        replies = []
-        for work in works:
-            try:
-                replies.append(self._run_one(work))
-            except Exception as error:  # noqa: BLE001  never raises: the client gets one line
-                message = error.message if isinstance(error, TransportError) else "internal server error"
-                log.error("forward failed: %s: %s", type(error).__name__, " ".join(str(error).split()))
-                replies.append(error_reply(message, work.frame))
-            finally:
-                self.release(work)
-        return replies
-
-    def handle(self, data: bytes, *, owner: bytes = b"") -> bytes:
-        """admit + run (loopback use). Never raises."""
-        work, reply = self.admit(data, owner=owner)
-        return reply if work is None else self.run([work])[0]
+    def _failure_message(self, error: Exception) -> str:
+        """A transport failure (the accelerator's refusal, a lost link) is the client's to know; anything else not."""
+        return error.message if isinstance(error, TransportError) else "internal server error"
 
     def _run_one(self, work: EnclaveWork) -> bytes:
         if work.hello is not None:
@@ -285,11 +264,7 @@ class SealedFrameService(EnclaveService):
     def _admit_forward(self, session: EnclaveSession, frame: Frame) -> EnclaveWork:
         if frame.part != SEALED_PART or session.channel is None:
             return super()._admit_forward(session, frame)  # the hello, or a refusal
-        if frame.seq != session.next_seq:
-            raise WireError(f"frame out of order: expected sequence number {session.next_seq}, got {frame.seq}")
-        if frame.tensor is None or frame.codec != "uint8" or frame.tensor.dim() != 1:
-            raise WireError("the trusted executor takes 1-D uint8 frames (a hello or a sealed message)")
-        inner = session.channel.open(frame.tensor.numpy().tobytes())  # SealError if tampered or replayed
+        inner = session.channel.open(self._payload(session, frame))  # SealError if tampered or replayed
         return EnclaveWork(frame.session, session, frame, inner=inner)
 
     def _run_one(self, work: EnclaveWork) -> bytes:

@@ -28,7 +28,6 @@ import logging
 import secrets
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from splitveil.core.errors import ConfigError, WireError
 from splitveil.protect.slip.decompose import LinearGroup
 from splitveil.protect.slip.fixedpoint import FixedPoint, RingWeight, float64_to_wire, wire_to_float64
-from splitveil.serve.service import SessionService, SessionState, error_reply
+from splitveil.serve.service import SessionService, SessionState
 from splitveil.wire.frame import MAX_FRAME_BYTES, Frame, FrameKind, encode_frame, text_frame
 
 log = logging.getLogger(__name__)
@@ -231,31 +230,7 @@ class SlipExecutorService(SessionService):
                 raise WireError("masked input holds NaN or Inf")
         return group_id, values
 
-    def close_session(self, session_id: bytes) -> bool:
-        return self.sessions.pop(session_id, None) is not None
-
-    def release(self, work: ExecutorWork) -> None:
-        if work.released:
-            return
-        work.released = True
-        with self._lock:
-            work.session.in_flight -= 1
-        work.session.last_active = time.monotonic()
-
-    # -- compute ---------------------------------------------------------------------------------------------
-
-    def run(self, works: list[ExecutorWork]) -> list[bytes]:
-        """Computes each admitted frame; replies in order. Never raises."""
-        replies = []
-        for work in works:
-            try:
-                replies.append(self._run_one(work))
-            except Exception as error:
-                log.error("internal error on a forward frame: %s: %s", type(error).__name__, " ".join(str(error).split()))
-                replies.append(error_reply("internal server error", work.frame))
-            finally:
-                self.release(work)
-        return replies
+    # -- compute (`SessionService.run` calls `_run_one` per frame) -------------------------------------------
 
     def _run_one(self, work: ExecutorWork) -> bytes:
         output = self._products[work.group_id](work.values)  # [P, m]: ring (mod 2^64) or float64
@@ -266,11 +241,6 @@ class SlipExecutorService(SessionService):
         if self.mode == "float":
             output = float64_to_wire(output)
         return encode_frame(Frame(FrameKind.RESULT, output.contiguous(), codec="int64", session=work.session_id, seq=work.frame.seq))
-
-    def handle(self, data: bytes, *, owner: bytes = b"") -> bytes:
-        """admit + run (loopback use). Never raises."""
-        work, reply = self.admit(data, owner=owner)
-        return reply if work is None else self.run([work])[0]
 
 
 def build_executor_service(folder: Path, *, mode: str, record: list | None = None, **limits) -> SlipExecutorService:
