@@ -30,6 +30,34 @@ def _check_names(dataset: str, model: str, attacks: list[str]) -> int:
     return build_vision_model(model, (1, 28, 28), 10).num_blocks
 
 
+def _serve(service, command: str, *, host: str, port: int, token_file: Path | None, tls_cert: Path | None = None,
+           tls_key: Path | None = None, plaintext: bool = False, notes: tuple[str, ...] = ()) -> None:
+    """Serves `service` with the standard `SplitServer` (the token file's token; TLS unless `plaintext`) until
+    SIGINT/SIGTERM, printing `notes` and then the address once it listens: what the hidden process commands share."""
+    from splitveil.serve.build import tls_for_server, token_for_server
+    from splitveil.serve.server import SplitServer, serve_until_stopped
+
+    token, _ = token_for_server(token_file)
+    ssl_context = None if plaintext else tls_for_server(tls_cert, tls_key)[0]
+    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port)
+
+    def ready(srv) -> None:
+        for note in notes:
+            typer.echo(f"splitveil partition {command}: {note}")
+        typer.echo(f"splitveil partition {command}: listening on {srv.url}")
+
+    serve_until_stopped(server, ready, host=host, port=port)
+
+
+def _attestation_key(path: Path):
+    """The SIMULATED attestation key (private half) in `path`."""
+    from splitveil.tee.channel import AttestationKey
+
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}")
+    return AttestationKey.from_private_bytes(path.read_bytes())
+
+
 def _cost_model(slowdown: float, accelerator: float):
     from splitveil.tee.cost import CostModel
 
@@ -198,9 +226,7 @@ def accelerator(
     threads: int = typer.Option(1, "--threads"),
 ) -> None:
     """The untrusted accelerator: serves blocks [p, end) and the head (copies of those segments only) over TLS."""
-    from splitveil.serve.server import serve_until_stopped
-    from splitveil.serve.build import build_classifier_service, tls_for_server, token_for_server
-    from splitveil.serve.server import SplitServer
+    from splitveil.serve.build import build_classifier_service
     from splitveil.tee.process import check_cut, load_model
 
     choice = _choice(model, dataset, quick, full, seed)
@@ -210,11 +236,7 @@ def accelerator(
     service = build_classifier_service(whole, cut, example=inputs[:1], info={"role": "tee-accelerator"}, max_batch=64,
                                        max_frame_bytes=64 * 2**20)
     del whole
-    token, _ = token_for_server(token_file)
-    ssl_context, _, _ = tls_for_server(tls_cert, tls_key)
-    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port)
-    serve_until_stopped(server, lambda srv: typer.echo(f"splitveil partition accelerator: listening on {srv.url}"),
-                        host=host, port=port)
+    _serve(service, "accelerator", host=host, port=port, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @app.command("enclave", hidden=True)
@@ -239,19 +261,14 @@ def enclave(
     """The trusted executor: holds blocks [0, p) only, opens sealed input, releases the feature map at p."""
     import gc
 
-    from splitveil.serve.server import serve_until_stopped
     from splitveil.serve.auth import read_token
-    from splitveil.serve.build import tls_for_server, token_for_server
-    from splitveil.serve.server import SplitServer
-    from splitveil.tee.channel import SIMULATED, AttestationKey
+    from splitveil.tee.channel import SIMULATED
     from splitveil.tee.executor import EnclaveService
     from splitveil.tee.process import check_cut, executor_label, executor_part, load_model
 
     choice = _choice(model, dataset, quick, full, seed)
     setup(threads)
-    if not attestation_key.is_file():
-        raise ConfigError(f"no such file: {attestation_key}")
-    key = AttestationKey.from_private_bytes(attestation_key.read_bytes())
+    key = _attestation_key(attestation_key)
     whole, inputs, _ = load_model(choice)
     check_cut(whole, cut)
     part, measurement = executor_part(whole, cut, executor_label(choice, cut))
@@ -270,15 +287,8 @@ def enclave(
         release = AcceleratorLink(transport)
     service = EnclaveService(part, attestation=key, measurement=measurement, input_shape=input_shape, release=release,
                              info={"model": model, "cut": cut}, max_frame_bytes=64 * 2**20)
-    token, _ = token_for_server(token_file)
-    ssl_context, _, _ = tls_for_server(tls_cert, tls_key)
-    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port)
-
-    def ready(srv) -> None:
-        typer.echo(f"splitveil partition enclave: {SIMULATED}; measurement {measurement.hex()}")
-        typer.echo(f"splitveil partition enclave: listening on {srv.url}")
-
-    serve_until_stopped(server, ready, host=host, port=port)
+    _serve(service, "enclave", host=host, port=port, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key,
+           notes=(f"{SIMULATED}; measurement {measurement.hex()}",))
 
 
 @app.command("latency")
@@ -335,27 +345,16 @@ def enclave_lm(
     threads: int = typer.Option(1, "--threads"),
 ) -> None:
     """The trusted executor of `serve --enclave`: the LM trunk behind the sealed channel, plain ws on 127.0.0.1."""
-    from splitveil.serve.server import serve_until_stopped
     from splitveil.plan.plan import parse_cuts
-    from splitveil.serve.build import token_for_server
-    from splitveil.serve.server import SplitServer
-    from splitveil.tee.channel import SIMULATED, AttestationKey
+    from splitveil.tee.channel import SIMULATED
     from splitveil.tee.enclave_lm import build_enclave_lm_service
 
-    if not attestation_key.is_file():
-        raise ConfigError(f"no such file: {attestation_key}")
+    key = _attestation_key(attestation_key)
     setup(threads)
-    key = AttestationKey.from_private_bytes(attestation_key.read_bytes())
     service, measurement = build_enclave_lm_service(model, parse_cuts(split), attestation=key, max_sessions=max_sessions,
                                                     max_tokens=max_tokens)
-    token, _ = token_for_server(token_file)
-    server = SplitServer(service, token=token, ssl_context=None, host="127.0.0.1", port=port)
-
-    def ready(srv) -> None:
-        typer.echo(f"splitveil partition enclave-lm: {SIMULATED}; measurement {measurement.hex()}")
-        typer.echo(f"splitveil partition enclave-lm: listening on {srv.url}")
-
-    serve_until_stopped(server, ready, host="127.0.0.1", port=port)
+    _serve(service, "enclave-lm", host="127.0.0.1", port=port, token_file=token_file, plaintext=True,
+           notes=(f"{SIMULATED}; measurement {measurement.hex()}",))
 
 
 @app.command("lm")
