@@ -76,7 +76,7 @@ class Work:
 
 
 class SessionService:
-    """The session plumbing every frame service shares (`PartService`, the SLIP executor's service): `admit`
+    """The session plumbing every frame service shares (`PartService`, the SLIP executor, the TEE executor): `admit`
     answers OPEN and CLOSE, checks the session and its owner, hands a FORWARD to `_admit_forward`, and turns any
     error into an ERROR frame; `evict_idle` drops idle sessions.
 
