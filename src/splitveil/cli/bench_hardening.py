@@ -1,4 +1,5 @@
-"""`splitveil bench fuzz` and `splitveil bench load`: hostile peers and many sessions against a real `splitveil serve`."""
+"""`splitveil bench fuzz` and `splitveil bench load`: hostile peers against any of our servers (`--target`), and many
+sessions against a real `splitveil serve`."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ def _lambda_cuts(split: str) -> tuple[int, int]:
 
 @app.command("fuzz")
 def fuzz(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts (A,B); the server runs the trunk."),
+    target: str = typer.Option("serve", "--target", help="The server attacked: serve, enclave (serve --enclave: relay and "
+                               "trusted executor), slip (slip serve) or accelerator (of partition run)."),
+    model: str = typer.Option(None, "--model", "-m", help="Registered model name or local model directory (default: "
+                              "smollm2-135m; the accelerator's CNN: vgg)."),
+    split: str = typer.Option(None, "--split", "-s", help="Λ-split cuts A,B (serve, enclave; default 2,28) or the "
+                              "accelerator's cut P (default 5); slip takes none."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="The accelerator's CNN data set (default fashion-mnist)."),
     messages: int = typer.Option(20000, "--messages", help="Hostile messages to send (at least)."),
     workers: int = typer.Option(4, "--workers", help="Hostile connections at a time."),
     seed: int = typer.Option(0, "--seed", help="Seed of the case generators (case i of a seed can be replayed alone)."),
@@ -35,17 +41,33 @@ def fuzz(
     allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads in this process."),
 ) -> None:
-    """Hostile messages over TLS to a real `splitveil serve` while a bystander session generates; counts per category."""
-    from splitveil.experiments.fuzz_service import CATEGORIES, FuzzBenchSpec, run_fuzz_bench, save_fuzz_bench
+    """Hostile messages to a real server while an honest client (the bystander) works; counts per category."""
+    from splitveil.experiments.fuzz_service import FuzzBenchSpec, run_fuzz_bench, save_fuzz_bench
+    from splitveil.experiments.fuzz_targets import TARGETS
+    from splitveil.plan.plan import parse_cuts
 
-    cuts = _lambda_cuts(split)
+    chosen = TARGETS.get(target)  # an unknown name: one line listing the known ones
+    model = model or chosen.model
+    split = chosen.split if split is None else split
+    if target == "slip":
+        if split:
+            raise ConfigError("--target slip protects every layer (the weights deployment): drop --split")
+        cuts: tuple[int, ...] = ()
+    elif target == "accelerator":
+        cuts = parse_cuts(split)
+        if len(cuts) != 1:
+            raise ConfigError(f"--target accelerator takes one cut: --split P (got {split!r})")
+    else:
+        cuts = _lambda_cuts(split)
+    if dataset is not None and target != "accelerator":
+        raise ConfigError("--dataset goes with --target accelerator")
     if messages < 1 or workers < 1 or timeout <= 0:
         raise ConfigError("--messages and --workers must be at least 1 and --timeout positive")
     names = tuple(n.strip() for n in categories.split(",") if n.strip())
     for name in names:
-        CATEGORIES.get(name)  # an unknown name: one line listing the known ones
+        chosen.categories().get(name)  # an unknown name: one line listing the target's categories
     spec = FuzzBenchSpec(model=model, cuts=cuts, messages=messages, workers=workers, seed=seed, timeout_seconds=timeout,
-                         categories=names)
+                         categories=names, target=target, dataset=(dataset or chosen.dataset) if target == "accelerator" else "")
     stamp_run(allow_dirty)
     setup(threads)
     from rich.progress import Progress
@@ -53,11 +75,13 @@ def fuzz(
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("hostile messages", total=messages)
         record = run_fuzz_bench(spec, progress=lambda done, total: progress.update(task, completed=done))
-    json_path, png_path = save_fuzz_bench(record, out, result_stem("fuzz", model, cuts, threads))
+    kind = "fuzz" if target == "serve" else f"fuzz-{target}"
+    json_path, png_path = save_fuzz_bench(record, out, result_stem(kind, model, cuts, threads))
     summary, bystander, rss = record["summary"], record["bystander"], record["rss"]
-    typer.echo(f"{summary['messages_sent']} hostile messages in {record['seconds']:.0f} s: {summary['error_frames']} ERROR frames "
-               f"({summary['clean_closes_after_error']} then closed), {summary['valid_results']} valid RESULTs, "
-               f"{summary['closed_1009_oversize']} closed as over twice the limit, {summary['http_4xx']} HTTP 4xx")
+    typer.echo(f"{target}: {summary['messages_sent']} hostile messages in {record['seconds']:.0f} s: {summary['error_frames']} ERROR "
+               f"frames ({summary['clean_closes_after_error']} then closed), {summary['valid_results']} valid RESULTs, "
+               f"{summary['closed_1009_oversize']} closed as over twice the limit, {summary['http_4xx']} HTTP 4xx, "
+               f"{summary['http_2xx']} HTTP 2xx")
     typer.echo(f"failures: {summary['total_failures']} ({', '.join(f'{k} {v}' for k, v in summary['failures'].items() if v) or 'none'}); "
                f"unhandled paths {summary['unhandled_paths']}, hangs {summary['hangs']}, server tracebacks {summary['server_log_tracebacks']}")
     typer.echo(f"bystander: {bystander['generations']} generations, identical to unsplit: {bystander['identical_to_unsplit']}; "

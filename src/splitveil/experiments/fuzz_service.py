@@ -14,32 +14,45 @@ HTTP upgrade requests instead. `FuzzClient.run_case` sends them over a real TLS 
 
 One exception is documented in docs/service.md and counted apart, not as a failure: a message larger than twice
 the frame limit is closed by the WebSocket layer with code 1009 and no ERROR frame.
+
+The generators and `FuzzClient` serve every frame-speaking target of `bench fuzz --target` (`fuzz_targets`): a
+target says what its valid FORWARD is (`Target.row_shape` for float inputs of another shape, `Target.make_forward`
+for another payload) and which answers it accepts (`FuzzClient.accepts`); outcomes, tally, workers and the record
+are `fuzz_core`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 import ssl
 import struct
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from splitveil.core.errors import WireError
 from splitveil.core.registry import Registry
+from splitveil.experiments.fuzz_core import (  # noqa: F401  (re-exported: the serve target's names of old)
+    FAILURES,
+    Outcome,
+    Tally,
+    case_rng,
+    finish_record,
+    is_unhandled_line,
+    locked,
+    log_watcher,
+    plot_fuzz_bench,
+    replay_failures,
+    run_cases,
+    save_fuzz_bench,
+)
 from splitveil.wire.frame import MAGIC, MAX_FRAME_BYTES, NO_SESSION, WIRE_VERSION, FrameKind, decode_frame
 
 HEADER = struct.Struct("<2sBBBBBB16sI")  # the documented frame header (wire/frame.py), packed with any field value
 CODEC_IDS = {"fp32": 1, "fp16": 2, "bf16": 3}  # the float codecs' wire ids
-FAILURES = ("hang", "handshake_timeout", "closed_without_error", "bad_reply", "accepted_malformed", "internal_error", "unhandled",
-            "http_5xx", "harness_error")
 REPLY_CAP = 256 * 1024 * 1024
 
 
@@ -53,6 +66,9 @@ class Target:
     part: int = 1
     max_frame_bytes: int = MAX_FRAME_BYTES
     foreign: bytes | None = None  # a live session of another connection (the bystander's), when known
+    row_shape: tuple[int, ...] | None = None  # float input [rows, *row_shape] (a CNN part); None: [1, positions, hidden]
+    make_forward: Callable[[random.Random, "Target"], bytes] | None = None  # another target's valid FORWARD
+    extra: dict = field(default_factory=dict)  # a target's own state (its groups, its sealed channel, ...)
 
 
 @dataclass(frozen=True)
@@ -85,22 +101,38 @@ def float_payload(values: np.ndarray, codec: str) -> bytes:
     return (values.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
 
 
+def float_shape(t: Target, positions: int) -> tuple[int, ...]:
+    """The shape of a valid float input of `positions` rows: [1, positions, hidden], or [positions, *row_shape]."""
+    return (1, positions, t.hidden) if t.row_shape is None else (positions, *t.row_shape)
+
+
 def valid_forward(rng: random.Random, t: Target, *, positions: int | None = None, codec: str | None = None,
                   values: np.ndarray | None = None) -> bytes:
-    """A FORWARD the server must accept: [1, positions, hidden] finite floats for the connection's session."""
+    """A FORWARD the server must accept: finite floats of `float_shape` for the connection's session."""
     codec = codec or rng.choice(list(CODEC_IDS))
     positions = positions or rng.randint(1, 4)
+    shape = float_shape(t, positions) if values is None else tuple(values.shape)
     if values is None:
-        values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (1, positions, t.hidden))
-    return raw_frame(session=t.session, seq=t.seq, part=t.part, codec=CODEC_IDS[codec], shape=(1, positions, t.hidden),
+        values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, shape)
+    return raw_frame(session=t.session, seq=t.seq, part=t.part, codec=CODEC_IDS[codec], shape=shape,
                      payload=float_payload(values, codec))
 
 
-def _register(name: str, session: str, transport: str = "websocket"):
+def forward(rng: random.Random, t: Target, **options) -> bytes:
+    """The target's valid FORWARD for `t` (`options` go to the float one)."""
+    return t.make_forward(rng, t) if t.make_forward is not None else valid_forward(rng, t, **options)
+
+
+def register_category(registry: Registry, name: str, session: str, transport: str = "websocket"):
+    """Decorator: adds a generator to a target's registry of categories."""
     def add(generate):
-        CATEGORIES.register(name, Category(generate, session, transport))
+        registry.register(name, Category(generate, session, transport))
         return generate
     return add
+
+
+def _register(name: str, session: str, transport: str = "websocket"):
+    return register_category(CATEGORIES, name, session, transport)
 
 
 @_register("random_bytes", "any")
@@ -112,7 +144,7 @@ def random_bytes(rng, t):
 
 @_register("bit_flip", "yes")
 def bit_flip(rng, t):
-    frame = bytearray(valid_forward(rng, t, positions=rng.randint(1, 2)))
+    frame = bytearray(forward(rng, t, positions=rng.randint(1, 2)))
     for _ in range(rng.randint(1, 8)):
         at = rng.randrange(40) if rng.random() < 0.6 else rng.randrange(len(frame))
         frame[at] ^= 1 << rng.randrange(8)
@@ -121,7 +153,7 @@ def bit_flip(rng, t):
 
 @_register("truncation", "any")
 def truncation(rng, t):
-    whole = rng.choice([valid_forward(rng, t), raw_frame(kind=FrameKind.OPEN, part=0),
+    whole = rng.choice([forward(rng, t), raw_frame(kind=FrameKind.OPEN, part=0),
                         raw_frame(kind=FrameKind.CLOSE, session=t.session, seq=t.seq)])
     return [whole[: rng.randrange(len(whole))]]
 
@@ -159,7 +191,7 @@ def absurd_shape(rng, t):
 @_register("nonfinite", "yes")
 def nonfinite(rng, t):
     positions = rng.randint(1, 3)
-    values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (1, positions, t.hidden)).astype(np.float32)
+    values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, float_shape(t, positions)).astype(np.float32)
     for _ in range(rng.randint(1, 5)):
         values.flat[rng.randrange(values.size)] = rng.choice([np.nan, np.inf, -np.inf, 1e5])  # 1e5: Inf only in fp16
     return [valid_forward(rng, t, positions=positions, values=values)]
@@ -171,7 +203,7 @@ def huge_values(rng, t):
     positions = rng.randint(1, 2)
     codec = rng.choice(list(CODEC_IDS))
     top = {"fp32": 3.4e38, "fp16": 65504.0, "bf16": 3.38e38}[codec]
-    values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (1, positions, t.hidden)).astype(np.float32)
+    values = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, float_shape(t, positions)).astype(np.float32)
     mask = np.random.default_rng(rng.getrandbits(32)).random(values.shape) < rng.choice([0.01, 0.5, 1.0])
     values[mask] = rng.choice([top, -top, 1e38 if codec != "fp16" else 6e4, 1e30 if codec != "fp16" else 1e4])
     return [valid_forward(rng, t, positions=positions, codec=codec, values=values)]
@@ -206,7 +238,7 @@ def foreign_session(rng, t):
     other = t.foreign or rng.randbytes(16)
     if rng.random() < 0.5:
         return [raw_frame(kind=FrameKind.CLOSE, session=other, seq=rng.getrandbits(8))]
-    return [valid_forward(rng, Target(other, rng.randint(0, 200), t.hidden, t.part, t.max_frame_bytes))]
+    return [forward(rng, replace(t, session=other, seq=rng.randint(0, 200)))]
 
 
 @_register("text_message", "any")
@@ -226,14 +258,13 @@ def no_session(rng, t):
     session = rng.choice([NO_SESSION, rng.randbytes(16), t.foreign or NO_SESSION])
     if rng.random() < 0.3:
         return [raw_frame(kind=FrameKind.CLOSE, session=session)]
-    return [valid_forward(rng, Target(session, 0, t.hidden, t.part, t.max_frame_bytes))]
+    return [forward(rng, replace(t, session=session, seq=0))]
 
 
 @_register("close_then_use", "yes")
 def close_then_use(rng, t):
     """CLOSE of the connection's own session (valid), then frames for the closed session."""
-    closed = Target(t.session, t.seq, t.hidden, t.part, t.max_frame_bytes)
-    return [raw_frame(kind=FrameKind.CLOSE, session=t.session, seq=t.seq), valid_forward(rng, closed)]
+    return [raw_frame(kind=FrameKind.CLOSE, session=t.session, seq=t.seq), forward(rng, replace(t))]
 
 
 @_register("oversize", "any")
@@ -269,26 +300,6 @@ def http_requests(rng, t):
 # -- judging answers ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    """How the server answered one case. `failure` is None when every answer was right."""
-
-    category: str
-    index: int | None = None  # the case's number in its run (replayable with `case_rng(seed, index)`)
-    messages: list = field(default_factory=list)
-    answers: list = field(default_factory=list)  # "result", "ok", "error", "clean_close", "close_1009", "http_4xx", ...
-    failure: str | None = None
-    detail: str = ""
-
-    def reproducer(self, limit: int = 512) -> dict:
-        """The failing case as data: category, failure, and each message as hex (cut at `limit` bytes)."""
-        def show(message):
-            data = message.encode() if isinstance(message, str) else message
-            return {"type": "text" if isinstance(message, str) else "binary", "bytes": len(data), "hex": data[:limit].hex()}
-        return {"category": self.category, "case": self.index, "failure": self.failure, "detail": self.detail,
-                "messages": [show(m) for m in self.messages]}
-
-
 def _accepts(message, t: Target, reply_kind: int) -> bool:
     """Whether a RESULT/OK answer to `message` is right: the message must be a valid frame for this connection."""
     if not isinstance(message, bytes):
@@ -301,8 +312,12 @@ def _accepts(message, t: Target, reply_kind: int) -> bool:
         return (frame.kind == FrameKind.OPEN and t.session == NO_SESSION) or (
             frame.kind == FrameKind.CLOSE and frame.session == t.session != NO_SESSION)
     shape = frame.shape
-    return (reply_kind == FrameKind.RESULT and frame.kind == FrameKind.FORWARD and frame.session == t.session != NO_SESSION
-            and frame.seq == t.seq and frame.part == t.part and len(shape) == 3 and shape[-1] == t.hidden and 0 not in shape)
+    if not (reply_kind == FrameKind.RESULT and frame.kind == FrameKind.FORWARD and frame.session == t.session != NO_SESSION
+            and frame.seq == t.seq and frame.part == t.part and frame.codec in CODEC_IDS and 0 not in shape):
+        return False
+    if t.row_shape is not None:
+        return shape[1:] == tuple(t.row_shape) and shape[0] <= t.extra.get("max_batch", 64)
+    return len(shape) == 3 and shape[-1] == t.hidden
 
 
 class FuzzClient:
@@ -317,25 +332,40 @@ class FuzzClient:
         close_wait: seconds to wait for the server to close after an ERROR frame.
         unhandled: returns the server log lines that show an unhandled path since the last call (tracebacks).
         settle: seconds to wait after a case before reading the log (a server logs a failed handler after closing).
+        categories: the target's generators (default: those of `splitveil serve`).
+        target: other `Target` fields every case starts from (`row_shape`, `make_forward`, `extra`).
+
+    A `ws://` url is reached without TLS (the `serve --enclave` relay). Targets change `accepts` (which RESULT/OK
+    is right) and `_setup` (what a connection does before its hostile messages) in subclasses.
     """
 
     def __init__(self, url: str, *, token: str, ca_file, hidden: int, part: int = 1, max_frame_bytes: int = MAX_FRAME_BYTES,
                  timeout: float = 20.0, close_wait: float = 2.0, unhandled: Callable[[], list[str]] = lambda: [],
-                 settle: float = 0.0):
+                 settle: float = 0.0, categories: Registry[Category] | None = None, target: dict | None = None):
         from splitveil.transport.tls import client_context
 
         self.url, self.token, self.timeout, self.close_wait = url, token, timeout, close_wait
-        self.ssl = client_context(ca_file=ca_file)
+        self.ssl = None if url.startswith("ws://") else client_context(ca_file=ca_file)
         self.hidden, self.part, self.max_frame_bytes = hidden, part, max_frame_bytes
         self.unhandled, self.settle = unhandled, settle
+        self.categories = CATEGORIES if categories is None else categories
+        self.target = dict(target or {})
         self.foreign: Callable[[], bytes | None] = lambda: None
+
+    def new_target(self) -> Target:
+        extra = dict(self.target.get("extra", {}))
+        return Target(hidden=self.hidden, part=self.part, max_frame_bytes=self.max_frame_bytes, foreign=self.foreign(),
+                      **{**self.target, "extra": extra})
+
+    def accepts(self, message, t: Target, reply_kind: int) -> bool:
+        return _accepts(message, t, reply_kind)
 
     def run_case(self, category: str, rng: random.Random, *, index: int | None = None) -> Outcome:
         """Runs one case of `category` drawn from `rng` on fresh connections; never raises."""
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-        spec = CATEGORIES.get(category)
-        t = Target(hidden=self.hidden, part=self.part, max_frame_bytes=self.max_frame_bytes, foreign=self.foreign())
+        spec = self.categories.get(category)
+        t = self.new_target()
         outcome = Outcome(category, index)
 
         try:
@@ -377,19 +407,8 @@ class FuzzClient:
             outcome.failure, outcome.detail = "handshake_timeout", f"no WebSocket handshake within {self.timeout:g} s ({error})"
             return
         with ws:
-            if spec.session == "yes" or (spec.session == "any" and rng.random() < 0.5):
-                ws.send(raw_frame(kind=FrameKind.OPEN, part=0))
-                opened = decode_frame(ws.recv(timeout=self.timeout), max_bytes=REPLY_CAP, finite=False)
-                if opened.kind != FrameKind.OK:  # e.g. the server is full: a valid answer, nothing to fuzz with
-                    outcome.answers.append(f"open_refused: {opened.message}")
-                    return
-                t.session = opened.session
-                for _ in range(rng.choice([1, 2]) if rng.random() < 0.15 else 0):  # sometimes a session with state
-                    ws.send(valid_forward(rng, t, codec="fp32", positions=1))
-                    if decode_frame(ws.recv(timeout=self.timeout), max_bytes=REPLY_CAP, finite=False).kind != FrameKind.RESULT:
-                        outcome.failure, outcome.detail = "bad_reply", "a valid FORWARD was refused"
-                        return
-                    t.seq += 1
+            if not self._setup(ws, spec, rng, t, outcome):
+                return
             messages = spec.generate(rng, t)
             for message in messages:
                 outcome.messages.append(message)
@@ -416,7 +435,27 @@ class FuzzClient:
                         outcome.answers.append("error_kept_open")
                     return
 
-    def _judge(self, reply, message, t: Target, outcome: Outcome) -> bool:
+    def _setup(self, ws, spec: Category, rng: random.Random, t: Target, outcome: Outcome) -> bool:
+        """Opens the connection's session when the category wants one, sometimes with a few valid frames first;
+        False when the case ends here (a refused OPEN is a valid answer)."""
+        if spec.session == "yes" or (spec.session == "any" and rng.random() < 0.5):
+            ws.send(raw_frame(kind=FrameKind.OPEN, part=0))
+            opened = decode_frame(ws.recv(timeout=self.timeout), max_bytes=REPLY_CAP, finite=False)
+            if opened.kind != FrameKind.OK:  # e.g. the server is full: a valid answer, nothing to fuzz with
+                outcome.answers.append(f"open_refused: {opened.message}")
+                return False
+            t.session = opened.session
+            for _ in range(rng.choice([1, 2]) if rng.random() < 0.15 else 0):  # sometimes a session with state
+                ws.send(forward(rng, t, codec="fp32", positions=1))
+                if decode_frame(ws.recv(timeout=self.timeout), max_bytes=REPLY_CAP, finite=False).kind != FrameKind.RESULT:
+                    outcome.failure, outcome.detail = "bad_reply", "a valid FORWARD was refused"
+                    return False
+                t.seq += 1
+        return True
+
+    def _judge(self, reply, message, t: Target, outcome: Outcome, accepts: Callable | None = None) -> bool:
+        """Whether `reply` is a right answer to `message` (then `t` follows the session); else the failure is set."""
+        accepts = accepts or self.accepts
         if isinstance(reply, str):
             outcome.failure, outcome.detail = "bad_reply", "a text message instead of a frame"
             return False
@@ -436,7 +475,7 @@ class FuzzClient:
             outcome.answers.append("error")
             outcome.detail = text[:200]
             return True
-        if frame.kind in (FrameKind.RESULT, FrameKind.OK) and _accepts(message, t, frame.kind):
+        if frame.kind in (FrameKind.RESULT, FrameKind.OK) and accepts(message, t, frame.kind):
             if frame.kind == FrameKind.RESULT:
                 t.seq += 1
                 outcome.answers.append("result")
@@ -461,7 +500,7 @@ class FuzzClient:
             data = request.replace("{token}", self.token).encode("latin-1")
             outcome.messages.append(data)
             with socket.create_connection((parsed.hostname, parsed.port), timeout=self.timeout) as raw:
-                with self.ssl.wrap_socket(raw, server_hostname=parsed.hostname) as sock:
+                with (self.ssl.wrap_socket(raw, server_hostname=parsed.hostname) if self.ssl else raw) as sock:
                     sock.sendall(data)
                     try:
                         head = sock.recv(256)
@@ -483,49 +522,13 @@ class FuzzClient:
         return outcome
 
 
-def case_plan(count: int, seed: int, categories: list[str] | None = None) -> list[tuple[str, int]]:
-    """(category, case seed) for `count` cases: categories in turn, seeds from `seed` (reproducible one by one)."""
-    names = categories or CATEGORIES.names()
-    rng = random.Random(seed)
-    return [(names[i % len(names)], rng.getrandbits(64)) for i in range(count)]
-
-
-def log_watcher(path) -> Callable[[], list[str]]:
-    """Returns a function that gives the new lines of a server log that show an unhandled path (tracebacks, ERROR)."""
-    state = {"offset": 0}
-
-    def new_lines() -> list[str]:
-        with open(path, "rb") as handle:
-            handle.seek(state["offset"])
-            chunk = handle.read()
-        cut = chunk.rfind(b"\n") + 1
-        state["offset"] += cut
-        lines = chunk[:cut].decode("utf-8", errors="replace").splitlines()
-        return [line for line in lines if is_unhandled_line(line)]
-
-    return new_lines
-
-
-_LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (ERROR|CRITICAL) ")  # `splitveil serve`'s log format
-
-
-def is_unhandled_line(line: str) -> bool:
-    """A log line of an unhandled path: a traceback, or a record at ERROR/CRITICAL level."""
-    return "Traceback (most recent call last)" in line or bool(_LOG_LEVEL.match(line))
-
-
-# -- the benchmark -----------------------------------------------------------------------------------------------
-
-
-def case_rng(seed: int, index: int) -> random.Random:
-    """The generator of case `index` of a run seeded `seed` (any case can be replayed alone)."""
-    return random.Random(f"splitveil-fuzz:{seed}:{index}")
+# -- the benchmark (target serve) --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class FuzzBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, int] = (2, 28)
+    cuts: tuple[int, ...] = (2, 28)  # serve, enclave, edge: the Λ-split; accelerator: (cut,); slip: unused
     messages: int = 20000  # hostile messages to send at least
     workers: int = 4  # hostile connections at a time
     seed: int = 0
@@ -533,193 +536,109 @@ class FuzzBenchSpec:
     bystander_tokens: int = 16  # tokens per bystander generation
     rss_period_seconds: float = 0.5
     categories: tuple[str, ...] = ()  # empty: all
+    target: str = "serve"  # which server (`fuzz_targets.TARGETS`)
+    dataset: str = ""  # the accelerator's CNN data set (empty: the target's default)
 
 
-class Tally:
-    """Counts per category and in total; keeps the first reproducers of each (category, failure)."""
+def load_lm(name: str):
+    """(model, tokenizer) of `name`; a local folder without a tokenizer (a test's tiny model) gives tokenizer None."""
+    from pathlib import Path
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.cases = 0
-        self.messages = 0
-        self.per_category: dict[str, Counter] = {}
-        self.reproducers: list[dict] = []
-
-    def add(self, outcome: Outcome) -> int:
-        with self.lock:
-            counts = self.per_category.setdefault(outcome.category, Counter())
-            self.cases += 1
-            counts["cases"] += 1
-            sent = len(outcome.messages)
-            self.messages += sent
-            counts["messages"] += sent
-            for answer in outcome.answers:
-                counts[answer.split(":")[0]] += 1
-            if outcome.failure:
-                counts[f"failure:{outcome.failure}"] += 1
-                if sum(1 for r in self.reproducers if (r["category"], r["failure"]) == (outcome.category, outcome.failure)) < 3:
-                    self.reproducers.append(outcome.reproducer())
-            return self.messages
-
-    def summary(self) -> dict:
-        total = Counter()
-        for counts in self.per_category.values():
-            total.update(counts)
-        failures = {name: total.get(f"failure:{name}", 0) for name in FAILURES}
-        return {"cases": self.cases, "messages_sent": self.messages, "error_frames": total["error"],
-                "clean_closes_after_error": total["clean_close"], "errors_kept_open": total["error_kept_open"],
-                "valid_results": total["result"], "ok_answers": total["ok"], "closed_1009_oversize": total["close_1009"],
-                "http_4xx": total["http_4xx"], "http_closed": total["http_closed"], "failures": failures,
-                "unhandled_paths": failures["unhandled"] + failures["internal_error"], "hangs": failures["hang"],
-                "handshake_timeouts": failures["handshake_timeout"],
-                "total_failures": sum(failures.values())}
-
-
-def replay_failures(reproducers: list[dict], names: list[str], seed: int, workers: int, client: FuzzClient) -> None:
-    """Replays each failing case alone (no other traffic), and records what it gives then.
-
-    A server log line is blamed on the case that read the log next; with several workers (or a line logged just
-    after a connection closed) that may be a neighbour. So a log-only failure that does not come back alone is
-    followed by the cases just before it, and the first of those that fails alone is recorded as the likely cause.
-    """
-    client.unhandled()
-    for reproducer in reproducers:
-        index = reproducer["case"]
-        again = client.run_case(reproducer["category"], case_rng(seed, index), index=index)
-        reproducer["replayed_alone"] = {"failure": again.failure, "detail": again.detail[:300]}
-        if reproducer["failure"] != "unhandled" or again.failure is not None:
-            continue
-        for earlier in range(index - 1, max(-1, index - 1 - 2 * workers), -1):
-            neighbour = client.run_case(names[earlier % len(names)], case_rng(seed, earlier), index=earlier)
-            if neighbour.failure is not None:
-                reproducer["likely_cause"] = neighbour.reproducer()
-                break
-
-
-def run_fuzz_bench(spec: FuzzBenchSpec, *, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Hostile messages from `spec.workers` connections against a real `splitveil serve`, with a bystander generating."""
-    from splitveil.edge.generate import SplitCausalLM
-    from splitveil.experiments.load_service import Bystander, RssSampler, rss_summary
-    from splitveil.experiments.records import environment
     from splitveil.models.loading import load_causal_lm
-    from splitveil.plan.plan import SplitPlan
-    from splitveil.serve.process import ServerProcess
-    from splitveil.transport.network import WebSocketTransport
 
-    names = list(spec.categories) or CATEGORIES.names()
-    for name in names:
-        CATEGORIES.get(name)
+    folder = Path(name)
+    bare = folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return load_causal_lm(name, with_tokenizer=not bare)
+
+
+def bystander_prompts(model, tokenizer, tokens: int):
+    """Two prompts as token ids and the unsplit model's greedy tokens for each (what every LM bystander must give)."""
+    from splitveil.edge.generate import SplitCausalLM
+
+    unsplit = SplitCausalLM(model, tokenizer=tokenizer)
+    if tokenizer is None:  # a test's tiny model: token ids below its vocabulary
+        prompts = [[1, 5, 9, 23, 4, 17, 30], [3, 7, 11, 2, 40, 8]]
+    else:
+        prompts = [unsplit.encode_prompt(p) for p in ("The capital of France is", "List three facts about the moon.")]
+    return prompts, [unsplit.generate(p, max_new_tokens=tokens, eos_token_ids=()).token_ids for p in prompts]
+
+
+def split_lm(model, tokenizer, cuts, transport):
+    """A `SplitCausalLM` over `transport` with recovery off (any harm to its session must show)."""
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.plan.plan import SplitPlan
+
+    lm = SplitCausalLM(model, SplitPlan.from_cuts(cuts), tokenizer=tokenizer, transport=transport)
+    for stage in lm.stages:
+        if hasattr(stage, "recover_seconds"):
+            stage.recover_seconds = 0.0
+    return lm
+
+
+def exact_after(make_lm, prompts, expected, tokens: int) -> Callable[[], bool]:
+    """A fresh honest client once the fuzzing is over: are its tokens still the unsplit ones?"""
+    def check() -> bool:
+        lm = make_lm()
+        try:
+            return [lm.generate(p, max_new_tokens=tokens, eos_token_ids=()).token_ids for p in prompts] == expected
+        finally:
+            lm.close()
+    return check
+
+
+def quiet_client_library() -> None:
     # the client library logs a traceback when the server resets a connection while an oversize message is still
     # being sent (the documented close of messages over twice the limit); the outcome is judged, not logged
     logging.getLogger("websockets.client").setLevel(logging.CRITICAL)
-    model, tokenizer = load_causal_lm(spec.model)
+
+
+def category_names(registry: Registry, chosen: tuple[str, ...]) -> list[str]:
+    names = list(chosen) or registry.names()
+    for name in names:
+        registry.get(name)
+    return names
+
+
+def run_fuzz_bench(spec: FuzzBenchSpec, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Hostile messages from `spec.workers` connections against `spec.target` (default: a real `splitveil serve`),
+    with a bystander working; the record of `fuzz_core.finish_record`."""
+    if spec.target != "serve":
+        from splitveil.experiments.fuzz_targets import TARGETS
+
+        return TARGETS.get(spec.target).run(spec, progress=progress)
+    from splitveil.experiments.fuzz_core import Subject, fuzz_subject
+    from splitveil.experiments.load_service import Bystander
+    from splitveil.experiments.records import environment
+    from splitveil.serve.process import ServerProcess
+    from splitveil.transport.network import WebSocketTransport
+
+    names = category_names(CATEGORIES, spec.categories)
+    quiet_client_library()
+    model, tokenizer = load_lm(spec.model)
     hidden = model.config.hidden_size
-    unsplit = SplitCausalLM(model, tokenizer=tokenizer)
-    prompts = [unsplit.encode_prompt(p) for p in ("The capital of France is", "List three facts about the moon.")]
-    expected = [unsplit.generate(p, max_new_tokens=spec.bystander_tokens, eos_token_ids=()).token_ids for p in prompts]
-    record = {"benchmark": "fuzz", "spec": asdict(spec), "environment": environment(), "categories": names}
-    tally = Tally()
+    prompts, expected = bystander_prompts(model, tokenizer, spec.bystander_tokens)
+    record = {"benchmark": "fuzz", "target": "serve", "spec": asdict(spec), "environment": environment(), "categories": names}
     with ServerProcess(spec.model, spec.cuts, extra_args=["--max-sessions", str(spec.workers + 16)]) as server:
-        watcher, watch_lock = log_watcher(server.log_path), threading.Lock()
+        unhandled = locked(log_watcher(server.log_path))
 
-        def unhandled():
-            with watch_lock:
-                return watcher()
+        def transport():
+            return WebSocketTransport(server.url, token=server.token, ca_file=server.cert, timeout=spec.timeout_seconds)
 
-        sampler = RssSampler(server.process.pid, spec.rss_period_seconds).start()
-        transport = WebSocketTransport(server.url, token=server.token, ca_file=server.cert, timeout=spec.timeout_seconds)
-        lm = SplitCausalLM(model, SplitPlan.from_cuts(spec.cuts), tokenizer=tokenizer, transport=transport)
-        for stage in lm.stages:
-            if hasattr(stage, "recover_seconds"):
-                stage.recover_seconds = 0.0  # harm to its session must show
-        bystander = Bystander(lm, prompts, expected, spec.bystander_tokens).start()
-        counter = {"next": 0}
-        started = time.monotonic()
+        lm = split_lm(model, tokenizer, spec.cuts, transport())
+        bystander = Bystander(lm, prompts, expected, spec.bystander_tokens)
 
-        def work():
+        def make_client(settle: float = 0.0) -> FuzzClient:
             client = FuzzClient(server.url, token=server.token, ca_file=server.cert, hidden=hidden,
-                                timeout=spec.timeout_seconds, unhandled=unhandled)
+                                timeout=spec.timeout_seconds, unhandled=unhandled, settle=settle)
             client.foreign = lambda: bystander.session
-            while True:
-                with tally.lock:
-                    if tally.messages >= spec.messages:
-                        return
-                    index = counter["next"]
-                    counter["next"] += 1
-                outcome = client.run_case(names[index % len(names)], case_rng(spec.seed, index), index=index)
-                sent = tally.add(outcome)
-                if progress is not None:
-                    progress(min(sent, spec.messages), spec.messages)
+            return client
 
-        threads = [threading.Thread(target=work, daemon=True) for _ in range(spec.workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds = time.monotonic() - started
-        record["bystander"] = bystander.stop()
-        replay_failures(tally.reproducers[:20], names, spec.seed, spec.workers,
-                        FuzzClient(server.url, token=server.token, ca_file=server.cert, hidden=hidden,
-                                   timeout=spec.timeout_seconds, unhandled=unhandled, settle=0.5))
-        after = SplitCausalLM(model, SplitPlan.from_cuts(spec.cuts), tokenizer=tokenizer,
-                              transport=WebSocketTransport(server.url, token=server.token, ca_file=server.cert))
-        record["after_fuzz_identical"] = [after.generate(p, max_new_tokens=spec.bystander_tokens, eos_token_ids=()).token_ids
-                                          for p in prompts] == expected
-        after.close()
-        lm.close()
-        late = unhandled()
-        record["server_alive"] = server.process.poll() is None
-        samples = sampler.stop()
-        log_text = Path(server.log_path).read_text(errors="replace")
-    summary = tally.summary()
-    summary["unhandled_log_lines_after_last_case"] = late[:10]
-    summary["server_log_tracebacks"] = log_text.count("Traceback (most recent call last)")
-    record.update({"seconds": seconds, "summary": summary, "reproducers": tally.reproducers,
-                   "per_category": {name: dict(counts) for name, counts in sorted(tally.per_category.items())},
-                   "rss": {"timeline": samples, **rss_summary(samples)}})
-    record["passed"] = bool(summary["total_failures"] == 0 and not late and summary["server_log_tracebacks"] == 0
-                            and record["bystander"]["identical_to_unsplit"] and record["after_fuzz_identical"]
-                            and record["server_alive"] and record["rss"]["bounded"])
-    return record
+        subject = Subject(server.process.pid, server.log_path, lambda: server.process.poll() is None, unhandled)
+        after = exact_after(lambda: split_lm(model, tokenizer, spec.cuts, transport()), prompts, expected, spec.bystander_tokens)
+        try:
+            return fuzz_subject(spec, subject, make_client, bystander, after, names=names, record=record, progress=progress)
+        finally:
+            lm.close()
 
 
-def plot_fuzz_bench(record: dict, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from splitveil.experiments.records import save_figure
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(record["per_category"])
-    rows = [record["per_category"][n] for n in names]
-    kinds = [("error", "ERROR frame"), ("result", "valid RESULT"), ("ok", "OK"), ("close_1009", "close 1009"),
-             ("http_4xx", "HTTP 4xx"), ("http_closed", "HTTP closed")]
-    bottom = [0] * len(names)
-    for key, label in kinds:
-        values = [row.get(key, 0) for row in rows]
-        if any(values):
-            left.barh(names, values, left=bottom, label=label)
-            bottom = [b + v for b, v in zip(bottom, values)]
-    failures = [sum(v for k, v in row.items() if k.startswith("failure:")) for row in rows]
-    if any(failures):
-        left.barh(names, failures, left=bottom, color="red", label="failure")
-    left.set_xlabel("answers")
-    summary = record["summary"]
-    left.set_title(f"{summary['messages_sent']} hostile messages: {summary['total_failures']} failures, {summary['hangs']} hangs")
-    left.legend(fontsize=7)
-    timeline = record["rss"]["timeline"]
-    right.plot([t for t, _ in timeline], [m for _, m in timeline], color="#444444")
-    right.set_ylim(0, 1.15 * max([m for _, m in timeline] or [1]))
-    right.set_xlabel("seconds")
-    right.set_ylabel("server RSS, MiB")
-    right.set_title(f"server memory; bystander identical: {record['bystander']['identical_to_unsplit']}")
-    return save_figure(fig, path)
-
-
-def save_fuzz_bench(record: dict, out_dir, stem: str):
-    from splitveil.experiments.records import write_json
-
-    out_dir = Path(out_dir)
-    return write_json(out_dir / f"{stem}.json", record), plot_fuzz_bench(record, out_dir / f"{stem}.png")
+run = run_fuzz_bench  # the entry point every `fuzz_targets` module has

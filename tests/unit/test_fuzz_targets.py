@@ -1,0 +1,127 @@
+"""The generators and judges of `bench fuzz --target enclave|slip|accelerator` without a server: every category's
+messages decode or raise `WireError` (never anything else), a target's valid FORWARD is accepted by its judge, and
+its malformed ones never are."""
+
+import random
+
+import pytest
+
+from splitveil.core.errors import WireError
+from splitveil.experiments.fuzz_service import CATEGORIES as SERVE_CATEGORIES
+from splitveil.experiments.fuzz_service import FrameKind, Target, _accepts, float_shape, valid_forward
+from splitveil.experiments.fuzz_targets import TARGETS
+from splitveil.experiments.fuzz_targets import accelerator, enclave, slip
+from splitveil.experiments.fuzz_targets.common import PROTOCOL_CATEGORIES, replay, reorder, weighted
+from splitveil.wire.frame import decode_frame
+
+SESSION = bytes(range(16))
+GROUPS = {0: (24, 8), 1: (8, 16), 2: (101, 8)}  # group id -> (m, n)
+
+
+def decodes_or_refuses(message) -> None:
+    if isinstance(message, bytes):
+        try:
+            decode_frame(message, max_bytes=1 << 20)
+        except WireError as error:
+            assert error.message and "\n" not in error.message
+
+
+def slip_target(**fields) -> Target:
+    return Target(**{"session": SESSION, "seq": 3, "hidden": 16, "part": 0, "max_frame_bytes": 1 << 20,
+                     "make_forward": slip.make_forward, "extra": {"groups": GROUPS}, **fields})
+
+
+def test_every_target_is_registered_with_categories():
+    assert {"serve", "enclave", "slip", "accelerator"} <= set(TARGETS.names())
+    for name in ("enclave", "slip", "accelerator"):
+        categories = TARGETS.get(name).categories()
+        assert set(PROTOCOL_CATEGORIES) | {"replay", "reorder"} <= set(categories.names()), name
+    assert "replay" not in SERVE_CATEGORIES.names()  # the serve target's record stays what it was
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_slip_generators_decode_or_refuse_and_only_valid_frames_are_accepted(seed):
+    rng = random.Random(seed)
+    t = slip_target()
+    assert slip.slip_accepts(slip.make_forward(rng, t), t, FrameKind.RESULT)
+    for name in slip.CATEGORIES.names():
+        messages = slip.CATEGORIES.get(name).generate(rng, slip_target(foreign=bytes(16)))
+        for message in messages:
+            decodes_or_refuses(message)
+        if name in ("slip_header", "slip_form"):
+            assert not any(slip.slip_accepts(m, t, FrameKind.RESULT) for m in messages), name
+
+
+def test_slip_judge_refuses_a_wrong_sequence_session_or_count():
+    rng, t = random.Random(0), slip_target()
+    assert not slip.slip_accepts(slip.make_forward(rng, slip_target(seq=4)), t, FrameKind.RESULT)
+    assert not slip.slip_accepts(slip.make_forward(rng, slip_target(session=bytes(16))), t, FrameKind.RESULT)
+    assert not slip.slip_accepts(slip.slip_forward(rng, t, group=0, positions=1, count=7), t, FrameKind.RESULT)
+
+
+def test_replay_and_reorder_send_a_spent_or_future_sequence_number():
+    rng, t = random.Random(1), slip_target()
+    first, again = replay(rng, t)
+    assert first == again and slip.slip_accepts(first, t, FrameKind.RESULT)
+    ahead, _ = reorder(rng, t)
+    assert not slip.slip_accepts(ahead, t, FrameKind.RESULT)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_accelerator_frames_have_the_feature_map_shape(seed):
+    rng = random.Random(seed)
+    t = Target(session=SESSION, seq=2, hidden=4 * 3 * 3, part=1, row_shape=(4, 3, 3), extra={"max_batch": 64})
+    frame = valid_forward(rng, t)
+    assert decode_frame(frame).shape[1:] == (4, 3, 3) and _accepts(frame, t, FrameKind.RESULT)
+    assert float_shape(t, 5) == (5, 4, 3, 3)
+    assert not _accepts(valid_forward(rng, Target(session=SESSION, seq=2, hidden=36, part=1)), t, FrameKind.RESULT)
+    for name in accelerator.CATEGORIES.names():
+        for message in accelerator.CATEGORIES.get(name).generate(rng, t):
+            decodes_or_refuses(message)
+
+
+def test_accelerator_oversize_is_rare_in_the_case_plan():
+    plan = weighted(accelerator.CATEGORIES.names(), accelerator.WEIGHTS, default=64)
+    assert plan.count("oversize") == 1 and plan.count("bit_flip") == 64
+
+
+@pytest.fixture
+def keyed():
+    """An enclave connection's Target with keys agreed against a local executor handshake."""
+    from splitveil.tee.channel import AttestationKey, Hello, Quote, executor_handshake
+
+    key, measurement = AttestationKey.generate(), bytes(32)
+    public = AttestationKey.from_public_bytes(key.public_bytes())
+    t = Target(session=SESSION, seq=1, hidden=enclave.HELLO_BYTES, part=enclave.HELLO_PART,
+               make_forward=enclave.make_forward,
+               extra={"attestation": public, "measurement": measurement, "channel": None, "honest": {},
+                      "inner": Target(hidden=32, part=1)})
+    hello = enclave.hello(t)
+    quote, executor = executor_handshake(Hello.from_bytes(hello), SESSION, attestation=key, measurement=measurement)
+    t.extra["channel"] = t.extra["handshake"].finish(Quote.from_bytes(quote.to_bytes()))
+    t.part = enclave.SEALED_PART
+    return t, executor
+
+
+def test_enclave_valid_messages_are_accepted_and_open_on_the_executor_side(keyed):
+    t, executor = keyed
+    rng = random.Random(0)
+    client = enclave.EnclaveFuzzClient("ws://127.0.0.1:1", token="t", ca_file=None, hidden=64)
+    message = enclave.make_forward(rng, t)
+    assert client.accepts(message, t, FrameKind.RESULT)
+    inner = executor.open(decode_frame(message).tensor.numpy().tobytes())
+    assert decode_frame(inner).kind == FrameKind.OPEN  # no inner session yet: the inner OPEN
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_enclave_tampered_messages_are_never_accepted(keyed, seed):
+    t, _ = keyed
+    rng = random.Random(seed)
+    client = enclave.EnclaveFuzzClient("ws://127.0.0.1:1", token="t", ca_file=None, hidden=64)
+    for name in ("bad_tag", "wrong_part", "second_hello"):
+        for message in enclave.CATEGORIES.get(name).generate(rng, t):
+            decodes_or_refuses(message)
+            assert not client.accepts(message, t, FrameKind.RESULT), name
+    for name in enclave.CATEGORIES.names():
+        for message in enclave.CATEGORIES.get(name).generate(rng, t):
+            decodes_or_refuses(message)
