@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="splitveil", standalone_mode=False)
+        result = command.main(args=optional_values(sys.argv[1:] if argv is None else list(argv)), prog_name="splitveil", standalone_mode=False)
     except click.NoArgsIsHelpError as error:
         print(error.format_message(), file=sys.stderr)
         return 2
@@ -40,6 +40,24 @@ def main(argv: list[str] | None = None) -> int:
         print("splitveil: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
+
+
+OPTIONAL_VALUES = {"--attest": "local"}  # options whose value may be left out, and what they then mean
+
+
+def optional_values(args: list[str]) -> list[str]:
+    """`--attest` alone (followed by another option or nothing) means `--attest local`; click has no optional
+    values, so the argument list is completed before it parses it."""
+    completed = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return completed + args[index:]
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg in OPTIONAL_VALUES and (following is None or following.startswith("-")):
+            completed.append(f"{arg}={OPTIONAL_VALUES[arg]}")
+        else:
+            completed.append(arg)
+    return completed
 
 
 def entry() -> None:

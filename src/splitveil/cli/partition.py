@@ -51,11 +51,31 @@ def _serve(service, command: str, *, host: str, port: int, token_file: Path | No
 
 def _attestation_key(path: Path):
     """The SIMULATED attestation key (private half) in `path`."""
-    from splitveil.tee.channel import AttestationKey
+    from splitveil.tee.channel import read_attestation_key
 
-    if not path.is_file():
-        raise ConfigError(f"no such file: {path}")
-    return AttestationKey.from_private_bytes(path.read_bytes())
+    return read_attestation_key(path, private=True)
+
+
+def _measure_only(measurement: bytes) -> None:
+    """What a `--measure-only` run prints: the digest a client expects (see `tee.measure.expected_measurement`)."""
+    from splitveil.tee.measure import MEASURE_LINE
+
+    typer.echo(MEASURE_LINE + measurement.hex())
+
+
+def _redact_service_logs() -> None:
+    """Inside a trusted executor, the services' refusal lines (their reasons could describe sealed content) are
+    replaced by a fixed line before they reach the log the operator reads."""
+    import logging
+
+    class Redact(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "a frame inside the executor was refused or failed (details stay inside)", (), None, None)
+            return True
+
+    for name in ("splitveil.serve.service", "splitveil.models", "splitveil.tee.executor"):
+        logging.getLogger(name).addFilter(Redact())
 
 
 def _cost_model(slowdown: float, accelerator: float):
@@ -247,7 +267,9 @@ def enclave(
     quick: bool = typer.Option(False, "--quick"),
     full: bool = typer.Option(False, "--full"),
     seed: int = typer.Option(0, "--seed"),
-    attestation_key: Path = typer.Option(..., "--attestation-key", help="The SIMULATED attestation key (private)."),
+    attestation_key: Path = typer.Option(None, "--attestation-key", help="The SIMULATED attestation key (private)."),
+    measure_only: bool = typer.Option(False, "--measure-only", help="Print the measurement this executor would report "
+                                      "(from this machine's code and weights) and exit: what a client expects."),
     accelerator_url: str = typer.Option(None, "--accelerator"),
     accelerator_pin: str = typer.Option(None, "--accelerator-pin"),
     accelerator_token_file: Path = typer.Option(None, "--accelerator-token-file"),
@@ -268,13 +290,18 @@ def enclave(
 
     choice = _choice(model, dataset, quick, full, seed)
     setup(threads)
-    key = _attestation_key(attestation_key)
+    if not measure_only and attestation_key is None:
+        raise ConfigError("--attestation-key is required (or --measure-only)")
+    key = None if measure_only else _attestation_key(attestation_key)
     whole, inputs, _ = load_model(choice)
     check_cut(whole, cut)
     part, measurement = executor_part(whole, cut, executor_label(choice, cut))
+    if measure_only:
+        return _measure_only(measurement)
     input_shape = tuple(inputs.shape[1:])
     del whole, inputs
     gc.collect()  # the executor keeps copies of its own segments and nothing else of the model
+    _redact_service_logs()
     release = None
     if accelerator_url:
         from splitveil.tee.executor import AcceleratorLink
@@ -337,22 +364,29 @@ def latency(
 def enclave_lm(
     model: str = typer.Option("smollm2-135m", "--model"),
     split: str = typer.Option("2,28", "--split"),
-    attestation_key: Path = typer.Option(..., "--attestation-key"),
+    attestation_key: Path = typer.Option(None, "--attestation-key"),
     port: int = typer.Option(0, "--port", min=0, max=65535),
     token_file: Path = typer.Option(None, "--token-file"),
     max_sessions: int = typer.Option(16, "--max-sessions", min=1),
     max_tokens: int = typer.Option(None, "--max-tokens", min=1),
     threads: int = typer.Option(1, "--threads"),
+    measure_only: bool = typer.Option(False, "--measure-only", help="Print the measurement and exit."),
 ) -> None:
     """The trusted executor of `serve --enclave`: the LM trunk behind the sealed channel, plain ws on 127.0.0.1."""
     from splitveil.plan.plan import parse_cuts
     from splitveil.tee.channel import SIMULATED
-    from splitveil.tee.enclave_lm import build_enclave_lm_service
+    from splitveil.tee.enclave_lm import build_enclave_lm_service, measured_trunk
 
-    key = _attestation_key(attestation_key)
+    if not measure_only and attestation_key is None:
+        raise ConfigError("--attestation-key is required (or --measure-only)")
+    key = None if measure_only else _attestation_key(attestation_key)
     setup(threads)
+    if measure_only:
+        return _measure_only(measured_trunk(model, parse_cuts(split), max_sessions=max_sessions,
+                                            max_tokens=max_tokens)[1])
     service, measurement = build_enclave_lm_service(model, parse_cuts(split), attestation=key, max_sessions=max_sessions,
                                                     max_tokens=max_tokens)
+    _redact_service_logs()
     _serve(service, "enclave-lm", host="127.0.0.1", port=port, token_file=token_file, plaintext=True,
            notes=(f"{SIMULATED}; measurement {measurement.hex()}",))
 

@@ -50,7 +50,9 @@ def serve(
     enclave: bool = typer.Option(False, "--enclave", help="Run the trunk in a trusted executor process behind a sealed "
                                  "channel (SIMULATED attestation); this process only relays ciphertext. Needs --insecure "
                                  "on loopback (see docs/tee-partition.md)."),
-    attestation_key: Path = typer.Option(None, "--attestation-key", help="With --enclave: the SIMULATED attestation key."),
+    attestation_key: Path = typer.Option(None, "--attestation-key", help="With --enclave: the SIMULATED attestation key "
+                                         "file (PEM); created (mode 0600, public half beside it as FILE.pub) when it "
+                                         "does not exist, so a client can be pointed at the same path with --attest-key."),
     observe: Path = typer.Option(None, "--observe", help="With --enclave: record every byte this process relays."),
 ) -> None:
     """Serve the trunk of a Λ-split over TLS WebSockets: many sessions, each with its own KV cache."""
@@ -61,12 +63,15 @@ def serve(
     cuts = parse_cuts(split)
     if not enclave and (attestation_key or observe):
         raise ConfigError("--attestation-key and --observe go with --enclave")
+    if insecure and not is_loopback(host):  # every serving path, the enclave relay included
+        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
     if enclave:  # TEE partitioning: the trunk in a trusted executor process (tee/enclave_lm.py)
         from splitveil.tee.enclave_lm import serve_enclave
 
         return serve_enclave(model=model, cuts=cuts, host=host, port=port, token_file=token_file, insecure=insecure,
                              attestation_key=attestation_key, observe=observe, tls_cert=tls_cert, tls_key=tls_key,
-                             threads=threads, limits={"max-sessions": max_sessions, "max-tokens": max_tokens})
+                             threads=threads, limits={"max-sessions": max_sessions, "max-tokens": max_tokens},
+                             announce=typer.echo)
     vision = _is_vision_model(model)
     diffusion = _is_diffusion_model(model)
     if placement is not None and not diffusion:
@@ -79,8 +84,6 @@ def serve(
         raise ConfigError(f"serving {model} needs --dataset, --defence salt[:conv|fc|perm] and one cut (--split K)")
     if insecure and (tls_cert or tls_key):
         raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
-    if insecure and not is_loopback(host):
-        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
     if replicas is not None and not ray:
         raise ConfigError("--replicas goes with --ray")
     if ray and vision:

@@ -210,6 +210,8 @@ class SplitCausalLM:
         timeout: float = 60.0,
         recover_seconds: float = 30.0,
         insecure: bool = False,
+        attestation=None,
+        expected_measurement: bytes | None = None,
     ) -> "SplitCausalLM":
         """A split LM whose cloud parts run on the server at `url` (wss://host:port).
 
@@ -217,14 +219,28 @@ class SplitCausalLM:
         `tokenizer="auto"` loads the model's tokenizer; None runs without one (token-id prompts only).
         The connection (TLS, certificate check, token) is made first, before any weights are loaded.
         `insecure` allows a plaintext ws:// URL to a host beyond loopback.
+        With `attestation` (the trusted attestation key's public half, an `AttestationKey`) and
+        `expected_measurement`, the server must be a trusted executor (`serve --enclave`) that proves that
+        measurement: every frame then travels sealed to it, and a server that does not prove it gets nothing.
         """
         from splitveil.edge.remote import probe_server
         from splitveil.models.loading import config_digest, load_causal_lm_parts, load_tokenizer
         from splitveil.transport.network import WebSocketTransport
 
+        if (attestation is None) != (expected_measurement is None):
+            raise ConfigError("an attested connection needs both the attestation key and the expected measurement")
         transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256, timeout=timeout,
                                        insecure=insecure)
         transport.connect()
+        if attestation is not None:
+            from splitveil.tee.executor import SealedTransport
+
+            transport = SealedTransport(transport, attestation=attestation, expected_measurement=expected_measurement)
+            try:
+                transport.connect()  # OPEN, then the quote checked: nothing of the prompt is sent before
+            except BaseException:
+                transport.close()
+                raise
         try:
             if plan is None:
                 cuts = probe_server(transport).get("cuts")

@@ -216,6 +216,10 @@ def _parse_info(message: str) -> dict:
         info = {}
     if not isinstance(info, dict):
         info = {}
+    if info.get("sealed_channel") or info.get("tee"):
+        raise ConfigError("this server is a trusted executor that expects a sealed channel: a plain client would hand "
+                          "its hidden states to whoever relays them, so nothing was sent; connect with --attest "
+                          "(and --attest-key FILE)")
     for key in ("hidden_size", "max_frame_bytes", "max_tokens"):
         value = info.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from splitveil.serve.auth import bearer, token_id, token_matches
+from splitveil.serve.ratelog import RateLimitedLog
 from splitveil.serve.service import PartService, Work
 from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, FrameKind, encode_frame, error_frame
 
 log = logging.getLogger(__name__)
+refusals = RateLimitedLog(log)  # one line per refused connection, bounded: a flood must not block the server
 
 
 def _torch_threads() -> int:
@@ -109,21 +111,21 @@ class SplitServer:
         try:
             values = request.headers.get_all("Authorization")
             if len(values) > 1:
-                log.warning("refused a connection: %d Authorization headers", len(values))
+                refusals.warning("refused a connection: %d Authorization headers", len(values))
                 return connection.respond(HTTPStatus.BAD_REQUEST, "send exactly one Authorization header\n")
             if not token_matches(bearer(values[0] if values else None), self.token):
-                log.warning("refused a connection: missing or wrong bearer token")
+                refusals.warning("refused a connection: missing or wrong bearer token")
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
             from websockets.protocol import State
 
             self._open_connections = {c for c in self._open_connections if c.state is not State.CLOSED}
             if len(self._open_connections) >= self.limits.max_connections:
-                log.warning("refused a connection: %d connections open (the limit)", len(self._open_connections))
+                refusals.warning("refused a connection: %d connections open (the limit)", len(self._open_connections))
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again later\n")
             self._open_connections.add(connection)
             return None
         except Exception as error:  # a request the checks above did not foresee: refuse it, in one log line
-            log.warning("refused a connection: %s: %s", type(error).__name__, " ".join(str(error).split()))
+            refusals.warning("refused a connection: %s: %s", type(error).__name__, " ".join(str(error).split()))
             return connection.respond(HTTPStatus.BAD_REQUEST, "bad request\n")
 
     # -- connections -----------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ class SplitServer:
     async def _compute(self, work: Work) -> bytes:
         if len(self._steps) + len(self._chunks) >= self.limits.max_queue:
             self.service.release(work)
-            log.warning("refused a frame: %d frames wait for compute (the limit)", self.limits.max_queue)
+            refusals.warning("refused a frame: %d frames wait for compute (the limit)", self.limits.max_queue)
             return encode_frame(error_frame("the server is overloaded; try again", session=work.session_id, seq=work.frame.seq))
         future = self._loop.create_future()
         (self._steps if work.is_step else self._chunks).append((work, future))

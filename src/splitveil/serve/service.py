@@ -24,6 +24,7 @@ import torch
 
 from splitveil.core.errors import SplitveilError, WireError
 from splitveil.models.splittable import Part
+from splitveil.serve.ratelog import RateLimitedLog
 from splitveil.wire.codecs import FLOAT_CODECS
 from splitveil.wire.frame import (
     MAX_FRAME_BYTES,
@@ -87,7 +88,7 @@ class SessionService:
 
     sessions: dict[bytes, SessionState]
     max_frame_bytes: int
-    _log = log  # where refusals are logged
+    _log = RateLimitedLog(log)  # where refusals are logged (bounded: a flood of bad frames must not flood the log)
 
     def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None) -> tuple[object | None, bytes | None]:
         """Validates one frame. Returns (work, None) for a FORWARD to compute, else (None, reply bytes).

@@ -3,8 +3,11 @@
 What a real TEE gives and what is simulated here:
 
 - **Measurement.** A real enclave's measurement (SGX MRENCLAVE, TDX MRTD/RTMRs, SEV-SNP launch digest) is computed by
-  the CPU over the pages loaded into it. Here `measure` hashes the executor's Python source files, the part's range
-  and every tensor of the weights it holds (SHA-256); the executor process computes it over what it loaded.
+  the CPU over the pages loaded into it. Here `measure` (`tee/measure.py`) hashes every code file the executor
+  process has loaded (every `.py` file of each package it imported, ours and third-party, and the native libraries
+  it mapped), what it runs and every tensor of the weights it holds (SHA-256); the executor process computes it when
+  it is ready, and the client computes the value it expects from its own code and weights (a `--measure-only` run
+  of the same start-up), never from the party it verifies.
 - **Quote.** A real quote is signed by a key fused into the CPU and certified by the vendor (Intel's PCS, AMD's
   VCEK chain). Here an Ed25519 `AttestationKey` stands in for that key: whoever holds its private half (the executor
   process, given a file at start) can sign any measurement, so this proves nothing against the machine's operator.
@@ -27,9 +30,8 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
-from splitveil.core.errors import SplitveilError
+from splitveil.core.errors import ConfigError, SplitveilError
 
 PROTOCOL = b"splitveil-tee/1"
 NONCE_BYTES = 32
@@ -47,30 +49,18 @@ class SealError(SplitveilError):
 # -- measurement ---------------------------------------------------------------------------------------------------
 
 
-def code_files() -> list[Path]:
-    """The executor's code that the measurement covers: the `tee` package and the model definitions it runs."""
-    here = Path(__file__).resolve().parent
-    models = here.parent / "models"
-    return sorted(here.glob("*.py")) + [models / "sequential.py", models / "vision_zoo.py", models / "mobilenet.py"]
-
-
-def measure(state: dict, *, label: str, files: list[Path] | None = None) -> bytes:
-    """SHA-256 over the executor's code, a label (model and part range) and its weights, in a fixed order.
+def measure(state: dict, *, label: str, files: list[tuple[str, str]] | None = None) -> bytes:
+    """The executor's measurement: the code its process has loaded, `label` (what it runs) and its weights, in the
+    canonical order of `tee.measure.measure_process`.
 
     Args:
         state: name -> tensor (a state dict) of everything the executor holds.
         label: what the executor runs, e.g. "vgg fashion-mnist blocks [0, 3)".
-        files: the code files (default `code_files()`); missing files count as empty.
+        files: (name, path) code files instead of the process's loaded code (tests).
     """
-    digest = hashlib.sha256(PROTOCOL + b"/measurement\0" + label.encode() + b"\0")
-    for path in files if files is not None else code_files():
-        data = path.read_bytes() if path.is_file() else b""
-        digest.update(path.name.encode() + b"\0" + COUNTER.pack(len(data)) + data)
-    for name in sorted(state):
-        tensor = state[name].detach().contiguous().cpu()
-        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + repr(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
-    return digest.digest()
+    from splitveil.tee.measure import measure_process
+
+    return measure_process(state, config={"executor": label}, files=files)
 
 
 # -- the simulated attestation key ---------------------------------------------------------------------------------
@@ -110,10 +100,25 @@ class AttestationKey:
 
         return self.public.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
 
-    def write_private(self, path: Path) -> Path:
-        path.write_bytes(self.private_bytes())
+    def write_private(self, path) -> "Path":
+        """Writes the private half (PEM, PKCS#8) to a new file readable by its owner only (mode 0600 from the start)."""
+        from pathlib import Path
+
+        from cryptography.hazmat.primitives import serialization as s
+
+        path = Path(path)
+        data = self.private.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
         os.chmod(path, 0o600)
         return path
+
+    def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization as s
+
+        return self.public.public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+
 
     def sign(self, message: bytes) -> bytes:
         return self.private.sign(message)
@@ -126,6 +131,39 @@ class AttestationKey:
             return True
         except InvalidSignature:
             return False
+
+
+def read_attestation_key(path, *, private: bool) -> AttestationKey:
+    """The SIMULATED attestation key in `path`: a PEM private key (what `serve --enclave --attestation-key` writes), a
+    PEM public key, 64 hex digits of a raw public key, or the 32 raw bytes of a private key (older files). With
+    `private=False` only the public half is kept (the client's verification key: it never needs the private half)."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such attestation key file: {path}")
+    data = path.read_bytes()
+    key = None
+    try:
+        if b"PRIVATE KEY" in data:
+            key = AttestationKey(s.load_pem_private_key(data, password=None))
+        elif b"PUBLIC KEY" in data:
+            key = AttestationKey(None, s.load_pem_public_key(data))
+        elif len(data.strip()) == 64 and all(c in b"0123456789abcdefABCDEF" for c in data.strip()):
+            key = AttestationKey.from_public_bytes(bytes.fromhex(data.strip().decode()))
+        elif len(data) == 32:
+            key = AttestationKey.from_private_bytes(data)
+    except (ValueError, TypeError):
+        key = None
+    if key is None or not isinstance(key.public, Ed25519PublicKey) or (
+            key.private is not None and not isinstance(key.private, Ed25519PrivateKey)):
+        raise ConfigError(f"{path} is not an Ed25519 attestation key (PEM private or public key, or 64 hex digits)")
+    if private and key.private is None:
+        raise ConfigError(f"{path} holds only a public key; the executor needs the private half")
+    return key if private else AttestationKey(None, key.public)
 
 
 # -- handshake -----------------------------------------------------------------------------------------------------

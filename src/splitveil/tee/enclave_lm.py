@@ -21,7 +21,8 @@ from pathlib import Path
 
 from splitveil.core.errors import ConfigError
 
-OBSERVED_RECORD = struct.Struct("<cI")  # direction (b">" client to executor, b"<" back), length; then the bytes
+OBSERVED_RECORD = struct.Struct("<cI")
+LOCAL = "local"  # `--attest` alone: the client computes the expected measurement from its own code and weights  # direction (b">" client to executor, b"<" back), length; then the bytes
 
 
 def trunk_state(splittable, cuts: tuple[int, ...]) -> dict:
@@ -32,24 +33,67 @@ def trunk_state(splittable, cuts: tuple[int, ...]) -> dict:
 
 
 def trunk_measurement(splittable, model: str, cuts: tuple[int, ...]) -> bytes:
-    from splitveil.tee.channel import measure
+    """The measurement of an executor holding the trunk of `splittable`: this process's loaded code, what it runs and
+    the trunk's weights (`tee.measure`)."""
+    from splitveil.tee.measure import measure_process
 
-    return measure(trunk_state(splittable, cuts), label=f"{model} trunk {cuts[0]}..{cuts[1]}")
+    config = {"role": "enclave-trunk", "model": Path(model).name, "cuts": list(cuts)}
+    return measure_process(trunk_state(splittable, cuts), config=config)
+
+
+def measured_trunk(model: str, cuts: tuple[int, ...], **limits):
+    """(the trunk's `PartService`, the executor's measurement): what the executor builds before it serves, and what a
+    `--measure-only` run builds to compute the value a client expects (the same start-up, so the same code loaded)."""
+    from splitveil.serve.build import build_cloud_service
+    from splitveil.tee.measure import import_executor_code
+
+    if len(cuts) != 2:
+        raise ConfigError("--enclave serves the trunk of a Λ-split: give --split A,B")
+    inner = build_cloud_service(model, cuts, **limits)
+    import_executor_code()
+    return inner, trunk_measurement(inner.parts[1].owner, model, cuts)  # the weights it loaded (the rest is meta)
 
 
 def build_enclave_lm_service(model: str, cuts: tuple[int, ...], *, attestation, **limits):
     """The trusted executor of an LLM trunk: `build_cloud_service` (the trunk's weights only) inside a
     `SealedFrameService`; returns (service, measurement)."""
-    from splitveil.serve.build import build_cloud_service
     from splitveil.tee.executor import SealedFrameService
 
-    if len(cuts) != 2:
-        raise ConfigError("--enclave serves the trunk of a Λ-split: give --split A,B")
-    inner = build_cloud_service(model, cuts, **limits)
-    measurement = trunk_measurement(inner.parts[1].owner, model, cuts)  # the weights it loaded (the rest is meta)
+    inner, measurement = measured_trunk(model, cuts, **limits)
     info = {"model": model, "cuts": list(cuts), "role": "enclave-trunk"}
     return SealedFrameService(inner, attestation=attestation, measurement=measurement, info=info,
                               max_frame_bytes=inner.max_frame_bytes), measurement
+
+
+def expected_trunk_measurement(model: str, cuts: tuple[int, ...]) -> bytes:
+    """The measurement a client expects from `serve --enclave --model M --split A,B`, computed from this machine's
+    code and weights (a `--measure-only` run of the executor's start-up; never read from the server)."""
+    from splitveil.tee.measure import expected_measurement
+
+    return expected_measurement(["partition", "enclave-lm", "--model", model, "--split", ",".join(map(str, cuts))])
+
+
+def client_attestation(attest: str, key_file: Path | None, model: str, cuts: tuple[int, ...] | None):
+    """(the verification key, the expected measurement) of an attested client (`generate/edge --server URL --attest`).
+
+    Args:
+        attest: "local" to compute the expected measurement here from this machine's code and weights, or the 64 hex
+            digits of a measurement to pin.
+        key_file: the attestation verification key: a public key file, or the SIMULATED key file itself, of which
+            only the public half is read.
+    """
+    from splitveil.tee.channel import read_attestation_key
+    from splitveil.tee.measure import parse_measurement
+
+    if key_file is None:
+        raise ConfigError("--attest needs --attest-key FILE: the attestation key's public half (or the SIMULATED key "
+                          "file given to `serve --enclave --attestation-key`)")
+    key = read_attestation_key(key_file, private=False)
+    if attest != LOCAL:
+        return key, parse_measurement(attest)
+    if cuts is None or len(cuts) != 2:
+        raise ConfigError("--attest computes the measurement of the trunk it expects: give --split A,B")
+    return key, expected_trunk_measurement(model, cuts)
 
 
 async def relay(listen_host: str, listen_port: int, target_port: int, *, observe: Path | None = None, ready=None,
@@ -117,10 +161,14 @@ def observed_as_states(stream: bytes, hidden_size: int, *, plausible_only: bool 
 
 class EnclaveOperator:
     """`serve --enclave` as a child process on 127.0.0.1 (for benchmarks and tests): the operator's relay and, below
-    it, the trusted executor. `url` is the relay's ws:// address; `measurement` what the executor reports."""
+    it, the trusted executor. `url` is the relay's ws:// address; `measurement` the value the client expects, computed
+    here from this machine's code and weights (`expected_trunk_measurement`) unless `expected_measurement` pins it;
+    never read from what the operator prints."""
 
-    def __init__(self, model: str, cuts: tuple[int, ...], *, observe: Path | None = None, startup_timeout: float = 300):
+    def __init__(self, model: str, cuts: tuple[int, ...], *, observe: Path | None = None, startup_timeout: float = 300,
+                 expected_measurement: bytes | None = None):
         self.model, self.cuts, self.observe, self.startup_timeout = model, tuple(cuts), observe, startup_timeout
+        self.measurement = expected_measurement
 
     def __enter__(self) -> "EnclaveOperator":
         import os
@@ -132,6 +180,8 @@ class EnclaveOperator:
         from splitveil.serve.process import free_port
         from splitveil.tee.channel import AttestationKey
 
+        if self.measurement is None:
+            self.measurement = expected_trunk_measurement(self.model, self.cuts)
         self._folder = tempfile.TemporaryDirectory(prefix="splitveil-enclave-lm-")
         folder = Path(self._folder.name)
         self.key = AttestationKey.generate()  # SIMULATED: stands in for the CPU vendor's key
@@ -148,7 +198,8 @@ class EnclaveOperator:
         self.log_path = folder / "operator.log"
         self._log = open(self.log_path, "w")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env)
         deadline = time.monotonic() + self.startup_timeout
         while "splitveil serve --enclave: relaying on" not in self.log_path.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -156,9 +207,6 @@ class EnclaveOperator:
                 self.__exit__()
                 raise ConfigError(f"serve --enclave did not start: {tail[0]}")
             time.sleep(0.2)
-        for line in self.log_path.read_text().splitlines():
-            if "measurement" in line:
-                self.measurement = bytes.fromhex(line.rsplit(" ", 1)[-1])
         return self
 
     def transport(self):
@@ -182,58 +230,99 @@ class EnclaveOperator:
         self._folder.cleanup()
 
 
+def attestation_key_file(path: Path | None, folder: Path) -> tuple[Path, bool]:
+    """(the SIMULATED attestation key file the executor signs with, whether it was created now): `path` as given, or
+    created there when it does not exist (mode 0600, its public half beside it as `path.pub`), or a fresh key in
+    `folder` when no path is given."""
+    from splitveil.tee.channel import AttestationKey, read_attestation_key
+
+    if path is not None and path.exists():
+        read_attestation_key(path, private=True)  # a clear error now rather than in the child
+        return path, False
+    target = path if path is not None else folder / "attestation.key"
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot create the attestation key {target}: no folder {target.parent}")
+    key = AttestationKey.generate()
+    key.write_private(target)
+    Path(f"{target}.pub").write_bytes(key.public_pem())
+    return target, True
+
+
+def _start_executor(command: list[str], log_path: Path, *, timeout: float = 600):
+    """Starts the trusted executor with its output in `log_path` (never a pipe: a pipe nobody drains blocks the
+    executor once 64 KiB of log lines fill it). Returns (the process, the measurement it reports)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log_path.read_text(errors="replace")
+        if "listening on" in text:
+            break
+        if child.poll() is not None or time.monotonic() > deadline:
+            if child.poll() is None:
+                child.kill()
+            last = (text.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"the trusted executor did not start (exit {child.poll()}): {last}")
+        time.sleep(0.2)
+    measurement = next((line.rsplit(" ", 1)[-1].strip() for line in text.splitlines() if "measurement" in line), "?")
+    return child, measurement
+
+
 def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, token_file: Path | None,
                   attestation_key: Path | None, observe: Path | None, insecure: bool, tls_cert=None, tls_key=None,
-                  threads: int = 1, limits: dict | None = None) -> None:
+                  threads: int = 1, limits: dict | None = None, announce=None) -> None:
     """`splitveil serve --enclave`: start the trusted executor (child) and relay to it until stopped."""
-    import os
     import signal
     import subprocess
     import sys
     import tempfile
 
-    import typer
-
     from splitveil.serve.build import token_for_server
     from splitveil.serve.process import free_port
-    from splitveil.tee.channel import SIMULATED, AttestationKey
+    from splitveil.tee.channel import SIMULATED, read_attestation_key
+    from splitveil.transport.network import is_loopback
 
+    announce = announce or (lambda line: print(line, flush=True))
     if tls_cert or tls_key or not insecure:
         raise ConfigError("serve --enclave relays plain WebSockets on loopback (the hidden states are sealed to the "
                           "attested executor); give --insecure and a loopback --host")
+    if not is_loopback(host):
+        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: serve --enclave relays on loopback "
+                          "only (put a TLS proxy in front of it to reach it from elsewhere)")
     if len(cuts) != 2:
         raise ConfigError("--enclave serves the trunk of a Λ-split: give --split A,B")
     _, token_path = token_for_server(token_file)
     folder = tempfile.TemporaryDirectory(prefix="splitveil-enclave-")
-    if attestation_key is None:
-        attestation_key = AttestationKey.generate().write_private(Path(folder.name) / "attestation.key")
-        typer.echo(f"splitveil serve --enclave: {SIMULATED}: fresh key, public half "
-                   f"{AttestationKey.from_private_bytes(attestation_key.read_bytes()).public_bytes().hex()}")
-    inner_port = free_port()
-    command = [sys.executable, "-m", "splitveil.cli.main", "partition", "enclave-lm", "--model", model, "--split",
-               ",".join(map(str, cuts)), "--port", str(inner_port), "--token-file", str(token_path),
-               "--attestation-key", str(attestation_key), "--threads", str(threads),
-               *[arg for key, value in (limits or {}).items() if value is not None for arg in (f"--{key}", str(value))]]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    measurement = None
-    for line in child.stdout:
-        if "measurement" in line:
-            measurement = line.rsplit(" ", 1)[-1].strip()
-        if "listening on" in line:
-            break
-    if child.poll() is not None or measurement is None:
+    try:
+        key_path, created = attestation_key_file(attestation_key, Path(folder.name))
+        public = read_attestation_key(key_path, private=False).public_bytes().hex()
+        announce(f"splitveil serve --enclave: {SIMULATED}: {'new' if created else 'given'} key {key_path}"
+                 f"{' (mode 0600)' if created else ''}, public half {public}")
+        inner_port = free_port()
+        command = [sys.executable, "-m", "splitveil.cli.main", "partition", "enclave-lm", "--model", model, "--split",
+                   ",".join(map(str, cuts)), "--port", str(inner_port), "--token-file", str(token_path),
+                   "--attestation-key", str(key_path), "--threads", str(threads),
+                   *[arg for key, value in (limits or {}).items() if value is not None
+                     for arg in (f"--{key}", str(value))]]
+        log_path = Path(folder.name) / "executor.log"
+        child, measurement = _start_executor(command, log_path)
+    except BaseException:
         folder.cleanup()
-        raise ConfigError(f"the trusted executor did not start (exit {child.poll()})")
-    typer.echo(f"splitveil serve --enclave: trusted executor pid {child.pid} ({SIMULATED}); {model} trunk "
-               f"{cuts[0]}..{cuts[1]} measurement {measurement}")
+        raise
+    announce(f"splitveil serve --enclave: trusted executor pid {child.pid} ({SIMULATED}); {model} trunk "
+             f"{cuts[0]}..{cuts[1]} reports measurement {measurement} (clients compute the value they expect "
+             f"themselves); its log: {log_path}")
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await relay(host, port, inner_port, observe=observe, stop=stop, ready=lambda p: typer.echo(
+        await relay(host, port, inner_port, observe=observe, stop=stop, ready=lambda p: announce(
             f"splitveil serve --enclave: token file {token_path}\n"
             f"splitveil serve --enclave: relaying on ws://{host}:{p} (this process sees only sealed frames)"))
 
@@ -248,5 +337,4 @@ def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, to
         except subprocess.TimeoutExpired:
             child.kill()
         folder.cleanup()
-    typer.echo("splitveil serve --enclave: stopped")
-
+    announce("splitveil serve --enclave: stopped")

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from splitveil.core.errors import TransportError, WireError
-from splitveil.serve.service import SessionService, SessionState
+from splitveil.serve.ratelog import RateLimitedLog
+from splitveil.serve.service import SessionService, SessionState, error_reply
 from splitveil.tee.channel import (
     SIMULATED,
     AttestationKey,
@@ -49,6 +50,8 @@ HELLO_PART, SEALED_PART = 0, 1
 class EnclaveSession(SessionState):
     channel: SealedChannel | None = None
     images: int = 0
+    inner_session: bytes | None = None  # SealedFrameService: the one inner session this session holds
+    closed: bool = False
 
 
 @dataclass
@@ -75,7 +78,7 @@ class EnclaveService(SessionService):
         observed: a list to which every received frame's raw bytes are appended (what the host relays).
     """
 
-    _log = log
+    _log = RateLimitedLog(log)
 
     def __init__(self, part: Callable, *, attestation: AttestationKey, measurement: bytes, input_shape: tuple[int, ...],
                  release: Callable | None = None, info: dict | None = None, max_frame_bytes: int = MAX_FRAME_BYTES,
@@ -85,7 +88,8 @@ class EnclaveService(SessionService):
         self.input_shape = tuple(input_shape)
         self.max_frame_bytes, self.max_sessions, self.max_batch = max_frame_bytes, max_sessions, max_batch
         self.observed = observed
-        self.info = {**(info or {}), "tee": True, "attestation": SIMULATED, "measurement": measurement.hex(),
+        self.info = {**(info or {}), "tee": True, "sealed_channel": True, "attestation": SIMULATED,
+                     "measurement": measurement.hex(),
                      "input_shape": list(self.input_shape), "max_batch": max_batch, "max_frame_bytes": max_frame_bytes}
         self.sessions: dict[bytes, EnclaveSession] = {}
         self.refused = 0
@@ -253,13 +257,19 @@ class AcceleratorLink:
 class SealedFrameService(EnclaveService):
     """The trusted executor around any frame service (e.g. the `PartService` of an LLM trunk): each sealed message
     holds one whole frame of the inner service (OPEN, FORWARD, CLOSE), which runs inside; its reply goes back sealed.
-    The host that relays the frames sees ciphertext only: no hidden state, no session id of the inner service."""
+    The host that relays the frames sees ciphertext only: no hidden state, no session id of the inner service.
+
+    Each outer (sealed) session may hold one inner session at a time, bound to it as a connection is bound to its
+    session: a second inner OPEN is refused, and the inner session is closed when the outer one closes, is evicted or
+    loses its connection. Refusals inside are logged without their text (it could describe the sealed content) and
+    at a bounded rate."""
 
     def __init__(self, inner, *, attestation: AttestationKey, measurement: bytes, info: dict | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, max_sessions: int = 64, observed: list | None = None):
         super().__init__(None, attestation=attestation, measurement=measurement, input_shape=(), info=info,
                          max_frame_bytes=max_frame_bytes + 64, max_sessions=max_sessions, observed=observed)
         self.inner = inner
+        inner._log = RateLimitedLog(log, redact="refused a sealed inner frame (its reason stays inside the executor)")
 
     def _admit_forward(self, session: EnclaveSession, frame: Frame) -> EnclaveWork:
         if frame.part != SEALED_PART or session.channel is None:
@@ -267,13 +277,49 @@ class SealedFrameService(EnclaveService):
         inner = session.channel.open(self._payload(session, frame))  # SealError if tampered or replayed
         return EnclaveWork(frame.session, session, frame, inner=inner)
 
+    def _run_inner(self, session: EnclaveSession, data: bytes) -> bytes:
+        """Admits and computes one inner frame with the inner session bound to this outer session. Never raises."""
+        with self._lock:
+            if session.closed:
+                return error_reply("this session is closed", None)
+            bound = session.inner_session or NO_SESSION
+        opens = len(data) > 3 and data[3] == FrameKind.OPEN
+        work, reply = self.inner.admit(data, owner=session.owner, bound_session=bound)
+        if work is not None:
+            reply = self.inner.run([work])[0]
+        kind = reply[3] if len(reply) > 3 else FrameKind.ERROR
+        ended = None
+        with self._lock:
+            if kind == FrameKind.OK and opens:
+                session.inner_session = bytes(reply[8:24])
+                if session.closed:  # the outer session ended while the inner one was being opened
+                    ended, session.inner_session = session.inner_session, None
+            elif kind in (FrameKind.OK, FrameKind.ERROR):  # its CLOSE; or a refusal, which ends it as it would end a
+                ended, session.inner_session = session.inner_session, None  # plain connection and its session
+        if ended is not None:  # (after its own CLOSE, closing again does nothing)
+            self.inner.close_session(ended)
+        return reply
+
     def _run_one(self, work: EnclaveWork) -> bytes:
         if work.inner is None:
             return super()._run_one(work)
-        reply = self.inner.handle(work.inner)  # the inner service never raises; its refusals are ERROR frames
+        reply = self._run_inner(work.session, work.inner)
         payload = work.session.channel.seal(reply)
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         return encode_frame(Frame(FrameKind.RESULT, data, codec="uint8", session=work.session_id, seq=work.frame.seq))
+
+    def close_session(self, session_id: bytes) -> bool:
+        """Closes the outer session and the inner session it holds (a client that drops its connection, an idle
+        session evicted, or a CLOSE)."""
+        with self._lock:
+            session = self.sessions.pop(session_id, None)
+            if session is None:
+                return False
+            session.closed = True
+            inner, session.inner_session = session.inner_session, None
+        if inner is not None:
+            self.inner.close_session(inner)
+        return True
 
 
 class SealedTransport(Transport):

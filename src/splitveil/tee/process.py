@@ -83,11 +83,22 @@ def check_cut(model, cut: int) -> None:
 
 
 def executor_part(model, cut: int, label: str):
-    """(the executor's part, its measurement): copies of segments [0, prologue + cut), measured with the code."""
+    """(the executor's part, its measurement): copies of segments [0, prologue + cut), measured with the code this
+    process has loaded once the executor's serving code is imported (`tee.measure`)."""
     from splitveil.tee.channel import measure
+    from splitveil.tee.measure import import_executor_code
 
     part, owner = segment_copy(model, 0, model.num_prologue + cut, label)
+    import_executor_code()
     return part, measure(owner.state_dict(), label=label)
+
+
+def expected_executor_measurement(choice: ModelChoice, cut: int) -> bytes:
+    """The measurement a client expects from `partition enclave` for this model and cut, computed from this
+    machine's code and weights (a `--measure-only` run of the executor's start-up), never read from the executor."""
+    from splitveil.tee.measure import expected_measurement
+
+    return expected_measurement(["partition", "enclave", *choice.args(), "--cut", str(cut)])
 
 
 def executor_label(choice: ModelChoice, cut: int) -> str:
@@ -194,7 +205,7 @@ def run_partitioned(choice: ModelChoice, cut: int, *, images: int = 64, check_re
     model, inputs, labels = load_model(choice)  # trains and caches the victim before the children load it
     check_cut(model, cut)
     inputs = inputs[:images]
-    _, measurement = executor_part(model, cut, executor_label(choice, cut))  # what the client expects
+    measurement = expected_executor_measurement(choice, cut)  # what the client expects, computed here
     key = AttestationKey.generate()  # SIMULATED: stands in for the CPU vendor's key
     with tempfile.TemporaryDirectory(prefix="splitveil-tee-") as folder:
         key_file = key.write_private(Path(folder) / "attestation.key")
