@@ -90,6 +90,8 @@ def _start(command: list[str]) -> subprocess.Popen:
     if "listening" not in line:
         proc.kill()
         raise RuntimeError(f"echo server did not start: {line.strip()}")
+    # drain the rest: a pipe nobody reads blocks the child once 64 KiB of output fill it
+    threading.Thread(target=proc.stdout.read, daemon=True, name="echo-server-output").start()
     return proc
 
 
