@@ -25,11 +25,12 @@ def diffusion(
     pictures: Path = typer.Option(None, "--pictures", help="Write the reconstructions beside the real pictures to this PNG."),
     quick: bool = typer.Option(False, "--quick", help="3 prompts and a shorter head inversion."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: prompt_token_recovery, image_ssim "
-                                     "(best step), ssim_by_step, ..."),
+                                     "(the last step's reconstruction: picked without the true picture), "
+                                     "ssim_oracle_upper_bound (best step, chosen with it), ssim_by_step, ..."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
     """Prompt recovery from the prompt embeddings (exact attack through the public text encoder) and the picture
-    rebuilt from the cloud's per-step state, scored by SSIM against the final picture."""
+    rebuilt from the cloud's per-step state, scored by SSIM against the final picture (the step picked without it)."""
     from splitveil.diffusion.generate import DiffusionPlacement, check_placement
     from splitveil.diffusion.pipeline import check_model_name, load_diffusion
     from splitveil.diffusion.unet_split import UNetSplittable
@@ -61,8 +62,11 @@ def diffusion(
         return
     typer.echo(f"{where.value} ({wire} wire), {len(spec.prompts)} prompt(s):")
     typer.echo(f"  prompt tokens recovered {record['prompt_token_recovery']:.3f}, prompts exact {record['prompt_exact']:.2f}")
-    typer.echo(f"  picture: best SSIM {record['image_ssim']:.3f} at step {record['image_ssim_step']}; by step "
-               + " ".join(f"{v:.2f}" for v in record["ssim_by_step"]))
+    unrelated = record["ssim_unrelated"]
+    typer.echo(f"  picture: SSIM {record['image_ssim']:.3f} at step {record['image_ssim_step']} (the last, picked "
+               f"without the true picture)" + (f"; another prompt's picture {unrelated:.3f}" if unrelated is not None else ""))
+    typer.echo(f"  upper bound, the best step chosen with the true picture: {record['ssim_oracle_upper_bound']:.3f}; "
+               "by step " + " ".join(f"{v:.2f}" for v in record["ssim_by_step"]))
     for example in record["examples"]:
         typer.echo(f"    {example['prompt']!r} -> {example['recovered']!r}")
 

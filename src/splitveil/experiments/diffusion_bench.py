@@ -152,7 +152,7 @@ def plot_leakage(records: list[dict], path: Path) -> Path:
         label = f"{r['placement']}" + (f" head {spec['head_blocks']}" if r["placement"] == "unet-split" else "") + f" {spec['wire']}"
         ax.plot(range(len(r["ssim_by_step"])), r["ssim_by_step"], marker=".", label=f"{label} (prompt {r['prompt_token_recovery']:.2f})")
     ax.set_xlabel("denoising step the cloud holds (reference: step N = final latents)")
-    ax.set_ylabel("SSIM of the cloud's best rebuild vs final")
+    ax.set_ylabel("SSIM of the better rebuild vs final\n(chosen with the true picture)", fontsize=7)
     ax.set_ylim(-0.3, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
@@ -182,7 +182,8 @@ def run_diffusion_bench(model_name: str, out: Path, *, quick: bool = False) -> l
               "leakage": [{"placement": r["placement"], "split": r["spec"]["head_blocks"] if r["placement"] == "unet-split" else None,
                            "wire": r["spec"]["wire"], "prompt_token_recovery": r["prompt_token_recovery"],
                            "prompt_exact": r["prompt_exact"], "image_ssim": r["image_ssim"],
-                           "image_ssim_step": r["image_ssim_step"], "ssim_by_step": r["ssim_by_step"]} for r in leaks]}
+                           "image_ssim_step": r["image_ssim_step"], "ssim_oracle_upper_bound": r["ssim_oracle_upper_bound"],
+                           "ssim_by_step": r["ssim_by_step"]} for r in leaks]}
     write_json(out / f"{stem}_summary.json", report)
     plot_quality(summary, out / f"{stem}_quality_vs_bits.png")
     plot_traffic(summary, out / f"{stem}_bytes_per_step.png")

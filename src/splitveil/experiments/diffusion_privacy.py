@@ -3,6 +3,11 @@
 For each prompt the picture is generated through the placement over loopback, with the cloud part logging what it
 holds (the frames really cross the wire codec); then the attacks run on that log alone: prompt recovery on the
 prompt embeddings, picture recovery on the per-step state, scored by SSIM against the device's final picture.
+
+The picture figure, `image_ssim`, is the SSIM of the reconstruction the attacker picks by a rule that needs no true
+picture (`PictureRecovery.pick_without_truth`: the last step it holds). The best step and picture chosen with the true
+picture, per prompt, is reported only as `ssim_oracle_upper_bound`; `ssim_unrelated` scores the picked
+reconstruction against another prompt's picture, the level an unrelated picture of this model reaches.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class PromptOutcome:
     exact: bool
     ssim_latent: list[float] = field(default_factory=list)
     ssim_clean: list[float] = field(default_factory=list)
+    picked_step: int | None = None  # the view the attacker picks without the true picture
+    ssim_picked: float | None = None  # its SSIM against the true picture
+    ssim_unrelated: float | None = None  # its SSIM against another prompt's picture (None with one prompt)
 
 
 def run_diffusion_attack(spec: DiffusionAttackSpec, *, model=None, pictures_out: Path | None = None,
@@ -90,6 +98,12 @@ def run_diffusion_attack(spec: DiffusionAttackSpec, *, model=None, pictures_out:
         panels.append((result.picture, rebuilt))
         if progress:
             progress(index + 1, len(spec.prompts))
+    for index, (outcome, (real, rebuilt)) in enumerate(zip(outcomes, panels)):
+        view, which = PictureRecovery.pick_without_truth(rebuilt)
+        picked = rebuilt[view][which][None]
+        outcome.picked_step, outcome.ssim_picked = rebuilt[view]["step"], ssim(picked, real[None])
+        if len(panels) > 1:
+            outcome.ssim_unrelated = ssim(picked, panels[(index + 1) % len(panels)][0][None])
     record = summarise(spec, outcomes, seconds=time.perf_counter() - start)
     record["environment"] = stamp
     if pictures_out is not None:
@@ -107,15 +121,22 @@ def summarise(spec: DiffusionAttackSpec, outcomes: list[PromptOutcome], *, secon
     latent = [mean_at(lambda o: o.ssim_latent, k) for k in range(steps)]
     clean = [mean_at(lambda o: o.ssim_clean, k) for k in range(steps)]
     best = [max(v for v in (a, b) if v is not None) for a, b in zip(latent, clean)]
+    # hindsight: per prompt, the best of every step's two pictures, chosen with the true picture
+    oracle = [max(v for v in o.ssim_latent + o.ssim_clean if v is not None) for o in outcomes]
+    unrelated = [o.ssim_unrelated for o in outcomes if o.ssim_unrelated is not None]
     return {
         "kind": "diffusion-attack",
         "spec": {**asdict(spec), "prompts": list(spec.prompts)},
         "placement": spec.placement,
         "prompt_token_recovery": round(sum(o.token_recovery for o in outcomes) / len(outcomes), 4),
         "prompt_exact": round(sum(o.exact for o in outcomes) / len(outcomes), 4),
-        "image_ssim": max(best),
-        "image_ssim_step": best.index(max(best)),
-        "ssim_by_step": best,
+        "image_ssim": round(sum(o.ssim_picked for o in outcomes) / len(outcomes), 4),
+        "image_ssim_rule": "last step, clean estimate (no true picture needed)",
+        "image_ssim_step": outcomes[0].picked_step,
+        "ssim_oracle_upper_bound": round(sum(oracle) / len(oracle), 4),
+        "ssim_oracle_step": best.index(max(best)),  # where the mean over prompts peaks (hindsight)
+        "ssim_unrelated": round(sum(unrelated) / len(unrelated), 4) if unrelated else None,
+        "ssim_by_step": best,  # per step, the better of the two pictures (hindsight; for plots)
         "ssim_latent_by_step": latent,
         "ssim_clean_by_step": clean,
         "examples": [{"prompt": o.prompt, "recovered": o.recovered, "token_recovery": o.token_recovery} for o in outcomes],

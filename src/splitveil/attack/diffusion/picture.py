@@ -8,6 +8,12 @@
 For either, the cloud can also run its copy of the whole public UNet on x_t (it has the prompt embeddings and the
 guidance scale) and take the scheduler's estimate of the clean latents, x̂_0 = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t):
 early in the schedule that is far closer to the final picture than the noisy x_t. Both are returned per step.
+
+The attacker does not have the true picture, so it cannot pick the step (or the picture) that looks most like it:
+`pick_without_truth` is its rule, fixed in advance. It takes the last step it holds and, there, the clean estimate
+(at the last step of a deterministic DDIM schedule that estimate is the picture the device computes from those
+latents); the reference cloud's final latents when it computed them. The best step chosen with the true picture is
+only an upper bound on what any such rule achieves.
 """
 
 from __future__ import annotations
@@ -64,6 +70,13 @@ class PictureRecovery(Attack):
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + guidance * (conditional - unconditional)
         return scheduler.step(noise, t, latents).pred_original_sample
+
+    @staticmethod
+    def pick_without_truth(rebuilt: list[dict]) -> tuple[int, str]:
+        """The attacker's rule, applied to `reconstruct`'s output without the true picture: (index into `rebuilt`,
+        "clean_picture" or "latent_picture"): the last view, its clean estimate where it has one."""
+        index = len(rebuilt) - 1
+        return index, "clean_picture" if rebuilt[index]["clean_picture"] is not None else "latent_picture"
 
     def reconstruct(self, observed: dict) -> list[dict]:
         """`observed`: {"views": the cloud's per-step entries ({"kind": "latents" | "uplink", "step", "t", "tensor"}),
