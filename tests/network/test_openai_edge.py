@@ -1,8 +1,10 @@
 """`splitveil edge` as a real process, its trunk on a real `splitveil serve` over TLS, driven by the official `openai`
-client: greedy chat and text completions, streaming and not, give the tokens of the split's own `generate`."""
+client: greedy chat and text completions, streaming and not, give the tokens of the split's own `generate`; the API
+key (printed, or written to a new --api-key-file) and the Host allow-list hold on the real process."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,36 +24,59 @@ MODEL, CUTS = "smollm2-135m", (2, 28)
 QUESTION = "Name two primary colours."
 
 
-@pytest.fixture(scope="module")
-def edge_url():
-    """`splitveil serve` (the trunk, TLS + token) and `splitveil edge --server` in front of it."""
-    with ServerProcess(MODEL, CUTS) as server:
-        port = free_port()
+class EdgeProcess:
+    """A `splitveil edge` child on 127.0.0.1: its URL, and the API key it printed (None when it printed none)."""
+
+    def __init__(self, args: list[str], port: int, *, startup_timeout: float = 180):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "splitveil.cli.main", "edge", "--server", server.url, "--ca", str(server.cert),
-                   "--token-file", str(server.token_file), "--model", MODEL, "--split", ",".join(map(str, CUTS)),
-                   "--port", str(port)]
-        edge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.url, self.lines = f"http://127.0.0.1:{port}", []
+        command = [sys.executable, "-m", "splitveil.cli.main", "edge", "--port", str(port), *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
+        deadline = time.monotonic() + startup_timeout
+        while not any("OpenAI API on" in line for line in self.lines):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"splitveil edge did not start: {''.join(self.lines)[-2000:]}")
+            time.sleep(0.2)
+        printed = [re.search(r"API key: (\S+)", line) for line in self.lines]
+        self.key = next((found.group(1) for found in printed if found), None)
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
-                    break
-                except OSError:
-                    if edge.poll() is not None or time.monotonic() > deadline:
-                        edge.kill()
-                        pytest.fail(f"splitveil edge did not start: {edge.communicate(timeout=5)[0][-2000:]}")
-                    time.sleep(0.3)
-            yield url
-        finally:
-            edge.terminate()
-            try:
-                edge.wait(15)
-            except subprocess.TimeoutExpired:
-                edge.kill()
-                edge.wait(5)
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def __enter__(self) -> "EdgeProcess":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    """`splitveil serve` (the trunk, TLS + token) and `splitveil edge --server` in front of it, with its API key in a
+    file that it creates."""
+    key_file = tmp_path_factory.mktemp("edge") / "api-key"
+    with ServerProcess(MODEL, CUTS) as server:
+        with EdgeProcess(["--server", server.url, "--ca", str(server.cert), "--token-file", str(server.token_file),
+                          "--model", MODEL, "--split", ",".join(map(str, CUTS)), "--api-key-file", str(key_file)],
+                         free_port()) as process:
+            process.key_file = key_file
+            yield process
+
+
+def post(url: str, body: bytes, *, key: str | None, host: str | None = None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    if host is not None:
+        headers["Host"] = host
+    return urllib.request.Request(url, data=body, headers=headers)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +91,9 @@ def reference(smollm2):
 
 
 @pytest.fixture
-def client(edge_url):
-    return openai.OpenAI(base_url=f"{edge_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(edge):
+    return openai.OpenAI(base_url=f"{edge.url}/v1", api_key=edge.key_file.read_text().strip(), max_retries=0,
+                         timeout=120)
 
 
 def test_models_lists_the_served_model(client):
@@ -148,10 +174,9 @@ def test_concurrent_requests_are_served_one_at_a_time_exactly(client, reference)
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
 ])
-def test_bad_requests_get_the_openai_error_shape(edge_url, change, status, param):
+def test_bad_requests_get_the_openai_error_shape(edge, change, status, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
-    request = urllib.request.Request(f"{edge_url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = post(f"{edge.url}/v1/chat/completions", json.dumps(body).encode(), key=edge.key_file.read_text().strip())
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=60)
     assert raised.value.code == status
@@ -168,26 +193,27 @@ def test_openai_client_raises_its_typed_errors(client):
     assert raised.value.body["param"] == "top_p"
 
 
-def test_malformed_json_and_unknown_routes(edge_url):
-    request = urllib.request.Request(f"{edge_url}/v1/chat/completions", data=b"{not json",
-                                     headers={"Content-Type": "application/json"})
+def test_malformed_json_and_unknown_routes(edge):
+    key = edge.key_file.read_text().strip()
     with pytest.raises(urllib.error.HTTPError) as raised:
-        urllib.request.urlopen(request, timeout=30)
+        urllib.request.urlopen(post(f"{edge.url}/v1/chat/completions", b"{not json", key=key), timeout=30)
     assert raised.value.code == 400 and "error" in json.loads(raised.value.read())
     with pytest.raises(urllib.error.HTTPError) as raised:
-        urllib.request.urlopen(f"{edge_url}/v1/embeddings", timeout=30)
+        urllib.request.urlopen(urllib.request.Request(f"{edge.url}/v1/embeddings",
+                                                      headers={"Authorization": f"Bearer {key}"}), timeout=30)
     assert raised.value.code in (404, 405) and json.loads(raised.value.read())["error"]["message"]
 
 
-def test_a_streaming_client_that_leaves_does_not_hold_up_the_next_request(edge_url, client, reference):
+def test_a_streaming_client_that_leaves_does_not_hold_up_the_next_request(edge, client, reference):
     """The generation of a client that disconnects ends at its next token; the next request is served exactly."""
     import http.client
 
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
                        "max_tokens": 400, "temperature": 0, "stream": True})
-    host, port = edge_url.removeprefix("http://").split(":")
+    host, port = edge.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    connection.request("POST", "/v1/chat/completions", body=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {edge.key_file.read_text().strip()}"})
     response = connection.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data:")
     connection.close()  # gone after the first event; 400 tokens would take about 40 s here
@@ -197,3 +223,51 @@ def test_a_streaming_client_that_leaves_does_not_hold_up_the_next_request(edge_u
                                            max_tokens=6, temperature=0)
     assert reply.model_extra["splitveil"]["token_ids"] == expected.token_ids
     assert time.monotonic() - started < 30
+
+
+def test_the_key_file_is_made_mode_0600_and_wrong_hosts_and_keys_are_refused(edge):
+    """The edge wrote a new random key to --api-key-file (it did not exist); a DNS-rebinding Host gets 403 and a
+    request without the key 401, each without a completion."""
+    key = edge.key_file.read_text().strip()
+    assert len(key) >= 40 and edge.key_file.stat().st_mode & 0o777 == 0o600 and edge.key is None
+    assert any(f"new API key written to {edge.key_file}" in line for line in edge.lines)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    for request, status in ((post(f"{edge.url}/v1/chat/completions", body, key=key, host="attacker.example"), 403),
+                            (post(f"{edge.url}/v1/chat/completions", body, key=None), 401),
+                            (post(f"{edge.url}/v1/chat/completions", body, key="x" * 43), 401)):
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=30)
+        assert raised.value.code == status and json.loads(raised.value.read())["error"]["message"]
+    port = edge.url.rsplit(":", 1)[1]
+    reply = json.loads(urllib.request.urlopen(post(f"{edge.url}/v1/chat/completions", body, key=key,
+                                                   host=f"localhost:{port}"), timeout=60).read())
+    assert reply["usage"]["completion_tokens"] == 2
+
+
+def test_by_default_a_random_key_is_printed_and_allow_host_adds_names():
+    """`edge --local` without key options prints a new key, as Jupyter prints its token; `--allow-host` serves a
+    proxy's name."""
+    port = free_port()
+    with EdgeProcess(["--local", "--model", MODEL, "--allow-host", "edge.internal"], port) as edge:
+        assert edge.key and len(edge.key) >= 40
+        for host, key, status in (("edge.internal", edge.key, 200), (f"127.0.0.1:{port}", edge.key, 200),
+                                  (f"127.0.0.1:{port}", None, 401), ("attacker.example", edge.key, 403)):
+            request = urllib.request.Request(f"{edge.url}/v1/models", headers={"Host": host, **(
+                {"Authorization": f"Bearer {key}"} if key else {})})
+            try:
+                got = urllib.request.urlopen(request, timeout=30).status
+            except urllib.error.HTTPError as error:
+                got = error.code
+            assert got == status, (host, key)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--no-auth", "--host", "0.0.0.0"], "refusing --no-auth on the non-loopback address 0.0.0.0"),
+    (["--no-auth", "--api-key-file", "key"], "give --no-auth or --api-key-file, not both"),
+    (["--allow-host", "bad host/x"], "bad --allow-host"),
+])
+def test_no_auth_only_on_loopback(args, words):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "splitveil.cli.main", "edge", "--local", "--port", "0", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -1,6 +1,7 @@
 """`splitveil serve --ray --replicas 2` as a real process (SmolLM2's trunk on two Ray Serve replicas, TLS and the
 token at the ingress): `splitveil generate --server` and the `openai` client through `splitveil edge --server` give
-the tokens of the in-process split, a wrong token is refused, and stopping the server leaves no Ray process behind."""
+the tokens of the in-process split, a wrong token is refused, every port of the server's process tree (Ray's
+included) is on loopback, and stopping the server leaves no Ray process behind."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from splitveil.serve.process import ServerProcess
 
-from .test_ray_trunk import ray_processes
+from .test_ray_trunk import descendants, listening_sockets, on_loopback, ray_processes
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.network, pytest.mark.model]
@@ -30,37 +31,19 @@ def generate_json(*args: str) -> dict:
 
 
 def chat_through_edge(server) -> list[int]:
-    import urllib.request
-
+    """A greedy chat completion through `splitveil edge --server` (with the API key it prints)."""
     import openai
 
     from splitveil.serve.process import free_port
 
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    edge = subprocess.Popen([sys.executable, "-m", "splitveil.cli.main", "edge", "--server", server.url, "--ca",
-                             str(server.cert), "--token-file", str(server.token_file), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-                break
-            except OSError:
-                assert edge.poll() is None and time.monotonic() < deadline, "splitveil edge did not start"
-                time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    from .test_openai_edge import EdgeProcess
+
+    with EdgeProcess(["--server", server.url, "--ca", str(server.cert), "--token-file", str(server.token_file)],
+                     free_port()) as edge:
+        client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key=edge.key, max_retries=0, timeout=120)
         reply = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": QUESTION}],
                                                max_tokens=12, temperature=0)
         return reply.model_extra["splitveil"]["token_ids"]
-    finally:
-        edge.terminate()
-        try:
-            edge.wait(15)
-        except subprocess.TimeoutExpired:
-            edge.kill()
-            edge.wait(5)
 
 
 def test_generate_through_serve_ray_equals_the_local_split(smollm2):
@@ -81,6 +64,8 @@ def test_generate_through_serve_ray_equals_the_local_split(smollm2):
         got = generate_json("--server", server.url, "--ca", str(server.cert), "--token-file", str(server.token_file))
         assert got["token_ids"] == expected.token_ids and got["text"] == expected.text
         assert ray_processes(folder), "the Ray instance runs in the server's process tree"
+        sockets = listening_sockets([server.process.pid, *descendants(server.process.pid)])
+        assert len(sockets) > 6 and [s for s in sockets if not on_loopback(s[1])] == []  # Ray's ports on loopback only
         # the whole stack: the official openai client -> splitveil edge (head, tail) -> the Ray ingress -> replicas
         assert chat_through_edge(server) == expected.token_ids
         # a wrong token is refused at the ingress (HTTP 401), before anything reaches Ray

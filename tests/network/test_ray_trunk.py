@@ -1,5 +1,6 @@
 """The trunk on Ray Serve (2 replicas of a tiny Llama's trunk) behind the TLS ingress, in this process: concurrent
-sessions stay exact, a replica's death is survived by replay with identical tokens, and the limits hold per replica.
+sessions stay exact, a replica's death is survived by replay with identical tokens, the limits hold per replica, and
+every port of Ray's processes is on loopback.
 
 Starting Ray and two replicas takes about 25-40 s on a 2-core machine; the module does it once."""
 
@@ -22,6 +23,60 @@ from splitveil.transport.tls import server_context
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.network]
 CUTS = (1, 3)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state held by one of `pids` (from /proc/net/tcp{,6})."""
+    import ipaddress
+
+    listening = {}  # socket inode -> (address, port)
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                listening[fields[9]] = (str(ipaddress.ip_address(raw)), int(port, 16))
+    found = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # gone meanwhile
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in listening:
+                found.append((pid, *listening[target[8:-1]]))
+    return found
+
+
+def on_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def ray_processes(folder: str) -> list[int]:
@@ -124,6 +179,21 @@ def run_clients(clients, tokens: int, on_request=None) -> dict[int, list[int]]:
         thread.join(300)
     assert not errors, errors
     return got
+
+
+def test_every_ray_port_listens_on_loopback_only(trunk, tiny, tls_files):
+    """Ray's servers (GCS, raylet, object manager, workers, the dashboard agent's HTTP, gRPC and metrics ports, the
+    runtime-env agent, the dashboard's and autoscaler's Prometheus ports) listen on loopback only: several of them
+    answer without Ray's token. They used to listen on every interface or the machine's address."""
+    server, _ = trunk
+    lm = connect(server, tiny, tls_files)
+    try:
+        lm.generate(prompt(0), max_new_tokens=2, eos_token_ids=())  # the replicas and their workers are up
+    finally:
+        lm.close()
+    sockets = listening_sockets([os.getpid(), *descendants(os.getpid())])
+    assert len({pid for pid, _, _ in sockets}) >= 6, sockets  # GCS, raylet, agents, workers: Ray's processes were seen
+    assert [s for s in sockets if not on_loopback(s[1])] == []
 
 
 def test_concurrent_sessions_on_two_replicas_are_exact(trunk, tiny, tls_files):

@@ -8,7 +8,8 @@ client ══ wss (TLS, bearer token) ══► RayIngress (SplitServer: token, 
 ```
 
 - **TLS and the token stay at the ingress**: the replicas receive frame bytes and the token's digest (the owner
-  sessions are bound to), never the token; nothing but the ingress faces clients (Ray Serve's HTTP proxy is off).
+  sessions are bound to), never the token; nothing but the ingress faces clients (Ray Serve's HTTP proxy is off,
+  and every port of Ray's own processes listens on loopback: `ray_loopback.py`).
 - **Session affinity**: the ingress draws each session's id (16 random bytes) and sends every frame of the session
   with `multiplexed_model_id = id.hex()`. The replica that takes the OPEN registers that id with Ray Serve's
   multiplexing (`serve.multiplexed` loader), so the router sends the session's later frames to it. Ray learns the
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 from ray import serve
 
+from splitveil.serve.ray_loopback import keep_ray_on_loopback, keep_replica_grpc_on_loopback
 from splitveil.serve.server import SplitServer, take_round
 from splitveil.serve.service import error_reply
 from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, FrameKind, encode_frame, error_frame
@@ -131,6 +133,7 @@ class TrunkReplica:
         from splitveil.core.runtime import set_threads
         from splitveil.serve.build import build_cloud_service
 
+        keep_replica_grpc_on_loopback()
         self.settings = ReplicaSettings(**{**settings, "cuts": tuple(settings["cuts"])})
         set_threads(self.settings.threads)
         s = self.settings
@@ -321,17 +324,19 @@ class RayOptions:
 
 
 def start_ray(options: RayOptions, *, cpus: int) -> str:
-    """Starts a local Ray instance: no dashboard, no usage reporting, a small object store. Returns its folder."""
+    """Starts a local Ray instance with every port on loopback: no dashboard, no usage reporting, a small object
+    store. Returns its folder."""
     import tempfile
 
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    keep_ray_on_loopback()
     temp_dir = options.temp_dir or tempfile.mkdtemp(prefix="svray-", dir="/tmp")  # short: Ray puts sockets in it
     ray.init(address="local", num_cpus=cpus, object_store_memory=options.object_store_mb * 2**20,
-             include_dashboard=False, log_to_driver=False, namespace="splitveil", _temp_dir=temp_dir,
-             configure_logging=False)
+             include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False, namespace="splitveil",
+             _temp_dir=temp_dir, configure_logging=False)
     return temp_dir
 
 

@@ -5,6 +5,9 @@ hold one generation's state (the head's and tail's KV caches, one remote session
 **serialized**: requests wait for an asyncio lock in arrival order, and each generation runs on one worker thread
 while the event loop keeps answering. A streaming client that disconnects ends its generation at the next token.
 
+Before a request's body is read, `guard.RequestGuard` checks its Host header, its API key, its size and the number
+of requests in flight (`EdgeSettings`); the `splitveil edge` command makes a random key unless told `--no-auth`.
+
 Responses follow the OpenAI shapes; `usage` counts prompt and generated tokens, and an extra top-level field
 `splitveil` reports what crossed the split: bytes up and down (whole frames), round trips, the plan and the wire.
 """
@@ -29,12 +32,21 @@ class _Cancelled(Exception):
     """Raised from the token callback when a streaming client went away."""
 
 
+DEFAULT_MAX_REQUEST_BYTES = 2**20  # the largest request body read (1 MiB: about 250,000 tokens of text)
+DEFAULT_MAX_PENDING = 32  # requests waiting for the generation lock or running, at most
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the Host names served when none are given (any port)
+
+
 @dataclass(frozen=True)
 class EdgeSettings:
     model_name: str  # the id /v1/models lists and requests must name
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     api_key: str | None = None  # when set, requests must carry "Authorization: Bearer <api_key>"
     threads: int = 1  # torch threads of the generation thread
+    allowed_hosts: tuple[str, ...] | None = LOCAL_HOSTS  # Host header entries served ("name" or "name:port"); None: all
+    any_ip_host: bool = False  # also serve every IP-literal Host (an edge listening on all interfaces)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413, read no further than this
+    max_pending: int = DEFAULT_MAX_PENDING  # requests in flight beyond this get 429
 
 
 class EdgeEngine:
@@ -194,16 +206,20 @@ def split_report(lm, result) -> dict:
 
 def build_app(lm, settings: EdgeSettings):
     """The FastAPI application serving `lm` (a `SplitCausalLM` with a tokenizer)."""
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from splitveil.serve.auth import bearer, token_matches
+    from splitveil.edge.openai.guard import RequestGuard
 
     engine = EdgeEngine(lm, settings)
     app = FastAPI(title="splitveil edge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    # Host, API key, body size and requests in flight are checked on the headers, before the body is read
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, any_ip_host=settings.any_ip_host,
+                       api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
+                       max_pending=settings.max_pending)
 
     @app.exception_handler(APIError)
     async def _api_error(_, error: APIError):
@@ -230,22 +246,16 @@ def build_app(lm, settings: EdgeSettings):
         problem = api_error(error)
         return JSONResponse(problem.body(), status_code=problem.status)
 
-    async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        if not token_matches(bearer(request.headers.get("authorization")), settings.api_key):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(engine)]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}")
     async def model(name: str):
         engine.check_model(name)
         return _model_card(engine)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
         engine.check_model(request.model)
         prompt_ids = engine.chat_prompt(request)
@@ -260,7 +270,7 @@ def build_app(lm, settings: EdgeSettings):
             "finish_reason": FINISH[result.finish_reason]}], "usage": usage(result),
             "splitveil": split_report(engine.lm, result)}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
         engine.check_model(request.model)
         prompt_ids = engine.completion_prompt(request)

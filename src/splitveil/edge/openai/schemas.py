@@ -3,6 +3,8 @@
 Requests are validated by pydantic; unknown fields are accepted and ignored, as OpenAI-compatible servers do,
 except the ones whose meaning we cannot honour (tools, several choices, log-probabilities, penalties), which are
 refused with a 400 naming the field, so that a client never silently gets something else than it asked for.
+Sizes are bounded before any work scales with them: the body by the edge's `--max-request-bytes`, the messages by
+`MAX_MESSAGES`, the seed by what torch takes; `max_tokens` and the prompt's length in tokens by the model's context.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
+MAX_MESSAGES = 4096  # messages per chat request (each costs chat-template work before the context check)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators accept
 
 
 class APIError(Exception):
@@ -64,7 +68,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's default is 1 (sampling); 0 = greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -106,7 +110,7 @@ class _Sampling(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     tools: list | None = None
