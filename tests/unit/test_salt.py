@@ -138,3 +138,32 @@ def test_adversarial_training_reverses_the_gradient_into_the_client():
     train_salted(model, torch.rand(16, *SHAPE), torch.randint(CLASSES, (16,)), epochs=1, batch_size=16,
                  adversary=adversary)
     assert any(not torch.equal(a, b) for a, b in zip(before, adversary.parameters()))  # the adversary trained too
+
+
+def test_the_standard_model_is_trained_exactly_like_the_salted_one():
+    """Like for like: `train_standard_like_salted` sees the same batches, in the same order, with the same
+    augmentation draws and learning rates as `train_salted` with the same arguments; only the salt differs."""
+    import copy
+
+    from splitveil.protect.salt import train_salted, train_standard_like_salted
+
+    seen = {"salted": [], "standard": []}
+
+    def recorder(which):
+        def augment(batch, generator):
+            out = batch + 0.01 * torch.randn(batch.shape, generator=generator)
+            seen[which].append(out.clone())
+            return out
+        return augment
+
+    torch.manual_seed(0)
+    base = build_vision_model("lenet", SHAPE, CLASSES)
+    images, labels = torch.rand(40, *SHAPE), torch.randint(CLASSES, (40,))
+    salted = salt_model(copy.deepcopy(base), SaltConfig(position=1), input_shape=SHAPE, num_classes=CLASSES)
+    train_salted(salted, images, labels, epochs=2, batch_size=16, seed=5, augment=recorder("salted"))
+    standard = copy.deepcopy(base)
+    train_standard_like_salted(standard, images, labels, values=salted.values, epochs=2, batch_size=16, seed=5,
+                               augment=recorder("standard"))
+    assert len(seen["salted"]) == 6 and len(seen["standard"]) == 6  # 3 batches x 2 epochs
+    assert all(torch.equal(a, b) for a, b in zip(seen["salted"], seen["standard"]))
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), standard.parameters()))  # it trained

@@ -1,5 +1,6 @@
 """Output attacks on salted splits: threat models granted through capabilities, the salt-recovery reader, the
-experiment record and report, and the CLI's refusals."""
+minimal-knowledge cloud's clusters, the experiment record and report (standard and salted models trained alike), and
+the CLI's refusals."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def target(*, aux: bool = True, position: int = 1, cut: int = 2):
 
 
 def test_registry_lists_the_attacks():
-    assert OUTPUT_ATTACKS.names() == ["recovery", "unsalted"]
+    assert OUTPUT_ATTACKS.names() == ["cluster", "recovery", "unsalted"]
 
 
 def test_recovery_needs_auxiliary_data():
@@ -61,6 +62,40 @@ def test_recovery_reads_the_salt_of_an_untrained_salted_model():
     assert float((recovered == salts).float().mean()) > 0.5  # chance is 0.1: the salt maps survive one block
 
 
+def test_the_cluster_attack_holds_only_the_features():
+    *_, offered = target()
+    attack = OUTPUT_ATTACKS.get("cluster")(offered)
+    caps = attack.target
+    assert caps.edge is None and caps.cloud is None and caps.aux is None  # no weights, no data of its own
+    threat = attack.describe()
+    assert not (threat["knows_head_weights"] or threat["knows_cloud_weights"] or threat["auxiliary_data"])
+    *_, without = target(aux=False)
+    OUTPUT_ATTACKS.get("cluster")(without)  # needs nothing a target could withhold
+    with pytest.raises(ConfigError, match="unknown clustering method"):
+        OUTPUT_ATTACKS.get("cluster")(offered, method="dbscan")
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm"])
+def test_clusters_of_the_features_find_the_salts_without_the_model(method):
+    """On a salted model whose salt maps dominate the features (untrained, unit-scale salt maps), the groups found in
+    the features alone are the salts; a random partition, matched the same way, is far below."""
+    from splitveil.metrics.clustering import matched_accuracy
+
+    _, edge, _, offered = target()
+    images, salts = torch.rand(300, *SHAPE), torch.randint(CLASSES, (300,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features = edge((images, salts))
+    groups = OUTPUT_ATTACKS.get("cluster")(offered, method=method).reconstruct(features)
+    found = matched_accuracy(groups, salts, clusters=CLASSES, classes=CLASSES)
+    chance = matched_accuracy(torch.randint(CLASSES, (300,)), salts, clusters=CLASSES, classes=CLASSES)
+    assert found > 0.9 and chance < 0.3
+    # and they are not the images' groups: the same salt for every request leaves nothing to find
+    with torch.no_grad():
+        same_salt = edge((images, torch.zeros(300, dtype=torch.int64)))
+    groups = OUTPUT_ATTACKS.get("cluster")(offered, method=method).reconstruct(same_salt)
+    assert matched_accuracy(groups, salts, clusters=CLASSES, classes=CLASSES) < 0.3
+
+
 def test_run_output_attack_record_and_report(tmp_path, monkeypatch):
     from splitveil.experiments.output_privacy import OutputAttackSpec, run_output_attack, write_output_report
 
@@ -68,13 +103,22 @@ def test_run_output_attack_record_and_report(tmp_path, monkeypatch):
     spec = OutputAttackSpec(dataset="digits", model="lenet", split=2, train_size=200, aux_size=128, test_size=50,
                             salted_epochs=1, attack_epochs=1)
     record = run_output_attack(spec)
-    for key in ("accuracy_standard", "accuracy_salted", "cloud_accuracy_unsalted_read", "salt_recovery",
-                "cloud_accuracy_with_recovered_salt", "seconds"):
+    for key in ("accuracy_standard", "accuracy_standard_base", "accuracy_salted", "cloud_accuracy_unsalted_read",
+                "salt_recovery", "cloud_accuracy_with_recovered_salt", "salt_cluster_accuracy",
+                "salt_cluster_accuracy_gmm", "salt_cluster_accuracy_random_partition", "seconds"):
         assert 0 <= record[key] <= (1 if key != "seconds" else 1e6), key
     assert record["salt_layer"] == 1 and record["split_equals_unsplit"]
-    assert run_output_attack(spec)["models_cached"] == {"standard": True, "salted": True}
+    # like for like: the same base, then the same fine-tuning for the standard and the salted model
+    training = record["training"]
+    assert training["standard"]["base"] == training["salted"]["base"]
+    assert {k: v for k, v in training["standard"]["fine_tune"].items() if k != "salt"} == \
+        {k: v for k, v in training["salted"]["fine_tune"].items() if k != "salt"}
+    assert training["salted"]["fine_tune"]["epochs"] == spec.salted_epochs
+    assert record["threat_models"]["cluster"]["knows_head_weights"] is False
+    assert run_output_attack(spec)["models_cached"] == {"base": True, "standard": True, "salted": True}
     paths = write_output_report([record], tmp_path / "out", "stem")
     assert all(p.is_file() for p in paths)
+    assert "trained alike" in paths[2].read_text()
     assert json.loads(paths[0].read_text().splitlines()[0])["kind"] == "output-privacy"
 
 

@@ -75,6 +75,7 @@ def test_run_output_attack_on_basic_motions_gives_a_record(tmp_path, monkeypatch
     from splitveil.experiments.output_privacy import OutputAttackSpec, run_output_attack
 
     monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
+    
     spec = OutputAttackSpec.for_data("basic-motions", split=2, epochs=2, salted_epochs=2, attack_epochs=2)
     assert spec.model == "sensor-cnn" and spec.test_repeats == 10
     record = run_output_attack(spec)
@@ -84,7 +85,8 @@ def test_run_output_attack_on_basic_motions_gives_a_record(tmp_path, monkeypatch
     for key in ("accuracy_standard", "accuracy_salted", "cloud_accuracy_unsalted_read", "salt_recovery",
                 "cloud_accuracy_with_recovered_salt"):
         assert 0 <= record[key] <= 1, key
-    assert run_output_attack(spec)["models_cached"] == {"standard": True, "salted": True}
+    assert record["training"]["standard"]["fine_tune"]["augment"] == record["training"]["salted"]["fine_tune"]["augment"]
+    assert run_output_attack(spec)["models_cached"] == {"base": True, "standard": True, "salted": True}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -49,7 +49,9 @@ def _summary(r: dict) -> str:
     return (f"{label(r)} layer {r['salt_layer']}, cut {r['split']} ({'x'.join(map(str, r['feature_shape']))}): "
             f"client {r['accuracy_salted']:.3f} (standard {r['accuracy_standard']:.3f}); cloud reading unsalted "
             f"{r['cloud_accuracy_unsalted_read']:.3f}; salt recovered {r['salt_recovery']:.3f} (chance {r['chance_salt']:.3f}), "
-            f"cloud with it {r['cloud_accuracy_with_recovered_salt']:.3f}")
+            f"cloud with it {r['cloud_accuracy_with_recovered_salt']:.3f}"
+            + (f"; salt groups found without the model {r['salt_cluster_accuracy']:.3f} (random partition "
+               f"{r['salt_cluster_accuracy_random_partition']:.3f})" if "salt_cluster_accuracy" in r else ""))
 
 
 @app.command("output")
@@ -67,12 +69,14 @@ def output(
     adversary_weight: float = typer.Option(0.0, "--adversary-weight", min=0.0, help="Countermeasure: train the salted "
                                            "model against an adversary reading salt and class at the cut (gradient "
                                            "reversal of this weight; 0 = off)."),
-    quick: bool = typer.Option(False, "--quick", help="Small sizes: models on 10k images, attacker on 5k, 1,000 test images."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: models on 10k images (standard and salted trained "
+                               "alike), attacker on 5k, 1,000 test images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, training, salts and attack."),
     out: Path = typer.Option(None, "--out", help="Also write the record, plot and report to this folder."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy_standard, accuracy_salted, "
-                                     "cloud_accuracy_unsalted_read, salt_recovery, cloud_accuracy_with_recovered_salt, "
-                                     "seconds, ...) and nothing else on stdout."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (accuracy_standard: trained like the "
+                                     "salted model, accuracy_salted, cloud_accuracy_unsalted_read, salt_recovery, "
+                                     "cloud_accuracy_with_recovered_salt, salt_cluster_accuracy: the minimal-knowledge "
+                                     "cloud, training, seconds, ...) and nothing else on stdout."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
     """Salted DNNs: the client's accuracy with the salt, and what the cloud reads of the output without it."""

@@ -36,8 +36,9 @@ class OutputAttackSpec:
     train_size: int = 30_000  # both models' training images (capped at 45% of the data set)
     aux_size: int = 15_000  # the attacker's auxiliary images (capped at 40%)
     test_size: int = 2_000  # held-out images scored
-    epochs: int = 1  # standard model epochs (the image-privacy victim's, so its cache is shared)
-    salted_epochs: int = 6  # salted model epochs, fine-tuned from the standard model's weights
+    epochs: int = 1  # base model epochs (the image-privacy victim's, so its cache is shared)
+    salted_epochs: int = 6  # epochs fine-tuned from the base model's weights: the salted model and, with the same
+    # recipe (cosine schedule, batches, augmentation), the standard model it is compared with
     attack_epochs: int = 6  # passes of the salt reader over the auxiliary set (fresh salts each pass)
     adversary_weight: float = 0.0  # countermeasure: adversarial training against a salt/class reader at the cut (0 = off)
     test_repeats: int = 1  # each test example is sent this many times, each a request with its own keyed salt
@@ -68,16 +69,25 @@ class OutputAttackSpec:
         return self.split - 1 if self.salt_layer is None else self.salt_layer
 
 
-def prepare_models(spec: OutputAttackSpec, *, quiet: bool = True) -> dict:
-    """Data splits, the standard model (cached, the same checkpoint as the image-privacy victim) and the salted one
-    (cached; fine-tuned from the standard model's weights with a fresh uniform salt per example)."""
+def prepare_models(spec: OutputAttackSpec, *, quiet: bool = True, compared: bool = False) -> dict:
+    """Data splits, the base model (cached, the same checkpoint as the image-privacy victim) and the salted one
+    (cached; fine-tuned from the base model's weights with a fresh uniform salt per example).
+
+    Args:
+        compared: also the standard model to compare the salted one with (`standard`, cached): the base model
+            fine-tuned for the same epochs with the same recipe, unsalted. Without it `standard` is the base model.
+    """
     from splitveil.protect.salt import SaltConfig
 
-    splits, standard, standard_cached = standard_model(spec, quiet=quiet)
+    splits, base, base_cached = standard_model(spec, quiet=quiet)
     config = SaltConfig(kind=spec.salt, position=spec.position, values=spec.salt_values)
-    salted, salted_cached = cached_salted(standard, config, splits.train, spec, quiet=quiet)
-    return {"splits": splits, "standard": standard, "standard_cached": standard_cached, "salted": salted,
-            "salted_cached": salted_cached}
+    salted, salted_cached = cached_salted(base, config, splits.train, spec, quiet=quiet)
+    models = {"splits": splits, "base": base, "base_cached": base_cached, "standard": base,
+              "standard_cached": base_cached, "salted": salted, "salted_cached": salted_cached}
+    if compared:
+        models["standard"], models["standard_cached"] = cached_standard_like_salted(
+            base, splits.train, spec, values=salted.values, quiet=quiet)
+    return models
 
 
 def standard_model(spec: OutputAttackSpec, *, quiet: bool = True):
@@ -164,6 +174,50 @@ def cached_salted(standard, config, train_data, spec: OutputAttackSpec, *, quiet
     return model, False
 
 
+def cached_standard_like_salted(base, train_data, spec: OutputAttackSpec, *, values: int, quiet: bool = True):
+    """(the standard model the salted one is compared with, was_cached): a copy of the base model fine-tuned on
+    `train_data` exactly as `cached_salted` fine-tunes the salted copy (same epochs, learning rate, cosine schedule,
+    batches and augmentation draws), without a salt; cached."""
+    from splitveil.data.timeseries import is_time_series
+    from splitveil.models.timeseries import augment_series
+    from splitveil.protect.salt import train_standard_like_salted
+    from splitveil.train.classifier import cache_dir, cache_key, load_cached_weights, save_cached_weights
+
+    model = copy.deepcopy(base)
+    recipe = {"batch_size": spec.batch_size} if spec.batch_size != 64 else {}
+    augment = None
+    if is_time_series(spec.dataset):
+        augment, recipe["augment"] = augment_series, SERIES_AUGMENTATION
+    key = cache_key(dataset=spec.dataset, model=spec.model, train=len(train_data), split_seed=spec.seed,
+                    epochs=spec.epochs, fine_tune_epochs=spec.salted_epochs, values=values,
+                    salt_code_version=SALT_CODE_VERSION, **recipe)
+    path = cache_dir() / f"{spec.model}-standard-like-salted-{key}.pt"
+    if load_cached_weights(model, path):
+        return model.eval(), True
+    train_standard_like_salted(model, train_data.images, train_data.labels, values=values, epochs=spec.salted_epochs,
+                               lr=2e-3, seed=spec.seed, batch_size=spec.batch_size, quiet=quiet, augment=augment)
+    save_cached_weights(model, path)
+    return model, False
+
+
+def training_record(spec: OutputAttackSpec) -> dict:
+    """How both compared models were trained (the record's `training`): the same base, then the same fine-tuning."""
+    from splitveil.data.timeseries import is_time_series
+    from splitveil.experiments.image_privacy import train_config
+
+    series = is_time_series(spec.dataset)
+    base = ({"epochs": spec.epochs, "lr": 2e-3, "schedule": "constant", "batch_size": spec.batch_size,
+             "augment": SERIES_AUGMENTATION} if series else
+            {**train_config(spec).key(), "schedule": train_config(spec).schedule, "augment": train_config(spec).augment})
+    fine_tune = {"epochs": spec.salted_epochs, "lr": 2e-3, "optimiser": "adam", "schedule": "cosine to 0",
+                 "batch_size": spec.batch_size, "augment": SERIES_AUGMENTATION if series else False,
+                 "seed": spec.seed}
+    return {"standard": {"base": base, "fine_tune": {**fine_tune, "salt": None}},
+            "salted": {"base": base, "fine_tune": {**fine_tune, "salt": "uniform per example and step"},
+                       "adversary_weight": spec.adversary_weight},
+            "total_epochs": spec.epochs + spec.salted_epochs}
+
+
 def evaluation_key(seed: int) -> bytes:
     """The client key of the scored requests: fixed by the seed so that a record can be reproduced (a real client
     draws its key with `secrets`, `SaltKey`'s default)."""
@@ -180,7 +234,11 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
 
     stamp = environment()
     began = time.perf_counter()
-    models = models or prepare_models(spec, quiet=quiet)
+    if models is None:
+        models = prepare_models(spec, quiet=quiet, compared=True)
+    elif models["standard"] is models.get("base"):  # given without the compared standard model: add it
+        models = {**models, **dict(zip(("standard", "standard_cached"), cached_standard_like_salted(
+            models["base"], models["splits"].train, spec, values=models["salted"].values, quiet=quiet)))}
     splits, standard, salted = models["splits"], models["standard"], models["salted"]
     salted.check_cut(spec.split)
     test, table = splits.test, salted.table
@@ -204,6 +262,7 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
     head_only = recovery.salt_head_guess(features)
     class_read = recovery.read_labels(features)
     attack_seconds = time.perf_counter() - attack_began
+    clusters = run_cluster_attacks(target, features, salts, seed=spec.seed)
     labels = test.labels
     values, classes = int(table.shape[0]), int(table.shape[1])
     return {
@@ -217,7 +276,9 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
         "feature_shape": list(features.shape[1:]),
         "sizes": {"train": len(splits.train), "aux": len(splits.aux), "test": len(splits.test),
                   "requests": len(test)},
-        "accuracy_standard": accuracy(predict(standard, test.images), labels),
+        "accuracy_standard": accuracy(predict(standard, test.images), labels),  # trained like the salted model
+        "accuracy_standard_base": accuracy(predict(models["base"], test.images), labels),  # before fine-tuning
+        "training": training_record(spec),
         "accuracy_salted": float((client_labels == labels).float().mean()),
         "cloud_accuracy_unsalted_read": float((read_as_unsalted == labels).float().mean()),
         "salt_recovery": float((recovered == salts).float().mean()),
@@ -225,14 +286,37 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
         "salt_recovery_salt_head_only": float((head_only == salts).float().mean()),
         "salt_recovery_rule": recovery.rule,
         "cloud_accuracy_class_head": float((class_read == labels).float().mean()),
+        **{key: value for key, value in clusters.items() if key != "threat_model"},
         "chance_salt": 1.0 / values, "chance_class": 1.0 / classes,
         "split_equals_unsplit": True,
-        "threat_models": {"unsalted": unsalted.describe(), "recovery": recovery.describe()},
+        "threat_models": {"unsalted": unsalted.describe(), "recovery": recovery.describe(),
+                          "cluster": clusters["threat_model"]},
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - began,
-        "models_cached": {"standard": models["standard_cached"], "salted": models["salted_cached"]},
+        "models_cached": {"base": models["base_cached"], "standard": models["standard_cached"],
+                          "salted": models["salted_cached"]},
         "environment": stamp,
     }
+
+
+def run_cluster_attacks(target, features: torch.Tensor, salts: torch.Tensor, *, seed: int) -> dict:
+    """The minimal-knowledge cloud (`cluster`: the features alone, no model, no labels) on the scored requests: the
+    fraction of requests whose group, named by the best one-to-one matching of groups to salts, is their salt, for
+    k-means (the figure) and a Gaussian mixture, beside a random partition matched the same way (its chance)."""
+    from splitveil.attack.output import OUTPUT_ATTACKS
+    from splitveil.metrics.clustering import matched_accuracy
+
+    began = time.perf_counter()
+    values = int(target.table.shape[0])
+    score = lambda groups: matched_accuracy(groups, salts, clusters=values, classes=values)  # noqa: E731
+    kmeans = OUTPUT_ATTACKS.get("cluster")(target, seed=seed, method="kmeans")
+    gmm = OUTPUT_ATTACKS.get("cluster")(target, seed=seed, method="gmm")
+    random_groups = torch.randint(values, (len(salts),), generator=torch.Generator().manual_seed(seed))
+    return {"salt_cluster_accuracy": score(kmeans.reconstruct(features)),
+            "salt_cluster_accuracy_gmm": score(gmm.reconstruct(features)),
+            "salt_cluster_accuracy_random_partition": score(random_groups),
+            "cluster_components": kmeans.components, "cluster_seconds": time.perf_counter() - began,
+            "threat_model": kmeans.describe()}
 
 
 def run_output_sweep(spec: OutputAttackSpec, positions: list[int], *, on_record=None, quiet: bool = True) -> list[dict]:
@@ -258,6 +342,18 @@ def _requests(record: dict) -> str:
     if requests == test:
         return "one request with its own keyed salt per example"
     return f"each sent {requests // test} times, {requests} requests with their own keyed salts"
+
+
+def _training_sentence(record: dict) -> str:
+    training = record.get("training")
+    if training is None:  # a record made before the standard model was trained like the salted one
+        return (f"Standard model accuracy {record['accuracy_standard']:.3f} (the base model alone: the salted model "
+                "trained more epochs)")
+    fine_tune = training["salted"]["fine_tune"]
+    return (f"Standard and salted models trained alike: the same base ({training['salted']['base']['epochs']} epoch(s)), "
+            f"then {fine_tune['epochs']} epochs fine-tuned with the same recipe (Adam, cosine schedule, the same "
+            f"batches), one unsalted, one salted; standard model accuracy {record['accuracy_standard']:.3f} (the base "
+            f"alone {record['accuracy_standard_base']:.3f})")
 
 
 def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
@@ -292,6 +388,9 @@ def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
                      label=f"cloud, class from features: {defence}")
         axes[0].plot(x, mean("cloud_accuracy_unsalted_read"), "s", color="grey", ms=3)
         axes[1].plot(x, mean("salt_recovery"), "o-", color=colour, label=defence + suffix)
+        if all("salt_cluster_accuracy" in r for r in rows):  # records made before the minimal-knowledge cloud lack it
+            axes[1].plot(x, mean("salt_cluster_accuracy"), "x--", color=colour,
+                         label=f"no model, no labels: clusters, best naming: {defence}")
     axes[0].plot([], [], "s", color="grey", ms=3, label="cloud, read as unsalted (every run)")
     axes[0].axhline(ordered[0]["accuracy_standard"], color="black", lw=1, label="standard model")
     axes[0].axhline(ordered[0]["chance_class"], color="black", lw=1, ls=":", label="chance")
@@ -307,17 +406,21 @@ def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     lines = [f"# Output privacy (Salted DNNs): {first['model']} on {first['dataset']}", "",
              f"Generated from the records in `{jsonl.name}` by `write_output_report`. Both models trained on "
              f"{first['sizes']['train']} examples; the attacker's auxiliary set holds {first['sizes']['aux']} (disjoint); "
-             f"{first['sizes']['test']} test examples scored, {_requests(first)}. Standard model accuracy "
-             f"{first['accuracy_standard']:.3f}; chance {first['chance_class']:.3f} (class), {first['chance_salt']:.3f} (salt).", "",
-             "| defence | salt layer | cut | seed | features | salted accuracy | cloud, read as unsalted | salt recovery "
-             "(as guessed / salt head alone) | cloud, with recovered salt | cloud, class head | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{first['sizes']['test']} test examples scored, {_requests(first)}. {_training_sentence(first)}; "
+             f"chance {first['chance_class']:.3f} (class), {first['chance_salt']:.3f} (salt).", "",
+             "| defence | salt layer | cut | seed | features | salted accuracy | standard accuracy | cloud, read as unsalted "
+             "| salt recovery (as guessed / salt head alone) | cloud, with recovered salt | cloud, class head | salt groups "
+             "without the model (k-means / mixture / random partition) | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ordered:
+        groups = (f"{r['salt_cluster_accuracy']:.3f} / {r['salt_cluster_accuracy_gmm']:.3f} / "
+                  f"{r['salt_cluster_accuracy_random_partition']:.3f}" if "salt_cluster_accuracy" in r else "not run")
         lines.append(f"| {label(r)} | {r['salt_layer']} | {r['split']} | {r['spec'].get('seed', 0)} | "
                      f"{'x'.join(map(str, r['feature_shape']))} | "
-                     f"{r['accuracy_salted']:.3f} | {r['cloud_accuracy_unsalted_read']:.3f} | {r['salt_recovery']:.3f} / "
-                     f"{r['salt_recovery_salt_head_only']:.3f} | {r['cloud_accuracy_with_recovered_salt']:.3f} | "
-                     f"{r['cloud_accuracy_class_head']:.3f} | {r['seconds']:.0f} |")
+                     f"{r['accuracy_salted']:.3f} | {r['accuracy_standard']:.3f} | {r['cloud_accuracy_unsalted_read']:.3f} | "
+                     f"{r['salt_recovery']:.3f} / {r['salt_recovery_salt_head_only']:.3f} | "
+                     f"{r['cloud_accuracy_with_recovered_salt']:.3f} | {r['cloud_accuracy_class_head']:.3f} | {groups} | "
+                     f"{r['seconds']:.0f} |")
     lines += ["", "## Threat models", ""]
     for name, threat in sorted(first["threat_models"].items()):
         lines.append(f"- **{name}**: {threat['description']}")

@@ -319,38 +319,67 @@ def train_salted(model: SaltedSplittable, images: torch.Tensor, labels: torch.Te
             gradient reversal), so the client's blocks learn to hide the salt and the class from it.
         augment: `augment(batch, generator) -> batch`, applied to each training batch (None: the data as it is).
     """
+
+    def loss_of(batch: torch.Tensor, salts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        targets = salt_labels(labels[batch], salts, model.table)
+        inputs = images[batch] if augment is None else augment(images[batch], generator)
+        if adversary is None:
+            return nn.functional.cross_entropy(model(inputs, salts), targets)
+        boundary = model.boundary(adversary.cut)
+        features = model.run((inputs, salts), 0, boundary)
+        return nn.functional.cross_entropy(model.run(features, boundary, len(model.segments)), targets) + \
+            adversary.loss(features, salts, labels[batch])
+
+    modules = [model] + ([adversary] if adversary is not None else [])
+    _fine_tune(loss_of, modules, len(images), values=model.values, epochs=epochs, batch_size=batch_size, lr=lr,
+               seed=seed, quiet=quiet, desc="train salted")
+    return model.eval()
+
+
+def train_standard_like_salted(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, values: int,
+                               epochs: int = 1, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                               quiet: bool = True, augment=None) -> nn.Module:
+    """The salted model's training recipe applied to a standard model, for a like-for-like comparison: the same
+    optimiser, learning rate, cosine schedule, epochs, batches and augmentation draws as `train_salted` with the same
+    arguments (the salts are drawn, so every random draw matches, and ignored: plain cross-entropy on `y`).
+
+    Args:
+        values: how many salts the salted model it is compared with has (only to draw the same random numbers).
+    """
+
+    def loss_of(batch: torch.Tensor, salts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        inputs = images[batch] if augment is None else augment(images[batch], generator)
+        return nn.functional.cross_entropy(model(inputs), labels[batch])
+
+    _fine_tune(loss_of, [model], len(images), values=values, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+               quiet=quiet, desc="train standard")
+    return model.eval()
+
+
+def _fine_tune(loss_of, modules: list[nn.Module], count: int, *, values: int, epochs: int, batch_size: int, lr: float,
+               seed: int, quiet: bool, desc: str) -> None:
+    """The salted recipe: Adam over `modules`, cosine decay to zero over the whole run, `epochs` shuffled passes over
+    `count` examples, a uniform salt in [0, values) drawn per example and step; `loss_of(batch, salts, generator)`."""
     from splitveil.train.classifier import progress
 
     generator = torch.Generator().manual_seed(seed)
-    parameters = list(model.parameters()) + (list(adversary.parameters()) if adversary is not None else [])
-    optimiser = torch.optim.Adam(parameters, lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    if adversary is not None:
-        adversary.train()
-    steps = (len(images) + batch_size - 1) // batch_size
+    optimiser = torch.optim.Adam([p for module in modules for p in module.parameters()], lr=lr)
+    for module in modules:
+        module.train()
+    steps = (count + batch_size - 1) // batch_size
     # cosine decay to zero over the whole run: a short run ends much closer to its optimum than at a constant rate
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, epochs * steps) / (epochs * steps))))
     for epoch in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for step in progress(range(steps), total=steps, desc=f"train salted {epoch + 1}/{epochs}", quiet=quiet):
+        order = torch.randperm(count, generator=generator)
+        for step in progress(range(steps), total=steps, desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet):
             batch = order[step * batch_size:(step + 1) * batch_size]
-            salts = torch.randint(model.values, (len(batch),), generator=generator)
-            targets = salt_labels(labels[batch], salts, model.table)
-            inputs = images[batch] if augment is None else augment(images[batch], generator)
-            if adversary is None:
-                loss = loss_fn(model(inputs, salts), targets)
-            else:
-                boundary = model.boundary(adversary.cut)
-                features = model.run((inputs, salts), 0, boundary)
-                loss = loss_fn(model.run(features, boundary, len(model.segments)), targets) + \
-                    adversary.loss(features, salts, labels[batch])
+            salts = torch.randint(values, (len(batch),), generator=generator)
+            loss = loss_of(batch, salts, generator)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
-    return model.eval()
 
 
 @torch.no_grad()
