@@ -37,9 +37,6 @@ def test_enclave_relay_and_executor(tiny_folder):
     check(record)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23 item 5: SealedFrameService hands every sealed inner frame to the trunk "
-                   "with no session binding, so a second inner OPEN on one outer session is answered OK (one inner "
-                   "session per outer session is the fix)")
 def test_enclave_sealed_hostile_frames_are_refused_inside(tiny_folder):
     record = run_fuzz_bench(FuzzBenchSpec(target="enclave", model=tiny_folder, cuts=(1, 3), messages=MESSAGES, workers=2,
                                           timeout_seconds=20, bystander_tokens=8, categories=("inner_hostile",)))

@@ -151,3 +151,19 @@ def test_a_plain_client_refuses_a_sealed_server_and_sends_nothing(sealed):
     kinds = [decode_frame(frame).kind for frame in observed]
     assert set(kinds) <= {FrameKind.OPEN, FrameKind.CLOSE}  # no FORWARD: no hidden state left the client
     assert json.loads(service.info and json.dumps(service.info))["sealed_channel"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "x", "--split", "2,28", "--attest"], "attest a --server"),
+    (["generate", "--prompt", "x", "--server", "ws://127.0.0.1:1", "--split", "2,28", "--attest-key", "k"],
+     "--attest-key goes with --attest"),
+    (["edge", "--local", "--attest"], "go with --server"),
+    (["edge", "--server", "ws://127.0.0.1:1", "--attest-key", "k"], "--attest-key goes with --attest"),
+    (["serve", "--enclave", "--split", "2,28", "--host", "0.0.0.0", "--insecure"], "non-loopback"),
+])
+def test_attest_flags_refuse_what_does_not_fit_in_one_line(args, message, capsys):
+    from splitveil.cli.main import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -43,6 +43,13 @@ def edge(
     ca: Path = typer.Option(None, "--ca", help="Trust this certificate for --server (e.g. the server's --tls-cert)."),
     pin: str = typer.Option(None, "--pin", help="Trust exactly the --server certificate with this SHA-256 fingerprint."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback."),
+    attest: str = typer.Option(None, "--attest", metavar="[MEASUREMENT]", help="The --server is a trusted executor "
+                               "(`serve --enclave`): attest it and seal every frame to it. Alone, the expected "
+                               "measurement is computed here from this machine's code and weights (needs --split); "
+                               "with 64 hex digits, that value is pinned."),
+    attest_key: Path = typer.Option(None, "--attest-key", help="With --attest: the attestation verification key (a "
+                                    "public key file, or the SIMULATED key file of `serve --enclave "
+                                    "--attestation-key`, of which only the public half is used)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
     """Serve the OpenAI chat and completions API on this device, through the split (requests are served one at a time).
@@ -57,8 +64,10 @@ def edge(
 
     if bool(server) == local:
         raise ConfigError("give either --server URL (trunk on a splitveil server) or --local (trunk in this process)")
-    if local and (token_file or ca or pin or insecure):
-        raise ConfigError("--token-file, --ca, --pin and --insecure go with --server, not --local")
+    if local and (token_file or ca or pin or insecure or attest or attest_key):
+        raise ConfigError("--token-file, --ca, --pin, --insecure and --attest go with --server, not --local")
+    if attest_key is not None and attest is None:
+        raise ConfigError("--attest-key goes with --attest")
     cuts = parse_cuts(split) if split else ((2, 28) if local else None)
     if cuts is not None and len(cuts) != 2:
         raise ConfigError("the edge runs head and tail here: give a Λ-split --split A,B")
@@ -85,9 +94,16 @@ def edge(
         from splitveil.serve.build import default_token_file
 
         token = read_token(token_file or default_token_file())
+        attestation = expected = None
+        if attest is not None:
+            from splitveil.tee.enclave_lm import client_attestation
+
+            with status("computing the expected measurement from this machine's code and weights ..."):
+                attestation, expected = client_attestation(attest, attest_key, model, cuts)
         with status(f"connecting to {server} ..."):
             lm = SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
-                                       wire=wire.value, insecure=insecure)
+                                       wire=wire.value, insecure=insecure, attestation=attestation,
+                                       expected_measurement=expected)
     else:
         hf_model, tokenizer = load_model(model)
         lm = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
