@@ -13,7 +13,8 @@ from splitveil.models.tiny import tiny_causal_lm
 from splitveil.protect.slip.client import SlipClient
 from splitveil.protect.slip.errors import VerificationError
 from splitveil.protect.slip.executor import SlipExecutorService, load_residual, save_residual
-from splitveil.protect.slip.trusted import SlipConfig, SlipModel, default_rank, other_flops
+from splitveil.protect.slip.cost import default_rank, other_flops
+from splitveil.protect.slip.trusted import SlipConfig, SlipModel
 from splitveil.transport.loopback import LoopbackTransport
 from splitveil.wire.frame import Frame, FrameKind, decode_frame, encode_frame
 
@@ -81,10 +82,11 @@ def test_every_corrupted_reply_is_caught():
         bad.view(-1)[len(flips) % bad.numel()] += 1 << (len(flips) % 64)
         return bad
 
-    slip, service, _ = protected(mode="fixed", rank=1, tamper=tamper, repetitions=8)
-    for _ in range(20):  # each failed check aborts the session; the next forward opens a new one
+    slip, service, transport = protected(mode="fixed", rank=1, tamper=tamper)  # the default check
+    for _ in range(20):  # each failed check ends its session; a new session needs a new client
         with pytest.raises(VerificationError), torch.no_grad():
             slip.model(IDS)
+        slip.attach(SlipClient(transport))
     assert len(flips) == 20 and not service.sessions
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.common import err_console, load_model, print_json, setup, status
-from splitveil.cli.slip import Protect
+from splitveil.cli.slip import PAD_HELP, Protect
 from splitveil.core.errors import ConfigError
 
 
@@ -46,6 +46,7 @@ def generate(
                                     "--split A,B run in an untrusted executor (a child process over TLS, or --server "
                                     "URL of `splitveil slip serve`) on one-time-masked fixed-point inputs; everything "
                                     "else runs here. Greedy, fixed point, secure rank 0."),
+    pad_to: int = typer.Option(None, "--pad-to", min=1, help="With --protect prompt: " + PAD_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
                                      "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
@@ -60,8 +61,11 @@ def generate(
         _check_protect(protect, split=split, no_split=no_split, wire=wire, sampling=do_sample or seed is not None,
                        stop=bool(stop), insecure=insecure, server=server, trust=bool(token_file or ca or pin))
         _generate_protected(model, prompt=prompt, split=split, max_new_tokens=max_new_tokens, chat=chat, server=server,
-                            token_file=token_file, ca=ca, pin=pin, json_output=json_output, threads=threads)
+                            pad_to=pad_to or 1, token_file=token_file, ca=ca, pin=pin, json_output=json_output,
+                            threads=threads)
         return
+    if pad_to is not None:
+        raise ConfigError("--pad-to pads the prompt SLIP's executor sees: it goes with --protect prompt")
     if no_split and (split or server):
         raise ConfigError("--no-split runs the unsplit model here; drop --split/--server or --no-split")
     if insecure and not server:
@@ -136,7 +140,7 @@ def _check_protect(protect: Protect, *, split, no_split: bool, wire: Wire, sampl
 
 
 def _generate_protected(model: str, *, prompt: str, split: str, max_new_tokens: int, chat: bool, server, token_file,
-                        ca, pin, json_output: bool, threads: int) -> None:
+                        ca, pin, json_output: bool, threads: int, pad_to: int = 1) -> None:
     """`generate --split A,B --protect prompt`: `splitveil slip generate --protect prompt` with the same flags."""
     from transformers import AutoConfig
 
@@ -146,7 +150,7 @@ def _generate_protected(model: str, *, prompt: str, split: str, max_new_tokens: 
     setup(threads)
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
     config = resolve_config(model_config, protect=Protect.prompt, rank=None, energy=None, split=split, fixed_point=True,
-                            repetitions=2)
+                            repetitions=2, pad_to=pad_to)
     summary = run_protected(model, config, protect=Protect.prompt, prompt=prompt, max_new_tokens=max_new_tokens,
                             chat=chat, server=server, token_file=token_file, ca=ca, pin=pin, quiet=json_output)
     print_summary(summary, json_output=json_output)

@@ -28,9 +28,10 @@ class Mode(str, Enum):
 
 
 def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: float | None, split: str | None,
-                   fixed_point: bool, repetitions: int):
+                   fixed_point: bool, repetitions: int, soundness_bits: int = 40, pad_to: int = 1):
     """The SlipConfig a command line asks for (bad combinations are ConfigErrors: exit 2, one line)."""
-    from splitveil.protect.slip.trusted import SlipConfig, default_rank
+    from splitveil.protect.slip.cost import default_rank
+    from splitveil.protect.slip.trusted import SlipConfig
 
     layers_total = model_config.num_hidden_layers
     if rank is not None and energy is not None:
@@ -46,7 +47,7 @@ def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: 
         if rank is None and energy is None:
             rank = default_rank(model_config, repetitions=repetitions)
         return SlipConfig(mode=mode, rank=rank, energy=energy, layers=(0, layers_total), include_head=True,
-                          repetitions=repetitions)
+                          repetitions=repetitions, soundness_bits=soundness_bits, pad_to=pad_to)
     layers = (0, layers_total)
     if split:
         from splitveil.plan.plan import parse_cuts
@@ -58,7 +59,15 @@ def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: 
             raise ConfigError(f"--split {split} does not fit the model's {layers_total} layers (0 <= A < B <= {layers_total})")
         layers = (cuts[0], cuts[1])
     return SlipConfig(mode=mode, rank=rank if rank is not None or energy is not None else 0, energy=energy,
-                      layers=layers, include_head=False, repetitions=repetitions)
+                      layers=layers, include_head=False, repetitions=repetitions, soundness_bits=soundness_bits,
+                      pad_to=pad_to)
+
+
+FLOAT_HELP = ("Ring Z_2^64 with uniform one-time masks (information-theoretic hiding, exact Freivalds and range "
+              "checks) or float64 with large masks: statistical hiding only, and its check accepts errors within a "
+              "tolerance (~1e-3 on every output passes), so --float is for benchmarks, not for integrity.")
+PAD_HELP = ("Pad the prompt's products with dummy rows (masked like the rest, computed on by the executor, dropped "
+            "here) to a multiple of N rows: the executor sees the prompt length rounded up to N. Tokens are unchanged.")
 
 
 @app.command("generate")
@@ -75,9 +84,13 @@ def generate(
     split: str = typer.Option(None, "--split", "-s", help="Prompt deployment: A,B offloads the linear layers of layers "
                               "A..B-1; the rest and the head run wholly here (default: every layer)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="How many tokens to generate at most."),
-    fixed_point: bool = typer.Option(True, "--fixed-point/--float", help="Ring Z_2^64 with uniform one-time masks "
-                                     "(information-theoretic hiding) or float64 with large masks (statistical hiding only)."),
-    repetitions: int = typer.Option(2, "--repetitions", "-t", min=0, help="Freivalds repetitions per product."),
+    fixed_point: bool = typer.Option(True, "--fixed-point/--float", help=FLOAT_HELP),
+    repetitions: int = typer.Option(2, "--repetitions", "-t", min=0, help="The fewest Freivalds check vectors per "
+                                    "product (drawn afresh for every session)."),
+    soundness_bits: int = typer.Option(40, "--soundness-bits", min=0, max=256, help="Fixed point: each product gets as "
+                                       "many check vectors as its range needs for a wrong reply to pass with "
+                                       "probability <= 2^-B (0: exactly --repetitions)."),
+    pad_to: int = typer.Option(1, "--pad-to", min=1, help=PAD_HELP),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     server: str = typer.Option(None, "--server", help="Use the executor at this URL (`splitveil slip serve`) instead "
                                "of starting one as a child process."),
@@ -104,7 +117,8 @@ def generate(
 
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
     config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split,
-                            fixed_point=fixed_point, repetitions=repetitions)
+                            fixed_point=fixed_point, repetitions=repetitions, soundness_bits=soundness_bits,
+                            pad_to=pad_to)
     summary = run_protected(model, config, protect=protect, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat,
                             server=server, token_file=token_file, ca=ca, pin=pin, log_frames=log_frames,
                             quiet=json_output)
@@ -165,13 +179,18 @@ def print_summary(summary: dict, *, json_output: bool) -> None:
         f"{len(summary['token_ids'])} tokens, online {summary['online_seconds']:.2f} s "
         f"({summary['decode_tokens_per_second'] or 0:.2f} tok/s decode), offline {summary['offline_seconds']:.2f} s, "
         f"{summary['round_trips']} round trips ({summary['round_trips_per_decode_step'] or 0:.0f} per decode step), "
-        f"secure FLOPs share {summary['secure_flops_share']:.4f}[/dim]")
+        f"secure FLOPs share {summary['secure_flops_share']:.4f}"
+        + (f", each product checked to 2^-{summary['freivalds_soundness_bits']}"
+           if summary.get("freivalds_soundness_bits") is not None else "") + "[/dim]")
 
 
 @app.command("serve")
 def serve(
-    bundle: Path = typer.Option(..., "--bundle", help="Folder with the residual bundle (manifest.json, residual.safetensors)."),
-    mode: Mode = typer.Option(Mode.fixed, "--mode", help="fixed (ring) or float; must match the trusted side."),
+    bundle: Path = typer.Option(..., "--bundle", help="The residual-only bundle folder that `slip export-bundle --out "
+                                "DIR` wrote (manifest.json, residual.safetensors). A folder holding anything else, such as "
+                                "the owner's cache with the decomposition, is refused."),
+    mode: Mode = typer.Option(Mode.fixed, "--mode", help="fixed (ring) or float (for benchmarks, not for integrity: its "
+                              "check is tolerance-based); must match the trusted side."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8444, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
     tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one)."),
@@ -181,17 +200,24 @@ def serve(
     max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Live sessions at most."),
     max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=4096, help="Largest frame accepted."),
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
 ) -> None:
     """The untrusted executor: multiplies masked inputs by W_residual, over TLS with a bearer token."""
-    from splitveil.serve.server import serve_until_stopped
+    from splitveil.protect.slip.bundle import check_residual_only
     from splitveil.protect.slip.executor import build_executor_service
     from splitveil.protect.slip.runtime import FrameLog
     from splitveil.serve.build import tls_for_server, token_for_server
-    from splitveil.serve.server import ServerLimits, SplitServer
+    from splitveil.serve.server import ServerLimits, SplitServer, serve_until_stopped
+    from splitveil.transport.network import is_loopback
 
+    check_residual_only(bundle)  # before anything else: never load a folder that holds W_secure's factors
+    if insecure and not is_loopback(host):
+        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
+    if insecure and (tls_cert or tls_key):
+        raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
     token, token_path = token_for_server(token_file)
-    ssl_context, cert_path, fingerprint = tls_for_server(tls_cert, tls_key)
+    ssl_context, cert_path, fingerprint = (None, None, None) if insecure else tls_for_server(tls_cert, tls_key)
     setup(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     record = FrameLog(log_frames) if log_frames else None
@@ -203,7 +229,10 @@ def serve(
     def ready(srv: SplitServer) -> None:
         typer.echo(f"splitveil slip serve: {service.info.get('model')} residual of {len(service.shapes)} linear groups, "
                    f"{mode.value} mode, frames up to {service.max_frame_bytes} bytes")
-        typer.echo(f"splitveil slip serve: TLS certificate {cert_path} sha256 {fingerprint}")
+        if fingerprint:
+            typer.echo(f"splitveil slip serve: TLS certificate {cert_path} sha256 {fingerprint}")
+        else:
+            typer.echo("splitveil slip serve: WARNING plaintext (--insecure): anyone on this host can read the traffic")
         typer.echo(f"splitveil slip serve: token file {token_path}")
         typer.echo(f"splitveil slip serve: listening on {srv.url}")
 
@@ -213,6 +242,44 @@ def serve(
         if record is not None:
             record.close()
     typer.echo("splitveil slip serve: stopped")
+
+
+@app.command("export-bundle")
+def export_bundle(
+    out: Path = typer.Option(..., "--out", "-o", help="A new (or empty) folder for the executor's bundle."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="A registered model name or a local model directory."),
+    protect: Protect = typer.Option(Protect.weights, "--protect", help="The deployment whose executor gets the bundle "
+                                    "(its defaults choose the rank, as in `slip generate`)."),
+    rank: int = typer.Option(None, "--rank", "-k", help="Secure rank k per matrix (defaults as in `slip generate`)."),
+    energy: float = typer.Option(None, "--energy", help="Instead of --rank: keep this fraction of each matrix's "
+                                 "squared spectrum."),
+    split: str = typer.Option(None, "--split", "-s", help="Prompt deployment: the offloaded layers A,B."),
+    repetitions: int = typer.Option(2, "--repetitions", "-t", min=0, help="As in `slip generate` (the default rank "
+                                    "counts the checks' cost)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: out, files, model, sha256, groups."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Write the untrusted executor's residual-only bundle (W_residual per linear group and a manifest, nothing of
+    W_secure) to a folder of its own, for `splitveil slip serve --bundle DIR`. The decomposition stays in the owner's
+    cache."""
+    from transformers import AutoConfig
+
+    from splitveil.models.loading import resolve_model_dir
+    from splitveil.protect.slip.bundle import export_bundle as write_bundle
+
+    setup(threads)
+    model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
+    config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split, fixed_point=True,
+                            repetitions=repetitions)
+    with status(f"loading and decomposing {model} ...", quiet=json_output):
+        manifest = write_bundle(model, config, out)
+    summary = {"out": str(out), "files": sorted(p.name for p in out.iterdir()), "model": manifest["model"],
+               "sha256": manifest["sha256"], "groups": len(manifest["groups"]), "config": config.to_dict()}
+    if json_output:
+        print_json(summary)
+        return
+    typer.echo(f"splitveil slip export-bundle: W_residual of {summary['groups']} linear groups (sha256 "
+               f"{summary['sha256'][:16]}...) written to {out}; serve it with `splitveil slip serve --bundle {out}`")
 
 
 class Part(str, Enum):

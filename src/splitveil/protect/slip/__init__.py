@@ -3,7 +3,9 @@
 - `decompose`: top-k SVD per weight matrix (linear layers; convolutions as matrices), k by rank or energy.
 - `fixedpoint`: pure ring arithmetic in Z_{2^64} (fixed-point encoding, uniform one-time masks) and float masks.
 - `pool`: precomputed (r, W_residual r) pairs, each used once.
-- `freivalds`: the trusted side's check of the untrusted side's products.
+- `freivalds`: the trusted side's check of the untrusted side's products (vectors fresh per session, range bound).
+- `cost`: the FLOPs each side does, and the default secure rank.
+- `bundle`: the owner's decomposition cache, and the executor's residual-only bundle (`slip export-bundle`).
 - `executor`: the untrusted side, a service `SplitServer` serves unchanged.
 - `client`: the trusted side's session with the executor (frames, chunking of long prefills).
 - `trusted`: the trusted side: a causal LM whose protected linear layers call the executor on masked inputs.

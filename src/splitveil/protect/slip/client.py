@@ -8,6 +8,7 @@ import json
 import torch
 
 from splitveil.core.errors import TransportError
+from splitveil.protect.slip.errors import VerificationError
 from splitveil.protect.slip.executor import positions_per_frame
 from splitveil.transport.base import Transport
 from splitveil.wire.frame import MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
@@ -29,12 +30,16 @@ class SlipClient:
         self.session = NO_SESSION
         self.seq = 0
         self.info: dict = {}
+        self.failed: str | None = None  # why a check ended this client's session (then it sends nothing more)
+        self._key = object()
 
     def open(self) -> dict:
+        self._refuse_if_failed()
         reply = self._exchange(Frame(FrameKind.OPEN))
         if reply.kind != FrameKind.OK:
             raise TransportError(f"the SLIP executor did not open a session ({reply.kind.name})")
         self.session, self.seq = reply.session, 0
+        self._key = object()  # a new session: the trusted side draws new check vectors for it
         self.info = json.loads(reply.message or "{}")
         if not self.info.get("slip"):
             raise TransportError("the server is not a SLIP executor (give the URL of `splitveil slip serve`)")
@@ -43,9 +48,25 @@ class SlipClient:
                 raise TransportError(f"the SLIP executor has {key}={self.info.get(key)!r}, this side needs {value!r}")
         return self.info
 
+    def session_key(self) -> object:
+        """An object that changes with every session this client opens (opening one when none is open)."""
+        if self.session == NO_SESSION:
+            self.open()
+        return self._key
+
+    def fail(self, reason: str) -> None:
+        """Ends the session after a failed check: it is closed, and this client opens no other and sends nothing."""
+        self.close()
+        self.failed = reason
+
+    def _refuse_if_failed(self) -> None:
+        if self.failed is not None:
+            raise VerificationError(f"this SLIP session ended after a failed check ({self.failed}); start a new one")
+
     def multiply(self, group_id: int, values: torch.Tensor, out_features: int) -> torch.Tensor:
         """values [P, n] int64 (ring elements or float64 bits) -> the executor's [P, m] int64, in as few frames as the
         executor's frame limit allows (one round trip each; `positions_per_frame` rows per frame)."""
+        self._refuse_if_failed()
         if self.session == NO_SESSION:
             self.open()
         outputs = []

@@ -244,7 +244,11 @@ class SlipExecutorService(SessionService):
 
 
 def build_executor_service(folder: Path, *, mode: str, record: list | None = None, **limits) -> SlipExecutorService:
-    """The executor for the residual bundle in `folder` (what `splitveil slip serve` runs)."""
+    """The executor for the residual bundle in `folder` (what `splitveil slip serve` runs). A folder that holds
+    anything besides the residual bundle (the owner's cache, with the decomposition) is refused."""
+    from splitveil.protect.slip.bundle import check_residual_only
+
+    check_residual_only(folder)
     bundle, weights = load_residual(folder)
     return SlipExecutorService(executor_weights(weights, mode, bundle.fixed_point), mode=mode, record=record,
                                info={"model": bundle.model, "residual_sha256": bundle.sha256}, **limits)

@@ -92,6 +92,16 @@ def ring_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w.t()
 
 
+def ring_products(a: torch.Tensor, b: torch.Tensor, *, chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """a [P, m] @ b [t, m]^T in Z_{2^64} for a few rows b (Freivalds' vectors): element-wise products summed, in
+    chunks of rows of at most `chunk_elements` products; torch's int64 matmul is some 40x slower at these shapes."""
+    if a.dtype != torch.int64 or b.dtype != torch.int64:
+        raise TypeError("ring products take int64 tensors")
+    step = max(1, chunk_elements // max(b.numel(), 1))
+    return torch.cat([(a[start : start + step, None, :] * b[None]).sum(-1) for start in range(0, a.shape[0], step)]) \
+        if a.shape[0] else a.new_zeros(0, b.shape[0])
+
+
 class RingWeight:
     """A ring-encoded weight matrix [m, n] prepared for fast exact products x W^T in Z_{2^64}.
 
@@ -106,8 +116,8 @@ class RingWeight:
         if weight.dtype != torch.int64 or weight.dim() != 2:
             raise TypeError("a ring weight is an int64 matrix")
         self.shape = tuple(weight.shape)
-        largest = int(weight.abs().max()) if weight.numel() else 0
-        self.limb_bits = limb_bits_for(largest, self.shape[1])
+        self.largest = int(weight.abs().max()) if weight.numel() else 0
+        self.limb_bits = limb_bits_for(self.largest, self.shape[1])
         if self.limb_bits is None:
             self.int64 = weight
             self.float64 = None
@@ -129,6 +139,26 @@ class RingWeight:
         for i in range(1, count):
             out += partial[i] << (bits * i)  # wraps modulo 2^64
         return out
+
+    def left_matmul(self, s: torch.Tensor) -> torch.Tensor:
+        """s [t, m] int64 -> s W [t, n] int64 (mod 2^64), by the same limbs (their width chosen for sums over m)."""
+        bits = limb_bits_for(self.largest, self.shape[0]) if self.float64 is not None else None
+        if bits is None:
+            return s @ self.to_int64()  # exact int64 product (wraps)
+        count = -(-RING_BITS // bits)
+        mask = (1 << bits) - 1
+        limbs = torch.stack([(s >> (bits * i)) & mask for i in range(count)])  # [count, t, m]
+        partial = (limbs.reshape(-1, s.shape[1]).to(torch.float64) @ self.float64).to(torch.int64)
+        partial = partial.reshape(count, s.shape[0], self.shape[1])
+        out = partial[0].clone()
+        for i in range(1, count):
+            out += partial[i] << (bits * i)  # wraps modulo 2^64
+        return out
+
+    def row_norm(self) -> float:
+        """max_i ||W_i||_2 over the rows (in ring integers): with ||x||_2 it bounds every |(x W^T)_i|."""
+        weight = self.float64 if self.float64 is not None else self.int64.to(torch.float64)
+        return float(weight.norm(dim=1).max()) if weight.numel() else 0.0
 
     def to_int64(self) -> torch.Tensor:
         return self.int64 if self.int64 is not None else self.float64.to(torch.int64)

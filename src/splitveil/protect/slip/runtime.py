@@ -19,7 +19,7 @@ MAX_PREFILL_ROWS = 512  # mask pairs per group made before a generation starts
 
 
 def slip_cache_dir(model_name: str, config: SlipConfig) -> Path:
-    """Where the decomposition and the executor's residual bundle of (model, config) are cached."""
+    """The model owner's cache of (model, config): the decomposition, and in `residual/` the executor's bundle."""
     from splitveil.models.loading import cache_root, config_digest
 
     key = {"v": CACHE_VERSION, "model": config_digest(model_name), "rank": config.rank, "energy": config.energy,
@@ -28,36 +28,69 @@ def slip_cache_dir(model_name: str, config: SlipConfig) -> Path:
     return cache_root() / "slip" / digest
 
 
-def protect_registered(model_name: str, config: SlipConfig, *, generator=None):
+def protect_registered(model_name: str, config: SlipConfig, *, generator=None, with_tokenizer: bool = True):
     """Loads `model_name`, protects it with `config`, and makes sure the executor's residual bundle exists.
 
     Returns:
-        (slip model, tokenizer, bundle folder, seconds spent decomposing (0 when cached)).
+        (slip model, tokenizer, the residual-only bundle folder to serve (`bundle.RESIDUAL_DIR` of the cache, never
+        the cache folder itself, which holds the decomposition), seconds spent decomposing (0 when cached)).
     """
     from splitveil.models.loading import load_causal_lm
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR, load_decompositions, save_decompositions
     from splitveil.protect.slip.decompose import causal_lm_groups
-    from splitveil.protect.slip.executor import save_residual
-    from splitveil.protect.slip.trusted import load_decompositions, save_decompositions
 
-    model, tokenizer = load_causal_lm(model_name)
+    model, tokenizer = load_causal_lm(model_name, with_tokenizer=with_tokenizer)
     folder = slip_cache_dir(model_name, config)
     start, stop = config.layers if config.layers is not None else (0, model.config.num_hidden_layers)
     groups = [g for g, _ in causal_lm_groups(model, layers=range(start, stop), include_head=config.include_head)]
-    cached = load_decompositions(folder, groups) if (folder / "manifest.json").is_file() else None
+    cached = load_decompositions(folder, groups)
     started = time.perf_counter()
     slip = SlipModel(model, config, decompositions=cached, generator=generator)
     seconds = 0.0 if cached is not None else time.perf_counter() - started
     if cached is None:
         partial = folder.with_name(folder.name + f".tmp{os.getpid()}")
         save_decompositions(partial, slip.decompositions)
-        save_residual(partial, slip.groups, slip.residual_weights(), model=model_name, fixed_point=config.fixed_point)
-        if folder.exists():  # another process won the race; keep theirs
-            import shutil
+        _write_residual(partial / RESIDUAL_DIR, slip, model_name)
+        _publish(partial, folder)
+    bundle = folder / RESIDUAL_DIR
+    if not all((bundle / name).is_file() for name in ("manifest.json", "residual.safetensors")):
+        # a cache made before the bundle had a folder of its own
+        partial = folder / f"{RESIDUAL_DIR}.tmp{os.getpid()}"
+        _write_residual(partial, slip, model_name)
+        _publish(partial, bundle)
+    return slip, tokenizer, bundle, seconds
 
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.rename(folder)
-    return slip, tokenizer, folder, seconds
+
+def cached_bundle(model_name: str, config: SlipConfig) -> Path:
+    """The residual-only bundle folder of (model, config) in the owner's cache, made (decomposing once) if missing."""
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR
+
+    bundle = slip_cache_dir(model_name, config) / RESIDUAL_DIR
+    if not all((bundle / name).is_file() for name in ("manifest.json", "residual.safetensors")):
+        bundle = protect_registered(model_name, config, with_tokenizer=False)[2]
+    return bundle
+
+
+def _write_residual(folder: Path, slip: SlipModel, model_name: str) -> None:
+    import shutil
+
+    from splitveil.protect.slip.executor import save_residual
+
+    shutil.rmtree(folder, ignore_errors=True)  # what a crashed run of this process id left
+    save_residual(folder, slip.groups, slip.residual_weights(), model=model_name, fixed_point=slip.config.fixed_point)
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Renames a finished folder into place; another process that got there first keeps theirs."""
+    import shutil
+
+    if final.exists():
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    try:
+        partial.rename(final)
+    except OSError:  # lost a race
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 class FrameLog:
@@ -140,7 +173,9 @@ def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *
     if prompt_ids is None:
         prompt_ids = runner.encode_prompt(prompt, chat=chat)
     offline_before = slip.offline_seconds
-    slip.fill_pools(fill_rows if fill_rows is not None else min(len(prompt_ids) + max_new_tokens, MAX_PREFILL_ROWS))
+    pad = slip.config.pad_to
+    prompt_rows = -(-len(prompt_ids) // pad) * pad  # what the executor sees of the prompt (`SlipConfig.pad_to`)
+    slip.fill_pools(fill_rows if fill_rows is not None else min(prompt_rows + max_new_tokens, MAX_PREFILL_ROWS))
     slip.attach(client)
     trips: list[int] = []  # round trips of each forward (prefill, then one per decode step)
     forward = runner.step
@@ -155,9 +190,11 @@ def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *
     before = transport.stats.snapshot()
     cost_before = slip.cost.to_dict()
     refills_before = sum(r.pool.refills_during_use for r in slip.runtimes)
+    checks_before = _checks(slip)
     eos = () if tokenizer is None or ignore_eos else None  # without a tokenizer (token-id prompts): run to the length
     result = runner.generate(prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos))
     moved = transport.stats.since(before)
+    checks = _checks(slip)
     cost = {key: value - cost_before[key] for key, value in slip.cost.to_dict().items() if isinstance(value, int)}
     trusted = sum(cost[key] for key in ("secure_linear_flops", "check_flops", "mask_flops", "local_linear_flops", "other_flops"))
     untrusted = cost["untrusted_flops"]
@@ -166,6 +203,7 @@ def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *
         "token_ids": result.token_ids,
         "text": result.text,
         "prompt_tokens": len(prompt_ids),
+        "prompt_rows_seen_by_executor": prompt_rows,
         "finish_reason": result.finish_reason,
         "round_trips": moved.round_trips,
         "round_trips_prefill": trips[0] if trips else 0,
@@ -179,8 +217,16 @@ def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *
         "offline_seconds": round(slip.offline_seconds - offline_before, 6),
         "pool_refills_during_generation": sum(r.pool.refills_during_use for r in slip.runtimes) - refills_before,
         "secure_flops_share": trusted / (trusted + untrusted) if trusted + untrusted else 0.0,
+        "freivalds_soundness_bits": slip.soundness_bits(),  # a wrong reply passed with probability <= 2^-bits
+        "freivalds_vectors_per_product": round((checks[0] - checks_before[0]) / (checks[1] - checks_before[1]), 3)
+        if checks[1] > checks_before[1] else None,
         "trusted_flops": trusted,
         "untrusted_flops": untrusted,
         "unprotected_flops": untrusted + cost["local_linear_flops"] + cost["other_flops"],
         "flops": cost,
     }
+
+
+def _checks(slip: SlipModel) -> tuple[int, int]:
+    """(check vectors used, products checked) so far, over every group."""
+    return (sum(r.check.vectors_used for r in slip.runtimes), sum(r.check.products for r in slip.runtimes))

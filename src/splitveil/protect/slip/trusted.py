@@ -8,7 +8,8 @@ original (e.g. through `SplitCausalLM(slip.model, None, ...)`), with every prote
     float:        y =         W_res (x + r)       -  W_res r   + W_sec x + b      (float64, r uniform in +-scale)
 
 where W_res (x + r) comes from the executor, W_res r from the mask pool, and W_sec x from the secure factors
-(k (m + n) multiply-accumulates). Each reply is Freivalds-checked before use. Embeddings, norms, rotary
+(k (m + n) multiply-accumulates). Each reply is checked before use (`freivalds.py`: vectors fresh for every
+session, and the range of the unmasked product); a failed check ends the session. Embeddings, norms, rotary
 embeddings, attention products, activations and residual adds run here untouched.
 
 `reference()` switches every group to the same computation in the clear (no masks, no executor): the fixed-point
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,10 +36,12 @@ from splitveil.protect.slip.fixedpoint import (
     uniform_ring,
     wire_to_float64,
 )
-from splitveil.protect.slip.freivalds import FreivaldsCheck
+from splitveil.protect.slip.cost import SlipCost, other_flops
+from splitveil.protect.slip.freivalds import FreivaldsCheck, within_range
 from splitveil.protect.slip.pool import MaskPool
 
 MODES = ("fixed", "float")
+PREPARED_BITS_PER_VECTOR = 12  # check vectors drawn ahead per session: enough for ranges below 2^52
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,11 @@ class SlipConfig:
         the squared spectrum; neither = 0 (everything offloaded: the prompt deployment with public weights).
     layers: protected decoder layers [start, stop); None = all of them.
     include_head: also protect the LM head (the weights deployment; it is a fifth of SmolLM2's FLOPs).
-    repetitions: Freivalds repetitions t per product (a wrong reply passes with probability <= 2^-t).
+    repetitions: the fewest Freivalds vectors t per product; fresh vectors every session (`freivalds.py`).
+    soundness_bits: fixed point: each product gets as many vectors as its range needs for a wrong reply to pass
+        with probability <= 2^-soundness_bits (2 to 4 on SmolLM2); 0 = exactly t. The float check is tolerance-based.
+    pad_to: the first product of a session (the prompt) and every multi-row product are padded with dummy rows
+        to a multiple of pad_to, so that the executor sees the prompt length rounded up (1 = no padding).
     float_mask_scale: float masks are uniform in [-scale, scale].
     """
 
@@ -62,6 +68,8 @@ class SlipConfig:
     include_head: bool = False
     fixed_point: FixedPoint = field(default_factory=FixedPoint)
     repetitions: int = 2
+    soundness_bits: int = 40
+    pad_to: int = 1
     float_mask_scale: float = 2.0**24
 
     def __post_init__(self):
@@ -69,8 +77,10 @@ class SlipConfig:
             raise ConfigError(f"unknown SLIP mode {self.mode!r}; use fixed or float")
         if self.rank is not None and self.energy is not None:
             raise ConfigError("give the secure rank or an energy fraction, not both")
-        if self.repetitions < 0:
-            raise ConfigError("Freivalds repetitions must be >= 0")
+        if self.repetitions < 0 or not 0 <= self.soundness_bits <= 256:
+            raise ConfigError("Freivalds repetitions must be >= 0 and soundness bits in 0..256")
+        if self.pad_to < 1:
+            raise ConfigError(f"--pad-to must be >= 1, got {self.pad_to}")
         if not self.float_mask_scale > 0:
             raise ConfigError("the float mask scale must be > 0")
 
@@ -78,38 +88,6 @@ class SlipConfig:
         data = asdict(self)
         data["fixed_point"] = self.fixed_point.to_dict()
         return data
-
-
-@dataclass
-class SlipCost:
-    """FLOPs (2 per multiply-accumulate, 1 per element-wise operation) counted on the run, per side."""
-
-    untrusted_flops: int = 0  # W_res (x + r) on the executor
-    secure_linear_flops: int = 0  # W_sec x through the factors
-    check_flops: int = 0  # Freivalds
-    mask_flops: int = 0  # encode, mask, unmask, decode
-    local_linear_flops: int = 0  # unprotected linear layers run whole on the trusted side
-    other_flops: int = 0  # attention products, norms, activations, rotary, residual adds (analytic count)
-    products: int = 0  # masked products sent
-    rows: int = 0  # masked rows (positions x groups)
-
-    @property
-    def trusted_flops(self) -> int:
-        return self.secure_linear_flops + self.check_flops + self.mask_flops + self.local_linear_flops + self.other_flops
-
-    @property
-    def secure_share(self) -> float:
-        total = self.trusted_flops + self.untrusted_flops
-        return self.trusted_flops / total if total else 0.0
-
-    @property
-    def unprotected_flops(self) -> int:
-        """What the plain model would do for the same run (W = W_sec + W_res costs one product)."""
-        return self.untrusted_flops + self.local_linear_flops + self.other_flops
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "trusted_flops": self.trusted_flops, "secure_share": self.secure_share,
-                "unprotected_flops": self.unprotected_flops}
 
 
 class GroupRuntime:
@@ -142,11 +120,15 @@ class GroupRuntime:
             sample = lambda count: uniform_float((count, n), scale=config.float_mask_scale, generator=generator)  # noqa: E731
             deal = lambda r: r @ self.weight.t()  # noqa: E731
         self.pool = MaskPool(sample=sample, deal=deal, ring=config.mode == "fixed")
-        self.check = FreivaldsCheck(encoded, repetitions=config.repetitions, generator=generator)
+        self.check = FreivaldsCheck(self.ring_weight if config.mode == "fixed" else encoded, repetitions=config.repetitions,
+                                    soundness_bits=config.soundness_bits, generator=generator,
+                                    prepared=-(-config.soundness_bits // PREPARED_BITS_PER_VECTOR))
         del encoded
         self.client = None  # SlipClient, once connected
         self.clear = False  # compute in the clear (the reference)
         self._cached: tuple | None = None  # (input tensor, member outputs, members still to collect)
+        self._session = None  # the client session the check vectors were drawn for
+        self._session_products = 0  # products of this group in that session
 
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """Member `member`'s output for input x [..., n]; one masked product serves every member of the group when
@@ -185,28 +167,58 @@ class GroupRuntime:
         y = y.to(torch.float32)
         ranks = sum(right.shape[0] * (right.shape[1] + left.shape[0]) for left, right in zip(self.lefts, self.rights))
         self.cost.secure_linear_flops += 2 * rows * ranks
-        self.cost.mask_flops += 2 * rows * (n + m)
-        self.cost.untrusted_flops += 2 * rows * m * n
-        if not self.clear:
-            self.cost.check_flops += 2 * rows * self.check.repetitions * (n + m)
-            self.cost.products += 1
-            self.cost.rows += rows
+        if self.clear:
+            self.cost.mask_flops += 2 * rows * (n + m)
+            self.cost.untrusted_flops += 2 * rows * m * n
         return y
 
-    def _masked(self, x: torch.Tensor, m: int) -> torch.Tensor:
+    def _begin_product(self, rows: int) -> int:
+        """Fresh check vectors when the client is in a new session; the rows to send (`SlipConfig.pad_to`)."""
         if self.client is None:
             raise ConfigError("this SLIP model is not connected to an executor; call attach() or use reference()")
-        masks = self.pool.take(x.shape[0])
+        session = self.client.session_key()  # opens a session if none is open
+        if session is not self._session:
+            self.check.new_session()
+            self._session, self._session_products = session, 0
+        self._session_products += 1
+        pad = self.config.pad_to
+        if pad > 1 and (rows > 1 or self._session_products == 1):
+            return -(-rows // pad) * pad
+        return rows
+
+    def _masked(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """x [P, n] (ring elements or float64) -> W_residual x [P, m] through the executor, checked: Freivalds on
+        the reply, and (fixed point) the range of the unmasked product. A failure ends the client's session."""
+        rows, n = x.shape
+        sent_rows = self._begin_product(rows)
+        if sent_rows > rows:  # dummy rows: computed on, masked like the rest, dropped here
+            x = torch.cat([x, x.new_zeros(sent_rows - rows, n)])
+        fixed = self.config.mode == "fixed"
+        bound = self.check.range_of(x) if fixed else None
+        masks = self.pool.take(sent_rows)
         sent = masks.mask(x)  # ring: wraps mod 2^64; float: x + r
-        if self.config.mode == "fixed":
+        if fixed:
             reply = self.client.multiply(self.group.group_id, sent, m)
         else:
             reply = wire_to_float64(self.client.multiply(self.group.group_id, float64_to_wire(sent), m))
-        if not self.check.verify(sent, reply):
-            self.client.close()  # abort: nothing more goes to an executor caught cheating in this session
-            raise VerificationError(f"the executor's reply for linear group {self.group.group_id} failed the Freivalds "
-                                    f"check ({self.check.repetitions} repetitions): it did not compute W_residual (x + r)")
-        return masks.unmask(reply)
+        vectors = self.check.vectors_for(bound)
+        self.cost.mask_flops += 2 * sent_rows * (n + m)
+        self.cost.untrusted_flops += 2 * sent_rows * m * n
+        self.cost.check_flops += 2 * sent_rows * vectors * (n + m) + (sent_rows * (2 * n + m) if fixed else 0)
+        self.cost.products += 1
+        self.cost.rows += sent_rows
+        if not self.check.verify(sent, reply, bound=bound):
+            self._fail(f"failed the Freivalds check ({vectors} vectors)")
+        product = masks.unmask(reply)
+        if fixed and not within_range(product, bound):
+            self._fail(f"left the product's range (|y| <= {bound:.3g})")
+        return product[:rows]
+
+    def _fail(self, what: str):
+        message = (f"the executor's reply for linear group {self.group.group_id} {what}: it did not compute "
+                   f"W_residual (x + r); this session is over and nothing more is sent to that executor in it")
+        self.client.fail(message)
+        raise VerificationError(message)
 
 
 class SlipLinear(nn.Module):
@@ -243,15 +255,24 @@ class ProtectedGroups:
                 for runtime in self.runtimes}
 
     def fill_pools(self, rows: int) -> float:
-        """Precomputes `rows` mask pairs for every group (offline); returns the seconds it took."""
+        """Precomputes `rows` mask pairs and the next session's check vectors for every group (offline); returns the
+        seconds it took."""
         before = self.offline_seconds
         for runtime in self.runtimes:
             runtime.pool.refill(rows)
+            runtime.check.prepare()
         return self.offline_seconds - before
 
     @property
     def offline_seconds(self) -> float:
-        return sum(runtime.pool.offline_seconds for runtime in self.runtimes)
+        """Mask pairs and check vectors made so far (those made during a run included, as the pools count them)."""
+        return sum(runtime.pool.offline_seconds + runtime.check.setup_seconds for runtime in self.runtimes)
+
+    def soundness_bits(self) -> int | None:
+        """The fixed-point check's weakest guarantee in the current session: every product's wrong reply would have
+        passed with probability <= 2^-bits (None: float variant, or nothing checked yet)."""
+        bits = [runtime.check.weakest_bits for runtime in self.runtimes if runtime.check.weakest_bits is not None]
+        return min(bits) if bits else None
 
     @contextlib.contextmanager
     def reference(self):
@@ -328,76 +349,3 @@ class SlipModel(ProtectedGroups):
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.cost.other_flops += other_flops(self.model.config, ids.shape[-1], past) * ids.shape[0]
-
-
-def other_flops(config, positions: int, past: int) -> int:
-    """FLOPs of a forward of `positions` new positions after `past` cached ones, outside the linear layers:
-    attention scores and value products (2 x 2 x heads x head_dim per attended position), softmax, norms, rotary,
-    the gated activation and residual adds (element-wise, a few operations per element). Analytic."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    attended = positions * past + positions * (positions + 1) // 2  # sum over new positions of the context length
-    per_layer = (4 * heads * head_dim * attended  # QK^T and AV, 2 FLOPs per multiply-accumulate
-                 + 5 * heads * attended  # softmax
-                 + positions * (2 * 4 * hidden + 2 * hidden + 6 * (heads + kv_heads) * head_dim + 5 * inner))
-    return config.num_hidden_layers * per_layer + positions * 4 * hidden
-
-
-def default_rank(config, *, target_share: float = 0.045, context: int = 32, include_head: bool = True,
-                 repetitions: int = 2) -> int:
-    """The largest secure rank k whose predicted secure-side FLOPs share of one decode step at `context` cached
-    positions stays within `target_share` (the issue asks <= 5%; 4.5% leaves a margin). The trusted side's attention
-    grows with the context, so at long contexts no k meets a fixed share: the measured share is reported per run."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    q, kv = heads * head_dim, kv_heads * head_dim
-    shapes = [(hidden, q + 2 * kv), (q, hidden), (hidden, 2 * inner), (inner, hidden)]  # (n, m) per group
-    shapes = shapes * config.num_hidden_layers + ([(hidden, config.vocab_size)] if include_head else [])
-    untrusted = sum(2 * n * m for n, m in shapes)
-    fixed = other_flops(config, 1, context) + sum(2 * (n + m) + 2 * repetitions * (n + m) for n, m in shapes)
-    members = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inner), (hidden, inner), (inner, hidden)]
-    per_rank = sum(2 * (n + m) for n, m in members) * config.num_hidden_layers + (2 * (hidden + config.vocab_size) if include_head else 0)
-    best = 0
-    for k in range(0, hidden + 1):
-        share = (fixed + k * per_rank) / (fixed + k * per_rank + untrusted)
-        if share > target_share:
-            break
-        best = k
-    return best
-
-
-# -- caching decompositions ------------------------------------------------------------------------------------
-
-
-def save_decompositions(folder: Path, decompositions: dict[int, list[Decomposition]]) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for gid, parts in decompositions.items():
-        for j, part in enumerate(parts):
-            tensors[f"left.{gid}.{j}"] = part.left.contiguous()
-            tensors[f"right.{gid}.{j}"] = part.right.contiguous()
-            tensors[f"residual.{gid}.{j}"] = part.residual.contiguous()
-    save_file(tensors, str(folder / "decomposition.safetensors"))
-
-
-def load_decompositions(folder: Path, groups: list[LinearGroup]) -> dict[int, list[Decomposition]] | None:
-    from safetensors.torch import load_file
-
-    path = folder / "decomposition.safetensors"
-    if not path.is_file():
-        return None
-    tensors = load_file(str(path))
-    try:
-        return {g.group_id: [Decomposition(tensors[f"left.{g.group_id}.{j}"], tensors[f"right.{g.group_id}.{j}"],
-                                           tensors[f"residual.{g.group_id}.{j}"]) for j in range(len(g.members))]
-                for g in groups}
-    except KeyError:
-        return None
