@@ -41,6 +41,13 @@ def generate(
                             "(checked right after the TLS handshake, before the token is sent)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback (the token "
                                   "and hidden states cross the network in clear)."),
+    attest: str = typer.Option(None, "--attest", metavar="[MEASUREMENT]", help="The server is a trusted executor "
+                               "(`serve --enclave`): attest it and seal every frame to it. Alone, the expected "
+                               "measurement is computed here from this machine's code and weights (needs --split); "
+                               "with 64 hex digits, that value is pinned. A server that does not prove it gets nothing."),
+    attest_key: Path = typer.Option(None, "--attest-key", help="With --attest: the attestation verification key (a "
+                                    "public key file, or the SIMULATED key file of `serve --enclave "
+                                    "--attestation-key`, of which only the public half is used)."),
     protect: Protect = typer.Option(None, "--protect", help="prompt: SLIP's prompt deployment, the same path as "
                                     "`splitveil slip generate --protect prompt`: the linear layers of layers A..B-1 of "
                                     "--split A,B run in an untrusted executor (a child process over TLS, or --server "
@@ -72,6 +79,10 @@ def generate(
         raise ConfigError("--insecure only concerns a ws:// --server; drop it")
     if not no_split and not split and not server:
         raise ConfigError("give --split A,B (e.g. --split 2,28), --server URL or --no-split")
+    if (attest is not None or attest_key is not None) and not server:
+        raise ConfigError("--attest and --attest-key attest a --server; give --server URL")
+    if attest_key is not None and attest is None:
+        raise ConfigError("--attest-key goes with --attest")
     plan = SplitPlan.unsplit() if no_split else (SplitPlan.from_cuts(parse_cuts(split)) if split else None)
     from splitveil.edge.generate import GenerationConfig, SplitCausalLM
 
@@ -85,9 +96,17 @@ def generate(
         from splitveil.serve.build import default_token_file
 
         token = read_token(token_file or default_token_file())
+        attestation = expected = None
+        if attest is not None:
+            from splitveil.tee.enclave_lm import client_attestation
+
+            with status("computing the expected measurement from this machine's code and weights ...",
+                        quiet=json_output):
+                attestation, expected = client_attestation(attest, attest_key, model, plan.cuts if plan else None)
         with status(f"connecting to {server} ...", quiet=json_output):
             runner = SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
-                                           wire=wire.value, insecure=insecure)
+                                           wire=wire.value, insecure=insecure, attestation=attestation,
+                                           expected_measurement=expected)
     else:
         hf_model, tokenizer = load_model(model, quiet=json_output)
         runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
