@@ -30,6 +30,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -540,15 +541,17 @@ class FuzzBenchSpec:
     dataset: str = ""  # the accelerator's CNN data set (empty: the target's default)
 
 
+def has_tokenizer(name: str) -> bool:
+    """False for a local folder without tokenizer files (a test's tiny model: its bystanders send token ids)."""
+    folder = Path(name)
+    return not folder.is_dir() or any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def load_lm(name: str):
     """(model, tokenizer) of `name`; a local folder without a tokenizer (a test's tiny model) gives tokenizer None."""
-    from pathlib import Path
-
     from splitveil.models.loading import load_causal_lm
 
-    folder = Path(name)
-    bare = folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return load_causal_lm(name, with_tokenizer=not bare)
+    return load_causal_lm(name, with_tokenizer=has_tokenizer(name))
 
 
 def bystander_prompts(model, tokenizer, tokens: int):

@@ -148,7 +148,9 @@ def run(spec, *, progress=None) -> dict:
     repetitions = SlipConfig().repetitions  # the default Freivalds repetitions
     config = SlipConfig(mode="fixed", rank=default_rank(model_config, repetitions=repetitions),
                         layers=(0, model_config.num_hidden_layers), include_head=True, repetitions=repetitions)
-    slip, tokenizer, _, _ = protect_registered(spec.model, config)
+    from splitveil.experiments.fuzz_service import has_tokenizer
+
+    slip, tokenizer, _, _ = protect_registered(spec.model, config, with_tokenizer=has_tokenizer(spec.model))
     groups = {g.group_id: (g.total_out, g.in_features) for g in slip.groups}
     from splitveil.experiments.fuzz_service import bystander_prompts
 
