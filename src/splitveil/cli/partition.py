@@ -13,6 +13,7 @@ import typer
 
 from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
+from splitveil.tee.select import DEFAULT_ATTACKS
 
 app = typer.Typer(help="TEE layer partitioning: the first layers in a trusted executor (simulated attestation), the "
                        "rest on an untrusted accelerator, the cut chosen by measured attacks.",
@@ -96,7 +97,9 @@ def partition(
     tau: float = typer.Option(None, "--tau", help="SSIM threshold: the chosen cut is the smallest whose strongest "
                               "attack scores below it (default 0.66: see docs/tee-partition.md)."),
     cuts: str = typer.Option(None, "--cuts", help="Candidate cuts, comma-separated (default: every block)."),
-    attacks: str = typer.Option("cgan,inverse", "--attacks", help="Attacks run at every cut; the strongest counts."),
+    attacks: str = typer.Option(",".join(DEFAULT_ATTACKS), "--attacks", help="Attacks run at every cut; the strongest "
+                                "counts. Default: c-GAN and inverse network (black box) and rMLE (white box: the cloud "
+                                "that owns the model knows the enclave's layers)."),
     quick: bool = typer.Option(False, "--quick", help="The attack suite's quick sizes, MINE once per cut."),
     enclave_slowdown: float = typer.Option(None, "--enclave-slowdown", help="Enclave time / the same compute on "
                                            "this CPU (default 2.0, SGX with memory-aware execution; 1.1 for TDX/SEV)."),
@@ -110,7 +113,8 @@ def partition(
     allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
-    """Choose the cut: attacks at every candidate cut, the smallest cut below tau, the speed-up over all-in-TEE."""
+    """Choose the cut: attacks at every candidate cut, the smallest cut whose strongest attack is below tau (or none,
+    said plainly, with the tau each cut would need), the speed-up over all-in-TEE."""
     if ctx.invoked_subcommand is not None:
         return
     from splitveil.experiments.tee_partition import PartitionSpec, run_partition, summary, write_partition_report
@@ -154,11 +158,11 @@ def partition(
     typer.echo(f"{model} on {dataset}: accuracy {result['accuracy']:.3f}; attestation: {result['attestation']}; "
                f"enclave slow-down x{cost.enclave_slowdown:g}, accelerator x{cost.accelerator_speedup:g}")
     for row in result["cuts"]:
-        typer.echo(f"  cut {row['cut']}: strongest {row['attack']:7s} SSIM {row['ssim']:.3f}  MINE {row['mine']:.2f} "
-                   f"nats  speed-up vs all-in-TEE {row['speedup_vs_all_tee']:.2f}x")
-    chosen = result["chosen_cut"]
-    typer.echo(f"chosen cut: {chosen} (tau {tau:g})" if chosen is not None else
-               f"no cut keeps the strongest attack below tau {tau:g}: run the whole model in the TEE")
+        kind = "white box" if row["white_box"] else "black box"
+        typer.echo(f"  cut {row['cut']}: strongest {row['attack']:7s} ({kind}) SSIM {row['ssim']:.3f} (qualifies for "
+                   f"tau > {row['required_tau']:.3f})  MINE {row['mine']:.2f} nats  speed-up vs all-in-TEE "
+                   f"{row['speedup_vs_all_tee']:.2f}x")
+    typer.echo(result["verdict"])
     typer.echo(f"{time.perf_counter() - began:.0f} s")
 
 

@@ -1,9 +1,11 @@
 """Choosing a TEE | accelerator cut by measured attacks: attacks at every cut, the cost model, the selection rule.
 
-`run_partition(spec)` runs the image attacks (c-GAN and inverse network by default: black box, trained on the
-attacker's auxiliary data queried through the real first part) and MINE at every candidate cut with the image-privacy
-sweep (same victims, same cache), measures each segment's compute, the sealing cost and the feature maps' release on
-this machine, and returns one record: the attack records, the cost figures and the `partition --json` table.
+`run_partition(spec)` runs the image attacks (by default the c-GAN and the inverse network, black box: trained on
+the attacker's auxiliary data queried through the real first part; and rMLE, white box: the cloud that owns the model
+knows the first part's weights) and MINE at every candidate cut with the image-privacy sweep (same victims, same
+cache), measures each segment's compute, the sealing cost and the feature maps' release on this machine, and returns
+one record: the attack records, the cost figures and the `partition --json` table (each cut's required tau, and a
+verdict line that says plainly when no cut qualifies).
 `write_partition_report` writes the record (JSON), the SSIM / speed-up plot and the reconstructions at p-1, p, p+1.
 """
 
@@ -13,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from splitveil.tee.cost import CostModel
-from splitveil.tee.select import DEFAULT_TAU
+from splitveil.tee.select import DEFAULT_ATTACKS, DEFAULT_TAU
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class PartitionSpec:
     dataset: str = "fashion-mnist"
     model: str = "vgg"
     tau: float = DEFAULT_TAU  # SSIM threshold: the chosen cut's strongest attack must stay below it
-    attacks: tuple[str, ...] = ("cgan", "inverse")
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS  # the strongest at each cut counts; rmle is the white-box one
     cuts: tuple[int, ...] = ()  # candidate cuts (blocks in the enclave); empty = every block boundary 1..blocks
     quick: bool = False
     seed: int = 0
@@ -86,11 +88,13 @@ def run_partition(spec: PartitionSpec, *, on_records=None) -> dict:
 
 def summary(result: dict) -> dict:
     """The `--json` object: chosen cut, tau, and per cut the strongest attack's SSIM, MINE and the speed-up."""
-    keys = ("cut", "ssim", "attack", "mine", "speedup_vs_all_tee", "ssim_by_attack", "feature_shape")
-    return {"chosen_cut": result["chosen_cut"], "tau": result["tau"], "attestation": result["attestation"],
+    keys = ("cut", "ssim", "attack", "white_box", "required_tau", "qualifies", "mine", "speedup_vs_all_tee",
+            "ssim_by_attack", "feature_shape")
+    return {"chosen_cut": result["chosen_cut"], "tau": result["tau"], "verdict": result["verdict"],
+            "attacks": result["attacks"], "attestation": result["attestation"],
             "enclave_slowdown": result["spec"]["cost"]["enclave_slowdown"],
             "accelerator_speedup": result["spec"]["cost"]["accelerator_speedup"],
-            "cuts": [{k: row[k] for k in keys} for row in result["cuts"]]}
+            "cuts": [{k: row.get(k) for k in keys} for row in result["cuts"]]}
 
 
 def write_partition_report(result: dict, out_dir, stem: str) -> list:
@@ -128,7 +132,8 @@ def write_partition_report(result: dict, out_dir, stem: str) -> list:
     speed.set_ylabel(f"speed-up vs all-in-TEE (enclave x{result['spec']['cost']['enclave_slowdown']:g})")
     handles = ax.get_legend_handles_labels()[0] + speed.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="upper right")
-    ax.set_title(f"{result['model']} on {result['dataset']}: strongest attack vs speed-up", fontsize=9)
+    verdict = f"chosen cut {chosen}" if chosen is not None else f"no cut qualifies at tau {tau:g}"
+    ax.set_title(f"{result['model']} on {result['dataset']}: strongest attack vs speed-up ({verdict})", fontsize=9)
     paths.append(save_figure(fig, out_dir / f"{stem}.png"))
     recon = plot_reconstructions(result, out_dir / f"{stem}_recon.png")
     if recon is not None:
