@@ -216,3 +216,4 @@ def text_sweep(
 from splitveil.cli import attack_image  # noqa: E402,F401  (registers the image commands)
 from splitveil.cli import attack_output  # noqa: E402,F401  (registers the output commands)
 from splitveil.cli import attack_diffusion  # noqa: E402,F401  (registers the diffusion command)
+from splitveil.cli import attack_weights  # noqa: E402,F401  (registers the weights command)

@@ -7,6 +7,16 @@ matrix product and stays with the trusted side.
 
 Which linear layers share an input (q, k and v read the same normed hidden state; gate and up read the same one)
 is declared by name in `SHARED_INPUT_SETS`: those are grouped, so that one round trip serves the whole group.
+
+Hardened split (`mask_rank` > 0). The plain residual W - U_k S_k V_k^T has rank min(m, n) - k: its null spaces
+contain U_k and V_k exactly, so whoever holds it knows the secret subspaces and only a small block is left to
+guess (`attack/weights`, the null-space attack). The hardened split adds a secret term to the secure part,
+W_secure = U_k S_k V_k^T + L C R^T, where L = orth[U_k, A] and R = orth[V_k, B] extend the top subspaces by
+`mask_rank` random directions A, B, and C is a random (k + mask_rank)^2 matrix whose singular values are drawn from
+the middle of the residual's own spectrum (quantiles 0.25 to 0.9 of s_{k+1..}). The residual W - W_secure is then
+full rank, its smallest singular directions are the matrix's own, and no singular value stands out above or below
+the residual's. The secure part stays two factors of rank k + mask_rank (its cost grows in proportion), and
+W_secure + W_residual == W as before.
 """
 
 from __future__ import annotations
@@ -121,12 +131,21 @@ class Decomposition:
         return self.rank * (m + n)
 
 
-def decompose(weight: torch.Tensor, *, rank: int | None = None, energy: float | None = None) -> Decomposition:
+def decompose(weight: torch.Tensor, *, rank: int | None = None, energy: float | None = None, mask_rank: int = 0,
+              generator: torch.Generator | None = None) -> Decomposition:
     """Top-k SVD split of `weight` [m, n] (computed in float64; factors and residual returned in float32).
 
     The residual is W - W_secure computed in float64 and rounded once, so W_secure + W_residual equals W to
     float32 rounding. k = 0 gives an empty secure part and the residual W itself (bit for bit).
+
+    Args:
+        mask_rank: 0 for the plain split; r > 0 for the hardened one (see the module docstring): the secure part
+            gets rank k + r and the residual loses its null spaces. Needs k >= 1.
+        generator: the source of the hardened split's secret randomness (a seeded torch generator in tests;
+            default: a fresh OS-seeded one).
     """
+    if mask_rank:
+        return _hardened(weight, rank=rank, energy=energy, mask_rank=mask_rank, generator=generator)
     weight = weight.detach().to(torch.float32)
     m, n = weight.shape
     if rank is not None and rank == 0 and energy is None:
@@ -138,6 +157,38 @@ def decompose(weight: torch.Tensor, *, rank: int | None = None, energy: float | 
         return Decomposition(torch.zeros(m, 0), torch.zeros(0, n), weight.clone())
     left = u[:, :k] * s[:k]
     right = vh[:k]
+    residual = (w64 - left @ right).to(torch.float32)
+    return Decomposition(left.to(torch.float32).contiguous(), right.to(torch.float32).contiguous(), residual.contiguous())
+
+
+def _hardened(weight: torch.Tensor, *, rank: int | None, energy: float | None, mask_rank: int,
+              generator: torch.Generator | None) -> Decomposition:
+    """`decompose` with a secret term folded into the secure part (see the module docstring)."""
+    weight = weight.detach().to(torch.float32)
+    m, n = weight.shape
+    if mask_rank < 0:
+        raise ConfigError(f"the mask rank must be >= 0, got {mask_rank}")
+    w64 = weight.double()
+    u, s, vh = torch.linalg.svd(w64, full_matrices=False)
+    k = choose_rank(s, rank=rank, energy=energy)
+    total = min(k + mask_rank, min(m, n))
+    if k == 0 or total == k:
+        raise ConfigError(f"the hardened split needs a secure rank >= 1 and room for a mask in a {m}x{n} matrix "
+                          f"(rank {k}, mask rank {mask_rank})")
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    extra = total - k
+    normal = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    left_basis = torch.linalg.qr(torch.cat([u[:, :k], normal(m, extra)], 1)).Q  # [m, total], spans U_k first
+    right_basis = torch.linalg.qr(torch.cat([vh[:k].T, normal(n, extra)], 1)).Q  # [n, total], spans V_k first
+    tail = s[k:] if k < s.numel() else s[-1:]
+    levels = torch.quantile(tail, 0.25 + 0.65 * torch.rand(total, generator=generator, dtype=torch.float64))
+    rotate_left = torch.linalg.qr(normal(total, total)).Q
+    rotate_right = torch.linalg.qr(normal(total, total)).Q
+    mask = rotate_left @ torch.diag(levels) @ rotate_right.T  # [total, total], singular values in the residual's bulk
+    top = (left_basis.T @ u[:, :k]) @ torch.diag(s[:k]) @ (vh[:k] @ right_basis)  # U_k S_k V_k^T in these bases
+    left = left_basis @ (top + mask)  # [m, total]
+    right = right_basis.T  # [total, n]
     residual = (w64 - left @ right).to(torch.float32)
     return Decomposition(left.to(torch.float32).contiguous(), right.to(torch.float32).contiguous(), residual.contiguous())
 
@@ -219,9 +270,11 @@ def _group(group_id: int, members: list[tuple[str, nn.Module]], layer: int | Non
 
 
 def residual_model_(model: nn.Module, *, rank: int | None = None, energy: float | None = None,
-                    skip: tuple[type, ...] = ()) -> dict[str, int]:
+                    skip: tuple[type, ...] = (), mask_rank: int = 0,
+                    generator: torch.Generator | None = None) -> dict[str, int]:
     """Replaces, in place, every decomposable weight of `model` by its residual (what the untrusted side holds):
     the model an attacker who stole W_residual starts from. Returns the rank removed per module name.
+    `mask_rank` > 0 uses the hardened split (see `decompose`).
 
     A weight shared by several modules (tied embeddings) is replaced once."""
     ranks: dict[str, int] = {}
@@ -230,7 +283,7 @@ def residual_model_(model: nn.Module, *, rank: int | None = None, energy: float 
         if not is_decomposable(module) or isinstance(module, skip) or id(module.weight) in seen:
             continue
         seen.add(id(module.weight))
-        part = decompose(weight_matrix(module), rank=rank, energy=energy)
+        part = decompose(weight_matrix(module), rank=rank, energy=energy, mask_rank=mask_rank, generator=generator)
         set_weight_matrix(module, part.residual)
         ranks[name] = part.rank
     return ranks

@@ -1,0 +1,87 @@
+"""What a weights attacker trains: a correction added to each stolen residual linear layer.
+
+`CorrectedLinear` computes x W_res^T (+ bias) + (x B) A^T with W_res frozen and the rank-q correction A B^T given
+by a factor module:
+
+- `SubspaceFactors` (the null-space attack): A B^T = Q_L M Q_R^T with the recovered subspaces fixed and only the
+  block M [q_L, q_R] learned. On a wide side Q is the complement of the residual's largest singular directions,
+  kept as a projector: the side's factor is then a free matrix projected onto that complement.
+- `FreeFactors` (a LoRA-style attack that ignores the structure): A [m, q] and B [n, q] both learned.
+
+Parameters are scaled by the residual's largest singular value (public to whoever holds the residual), so that one
+learning rate suits every matrix; A starts at 0, so training starts from the residual-only model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from splitveil.attack.weights.subspace import Recovered
+
+
+class SubspaceFactors(nn.Module):
+    """A = Q_L M (or, on a wide left side, the projection of a free [m, q] matrix), B = Q_R (or likewise)."""
+
+    def __init__(self, recovered: Recovered, *, scale: float):
+        super().__init__()
+        self.left, self.right = recovered.left, recovered.right  # not buffers: kept out of state_dict (large)
+        m, n = recovered.shape
+        if self.left.complement and self.right.complement:
+            raise ValueError("a matrix has at most one wide side")
+        if self.left.complement:  # tall: A = P_L X, X [m, q_R]; B = Q_R
+            shape, self.unit = (m, self.right.dim), scale / math.sqrt(max(1, self.left.dim))
+        elif self.right.complement:  # wide: A = Q_L, B = P_R Y, Y [n, q_L]
+            shape, self.unit = (n, self.left.dim), scale / math.sqrt(max(1, self.right.dim))
+        else:  # square or both sides exact: A = Q_L M, B = Q_R
+            shape, self.unit = (self.left.dim, self.right.dim), scale
+        self.block = nn.Parameter(torch.zeros(shape))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.block * self.unit
+        if self.left.complement:
+            return self.left.project(block), self.right.basis
+        if self.right.complement:
+            return self.left.basis, self.right.project(block)
+        return self.left.basis @ block, self.right.basis
+
+    @property
+    def unknowns(self) -> int:
+        return self.left.dim * self.right.dim
+
+
+class FreeFactors(nn.Module):
+    """A [m, q] (from 0) and B [n, q] (random, unit columns) both learned."""
+
+    def __init__(self, m: int, n: int, rank: int, *, scale: float, generator: torch.Generator):
+        super().__init__()
+        self.unit = scale / math.sqrt(m)
+        self.a = nn.Parameter(torch.zeros(m, rank))
+        self.b = nn.Parameter(torch.randn(n, rank, generator=generator) / math.sqrt(n))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a * self.unit, self.b
+
+    @property
+    def unknowns(self) -> int:
+        return self.a.numel() + self.b.numel()
+
+
+class CorrectedLinear(nn.Module):
+    """A frozen residual linear layer plus a trainable low-rank correction: the attacker's version of the layer."""
+
+    def __init__(self, linear: nn.Linear, factors: nn.Module):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # [m, n] the residual
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.factors = factors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors.factors()  # [m, q], [n, q]
+        return nn.functional.linear(x, self.weight, self.bias) + (x @ b) @ a.T
+
+    def merged_weight(self) -> torch.Tensor:
+        a, b = self.factors.factors()
+        return self.weight + a @ b.T

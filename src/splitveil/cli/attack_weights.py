@@ -1,0 +1,74 @@
+"""`splitveil attack weights`: what a thief of SLIP's residual bundle recovers of the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from splitveil.cli.attack import app
+from splitveil.cli.common import err_console, print_json, setup
+from splitveil.core.errors import ConfigError
+
+
+def _summary(r: dict) -> str:
+    alignment = "" if r["subspace_alignment"] is None else (
+        f"subspace alignment {r['subspace_alignment']:.4f} (random {r['subspace_alignment_chance']:.3f}, hindsight "
+        f"bound {r['subspace_alignment_hindsight']:.3f}); ")
+    split = f"hardened, k = {r['rank']} + {r['mask_rank']}" if r["hardened"] else f"k = {r['rank']}"
+    state = "converged" if r["attacker_converged"] else "capped"
+    return (f"{r['attack']} on {r['model']} ({split}): {alignment}perplexity original {r['perplexity_original']:.1f}, "
+            f"residual-only {r['perplexity_residual']:.3g}, after fitting {r['unknowns']:,} unknowns on {r['tokens']:,} "
+            f"tokens {r['perplexity_after']:.4g} ({r['steps']} steps, lr {r['learning_rate']:g}, {state}); secure "
+            f"FLOPs share {r['secure_flops_share']:.4f}, tokens {'identical' if r['tokens_identical'] else 'DIFFERENT'} "
+            f"to the unprotected model; {r['seconds']:.0f} s")
+
+
+@app.command("weights")
+def weights(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered causal LM or local model directory."),
+    attack: str = typer.Option("nullspace", "--attack", "-a", help="nullspace (read the secret subspaces off the "
+                               "residual's null spaces, fit the small block left) or lowrank (a free rank-k "
+                               "correction per matrix, ignoring the structure)."),
+    rank: int = typer.Option(None, "--rank", "-k", help="Secure rank k per matrix (default: the weights deployment's, "
+                             "the largest k within the secure FLOPs target)."),
+    hardened: bool = typer.Option(False, "--hardened", help="Attack the hardened split: a secret random term of rank "
+                                  "--mask-rank folded into the secure part, so that the residual is full rank."),
+    mask_rank: int = typer.Option(4, "--mask-rank", min=1, help="--hardened: extra secret directions per matrix."),
+    quick: bool = typer.Option(False, "--quick", help="12,800 tokens of attacker text and at most 58 fine-tuning "
+                               "steps (minutes; the attacker stops on that cap). Default: 102,400 tokens, up to 645 "
+                               "steps, stopped on a held-out plateau."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the hardened split's secret term and of the attacker."),
+    out: Path = typer.Option(None, "--out", help="Also write the record (JSON) to this folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (subspace_alignment, "
+                                     "perplexity_original, perplexity_residual, perplexity_after, tokens, "
+                                     "learning_rate, attacker_converged, secure_flops_share, ...) as the last line."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """The weights deployment's residual bundle under a structured attack: how well the secret subspaces are
+    recovered, and the perplexity a thief reaches by fine-tuning only what is left on public text."""
+    from splitveil.attack.weights import WEIGHTS_ATTACKS
+    from splitveil.experiments.weights_attack import WeightsAttackSpec, run_weights_attack
+
+    WEIGHTS_ATTACKS.get(attack)
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank must be >= 1 (the weights deployment keeps a secure part), got {rank}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
+    if out is not None and not out.parent.exists():
+        raise ConfigError(f"--out {out}: its parent folder does not exist")
+    setup(threads)
+    spec = WeightsAttackSpec.for_run(quick=quick, model=model, attack=attack, rank=rank, hardened=hardened,
+                                     mask_rank=mask_rank, seed=seed)
+    with err_console.status(f"{attack} attack on {model} ...") as spinner:
+        record = run_weights_attack(spec, progress=spinner.update)
+    if out is not None:
+        from splitveil.experiments.records import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"weights-attack_{Path(model).name}_{attack}{'_hardened' if hardened else ''}{'_quick' if quick else ''}"
+        err_console.print(f"wrote {write_json(out / f'{stem}.json', record)}")
+    if json_output:
+        print_json(record)
+        return
+    typer.echo(_summary(record))

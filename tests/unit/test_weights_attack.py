@@ -1,0 +1,150 @@
+"""The null-space attack on SLIP's residual and the hardened split that removes its structure, at tiny sizes."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from splitveil.attack.training import StopRule
+from splitveil.attack.weights import WEIGHTS_ATTACKS, NullspaceAttack, WeightsTarget
+from splitveil.attack.weights.finetune import FineTuneSpec, mean_loss
+from splitveil.attack.weights.subspace import narrow_alignment, orthonormal, recover
+from splitveil.core.errors import ConfigError
+from splitveil.models.tiny import tiny_causal_lm
+from splitveil.protect.slip.decompose import decompose, residual_model_
+
+SHAPES = [(40, 40), (56, 32), (24, 48)]  # square, tall, wide
+
+
+def weight_like(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A random matrix with a decaying spectrum, as trained weights have (singular values 10 ... 0.01)."""
+    g = torch.Generator().manual_seed(seed)
+    d = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(1, -2, d, dtype=torch.float64)
+    return (u * s @ v.T).float()
+
+
+def secret_alignment(weight: torch.Tensor, *, rank: int, mask_rank: int) -> tuple[float, float]:
+    part = decompose(weight, rank=rank, mask_rank=mask_rank, generator=torch.Generator().manual_seed(1))
+    found = recover(part.residual, part.rank)  # the attacker knows the secure rank
+    return narrow_alignment(found, orthonormal(part.left), orthonormal(part.right.T))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_nullspace_attack_recovers_the_secret_subspaces_from_a_plain_residual(shape):
+    score, chance = secret_alignment(weight_like(*shape), rank=4, mask_rank=0)
+    assert score > 0.99
+    assert chance < 0.2  # a random subspace would score this
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_nullspace_attack_finds_nothing_in_the_hardened_residual(shape):
+    score, chance = secret_alignment(weight_like(*shape), rank=4, mask_rank=3)
+    assert score < 0.5
+    assert score < 2 * chance + 0.05  # about what random subspaces give
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_hardened_split_is_exact_full_rank_and_hides_its_spectrum(shape):
+    weight = weight_like(*shape)
+    plain = decompose(weight, rank=4)
+    hardened = decompose(weight, rank=4, mask_rank=3, generator=torch.Generator().manual_seed(1))
+    assert hardened.rank == 7 and hardened.left.shape == (shape[0], 7) and hardened.right.shape == (7, shape[1])
+    scale = float(weight.abs().max())
+    assert float((hardened.secure_weight() + hardened.residual - weight).abs().max()) < 1e-5 * scale
+    s_plain = torch.linalg.svdvals(plain.residual.double())
+    s_hard = torch.linalg.svdvals(hardened.residual.double())
+    s_weight = torch.linalg.svdvals(weight.double())
+    assert float(s_plain[-4] / s_plain[0]) < 1e-6  # the plain residual has a 4-dimensional null space
+    assert float(s_hard[-1] / s_hard[0]) > 1e-5  # the hardened one is full rank,
+    assert float(s_hard[-4]) > 0.5 * float(s_weight[-1])  # its smallest values lie in the matrix's own range
+    assert float(s_hard[0]) <= 1.05 * float(s_plain[0])  # and none stands out above the plain residual's
+
+
+def test_the_hardened_split_needs_a_secure_part_and_room_for_the_mask():
+    with pytest.raises(ConfigError):
+        decompose(weight_like(8, 8), rank=0, mask_rank=2)
+    with pytest.raises(ConfigError):
+        decompose(weight_like(8, 8), rank=8, mask_rank=2)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "float"])
+def test_the_hardened_weights_deployment_generates_the_unprotected_tokens(mode):
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.protect.slip.client import SlipClient
+    from splitveil.protect.slip.decompose import causal_lm_groups, weight_matrix
+    from splitveil.protect.slip.executor import SlipExecutorService
+    from splitveil.protect.slip.trusted import SlipConfig, SlipModel
+    from splitveil.transport.loopback import LoopbackTransport
+
+    model = tiny_causal_lm("llama", weight_scale=1.0)
+    ids = [1, 5, 9, 3, 7, 2, 11]
+    expected = SplitCausalLM(tiny_causal_lm("llama", weight_scale=1.0)).generate(ids, max_new_tokens=12, eos_token_ids=()).token_ids
+    generator = torch.Generator().manual_seed(0)
+    found = causal_lm_groups(model, layers=range(model.config.num_hidden_layers), include_head=True)
+    parts = {group.group_id: [decompose(weight_matrix(m), rank=2, mask_rank=2, generator=generator) for m in modules]
+             for group, modules in found}
+    slip = SlipModel(model, SlipConfig(mode=mode, rank=2, include_head=True), decompositions=parts,
+                     generator=np.random.default_rng(0))
+    assert slip.secure_rank() == 4
+    transport = LoopbackTransport(SlipExecutorService(slip.executor_weights(), mode=mode).handle)
+    slip.attach(SlipClient(transport))
+    result = SplitCausalLM(slip.model, None, transport=transport).generate(ids, max_new_tokens=12, eos_token_ids=())
+    assert result.token_ids == expected
+
+
+def sampled_text(model, *, sequences: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Token sequences [sequences, length] sampled from `model` (the 'public text' of a tiny problem)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (sequences, 1), generator=g)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            probabilities = model(tokens).logits[:, -1].softmax(-1)
+            tokens = torch.cat([tokens, torch.multinomial(probabilities, 1, generator=g)], 1)
+    return tokens
+
+
+def test_fitting_only_the_block_m_on_public_text_lowers_the_residual_models_loss():
+    victim = tiny_causal_lm("llama", weight_scale=16.0)
+    text = sampled_text(victim, sequences=96, length=24)
+    train, held_out = text[:80], text[80:]
+    residual = copy.deepcopy(victim)
+    ranks = residual_model_(residual, rank=2)
+    before = mean_loss(residual, held_out, batch=16)
+    attack = NullspaceAttack(WeightsTarget(residual, ranks), seed=0).prepare()
+    shapes = {name: layer.weight.shape for name, layer in attack.layers.items()}
+    assert attack.unknowns() == sum((m - min(m, n) + ranks[name]) * (n - min(m, n) + ranks[name])
+                                    for name, (m, n) in shapes.items())  # the block M of each matrix, no more
+    assert mean_loss(attack.reconstruct(), held_out, batch=16) == pytest.approx(before, rel=1e-5)  # starts at the residual
+    spec = FineTuneSpec(seq_len=24, batch=8, learning_rates=(1e-2, 1e-1), sweep_steps=5, steps_per_round=10,
+                        stop=StopRule(max_epochs=4, patience=2))
+    record = attack.fit(train, held_out, spec)
+    after = mean_loss(attack.reconstruct(), held_out, batch=16)
+    original = mean_loss(victim, held_out, batch=16)
+    assert after < before - 0.1 * (before - original)  # a real part of the gap closed, not noise
+    assert record["learning_rate"] in (1e-2, 1e-1) and record["steps"] >= 10
+
+
+def test_the_attack_holds_a_copy_of_the_residual_only():
+    victim = tiny_causal_lm("llama", weight_scale=1.0)
+    residual = copy.deepcopy(victim)
+    ranks = residual_model_(residual, rank=2)
+    attack = WEIGHTS_ATTACKS.get("nullspace")(WeightsTarget(residual, ranks))
+    assert attack.model is not residual
+    victim_weights = {p.data_ptr() for p in victim.parameters()} | {p.data_ptr() for p in residual.parameters()}
+    assert not victim_weights & {p.data_ptr() for p in attack.model.parameters()}
+    name = next(iter(ranks))
+    granted = dict(attack.model.named_modules())[name].weight
+    assert torch.equal(granted, dict(residual.named_modules())[name].weight)
+
+
+@pytest.mark.parametrize("argv, message", [(["--attack", "foo"], "unknown weights attack 'foo'"),
+                                           (["--rank", "0"], "--rank must be >= 1")])
+def test_the_cli_refuses_bad_flags_with_one_line(capsys, argv, message):
+    from splitveil.cli.main import main
+
+    assert main(["attack", "weights", *argv]) == 2
+    assert message in capsys.readouterr().err
