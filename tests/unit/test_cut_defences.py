@@ -196,13 +196,14 @@ def test_split_scoring_matches_the_unsplit_model_and_perplexity_is_finite(tiny_m
 def test_learned_attacker_trained_on_its_own_noise_reads_noisy_states():
     from splitveil.attack.text.adaptive import noise_augmenter
     from splitveil.attack.text.learned import LearnedInversion
+    from splitveil.attack.training import StopRule
     from splitveil.models.tiny import tiny_causal_lm
 
     model = tiny_causal_lm("llama", weight_scale=4.0)
     lm = SplitCausalLM(model, SplitPlan.lambda_split(1, 3), defence=GaussianNoise(0.3))
     lm.tokenizer = _Ids()
     corpus = [torch.randint(3, 101, (24,), generator=torch.Generator().manual_seed(2000 + i)).tolist() for i in range(120)]
-    attack = LearnedInversion(lm.stages[0].stage, corpus, steps=300, augment=noise_augmenter(0.3, seed=5))
+    attack = LearnedInversion(lm.stages[0].stage, corpus, stop=StopRule(patience=5), augment=noise_augmenter(0.3, seed=5))
     prompt = _prompt(11, length=20)
     seen = observe(lm, prompt, 2)
     assert token_recovery(prompt, attack.reconstruct(seen.uplink[: len(prompt)])) >= 0.3  # chance is 1/98

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
+from splitveil.attack.training import StopRule
 from splitveil.core.errors import ConfigError
 from splitveil.data.images import load_dataset, split_dataset
 from splitveil.metrics.image import mse, ssim
@@ -11,8 +12,10 @@ from splitveil.models.vision_zoo import build_vision_model
 from splitveil.plan.plan import SplitPlan, apply
 from splitveil.train.classifier import TrainConfig, accuracy, predict, train_classifier
 
-#: per attack: keyword arguments that keep it to a few seconds on 8x8 digits
-TINY_OPTIONS = {"rmle": {"steps": 120}, "inverse": {"epochs": 6}, "shadow": {"epochs": 6}, "cgan": {"epochs": 6}}
+#: per attack: keyword arguments that keep it to a few seconds on 8x8 digits (the learned ones still stop on a plateau)
+TINY_RULE = StopRule(patience=2, lr_patience=1, min_delta=0.03, max_epochs=60)
+TINY_OPTIONS = {"rmle": {"steps": 120}, "inverse": {"stop": TINY_RULE}, "shadow": {"stop": TINY_RULE},
+                "cgan": {"stop": TINY_RULE}}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,41 @@ def test_attack_beats_the_mean_image(victim, name):
     baseline = splits.aux.images.mean(0, keepdim=True).expand_as(originals)
     assert mse(reconstructions, originals) < 0.8 * mse(baseline, originals), name
     assert ssim(reconstructions, originals) > ssim(baseline, originals) + 0.05, name
+    record = attack.training_record()
+    if name == "rmle":
+        assert record == {}  # optimises per image, learns nothing
+    else:
+        assert record["attacker_converged"], record  # stopped on a plateau, well before the cap
+        assert record["attacker_epochs"] < TINY_RULE.max_epochs * len(record["attacker_phases"])
+
+
+@pytest.mark.parametrize("feature_shape, image_shape, levels", [
+    ((8, 14, 14), (1, 28, 28), 2), ((6, 7, 7), (1, 28, 28), 2), ((32, 4, 4), (1, 8, 8), 1), ((16, 2, 2), (3, 32, 32), 0),
+    ((40,), (1, 28, 28), 0)])
+def test_the_cgan_generator_is_a_unet_of_the_right_shapes(feature_shape, image_shape, levels):
+    from splitveil.attack.image.cgan import UNetGenerator
+
+    torch.manual_seed(0)
+    generator = UNetGenerator(feature_shape, image_shape).eval()
+    assert len(generator.down) == len(generator.up) == levels
+    features = torch.rand(3, *feature_shape)
+    out = generator(features)
+    assert out.shape == (3, *image_shape) and 0 <= out.min() and out.max() <= 1
+
+
+def test_the_unet_skips_carry_the_input_past_a_dead_bottleneck():
+    """With the deepest encoder level zeroed, everything reaching the output through the bottleneck is constant;
+    the output still depends on the features only through the skip connections."""
+    from splitveil.attack.image.cgan import UNetGenerator
+
+    torch.manual_seed(0)
+    generator = UNetGenerator((8, 14, 14), (1, 28, 28)).eval()
+    with torch.no_grad():
+        deepest = generator.down[-1][0]
+        deepest.weight.zero_()
+        deepest.bias.zero_()
+        a, b = torch.rand(2, 8, 14, 14), torch.rand(2, 8, 14, 14)
+        assert not torch.allclose(generator(a), generator(b))
 
 
 @pytest.mark.parametrize("name, withheld, missing", [

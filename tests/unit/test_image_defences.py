@@ -247,6 +247,55 @@ def test_augmented_batches_keep_their_shape_and_pixels():
     assert out.shape == images.shape and out.max() <= images.max()
 
 
+
+# --- each defence lowers its adaptive attacker's success on a tiny fixed problem -----------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    from splitveil.data.images import load_dataset, split_dataset
+
+    return split_dataset(load_dataset("digits"), train=900, aux=700, test=120, seed=0)
+
+
+def _attacked(splits, name: str, strength: float | None = None) -> dict:
+    """A VGG on 8x8 digits with `name` built in at cut 1, trained with its loss; the inverse network (which queries
+    the defended edge, its stochastic layers on: adaptive) trained to a plateau; its figures on the test images."""
+    from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
+    from splitveil.attack.training import StopRule
+    from splitveil.metrics.image import mse
+    from splitveil.train.classifier import accuracy, predict
+
+    torch.manual_seed(0)
+    defence = make_defence(name, strength)
+    model = defended_model(build_vision_model("vgg", SHAPE, 10), defence, 1, num_classes=10, image_shape=SHAPE)
+    train_defended(defence, 1)(model, splits.train.images, splits.train.labels, TrainConfig(epochs=4, seed=0))
+    edge, cloud = apply(model.eval(), SplitPlan.two_way(1))
+    target = ImageTarget.from_parts(edge, cloud, image_shape=SHAPE, aux=splits.aux)
+    test = splits.test
+    torch.manual_seed(1)
+    features = target.query(test.images)
+    attack = IMAGE_ATTACKS.get("inverse")(target, seed=0, stop=StopRule(patience=2, lr_patience=1, min_delta=0.03,
+                                                                         max_epochs=60)).fit(features)
+    return {"accuracy": accuracy(predict(model, test.images), test.labels),
+            "mse": mse(attack.reconstruct(features).clamp(0, 1), test.images), **attack.training_record()}
+
+
+@pytest.fixture(scope="module")
+def undefended(digits):
+    return _attacked(digits, "none")
+
+
+@pytest.mark.parametrize("name", ["noise", "dropout", "cem"])
+def test_a_defence_lowers_its_adaptive_inverse_network_below_the_undefended_model(digits, undefended, name):
+    """At their default strengths (measured when written: reconstruction MSE 0.0017 undefended; noise 0.0045, dropout
+    0.0142, CEM 0.0031; accuracy within 5 points). Both attackers stop on their plateau, so the gap is the
+    defence's, not a difference of training budget. (NoPeek and VIB at their defaults barely move this tiny
+    problem; SiftFunnel takes minutes to train at any size.)"""
+    defended = _attacked(digits, name)
+    assert undefended["attacker_converged"] and defended["attacker_converged"]
+    assert undefended["accuracy"] > 0.9 and defended["accuracy"] > undefended["accuracy"] - 0.1
+    assert defended["mse"] > 1.5 * undefended["mse"], (defended, undefended)
+
 # --- reports from records alone -------------------------------------------------------------------------------
 
 def _record(defence, strength, accuracy, attack, ssim, mse, mine):
@@ -276,8 +325,7 @@ def test_defence_report_states_each_claim_with_its_numbers(tmp_path):
     assert funnel["strongest"] == "inverse" and funnel["lowest_mse"] == 0.040
     claims = siftfunnel_claims(rows)
     # noise 2.0 is 18 points below SiftFunnel: not at matched accuracy; noise 0.5 is the best matched baseline
-    assert claims[0].endswith("not reached (0.900 -> 0.880, drop +0.020)") is False
-    assert "accuracy drop < 3%: reached (0.900 -> 0.880, drop +0.020)" in claims[0]
+    assert claims[0] == "- siftfunnel strength 2 at cut 2, accuracy drop < 3%: reached (0.900 -> 0.880, drop +0.020)"
     assert "(noise 0.5, accuracy 0.890): reached (strongest attacker's MSE 0.0400 vs 0.0200, 2.00x)" in claims[1]
     assert "MINE >= 50% lower than the best baseline (noise 0.5): reached (1.20 vs 3.00 nats, 60% lower)" in claims[2]
     jsonl, utility, grid, markdown = write_defence_report(RECORDS, tmp_path, "d")
@@ -287,6 +335,15 @@ def test_defence_report_states_each_claim_with_its_numbers(tmp_path):
     # rebuilt from the JSONL alone: the same report
     again = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert write_defence_report(again, tmp_path / "again", "d")[-1].read_text() == text
+
+
+def test_the_accuracy_claim_fails_when_the_drop_exceeds_three_points():
+    from splitveil.experiments.image_report import defence_settings, siftfunnel_claims
+
+    costly = [_record("siftfunnel", 2.0, 0.85, r["attack"], r["ssim"], r["mse"], r["mine"]) if r["defence"] == "siftfunnel"
+              else r for r in RECORDS]
+    claim = siftfunnel_claims(defence_settings(costly))[0]
+    assert claim == "- siftfunnel strength 2 at cut 2, accuracy drop < 3%: not reached (0.900 -> 0.850, drop +0.050)"
 
 
 def test_claims_say_when_no_baseline_is_at_matched_accuracy():
@@ -300,6 +357,7 @@ def test_the_adaptive_shadow_attacker_trains_a_substitute_of_the_defended_archit
     from functools import partial
 
     from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
+    from splitveil.attack.training import StopRule
     from splitveil.data.images import load_dataset, split_dataset
     from splitveil.experiments.image_privacy import untrained_edge
     from splitveil.protect.image.siftfunnel import Funnel
@@ -309,6 +367,6 @@ def test_the_adaptive_shadow_attacker_trains_a_substitute_of_the_defended_archit
     edge, cloud = apply(model, SplitPlan.two_way(1))
     architecture = partial(untrained_edge, "vgg", SHAPE, 10, "siftfunnel", 2.0, {}, 1)
     target = ImageTarget.from_parts(edge, cloud, image_shape=SHAPE, aux=splits.aux, edge_architecture=architecture)
-    attack = IMAGE_ATTACKS.get("shadow")(target, epochs=1).fit(edge(splits.test.images).detach())
+    attack = IMAGE_ATTACKS.get("shadow")(target, stop=StopRule(max_epochs=1)).fit(edge(splits.test.images).detach())
     assert any(isinstance(m, Funnel) for m in attack.substitute.modules())
     assert attack.reconstruct(edge(splits.test.images).detach()).shape == splits.test.images.shape

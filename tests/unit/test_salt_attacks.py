@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from splitveil.attack.output import OUTPUT_ATTACKS, OutputTarget
+from splitveil.attack.training import StopRule
 from splitveil.core.errors import ConfigError
 from splitveil.data.images import ImageData
 from splitveil.models.vision_zoo import build_vision_model
@@ -17,6 +18,7 @@ from splitveil.plan.plan import SplitPlan, apply
 from splitveil.protect.salt import SaltConfig, salt_model
 
 SHAPE, CLASSES = (1, 12, 12), 10
+TINY_RULE = StopRule(patience=3, lr_patience=2, max_epochs=80)  # a plateau within seconds on these sizes
 
 
 def target(*, aux: bool = True, position: int = 1, cut: int = 2):
@@ -41,7 +43,7 @@ def test_recovery_needs_auxiliary_data():
 
 def test_attacks_hold_private_copies_and_never_the_salts():
     model, edge, cloud, offered = target()
-    attack = OUTPUT_ATTACKS.get("recovery")(offered, epochs=1)
+    attack = OUTPUT_ATTACKS.get("recovery")(offered, stop=StopRule(max_epochs=1))
     caps = attack.target
     assert caps.edge.owner is not model and caps.cloud.owner is not model
     ours = {id(p) for p in model.parameters()}
@@ -53,7 +55,8 @@ def test_attacks_hold_private_copies_and_never_the_salts():
 
 def test_recovery_reads_the_salt_of_an_untrained_salted_model():
     model, edge, cloud, offered = target()
-    attack = OUTPUT_ATTACKS.get("recovery")(offered, epochs=3, seed=1).fit()
+    attack = OUTPUT_ATTACKS.get("recovery")(offered, stop=TINY_RULE, seed=1).fit()
+    assert attack.training_record()["attacker_converged"]
     images, salts = torch.rand(200, *SHAPE), torch.randint(CLASSES, (200,))
     with torch.no_grad():
         features = edge((images, salts))
@@ -101,12 +104,18 @@ def test_run_output_attack_record_and_report(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
     spec = OutputAttackSpec(dataset="digits", model="lenet", split=2, train_size=200, aux_size=128, test_size=50,
-                            salted_epochs=1, attack_epochs=1)
+                            salted_epochs=1, attacker=TINY_RULE)
     record = run_output_attack(spec)
     for key in ("accuracy_standard", "accuracy_standard_base", "accuracy_salted", "cloud_accuracy_unsalted_read",
                 "salt_recovery", "cloud_accuracy_with_recovered_salt", "salt_cluster_accuracy",
                 "salt_cluster_accuracy_gmm", "salt_cluster_accuracy_random_partition", "seconds"):
         assert 0 <= record[key] <= (1 if key != "seconds" else 1e6), key
+    # the salt survives one block of a barely trained model: the reader, trained to its plateau, recovers it (chance
+    # 0.1), and with it the cloud decodes exactly what the client decodes
+    assert record["salt_recovery"] >= 0.95 and record["chance_salt"] == 0.1
+    assert record["cloud_accuracy_with_recovered_salt"] == pytest.approx(record["accuracy_salted"], abs=0.05)
+    assert record["attacker_converged"] and record["attacker_epochs"] < TINY_RULE.max_epochs
+    assert record["spec"]["attacker"] == TINY_RULE.to_dict()
     assert record["salt_layer"] == 1 and record["split_equals_unsplit"]
     # like for like: the same base, then the same fine-tuning for the standard and the salted model
     training = record["training"]

@@ -75,8 +75,9 @@ def test_run_output_attack_on_basic_motions_gives_a_record(tmp_path, monkeypatch
     from splitveil.experiments.output_privacy import OutputAttackSpec, run_output_attack
 
     monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
-    
-    spec = OutputAttackSpec.for_data("basic-motions", split=2, epochs=2, salted_epochs=2, attack_epochs=2)
+    from splitveil.attack.training import StopRule
+
+    spec = OutputAttackSpec.for_data("basic-motions", split=2, epochs=2, salted_epochs=2, attacker=StopRule(max_epochs=2))
     assert spec.model == "sensor-cnn" and spec.test_repeats == 10
     record = run_output_attack(spec)
     assert record["sizes"] == {"train": 40, "aux": 24, "test": 16, "requests": 160}

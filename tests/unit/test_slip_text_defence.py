@@ -73,6 +73,7 @@ def test_mask_augmenter_models_the_wire():
 def test_learned_readout_trained_on_masked_views_reads_at_chance(tiny_models):
     from splitveil.attack.text.adaptive import adaptation_for, slip_mask_augmenter
     from splitveil.attack.text.learned import LearnedInversion
+    from splitveil.attack.training import StopRule
 
     model = tiny_models["llama"]
     generator = torch.Generator().manual_seed(0)
@@ -80,7 +81,8 @@ def test_learned_readout_trained_on_masked_views_reads_at_chance(tiny_models):
     corpus = [torch.randint(0, vocab, (24,), generator=generator).tolist() for _ in range(20)]
     tokens = torch.randint(0, vocab, (40,), generator=generator).tolist()
     target, clear = _target_and_rows(model, 1, tokens)
-    readout = LearnedInversion(target, corpus, steps=60, **adaptation_for("slip", 0).attack_options("learned", target))
+    readout = LearnedInversion(target, corpus, stop=StopRule(patience=3, max_epochs=30),
+                               **adaptation_for("slip", 0).attack_options("learned", target))
     masked = slip_mask_augmenter(lambda x: x, seed=5)(clear)
     hits = sum(a == b for a, b in zip(readout.reconstruct(masked), tokens))
     assert hits <= 4  # 40 positions, chance 40 / vocab

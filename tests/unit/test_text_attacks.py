@@ -112,12 +112,14 @@ def test_report_is_built_from_records(tmp_path):
 def test_learned_attack_recovers_far_above_chance_at_depth_1():
     """On a moderately scaled tiny model (the default x16 init makes each layer scramble its input chaotically)."""
     from splitveil.attack.text.learned import LearnedInversion
+    from splitveil.attack.training import StopRule
     from splitveil.models.tiny import tiny_causal_lm
 
     model = tiny_causal_lm("llama", weight_scale=4.0)
     lm = SplitCausalLM(model, SplitPlan.lambda_split(1, 3))
     corpus = [torch.randint(3, VOCAB, (24,), generator=torch.Generator().manual_seed(1000 + i)).tolist() for i in range(120)]
-    attack = LearnedInversion(lm.stages[0], corpus, steps=300)
+    attack = LearnedInversion(lm.stages[0], corpus, stop=StopRule(patience=5))
+    assert attack.training_record()["attacker_converged"]
     assert attack.threat_model.auxiliary_data
     scores = []
     for seed in range(3):  # evaluation prompts disjoint from the corpus (other seeds)

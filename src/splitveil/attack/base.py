@@ -98,10 +98,19 @@ class Attack(ABC):
 
     name: str = "attack"
     threat_model: ThreatModel
+    #: a learned attack's training, phase name -> `attack.training.Convergence` (set when it trains; {}: learns nothing)
+    phases: dict = {}
 
     @abstractmethod
     def reconstruct(self, observed):
         """Returns the attacker's reconstruction of the private input (or output) behind `observed`."""
+
+    def training_record(self) -> dict:
+        """How long its learned parts trained and whether they converged (`attacker_epochs`, `attacker_val_loss`,
+        `attacker_converged`, per phase under `attacker_phases`); {} for an attack that learns nothing."""
+        from splitveil.attack.training import combined_record
+
+        return combined_record(self.phases)
 
 
 def private_copy(module, granted, *, zeroed=()):

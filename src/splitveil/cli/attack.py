@@ -33,7 +33,8 @@ def text(
                                 "its logged view is attacked). The attack adapts to it."),
     strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity; randcut: "
                                    "a whole number of layers; slip: the secure rank k, 0 for public weights)."),
-    quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens."),
+    quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens; the "
+                               "learned readout reads a third of the auxiliary text and still trains to convergence."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (token_recovery, prompt_exact, "
                                      "answer_recovery, examples, ...)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
@@ -57,7 +58,7 @@ def text(
         lines, max_new_tokens = lines[:3], min(max_new_tokens, 8)
     spec = TextAttackSpec(model=model, cuts=cuts, attack=attack, wire=wire, max_new_tokens=max_new_tokens,
                           defence=defence, strength=strength, ranker=_check_ranker(ranker, attack),
-                          **({"aux_chars": 100_000, "learned_steps": 600} if quick else {}))
+                          **({"aux_chars": 100_000} if quick else {}))
     setup(threads)
     with err_console.status(f"{attack} attack on {len(lines)} prompt(s) ...") as spinner:
         record = run_text_attack(spec, lines, progress=lambda done, total: spinner.update(f"{attack} attack: {done}/{total} prompts"))
@@ -153,7 +154,8 @@ def text_sweep(
     ranker: str = typer.Option(None, "--ranker", help="exact attack only: learned = order the candidates with a readout "
                                "trained on auxiliary text (faster at deep cuts; every token is still verified)."),
 
-    quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens per run."),
+    quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens per run; "
+                               "learned readouts read a third of the auxiliary text and still train to convergence."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the records, plot and report."),
     append: bool = typer.Option(False, "--append", help="Merge into the existing records of the same report (a run "
                                 "with the same settings replaces the old one), so a long sweep can run in pieces."),
@@ -183,7 +185,7 @@ def text_sweep(
     lines, new_tokens = _read_prompts(prompts), 24
     if quick:
         lines, new_tokens = lines[:3], 8
-    extra = {"aux_chars": 100_000, "learned_steps": 600} if quick else {}
+    extra = {"aux_chars": 100_000} if quick else {}
     ranker = _check_ranker(ranker, "exact" if "exact" in names else names[0])
     runs = [TextAttackSpec(model=model, cuts=(depth, tail_start), attack=name, wire=wire, max_new_tokens=new_tokens,
                            ranker=ranker if name == "exact" else None, **extra) for name in names for depth in levels]

@@ -74,9 +74,14 @@ def _spec(quick: bool, **fields):
 
 
 def _summary(record: dict) -> str:
+    trained = ""
+    if "attacker_epochs" in record:
+        trained = (f"; attacker {record['attacker_epochs']} epochs, "
+                   f"{'converged' if record['attacker_converged'] else 'stopped at the cap (not converged)'}")
     return (f"{record['attack']:7s} split {record['split']} ({'x'.join(map(str, record['feature_shape']))}): "
             f"SSIM {record['ssim']:.3f}, PSNR {record['psnr']:.2f} dB, MSE {record['mse']:.4f}, "
-            f"recon accuracy {record['recon_accuracy']:.3f}, MINE {record['mine']:.2f} nats, dCor² {record['dcor']:.3f}")
+            f"recon accuracy {record['recon_accuracy']:.3f}, MINE {record['mine']:.2f} nats, dCor² {record['dcor']:.3f}"
+            + trained)
 
 
 @app.command("image")
@@ -87,7 +92,8 @@ def image(
     attack: str = typer.Option("inverse", "--attack", "-a", help="rmle (white box), inverse (queries + auxiliary data), "
                                "shadow (query-free, cloud weights) or cgan (conditional GAN on queried pairs)."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: victim 3 epochs on 10k images, attack on 5k "
-                               "auxiliary images, 200 test images scored."),
+                               "auxiliary images, 200 test images scored; learned attackers still train until their "
+                               "held-out loss plateaus."),
     samples: int = typer.Option(None, "--samples", help="Test images attacked and scored (default 500, quick 200)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data split, training and attack."),
     out: Path = typer.Option(None, "--out", help="Also write the record, grid, plot and report to this folder."),

@@ -51,7 +51,9 @@ def _summary(r: dict) -> str:
             f"{r['cloud_accuracy_unsalted_read']:.3f}; salt recovered {r['salt_recovery']:.3f} (chance {r['chance_salt']:.3f}), "
             f"cloud with it {r['cloud_accuracy_with_recovered_salt']:.3f}"
             + (f"; salt groups found without the model {r['salt_cluster_accuracy']:.3f} (random partition "
-               f"{r['salt_cluster_accuracy_random_partition']:.3f})" if "salt_cluster_accuracy" in r else ""))
+               f"{r['salt_cluster_accuracy_random_partition']:.3f})" if "salt_cluster_accuracy" in r else "")
+            + (f"; reader {r['attacker_epochs']} epochs, {'converged' if r['attacker_converged'] else 'stopped at the cap'}"
+               if "attacker_epochs" in r else ""))
 
 
 @app.command("output")

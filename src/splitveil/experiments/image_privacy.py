@@ -6,12 +6,12 @@ of originals vs reconstructions, a plot of SSIM and MINE against split depth, an
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from splitveil.attack.training import StopRule
 from splitveil.core.errors import ConfigError
 
 #: examples kept in each record for the report's grid
@@ -30,8 +30,8 @@ class ImageAttackSpec:
     aux_size: int = 15_000  # attacker's auxiliary images, disjoint from the victim's (capped at 40%)
     test_size: int = 2_000  # held-out images: attacked ones are the first `samples`; MINE uses all
     epochs: int = 15  # victim classifier epochs
-    attack_epochs: int = 2  # decoder / substitute / c-GAN epochs over the auxiliary set ...
-    min_attack_steps: int = 300  # ... or more, so that a small auxiliary set still gets this many batches of 64
+    attacker: StopRule = field(default_factory=StopRule)  # learned attacks (decoder, substitute, c-GAN) train until
+    # their held-out loss plateaus, the same rule in quick and full runs (a cap reached is recorded as not converged)
     rmle_steps: int = 300
     mine_steps: int = 500
     mine_repeats: int = 3  # MINE estimates (seeds seed, seed+1, ...) averaged per cut: one is noisy
@@ -47,11 +47,11 @@ class ImageAttackSpec:
 
     @classmethod
     def quick(cls, **overrides) -> "ImageAttackSpec":
-        """Sizes for a run of a minute or two on one thread once the victim is cached. Victims: 3 epochs on 10,000
-        images, one-cycle schedule, no augmentation (the first release's single constant-rate epoch left the VGG at
-        0.827 and a funnel-shaped edge far from converged)."""
+        """Smaller data, victims and MINE; the attackers train to convergence as in a full run. Victims: 3 epochs on
+        10,000 images, one-cycle schedule, no augmentation (the first release's single constant-rate epoch left the
+        VGG at 0.827 and a funnel-shaped edge far from converged)."""
         return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 3,
-                      "attack_epochs": 1, "min_attack_steps": 100, "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 3,
+                      "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 3,
                       "mine_lr": 1e-3, "schedule": "onecycle", "augment": False, "heldout_accuracy": False,
                       **overrides})
 
@@ -172,10 +172,9 @@ def heldout_accuracy(spec, model) -> dict:
     return {"accuracy": accuracy(predict(model, rest.images), rest.labels), "images": len(rest)}
 
 
-def attack_options(spec: ImageAttackSpec, aux_size: int) -> dict:
-    """The attack's keyword arguments: its optimisation steps (rMLE) or training epochs (the others)."""
-    epochs = max(spec.attack_epochs, math.ceil(spec.min_attack_steps / math.ceil(aux_size / 64)))
-    options = {"steps": spec.rmle_steps} if spec.attack == "rmle" else {"epochs": epochs}
+def attack_options(spec: ImageAttackSpec) -> dict:
+    """The attack's keyword arguments: its optimisation steps (rMLE) or its stop rule (the learned ones)."""
+    options = {"steps": spec.rmle_steps} if spec.attack == "rmle" else {"stop": spec.attacker}
     return {**options, **spec.attack_options}
 
 
@@ -228,7 +227,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     originals = test.images[:n]  # [n, C, H, W]
     torch.manual_seed(spec.seed + 7)
     features = target.query(originals)  # [n, *feature_shape]: what the cloud receives
-    attack = attack_class(target, seed=spec.seed, quiet=quiet, **attack_options(spec, len(splits.aux)))
+    attack = attack_class(target, seed=spec.seed, quiet=quiet, **attack_options(spec))
     attack_began = time.perf_counter()
     attack.fit(features)
     reconstructions = attack.reconstruct(features).clamp(0, 1)
@@ -276,6 +275,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "mine_runs": mine_runs,
         "dcor": distance_correlation(originals, features),
         "dcor_unbiased": distance_correlation(originals, features, bias_corrected=True),
+        **attack.training_record(),
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - began,
         "victim_cached": victim["victim_cached"] and defended_cached,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
+from splitveil.attack.training import StopRule
 from splitveil.core.errors import ConfigError
 
 #: bump when a change to the salt layer or its training makes cached salted weights stale
@@ -39,7 +40,8 @@ class OutputAttackSpec:
     epochs: int = 1  # base model epochs (the image-privacy victim's, so its cache is shared)
     salted_epochs: int = 6  # epochs fine-tuned from the base model's weights: the salted model and, with the same
     # recipe (cosine schedule, batches, augmentation), the standard model it is compared with
-    attack_epochs: int = 6  # passes of the salt reader over the auxiliary set (fresh salts each pass)
+    attacker: StopRule = field(default_factory=StopRule)  # the salt reader trains (fresh salts each epoch) until
+    # its held-out loss plateaus, the same rule in quick and full runs (a cap reached is recorded as not converged)
     adversary_weight: float = 0.0  # countermeasure: adversarial training against a salt/class reader at the cut (0 = off)
     test_repeats: int = 1  # each test example is sent this many times, each a request with its own keyed salt
     batch_size: int = 64  # training batch of the standard and the salted model
@@ -48,7 +50,7 @@ class OutputAttackSpec:
     def quick(cls, **overrides) -> "OutputAttackSpec":
         """Sizes for a run of a few minutes on one thread (a minute once both models are cached)."""
         return cls(**{"train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 1, "salted_epochs": 6,
-                      "attack_epochs": 4, **overrides})
+                      **overrides})
 
     @classmethod
     def for_data(cls, dataset: str, *, quick: bool = False, **overrides) -> "OutputAttackSpec":
@@ -61,7 +63,9 @@ class OutputAttackSpec:
             return cls.quick(dataset=dataset, **overrides) if quick else cls(dataset=dataset, **overrides)
         epochs = 100 if quick else 300
         return cls(**{"dataset": dataset, "model": "sensor-cnn", "train_size": 40, "aux_size": 24, "test_size": 16,
-                      "epochs": epochs, "salted_epochs": epochs, "attack_epochs": epochs, "test_repeats": 10,
+                      "epochs": epochs, "salted_epochs": epochs, "test_repeats": 10,
+                      # 22 training series of 8 per batch: an epoch is 3 steps, so the plateau is judged over more
+                      "attacker": StopRule(patience=50, lr_patience=15, max_epochs=2000),
                       "batch_size": 8, **overrides})
 
     @property
@@ -256,7 +260,7 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
     unsalted = OUTPUT_ATTACKS.get("unsalted")(target, seed=spec.seed)
     read_as_unsalted = decode_labels(cloud_logits, unsalted.reconstruct(features), table)
     attack_began = time.perf_counter()
-    recovery = OUTPUT_ATTACKS.get("recovery")(target, seed=spec.seed, quiet=quiet, epochs=spec.attack_epochs,
+    recovery = OUTPUT_ATTACKS.get("recovery")(target, seed=spec.seed, quiet=quiet, stop=spec.attacker,
                                               batch_size=spec.batch_size).fit()
     recovered = recovery.reconstruct(features)
     head_only = recovery.salt_head_guess(features)
@@ -291,6 +295,7 @@ def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dic
         "split_equals_unsplit": True,
         "threat_models": {"unsalted": unsalted.describe(), "recovery": recovery.describe(),
                           "cluster": clusters["threat_model"]},
+        **recovery.training_record(),
         "attack_seconds": attack_seconds,
         "seconds": time.perf_counter() - began,
         "models_cached": {"base": models["base_cached"], "standard": models["standard_cached"],

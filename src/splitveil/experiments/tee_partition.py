@@ -87,14 +87,19 @@ def run_partition(spec: PartitionSpec, *, on_records=None) -> dict:
 
 
 def summary(result: dict) -> dict:
-    """The `--json` object: chosen cut, tau, and per cut the strongest attack's SSIM, MINE and the speed-up."""
+    """The `--json` object: chosen cut, tau, per cut the strongest attack's SSIM, MINE and the speed-up, and how long
+    each learned attacker trained (epochs, whether it stopped on its plateau)."""
     keys = ("cut", "ssim", "attack", "white_box", "required_tau", "qualifies", "mine", "speedup_vs_all_tee",
             "ssim_by_attack", "feature_shape")
+    training = [{"cut": r["split"], "attack": r["attack"], "attacker_epochs": r["attacker_epochs"],
+                 "attacker_converged": r["attacker_converged"]}
+                for r in result["attack_records"] if "attacker_epochs" in r]
     return {"chosen_cut": result["chosen_cut"], "tau": result["tau"], "verdict": result["verdict"],
             "attacks": result["attacks"], "attestation": result["attestation"],
             "enclave_slowdown": result["spec"]["cost"]["enclave_slowdown"],
             "accelerator_speedup": result["spec"]["cost"]["accelerator_speedup"],
-            "cuts": [{k: row.get(k) for k in keys} for row in result["cuts"]]}
+            "cuts": [{k: row.get(k) for k in keys} for row in result["cuts"]],
+            "attacker_training": training, "attackers_converged": all(t["attacker_converged"] for t in training)}
 
 
 def write_partition_report(result: dict, out_dir, stem: str) -> list:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from splitveil.attack.training import StopRule, combined_record
 from splitveil.core.errors import ConfigError
 from splitveil.metrics.text import exact_match, token_f1, token_recovery
 from splitveil.wire.frame import FrameKind, decode_frame
@@ -36,7 +37,8 @@ class TextAttackSpec:
     max_verified: int | None = None  # exact attack: per-position budget (None = whole vocabulary)
     ranker: str | None = None  # exact attack: "learned" orders candidates with a learned readout (cost, not answer)
     aux_chars: int = 300_000  # learned attack: characters of auxiliary text (fortunes)
-    learned_steps: int = 1500  # learned attack: optimisation steps
+    attacker: StopRule = field(default_factory=StopRule)  # learned attack: trains until its held-out loss plateaus
+    # (the same rule in quick and full runs; a cap reached is recorded as not converged)
     heldout_chars: int = 3_000  # perplexity cost of a defence: characters of held-out text (end of the fortunes)
 
 
@@ -77,7 +79,7 @@ def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
         from splitveil.attack.text.learned import fortunes_corpus
 
         texts = fortunes_corpus(spec.aux_chars)
-        learned = TEXT_ATTACKS.get("learned")(target, [tokenizer(t)["input_ids"][:128] for t in texts], steps=spec.learned_steps,
+        learned = TEXT_ATTACKS.get("learned")(target, [tokenizer(t)["input_ids"][:128] for t in texts], stop=spec.attacker,
                                               **adaptation.attack_options("learned", target))
         if spec.attack == "learned":
             return learned
@@ -86,7 +88,10 @@ def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
         kwargs = {"candidates": spec.candidates, "max_verified": spec.max_verified, "tolerance": wire_tolerance(spec.wire),
                   "ranker": learned.scores if spec.ranker == "learned" else None,
                   **adaptation.attack_options("exact", target)}
-    return TEXT_ATTACKS.get(spec.attack)(target, **kwargs)
+    attack = TEXT_ATTACKS.get(spec.attack)(target, **kwargs)
+    if spec.ranker == "learned":
+        attack.phases = learned.phases  # the record says how long its ranker trained
+    return attack
 
 
 def heldout_perplexity(lm, token_lists: list[list[int]]) -> float:
@@ -218,6 +223,8 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         "answer_recovery": sum(r["answer_recovery"] for r in rows) / len(rows),
         "seconds_per_token": sum(r["seconds_per_token"] * r["prompt_tokens"] for r in rows) / total,
         "setup_seconds": setup_seconds,  # building the attack once: training a readout or ranker (0 for the others)
+        **combined_record({f"{name} (head depth {depth})" if len(attacks) > 1 else name: phase
+                           for depth, built in sorted(attacks.items()) for name, phase in built.phases.items()}),
         "utility_greedy_match": sum(r["utility_greedy_match"] for r in rows) / len(rows),
         "perplexity": perplexity,
         "defence": {"name": spec.defence, "strength": spec.strength, "cloud_holds": deployment.cloud_holds,

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from splitveil.attack.base import Attack, SealedQuery, Target
+from splitveil.attack.training import (Convergence, StopRule, holdout_split, mean_over_batches, shuffled_batches,
+                                       train_until_plateau)
 from splitveil.core.errors import ConfigError
 from splitveil.core.registry import Registry
 from splitveil.data.images import ImageData
@@ -162,24 +164,27 @@ class Decoder(nn.Module):
         return self.body(self.stem(features))
 
 
-def train_decoder(decoder: nn.Module, features: torch.Tensor, images: torch.Tensor, *, epochs: int, seed: int,
-                  batch_size: int = 64, lr: float = 1e-3, quiet: bool = True, desc: str = "decoder") -> nn.Module:
-    """Fits `decoder(features) ~ images` with MSE and Adam; returns it in eval mode."""
-    from splitveil.train.classifier import progress
-
+def train_decoder(decoder: nn.Module, features: torch.Tensor, images: torch.Tensor, *, stop: StopRule, seed: int,
+                  batch_size: int = 64, lr: float = 1e-3, quiet: bool = True, desc: str = "decoder") -> Convergence:
+    """Fits `decoder(features) ~ images` with MSE and Adam until the MSE on a held-out part of these (the
+    attacker's own) pairs plateaus (`train_until_plateau`); leaves the best epoch's weights, in eval mode."""
+    train, held = holdout_split(len(images), stop.holdout, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(decoder.parameters(), lr=lr)
-    steps = (len(images) + batch_size - 1) // batch_size
-    decoder.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for step in progress(range(steps), total=steps, desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet):
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            loss = nn.functional.mse_loss(decoder(features[batch]), images[batch])
+
+    def run_epoch(epoch: int) -> None:
+        for batch in shuffled_batches(len(train), batch_size, generator):
+            index = train[batch]
+            loss = nn.functional.mse_loss(decoder(features[index]), images[index])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    return decoder.eval()
+
+    def held_out_mse() -> float:
+        return mean_over_batches(lambda i: nn.functional.mse_loss(decoder(features[held[i]]), images[held[i]]), len(held))
+
+    return train_until_plateau(run_epoch, held_out_mse, modules=[decoder], optimisers=[optimiser], rule=stop,
+                               desc=desc, quiet=quiet)
 
 
 @torch.no_grad()

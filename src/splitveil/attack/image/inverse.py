@@ -7,20 +7,22 @@ import torch
 
 from splitveil.attack.base import ThreatModel
 from splitveil.attack.image.base import IMAGE_ATTACKS, Decoder, ImageAttack, decode, train_decoder
+from splitveil.attack.training import StopRule
 
 
 @IMAGE_ATTACKS.register("inverse")
 class InverseNetworkAttack(ImageAttack):
-    """Args: epochs: decoder training epochs over the auxiliary set; width: decoder channels at full resolution."""
+    """Args: stop: when the decoder stops training (its MSE on held-out auxiliary pairs plateaus, or the cap);
+    width: decoder channels at full resolution."""
 
     name = "inverse"
     threat_model = ThreatModel(observes="uplink", queries_edge=True, auxiliary_data=True,
                                description="black box: queries the edge with its own auxiliary images, trains a "
                                            "decoder from features back to images")
 
-    def __init__(self, target, *, epochs: int = 2, width: int = 32, seed: int = 0, quiet: bool = True):
+    def __init__(self, target, *, stop: StopRule = StopRule(), width: int = 32, seed: int = 0, quiet: bool = True):
         super().__init__(target, seed=seed, quiet=quiet)
-        self.epochs, self.width = epochs, width
+        self.stop, self.width = stop, width
         self.decoder = None
 
     def fit(self, observed: torch.Tensor | None = None) -> "InverseNetworkAttack":
@@ -28,8 +30,8 @@ class InverseNetworkAttack(ImageAttack):
         features = self.target.query(images)  # [N, *feature_shape]
         torch.manual_seed(self.seed)
         self.decoder = Decoder(self.target.feature_shape, self.target.image_shape, width=self.width)
-        train_decoder(self.decoder, features, images, epochs=self.epochs, seed=self.seed, quiet=self.quiet,
-                      desc="inverse network")
+        self.phases = {"decoder": train_decoder(self.decoder, features, images, stop=self.stop, seed=self.seed,
+                                                quiet=self.quiet, desc="inverse network")}
         return self
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:

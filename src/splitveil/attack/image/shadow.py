@@ -11,6 +11,7 @@ from torch import nn
 
 from splitveil.attack.base import ThreatModel
 from splitveil.attack.image.base import IMAGE_ATTACKS, Decoder, ImageAttack, decode, frozen, train_decoder
+from splitveil.attack.training import StopRule, holdout_split, mean_over_batches, shuffled_batches, train_until_plateau
 
 
 def substitute_edge(image_shape: tuple[int, int, int], feature_shape: tuple[int, ...], *, width: int = 32) -> nn.Module:
@@ -40,25 +41,24 @@ def moment_gap(features: torch.Tensor, reference_mean: torch.Tensor, reference_s
 
 @IMAGE_ATTACKS.register("shadow")
 class ShadowModelAttack(ImageAttack):
-    """Args: epochs: substitute-edge epochs and decoder epochs over the auxiliary set; moments: weight of matching the
-    observed features' per-channel mean/std (uses only what the cloud sees, unpaired). When the target publishes the
-    edge's architecture (`edge_architecture`, e.g. a defended edge with its funnel or noise layer), the substitute is
-    a freshly initialised copy of it, stochastic layers included; otherwise a generic conv edge."""
+    """Args: stop: when each phase stops training (the substitute edge: its loss on held-out auxiliary images; the
+    decoder: its held-out MSE; each until a plateau or the cap); moments: weight of matching the observed features'
+    per-channel mean/std (uses only what the cloud sees, unpaired). When the target publishes the edge's
+    architecture (`edge_architecture`, e.g. a defended edge with its funnel or noise layer), the substitute is a
+    freshly initialised copy of it, stochastic layers included; otherwise a generic conv edge."""
 
     name = "shadow"
     threat_model = ThreatModel(observes="uplink", knows_cloud_weights=True, auxiliary_data=True,
                                description="query-free: trains a substitute edge against the frozen cloud part on its "
                                            "own labelled data, inverts the substitute; never queries the edge")
 
-    def __init__(self, target, *, epochs: int = 2, moments: float = 1.0, width: int = 32, batch_size: int = 64,
-                 seed: int = 0, quiet: bool = True):
+    def __init__(self, target, *, stop: StopRule = StopRule(), moments: float = 1.0, width: int = 32,
+                 batch_size: int = 64, seed: int = 0, quiet: bool = True):
         super().__init__(target, seed=seed, quiet=quiet)
-        self.epochs, self.moments, self.width, self.batch_size = epochs, moments, width, batch_size
+        self.stop, self.moments, self.width, self.batch_size = stop, moments, width, batch_size
         self.substitute = self.decoder = None
 
     def fit(self, observed: torch.Tensor | None = None) -> "ShadowModelAttack":
-        from splitveil.train.classifier import progress
-
         aux, cloud = self.target.aux, self.target.cloud
         torch.manual_seed(self.seed)
         architecture = getattr(self.target, "edge_architecture", None)
@@ -67,29 +67,34 @@ class ShadowModelAttack(ImageAttack):
                            else substitute_edge(self.target.image_shape, self.target.feature_shape, width=self.width))
         optimiser = torch.optim.Adam(self.substitute.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(self.seed)
-        if observed is not None:
+        reference = None
+        if observed is not None and self.moments > 0:
             dims = [0, *range(2, observed.dim())]
             reference = observed.mean(dims), observed.std(dims)
-        steps = (len(aux) + self.batch_size - 1) // self.batch_size
-        self.substitute.train()
+        train, held = holdout_split(len(aux), self.stop.holdout, seed=self.seed)
+
+        def loss_of(index: torch.Tensor) -> torch.Tensor:
+            features = self.substitute(aux.images[index])
+            loss = nn.functional.cross_entropy(cloud(features), aux.labels[index])
+            return loss if reference is None else loss + self.moments * moment_gap(features, *reference)
+
+        def run_epoch(epoch: int) -> None:
+            for batch in shuffled_batches(len(train), self.batch_size, generator):
+                loss = loss_of(train[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+
         with frozen(cloud.parameters()):
-            for epoch in range(self.epochs):
-                order = torch.randperm(len(aux), generator=generator)
-                for step in progress(range(steps), total=steps, desc=f"shadow edge {epoch + 1}", quiet=self.quiet):
-                    batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-                    features = self.substitute(aux.images[batch])
-                    loss = nn.functional.cross_entropy(cloud(features), aux.labels[batch])
-                    if observed is not None and self.moments > 0:
-                        loss = loss + self.moments * moment_gap(features, *reference)
-                    optimiser.zero_grad()
-                    loss.backward()
-                    optimiser.step()
-        self.substitute.eval()
+            edge_phase = train_until_plateau(run_epoch, lambda: mean_over_batches(lambda i: loss_of(held[i]), len(held)),
+                                             modules=[self.substitute], optimisers=[optimiser], rule=self.stop,
+                                             desc="shadow edge", quiet=self.quiet)
         with torch.no_grad():
             shadow_features = torch.cat([self.substitute(aux.images[i:i + 256]) for i in range(0, len(aux), 256)])
         self.decoder = Decoder(self.target.feature_shape, self.target.image_shape, width=self.width)
-        train_decoder(self.decoder, shadow_features, aux.images, epochs=self.epochs, seed=self.seed, quiet=self.quiet,
-                      desc="shadow decoder")
+        self.phases = {"substitute": edge_phase,
+                       "decoder": train_decoder(self.decoder, shadow_features, aux.images, stop=self.stop,
+                                                seed=self.seed, quiet=self.quiet, desc="shadow decoder")}
         return self
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from splitveil.attack.base import ThreatModel
 from splitveil.attack.output.base import OUTPUT_ATTACKS, OutputAttack
+from splitveil.attack.training import StopRule, holdout_split, mean_over_batches, shuffled_batches, train_until_plateau
 from splitveil.protect.salt_adversary import reader_trunk
 
 
@@ -36,7 +37,8 @@ class FeatureReader(nn.Module):
 @OUTPUT_ATTACKS.register("recovery")
 class SaltRecovery(OutputAttack):
     """Args:
-        epochs: passes over the auxiliary set, each with freshly drawn salts.
+        stop: when the reader stops training: its loss (salt plus class cross-entropy) on held-out auxiliary
+            images, each under every salt, plateaus, or the cap. Every epoch draws fresh salts for the training part.
         lr: Adam learning rate.
     """
 
@@ -47,10 +49,10 @@ class SaltRecovery(OutputAttack):
                                            "draws, trains a reader of the salt and of the class on the cut features, "
                                            "and decodes its own output with the salt that agrees best")
 
-    def __init__(self, target, *, epochs: int = 4, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+    def __init__(self, target, *, stop: StopRule = StopRule(), lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                  quiet: bool = True):
         super().__init__(target, seed=seed, quiet=quiet)
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        self.stop, self.lr, self.batch_size = stop, lr, batch_size
         caps = self.target
         self.reader = FeatureReader(caps.feature_shape, caps.salt_values, caps.num_classes)
 
@@ -60,35 +62,43 @@ class SaltRecovery(OutputAttack):
         return torch.cat([edge((images[i:i + 256], salts[i:i + 256])) for i in range(0, len(images), 256)])
 
     def fit(self) -> "SaltRecovery":
-        from splitveil.train.classifier import progress
-
         caps = self.target
         generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        held_out = max(1, len(caps.aux) // 10)  # to choose how to guess (below), never trained on
-        images, labels = caps.aux.images[:-held_out], caps.aux.labels[:-held_out]
+        train, held = holdout_split(len(caps.aux), self.stop.holdout, seed=self.seed)
+        images, labels = caps.aux.images[train], caps.aux.labels[train]
+        # held out (never trained on): to judge the plateau and to choose how to guess (below); every image under
+        # each salt in turn, repeated up to ~2,000 requests so that a small auxiliary set still gives a steady loss
+        repeats = max(1, min(caps.salt_values, math.ceil(2000 / len(held))))
+        held_images = caps.aux.images[held].repeat(repeats, *[1] * (caps.aux.images.dim() - 1))
+        held_labels = caps.aux.labels[held].repeat(repeats)
+        held_salts = torch.arange(len(held_images)) % caps.salt_values
+        held_features = self._features(held_images, held_salts)
         optimiser = torch.optim.Adam(self.reader.parameters(), lr=self.lr)
-        steps = math.ceil(len(images) / self.batch_size)
-        for epoch in range(self.epochs):
+
+        def loss_of(features, salts, labels) -> torch.Tensor:
+            salt_logits, class_logits = self.reader(features)
+            return nn.functional.cross_entropy(salt_logits, salts) + nn.functional.cross_entropy(class_logits, labels)
+
+        def run_epoch(epoch: int) -> None:
             salts = torch.randint(caps.salt_values, (len(images),), generator=generator)
             features = self._features(images, salts)  # the cloud's view of its own salted data
-            order = torch.randperm(len(images), generator=generator)
-            self.reader.train()
-            for step in progress(range(steps), total=steps, desc=f"salt reader {epoch + 1}/{self.epochs}", quiet=self.quiet):
-                batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-                salt_logits, class_logits = self.reader(features[batch])
-                loss = nn.functional.cross_entropy(salt_logits, salts[batch]) + \
-                    nn.functional.cross_entropy(class_logits, labels[batch])
+            for batch in shuffled_batches(len(images), self.batch_size, generator):
+                loss = loss_of(features[batch], salts[batch], labels[batch])
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-        self.reader.eval()
+
+        def held_out_loss() -> float:
+            return mean_over_batches(lambda i: loss_of(held_features[i], held_salts[i], held_labels[i]), len(held_salts))
+
+        self.phases = {"reader": train_until_plateau(run_epoch, held_out_loss, modules=[self.reader],
+                                                     optimisers=[optimiser], rule=self.stop, desc="salt reader",
+                                                     quiet=self.quiet)}
         # the combined guess trusts the cloud's own answer; where the salted model is often wrong that hurts, so
         # keep whichever rule recovers more salts of the attacker's held-out images (salted by itself)
-        salts = torch.randint(caps.salt_values, (held_out,), generator=generator)
-        features = self._features(caps.aux.images[-held_out:], salts)
-        combined = float((self._combined(features) == salts).float().mean())
-        head = float((self.salt_head_guess(features) == salts).float().mean())
+        combined = float((self._combined(held_features) == held_salts).float().mean())
+        head = float((self.salt_head_guess(held_features) == held_salts).float().mean())
         self.rule = "combined" if combined >= head else "salt head"
         return self
 

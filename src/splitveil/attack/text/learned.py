@@ -17,6 +17,7 @@ import torch
 from splitveil.attack.base import Attack, ThreatModel
 from splitveil.attack.text.attacks import TEXT_ATTACKS, granted
 from splitveil.attack.text.target import TextTarget
+from splitveil.attack.training import StopRule, holdout_split, mean_over_batches, shuffled_batches, train_until_plateau
 from splitveil.core.errors import ConfigError
 from splitveil.models.causal_lm import CausalLMPart
 
@@ -54,46 +55,63 @@ class LearnedInversion(Attack):
         target: what the split offers (a `TextTarget`, or the head part itself); the attack is granted a private
             copy of the public head.
         corpus: auxiliary token-id sequences of the attacker's own (disjoint from what is attacked).
-        steps: optimisation steps; batch: positions per step.
+        stop: when training stops: the full-vocabulary cross-entropy on held-out sequences of the corpus (at most
+            `held_out_positions` of their positions) plateaus, or the cap. An epoch is one pass over the training
+            sequences' positions in batches of `batch`.
         augment: applied to every training batch of states (an adaptive attacker's copy of a defence, e.g. its own
-            noise of the defence's scale); None trains on clean states.
+            noise of the defence's scale), and once to the held-out states; None trains on clean states.
     """
 
     name = "learned"
     threat_model = ThreatModel(observes="uplink", knows_head_weights=True, auxiliary_data=True,
                                description="a cloud with the public model and text of its own, not the user's")
 
-    def __init__(self, target: TextTarget | CausalLMPart, corpus: list[list[int]], *, steps: int = 400, batch: int = 256,
-                 negatives: int = 2048, learning_rate: float = 3e-3, seed: int = 0, augment=None):
+    def __init__(self, target: TextTarget | CausalLMPart, corpus: list[list[int]], *, stop: StopRule = StopRule(),
+                 batch: int = 256, negatives: int = 2048, learning_rate: float = 3e-3, held_out_positions: int = 2048,
+                 seed: int = 0, augment=None, quiet: bool = True):
         head = granted(self, target).head  # a private copy of the public head
-        if not corpus:
-            raise ConfigError("the learned attack needs a non-empty auxiliary corpus")
+        if len(corpus) < 2:
+            raise ConfigError("the learned attack needs an auxiliary corpus of at least 2 sequences (some are held out)")
         self.embeddings = head.input_embeddings.detach()  # [V, H], frozen: the attacker knows it
-        states, tokens = self._collect(head, corpus)
+        train_ids, held_ids = holdout_split(len(corpus), stop.holdout, seed=seed)
+        states, tokens = self._collect(head, [corpus[i] for i in train_ids.tolist()])
+        held_states, held_tokens = self._collect(head, [corpus[i] for i in held_ids.tolist()])
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(len(held_tokens), generator=generator)[:held_out_positions]
+        held_states, held_tokens = held_states[keep], held_tokens[keep]
+        if augment is not None:  # the held-out views are drawn once, so that epochs are judged alike
+            held_states = augment(held_states)
         scaled = states if augment is None else augment(states)  # standardise what the readout will be fed
         self.mean, self.std = scaled.mean(0), scaled.std(0) + 1e-5
         width = states.shape[1]
-        generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():  # reproducible initialisation without touching the caller's generator
             torch.manual_seed(seed)
             self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
             self.project = torch.nn.Linear(width, width)
         torch.nn.init.zeros_(self.mlp[2].weight)
         optimiser = torch.optim.Adam([*self.mlp.parameters(), *self.project.parameters()], lr=learning_rate)
-        started = time.perf_counter()
         vocab = self.embeddings.shape[0]
-        with torch.enable_grad():
-            for _ in range(steps):
-                index = torch.randint(0, len(tokens), (min(batch, len(tokens)),), generator=generator)
+
+        def run_epoch(epoch: int) -> None:
+            for index in shuffled_batches(len(tokens), batch, generator):
                 # sampled softmax: the batch's tokens plus random negatives (the full vocabulary at evaluation)
                 sampled = torch.randint(0, vocab, (min(negatives, vocab),), generator=generator)
                 classes, targets = torch.unique(torch.cat([tokens[index], sampled]), return_inverse=True)
                 batch_states = states[index] if augment is None else augment(states[index])
-                logits = self._logits(batch_states, classes)
-                loss = torch.nn.functional.cross_entropy(logits, targets[: len(index)])
+                loss = torch.nn.functional.cross_entropy(self._logits(batch_states, classes), targets[: len(index)])
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+
+        def held_out_loss() -> float:
+            return mean_over_batches(lambda i: torch.nn.functional.cross_entropy(self._logits(held_states[i]),
+                                                                                 held_tokens[i]), len(held_tokens))
+
+        started = time.perf_counter()
+        with torch.enable_grad():
+            self.phases = {"readout": train_until_plateau(run_epoch, held_out_loss, modules=[self.mlp, self.project],
+                                                          optimisers=[optimiser], rule=stop, desc="learned readout",
+                                                          quiet=quiet)}
         self.training_seconds = time.perf_counter() - started
         self.training_positions = len(tokens)
 
