@@ -1,9 +1,12 @@
-"""MINE: a lower bound on the mutual information I(x; z) between images and the features that cross a cut.
+"""MINE: a lower bound on the mutual information I(x; z) between inputs and the features that cross a cut.
 
 A statistics network T(x, z) is trained to maximise the Donsker-Varadhan bound
     I(x; z) >= E_joint[T(x, z)] - log E_marginal[exp T(x, z')],
-with the marginal sampled by shuffling z across the batch; the estimate (nats) is the bound on held-out pairs.
-The network follows SiftFunnel's ConvMINE: z is brought to the image's size and concatenated with x on channels.
+with the marginal sampled by shuffling z across the batch. Training stops when the bound on validation pairs stops
+rising (`bound_training.fit_bound`); the estimate (nats) is the bound on test pairs that took no part in training
+or stopping, with the marginal averaged over several shuffles. The gradient of the log term uses MINE's moving-average
+correction (Belghazi et al. 2018), which keeps small batches from biasing it. Images get SiftFunnel's ConvMINE (z
+brought to the image's size and concatenated on channels), vectors an MLP on [x, z].
 """
 
 from __future__ import annotations
@@ -11,30 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-import torch.nn.functional as F
 
+from splitveil.metrics.bound_training import MIBudget, MIEstimate, fit_bound, split_pairs
+from splitveil.metrics.critics import ConvMINE, joint_critic  # noqa: F401  (ConvMINE: its historical home)
 
-class ConvMINE(nn.Module):
-    """T(x, z) -> [B]. z [B, C, h, w] is mixed to 8 channels (1x1 conv) and resized to x's size; a vector z [B, D]
-    is mapped to 8 values broadcast over the image. Then strided tanh convolutions and a mean."""
-
-    def __init__(self, image_channels: int, feature_shape: tuple[int, ...], *, width: int = 32):
-        super().__init__()
-        self.spatial = len(feature_shape) == 3
-        self.embed = nn.Conv2d(feature_shape[0], 8, 1) if self.spatial else nn.Linear(feature_shape[0], 8)
-        self.net = nn.Sequential(
-            nn.Conv2d(image_channels + 8, width, 3, stride=2, padding=1), nn.Tanh(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.Tanh(),
-            nn.Conv2d(width, 1, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        if self.spatial:
-            z_map = F.interpolate(self.embed(z), size=size, mode="nearest")  # [B, 8, H, W]
-        else:
-            z_map = self.embed(z)[:, :, None, None].expand(-1, -1, *size)
-        return self.net(torch.cat([x, z_map], 1)).flatten(1).mean(1)
+#: shuffles of z whose pairs make the marginal sample of a held-out estimate
+MARGINAL_SHUFFLES = 8
 
 
 def dv_bound(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> torch.Tensor:
@@ -42,31 +27,68 @@ def dv_bound(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> torch.Tensor:
     return t_joint.mean() - (torch.logsumexp(t_marginal, 0) - math.log(len(t_marginal)))
 
 
-def mine_estimate(x: torch.Tensor, z: torch.Tensor, *, steps: int = 300, batch_size: int = 128, lr: float = 1e-3,
-                  holdout: float = 0.3, seed: int = 0) -> float:
-    """Trains a ConvMINE on pairs (x [N, C, H, W], z [N, ...]) and returns the DV bound on held-out pairs (nats).
+def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of range(n) with no fixed point (a shuffled pair is never a true pair)."""
+    return (torch.arange(n) + torch.randint(1, n, (1,), generator=generator)) % n if n < 3 else _derange(n, generator)
 
-    The estimate is a lower bound of I(x; z) limited by the network and the number of pairs, so compare estimates
-    made with the same settings (one data set, one sample size), not across settings.
+
+def _derange(n: int, generator: torch.Generator) -> torch.Tensor:
+    order = torch.randperm(n, generator=generator)
+    shifted = torch.empty_like(order)
+    shifted[order] = order.roll(1)  # i -> the next element of a random cycle through all n
+    return shifted
+
+
+def held_out_dv(critic, x: torch.Tensor, z: torch.Tensor, index: torch.Tensor, generator: torch.Generator, *,
+                shuffles: int = MARGINAL_SHUFFLES, chunk: int = 512) -> float:
+    """The DV bound on the pairs `index`, the marginal term over `shuffles` derangements of their z."""
+    def scores(xs, zs):
+        return torch.cat([critic(xs[i:i + chunk], zs[i:i + chunk]) for i in range(0, len(xs), chunk)])
+
+    xs, zs = x[index], z[index]
+    joint = scores(xs, zs)
+    marginal = torch.cat([scores(xs, zs[derangement(len(index), generator)]) for _ in range(shuffles)])
+    return float(dv_bound(joint, marginal))
+
+
+def mine(x: torch.Tensor, z: torch.Tensor, *, budget: MIBudget = MIBudget(), seed: int = 0,
+         ema_rate: float = 0.01) -> MIEstimate:
+    """Trains a statistics network on pairs (x [N, ...], z [N, ...]) and returns the DV bound on held-out pairs.
+
+    The estimate is a lower bound of I(x; z), limited by the network, the sample size and the training; compare
+    estimates made with the same budget and the same number of pairs, and over several seeds.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, z = x.detach().float(), z.detach().float()
-    order = torch.randperm(len(x), generator=generator)
-    n_test = max(2, int(len(x) * holdout))
-    test, train = order[:n_test], order[n_test:]
+    train, val, test = split_pairs(len(x), budget, generator)
     z = z / z[train].std().clamp_min(1e-6)  # features of any magnitude -> unit scale
-    net = ConvMINE(x.shape[1], tuple(z.shape[1:]))
-    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(steps):
-        batch = train[torch.randint(len(train), (min(batch_size, len(train)),), generator=generator)]
-        shuffled = batch[torch.randperm(len(batch), generator=generator)]
-        bound = dv_bound(net(x[batch], z[batch]), net(x[batch], z[shuffled]))
-        optimiser.zero_grad()
-        (-bound).backward()
-        optimiser.step()
+    if x.dim() == 2:
+        x = (x - x[train].mean(0)) / x[train].std(0).clamp_min(1e-6)
+    critic = joint_critic(tuple(x.shape[1:]), tuple(z.shape[1:]))
+    moving = {"mean_exp": None}
+
+    def train_loss(batch: torch.Tensor) -> torch.Tensor:
+        shuffled = batch[derangement(len(batch), generator)]
+        joint, marginal = critic(x[batch], z[batch]), critic(x[batch], z[shuffled])
+        log_mean_exp = torch.logsumexp(marginal, 0) - math.log(len(marginal))
+        mean_exp = log_mean_exp.detach().exp()
+        moving["mean_exp"] = mean_exp if moving["mean_exp"] is None else \
+            (1 - ema_rate) * moving["mean_exp"] + ema_rate * mean_exp
+        # d/dθ log E[e^T] ~ E[e^T dT] / (moving average of E[e^T]): the bias-corrected gradient
+        corrected = log_mean_exp.exp() / moving["mean_exp"]
+        return -(joint.mean() - corrected)
+
+    steps, best_step, converged, val_nats = fit_bound(
+        critic, train_loss, lambda index: held_out_dv(critic, x, z, index, generator), train, val, budget, generator)
+    critic.eval()
     with torch.no_grad():
-        t_joint = net(x[test], z[test])
-        estimates = [dv_bound(t_joint, net(x[test], z[test[torch.randperm(n_test, generator=generator)]]))
-                     for _ in range(5)]
-    return float(torch.stack(estimates).mean())
+        nats = held_out_dv(critic, x, z, test, generator)
+    return MIEstimate("mine", nats, steps=steps, best_step=best_step, converged=converged, val_nats=val_nats,
+                      pairs=len(test))
+
+
+def mine_estimate(x: torch.Tensor, z: torch.Tensor, *, steps: int = 3000, batch_size: int = 256, lr: float = 5e-4,
+                  seed: int = 0, **budget) -> float:
+    """`mine(...)`'s estimate in nats; `steps` is the cap of the early-stopped training (see `MIBudget`)."""
+    return mine(x, z, budget=MIBudget(max_steps=steps, batch_size=batch_size, lr=lr, **budget), seed=seed).nats
