@@ -1,8 +1,11 @@
 """The OpenAI API's request bodies (the fields splitveil honours, checked) and its error shape.
 
-Requests are validated by pydantic; unknown fields are accepted and ignored, as OpenAI-compatible servers do,
-except the ones whose meaning we cannot honour (tools, several choices, log-probabilities, penalties), which are
-refused with a 400 naming the field, so that a client never silently gets something else than it asked for.
+Requests are validated by pydantic in strict mode: every field must have its JSON type (`"5"` is not an integer,
+`true` is not a token id, `"yes"` does not ask for a stream), as the OpenAI API checks its JSON schema; pydantic's
+default lax mode coerced them and served a request that meant something else. Unknown fields are accepted and
+ignored, as OpenAI-compatible servers do, except the ones whose meaning we cannot honour (tools, several choices,
+log-probabilities, penalties), which are refused with a 400 naming the field, so that a client never silently gets
+something else than it asked for.
 Sizes are bounded before any work scales with them: the body by the edge's `--max-request-bytes`, the messages by
 `MAX_MESSAGES`, the seed by what torch takes; `max_tokens` and the prompt's length in tokens by the model's context.
 """
@@ -36,13 +39,13 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -56,14 +59,14 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """What chat and text completions share: the model, the budget, sampling, stop strings, streaming."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's default is 1 (sampling); 0 = greedy
