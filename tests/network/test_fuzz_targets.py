@@ -1,4 +1,4 @@
-"""`bench fuzz --target enclave|slip|accelerator` in short runs on tiny models: hostile frames against the real
+"""`bench fuzz --target enclave|slip|accelerator|edge` in short runs on tiny models: hostile frames against the real
 server process while its honest client works; 0 failures (no hang, no unhandled path), the bystander exact during
 and after, the server alive. The 20,000-message records come from `splitveil bench fuzz --target T`."""
 
@@ -59,3 +59,34 @@ def test_accelerator_of_partition_run(tmp_path, monkeypatch):
                                           messages=MESSAGES, workers=2, timeout_seconds=20))
     check(record)
     assert record["accelerator"]["feature_shape"] and record["per_category"]["nonfinite"].get("error", 0) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_folder(tmp_path_factory):
+    """A tiny Llama with a character-level tokenizer and a chat template, made here (what `splitveil edge` needs)."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("fuzz-edge") / "tiny-chat"
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)])}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tiny_causal_lm("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_openai_edge(tiny_chat_folder):
+    """Hostile HTTP against a real `splitveil edge --local` process, a flood of hundreds of streams included."""
+    record = run_fuzz_bench(FuzzBenchSpec(target="edge", model=tiny_chat_folder, cuts=(1, 3), messages=MESSAGES, workers=2,
+                                          timeout_seconds=20, bystander_tokens=8))
+    check(record)
+    assert record["edge"]["undisturbed_run_equals_reference"]
+    assert record["per_category"]["valid"].get("http_2xx", 0) > 0 and record["per_category"]["wrong_types"].get("http_2xx", 0) == 0
+    assert record["per_category"]["flood"]["messages"] >= 64

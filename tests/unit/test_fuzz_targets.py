@@ -1,4 +1,4 @@
-"""The generators and judges of `bench fuzz --target enclave|slip|accelerator` without a server: every category's
+"""The generators and judges of `bench fuzz --target enclave|slip|accelerator|edge` without a server: every category's
 messages decode or raise `WireError` (never anything else), a target's valid FORWARD is accepted by its judge, and
 its malformed ones never are."""
 
@@ -125,3 +125,122 @@ def test_enclave_tampered_messages_are_never_accepted(keyed, seed):
     for name in enclave.CATEGORIES.names():
         for message in enclave.CATEGORIES.get(name).generate(rng, t):
             decodes_or_refuses(message)
+
+
+# -- the edge target (`splitveil edge`, hostile HTTP) -------------------------------------------------------------
+
+
+def edge_target() -> Target:
+    return Target(extra={"host": "127.0.0.1:8000", "model": "tiny", "vocab": 101, "context": 256, "cap": 2**20,
+                         "max_tokens": 2})
+
+
+def edge_body(request) -> bytes:
+    return request.data.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_edge_cases_are_http_requests_with_a_verdict(seed):
+    from splitveil.experiments.fuzz_targets import edge_cases
+
+    rng = random.Random(seed)
+    verdicts = {edge_cases.OK, edge_cases.REFUSED, edge_cases.HTTP_LAYER, edge_cases.EITHER, edge_cases.NO_ANSWER}
+    for name in edge_cases.CATEGORIES.names():
+        requests = edge_cases.CATEGORIES.get(name).generate(rng, edge_target())
+        assert requests, name
+        for request in requests:
+            line = request.data.split(b"\r\n", 1)[0]
+            whole = b"\r\n\r\n" in request.data or request.expect == edge_cases.NO_ANSWER  # or begun and abandoned
+            assert line.endswith((b" HTTP/1.1", b" HTTP/1.0")) and whole, (name, line[:60])
+            assert request.expect in verdicts and len(request.data) < 3 * 2**20, name
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_edge_valid_requests_pass_the_schemas_and_wrong_types_never_do(seed):
+    """The generators' verdicts against the edge's own schemas (strict JSON types): a request called valid is valid,
+    a wrong type is refused, a body called malformed is no JSON object."""
+    import json
+
+    from splitveil.edge.openai.schemas import ChatCompletionRequest, CompletionRequest
+    from splitveil.experiments.fuzz_targets import edge_cases
+
+    rng, t = random.Random(seed), edge_target()
+    schemas = {edge_cases.CHAT: ChatCompletionRequest, edge_cases.COMPLETIONS: CompletionRequest}
+    for name in ("valid", "unknown_fields", "wrong_types", "malformed_json"):
+        for request in edge_cases.CATEGORIES.get(name).generate(rng, t):
+            path = request.data.split(b" ")[1].decode()
+            if path not in schemas:
+                continue
+            body = edge_body(request)
+            if name == "malformed_json":
+                assert request.expect == edge_cases.EITHER or edge_cases.must_refuse(body)
+                continue
+            data = json.loads(body)
+            valid = data.get("model") == "tiny"
+            try:
+                parsed = schemas[path].model_validate(data)
+            except ValueError:
+                valid = False
+            else:  # token ids are checked against the vocabulary by the engine
+                prompt = getattr(parsed, "prompt", "")
+                valid = valid and not (isinstance(prompt, list) and not all(0 <= i < 101 for i in prompt if isinstance(i, int)))
+            assert valid == (request.expect == edge_cases.OK), (name, body[:300])
+
+
+def test_edge_judge():
+    from splitveil.experiments.fuzz_core import Outcome
+    from splitveil.experiments.fuzz_targets.edge import Answer, judge
+    from splitveil.experiments.fuzz_targets.edge_cases import HTTP_LAYER, NO_ANSWER, OK, REFUSED, EdgeRequest
+
+    error = b'{"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}}'
+    completion = b'{"choices": [{"text": "x"}]}'
+
+    def verdict(request, answer):
+        outcome = Outcome("c")
+        return judge(request, answer, outcome), outcome.failure
+
+    assert verdict(EdgeRequest(b"", OK), Answer(200, {}, completion, True)) == (True, None)
+    assert verdict(EdgeRequest(b"", OK), Answer(429, {}, error, True)) == (True, None)
+    assert verdict(EdgeRequest(b"", OK), Answer(400, {}, error, True)) == (False, "bad_reply")
+    assert verdict(EdgeRequest(b"", REFUSED), Answer(200, {}, completion, True)) == (False, "accepted_malformed")
+    assert verdict(EdgeRequest(b"", REFUSED), Answer(500, {}, error, True)) == (False, "http_5xx")
+    assert verdict(EdgeRequest(b"", REFUSED), Answer(400, {}, b"Invalid HTTP request received.", True)) == (False, "bad_reply")
+    assert verdict(EdgeRequest(b"", HTTP_LAYER), Answer(400, {}, b"Invalid HTTP request received.", True)) == (True, None)
+    assert verdict(EdgeRequest(b"", REFUSED, statuses=(401,)), Answer(429, {}, error, True)) == (False, "bad_reply")
+    assert verdict(EdgeRequest(b"", REFUSED, statuses=(401,)), Answer(403, {}, error, True)) == (False, "bad_reply")
+    assert verdict(EdgeRequest(b"", REFUSED), Answer()) == (False, "closed_without_error")
+    assert verdict(EdgeRequest(b"", NO_ANSWER, send="hold"), Answer()) == (True, None)
+    stream = {"content-type": "text/event-stream"}
+    assert verdict(EdgeRequest(b"", OK), Answer(200, stream, b'data: {"choices": []}\n\ndata: [DONE]\n\n', True))[0]
+    assert verdict(EdgeRequest(b"", OK), Answer(200, stream, b'data: {"choices": []}\n\n', True)) == (False, "bad_reply")
+
+
+def test_edge_answers_are_read_from_the_socket_as_sent():
+    import socket
+    import threading
+
+    from splitveil.experiments.fuzz_targets.edge import read_answer
+
+    ours, theirs = socket.socketpair()
+    events = b'data: {"a": 1}\n\ndata: [DONE]\n\n'
+    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+             + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (events[:9], events[9:])) + b"0\r\n\r\n")
+    threading.Thread(target=lambda: [theirs.sendall(reply[i:i + 7]) for i in range(0, len(reply), 7)]).start()
+    answer = read_answer(ours, 5.0, slow=0.001)
+    assert answer.status == 200 and answer.complete and answer.body == events
+    theirs.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\n{}")
+    assert read_answer(ours, 5.0).body == b"{}"
+    theirs.sendall(b"garbage\r\n\r\n")
+    assert read_answer(ours, 5.0).malformed
+    ours.close()
+    theirs.close()
+
+
+def test_edge_flood_is_hundreds_of_streams_and_rare():
+    from splitveil.experiments.fuzz_targets import edge_cases
+
+    requests = edge_cases.flood(random.Random(3), edge_target())
+    assert len(requests) >= 64 and all(r.send == "flood" and b'"stream": true' in edge_body(r) for r in requests)
+    plan = weighted(edge_cases.CATEGORIES.names(), edge_cases.WEIGHTS, default=edge_cases.DEFAULT_WEIGHT)
+    assert plan.count("flood") == 1 and plan.count("valid") == edge_cases.DEFAULT_WEIGHT
+    assert "edge" in TARGETS.names() and TARGETS.get("edge").categories() is edge_cases.CATEGORIES

@@ -26,10 +26,11 @@ def _lambda_cuts(split: str) -> tuple[int, int]:
 @app.command("fuzz")
 def fuzz(
     target: str = typer.Option("serve", "--target", help="The server attacked: serve, enclave (serve --enclave: relay and "
-                               "trusted executor), slip (slip serve) or accelerator (of partition run)."),
+                               "trusted executor), slip (slip serve), accelerator (of partition run) or edge (the "
+                               "OpenAI-compatible `splitveil edge`)."),
     model: str = typer.Option(None, "--model", "-m", help="Registered model name or local model directory (default: "
                               "smollm2-135m; the accelerator's CNN: vgg)."),
-    split: str = typer.Option(None, "--split", "-s", help="Λ-split cuts A,B (serve, enclave; default 2,28) or the "
+    split: str = typer.Option(None, "--split", "-s", help="Λ-split cuts A,B (serve, enclave, edge; default 2,28) or the "
                               "accelerator's cut P (default 5); slip takes none."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="The accelerator's CNN data set (default fashion-mnist)."),
     messages: int = typer.Option(20000, "--messages", help="Hostile messages to send (at least)."),

@@ -6,6 +6,7 @@
 | enclave | `serve --enclave`: the operator's relay and the trusted executor behind it (`enclave.py`) | an attested Λ-split generation through the sealed channel, tokens == unsplit |
 | slip | `splitveil slip serve` on an exported residual bundle (`slip.py`) | a SLIP weights-deployment generation, tokens == its undisturbed run |
 | accelerator | the accelerator process of `partition run` (`accelerator.py`) | images through the trusted executor and the accelerator, labels == the whole model's |
+| edge | `splitveil edge --local`, the OpenAI-compatible HTTP front (`edge.py`, cases in `edge_cases.py`) | greedy completions over HTTP, tokens == unsplit |
 
 Each entry gives the run (`spec -> record`), its categories and the defaults of `--model` and `--split`.
 """
@@ -41,3 +42,4 @@ TARGETS.register("serve", FuzzTarget("splitveil.experiments.fuzz_service", "smol
 TARGETS.register("enclave", FuzzTarget("splitveil.experiments.fuzz_targets.enclave", "smollm2-135m", "2,28"))
 TARGETS.register("slip", FuzzTarget("splitveil.experiments.fuzz_targets.slip", "smollm2-135m", ""))
 TARGETS.register("accelerator", FuzzTarget("splitveil.experiments.fuzz_targets.accelerator", "vgg", "5", "fashion-mnist"))
+TARGETS.register("edge", FuzzTarget("splitveil.experiments.fuzz_targets.edge", "smollm2-135m", "2,28"))
