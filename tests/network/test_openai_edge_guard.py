@@ -247,3 +247,23 @@ def test_requests_in_flight_are_capped(edge):
         asker.join(30)
     assert answers == [200, 200]
     assert raw_request(port, head(port, length=len(chat())), chat())[0] == 200
+
+
+def test_bodies_that_never_finish_hold_no_place_for_long(edge):
+    """Before: each request announcing a body it never finished took one of the places in flight, with no deadline; as
+    many as the cap locked every other client out for good. Now they get 408 after the body deadline, and meanwhile
+    hold reading places only."""
+    _, port = edge(max_pending=3, body_timeout=1.0)
+    stalled = []
+    for _ in range(3):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+        connection.sendall(head(port, length=1000).replace("\n", "\r\n").encode() + b"\r\n" + b'{"model": ')
+        stalled.append(connection)
+    time.sleep(0.3)
+    status, body, _ = raw_request(port, head(port, length=len(chat())), chat())
+    assert status == 429  # every reading place is taken, for at most the deadline
+    for connection in stalled:
+        received = connection.recv(65536)
+        assert received.split()[1] == b"408", received[:80]
+        connection.close()
+    assert raw_request(port, head(port, length=len(chat())), chat())[0] == 200

@@ -36,6 +36,8 @@ def edge(
                                           "1 MiB); larger ones get 413 and are read no further."),
     max_pending: int = typer.Option(None, "--max-pending", min=1, help="Requests waiting or running at once (default "
                                     "32; generations run one at a time); more get 429."),
+    body_timeout: float = typer.Option(None, "--body-timeout", min=0.1, help="Seconds a client may take to send a "
+                                       "request body (default 30); slower ones get 408."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="New tokens when a request gives no max_tokens."),
     wire: Wire = typer.Option(Wire.fp32, "--wire", help="Codec of the hidden states crossing each cut (fp32 is exact)."),
     token_file: Path = typer.Option(None, "--token-file", help="File with the trunk server's bearer token (default: the "
@@ -108,8 +110,8 @@ def edge(
         hf_model, tokenizer = load_model(model)
         lm = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
     bound, bound_port = listener.getsockname()[:2]
-    limits = {name: value for name, value in (("max_request_bytes", max_request_bytes), ("max_pending", max_pending))
-              if value is not None}  # else EdgeSettings' defaults
+    limits = {name: value for name, value in (("max_request_bytes", max_request_bytes), ("max_pending", max_pending),
+                                              ("body_timeout", body_timeout)) if value is not None}  # else EdgeSettings' defaults
     settings = EdgeSettings(
         model_name=Path(model).name if Path(model).is_dir() else model, default_max_tokens=max_tokens,
         api_key=api_key, threads=threads, **limits,

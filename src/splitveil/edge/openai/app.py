@@ -46,7 +46,8 @@ class EdgeSettings:
     allowed_hosts: tuple[str, ...] | None = LOCAL_HOSTS  # Host header entries served ("name" or "name:port"); None: all
     any_ip_host: bool = False  # also serve every IP-literal Host (an edge listening on all interfaces)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413, read no further than this
-    max_pending: int = DEFAULT_MAX_PENDING  # requests in flight beyond this get 429
+    max_pending: int = DEFAULT_MAX_PENDING  # requests in flight (and bodies being read) beyond this get 429
+    body_timeout: float = 30.0  # seconds a client may take to send its body (408 after)
 
 
 class EdgeEngine:
@@ -219,7 +220,7 @@ def build_app(lm, settings: EdgeSettings):
     # Host, API key, body size and requests in flight are checked on the headers, before the body is read
     app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, any_ip_host=settings.any_ip_host,
                        api_key=settings.api_key, max_request_bytes=settings.max_request_bytes,
-                       max_pending=settings.max_pending)
+                       max_pending=settings.max_pending, body_timeout=settings.body_timeout)
 
     @app.exception_handler(APIError)
     async def _api_error(_, error: APIError):

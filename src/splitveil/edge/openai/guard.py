@@ -14,12 +14,17 @@ client costs the edge no body bytes:
   body is counted as it arrives and refused as soon as it passes the cap, so at most the cap is ever buffered.
 - **Requests in flight** (429, `code: rate_limit_exceeded`): generations run one at a time; past `max_pending`
   waiting or running requests (each holding its body and parsed request) new ones are refused.
+- **Bodies being sent** (429 past `max_pending` at once; 408, `code: request_timeout`, when one takes longer than
+  `body_timeout` seconds): a body is read before its request counts as in flight, under a deadline, so clients that
+  announce a body and never finish it hold no generation place and each hold a reading place for `body_timeout` at
+  most (before, 32 such connections locked every other client out for good).
 
 Refusals carry `Connection: close`, so the server drops the rest of an unread body instead of parsing through it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 
@@ -96,16 +101,19 @@ class RequestGuard:
         any_ip_host: also serve every IP-literal Host.
         api_key: the key requests must carry as a bearer token; None: no key.
         max_request_bytes: the largest body read.
-        max_pending: the most requests past the checks at once (waiting for the generation lock or running).
+        max_pending: the most requests past the checks at once (waiting for the generation lock or running), and
+            the most bodies being read at once.
+        body_timeout: seconds a client may take to send its whole body.
     """
 
     def __init__(self, app, *, allowed_hosts: tuple[str, ...] | None, any_ip_host: bool, api_key: str | None,
-                 max_request_bytes: int, max_pending: int):
+                 max_request_bytes: int, max_pending: int, body_timeout: float = 30.0):
         self.app = app
         self.allowed_hosts, self.any_ip_host = allowed_hosts, any_ip_host
         self.api_key = api_key
-        self.max_request_bytes, self.max_pending = max_request_bytes, max_pending
-        self.pending = 0
+        self.max_request_bytes, self.max_pending, self.body_timeout = max_request_bytes, max_pending, body_timeout
+        self.pending = 0  # requests whose body is read: waiting for the generation or running
+        self.receiving = 0  # requests whose body is being read
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -118,14 +126,25 @@ class RequestGuard:
         if refusal is not None:
             await _answer(send, *refusal)
             return
+        self.receiving += 1
+        try:
+            body = await asyncio.wait_for(_read_body(receive, self.max_request_bytes), self.body_timeout)
+        except asyncio.TimeoutError:
+            await _answer(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                          "request_timeout")
+            return
+        finally:
+            self.receiving -= 1
+        if body is None:  # the client left
+            return
+        if len(body) > self.max_request_bytes:
+            await _answer(send, *self._too_large())
+            return
+        if self.pending >= self.max_pending:
+            await _answer(send, *self._busy())
+            return
         self.pending += 1
         try:
-            body = await _read_body(receive, self.max_request_bytes)
-            if body is None:  # the client left
-                return
-            if len(body) > self.max_request_bytes:
-                await _answer(send, *self._too_large())
-                return
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.pending -= 1
@@ -151,10 +170,13 @@ class RequestGuard:
                 return 400, "Content-Length: not a number", "invalid_content_length", ()
             if length > self.max_request_bytes:
                 return self._too_large()
-        if self.pending >= self.max_pending:
-            return (429, f"too many requests in flight ({self.max_pending}); generations run one at a time, retry "
-                    "later", "rate_limit_exceeded", ())
+        if self.pending >= self.max_pending or self.receiving >= self.max_pending:
+            return self._busy()
         return None
+
+    def _busy(self) -> tuple:
+        return (429, f"too many requests in flight ({self.max_pending}); generations run one at a time, retry "
+                "later", "rate_limit_exceeded", ())
 
     def _too_large(self) -> tuple:
         return (413, f"request body larger than {self.max_request_bytes} bytes (--max-request-bytes)",
