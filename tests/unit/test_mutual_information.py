@@ -110,3 +110,20 @@ def test_knn_on_reduced_images_is_finite_and_positive():
     features = torch.nn.functional.avg_pool2d(images, 2).repeat(1, 4, 1, 1)  # [300, 4, 4, 4], a function of the image
     estimate = knn_mutual_information(images, features, dims=3, samples=250)
     assert estimate.pairs == 250 and 0.2 < estimate.nats < 10
+
+
+def test_image_record_carries_every_estimator_with_its_spread():
+    from splitveil.experiments.image_privacy import ImageAttackSpec, run_image_attack
+
+    spec = ImageAttackSpec.quick(dataset="digits", model="lenet", split=2, attack="rmle", samples=8, rmle_steps=2,
+                                 mine_steps=60, mine_repeats=2)
+    record = run_image_attack(spec)
+    information = record["mutual_information"]
+    assert set(information) == {"mine", "infonce", "knn", "pairs", "settings"}
+    assert information["pairs"] == 989  # digits: 271 test images, then 718 auxiliary ones
+    assert information["settings"]["budget"]["max_steps"] == 60 and information["settings"]["seeds"] == 2
+    for name in ("mine", "infonce", "knn"):
+        assert len(information[name]["runs"]) == 2
+        assert information[name]["low"] <= information[name]["mean"] <= information[name]["high"]
+    assert record["mine"] == information["mine"]["mean"] and record["mine_runs"] == information["mine"]["runs"]
+    assert information["infonce"]["cap"] > 0

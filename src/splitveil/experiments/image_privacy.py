@@ -28,14 +28,17 @@ class ImageAttackSpec:
     samples: int = 500  # test images attacked and scored
     train_size: int = 30_000  # victim's training images (capped at 45% of the data set)
     aux_size: int = 15_000  # attacker's auxiliary images, disjoint from the victim's (capped at 40%)
-    test_size: int = 2_000  # held-out images: attacked ones are the first `samples`; MINE uses all
+    test_size: int = 2_000  # held-out images: attacked ones are the first `samples`
     epochs: int = 15  # victim classifier epochs
     attacker: StopRule = field(default_factory=StopRule)  # learned attacks (decoder, substitute, c-GAN) train until
     # their held-out loss plateaus, the same rule in quick and full runs (a cap reached is recorded as not converged)
     rmle_steps: int = 300
-    mine_steps: int = 500
-    mine_repeats: int = 3  # MINE estimates (seeds seed, seed+1, ...) averaged per cut: one is noisy
-    mine_lr: float = 5e-4  # at 500 steps, 1e-3 sent some seeds astray (cut 3: 2.17 to 4.44 nats; 5e-4: 4.36 to 4.38)
+    mine_steps: int = 3000  # cap of each neural MI bound's training (MINE, InfoNCE); they stop on a held-out plateau
+    mine_repeats: int = 3  # seeds per MI estimator (seed, seed+1, ...): records give each one's mean and min-max spread
+    mine_lr: float = 5e-4  # the first release's fixed 500 steps at 1e-3 sent some seeds astray (2.17 to 4.44 nats)
+    mi_estimators: tuple[str, ...] = ("mine", "infonce", "knn")  # metrics/mi_compare.py; an ordering needs two
+    mi_pairs: int = 5_000  # images for the MI estimators: the test ones, then auxiliary ones (same distribution; on
+    # digits, 271 pairs left InfoNCE's seeds 1.8 nats apart, 989 pairs 0.1-0.3)
     attack_options: dict = field(default_factory=dict)  # extra keyword arguments of the attack
     defence: str = "none"  # a registered image defence (protect.image), built in at the cut
     strength: float | None = None  # its one knob; None: the defence's default
@@ -47,12 +50,11 @@ class ImageAttackSpec:
 
     @classmethod
     def quick(cls, **overrides) -> "ImageAttackSpec":
-        """Smaller data, victims and MINE; the attackers train to convergence as in a full run. Victims: 3 epochs on
-        10,000 images, one-cycle schedule, no augmentation (the first release's single constant-rate epoch left the
-        VGG at 0.827 and a funnel-shaped edge far from converged)."""
+        """Smaller data and victims; the attackers and the MI bounds train to convergence as in a full run. Victims:
+        3 epochs on 10,000 images, one-cycle schedule, no augmentation (the first release's single constant-rate epoch
+        left the VGG at 0.827 and a funnel-shaped edge far from converged)."""
         return cls(**{"samples": 200, "train_size": 10_000, "aux_size": 5_000, "test_size": 1_000, "epochs": 3,
-                      "rmle_steps": 150, "mine_steps": 200, "mine_repeats": 3,
-                      "mine_lr": 1e-3, "schedule": "onecycle", "augment": False, "heldout_accuracy": False,
+                      "rmle_steps": 150, "schedule": "onecycle", "augment": False, "heldout_accuracy": False,
                       **overrides})
 
     def make_defence(self):
@@ -178,6 +180,16 @@ def attack_options(spec: ImageAttackSpec) -> dict:
     return {**options, **spec.attack_options}
 
 
+def mi_settings(spec: ImageAttackSpec):
+    """The mutual-information estimators a record runs (MINE always: reports and plots read it)."""
+    from splitveil.metrics.bound_training import MIBudget
+    from splitveil.metrics.mi_compare import MISettings
+
+    estimators = tuple(dict.fromkeys(("mine", *getattr(spec, "mi_estimators", ("mine",)))))
+    return MISettings(seeds=spec.mine_repeats, estimators=estimators,
+                      budget=MIBudget(max_steps=spec.mine_steps, lr=spec.mine_lr))
+
+
 def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict | None = None,
                      mine_cache: dict | None = None) -> dict:
     """Runs one attack on one split of the victim defended by `spec.defence`, and returns its record.
@@ -194,7 +206,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
     from splitveil.experiments.records import environment
     from splitveil.metrics.image import distance_correlation, mse, psnr, ssim
-    from splitveil.metrics.mine import mine_estimate
+    from splitveil.metrics.mi_compare import estimate_mutual_information
     from splitveil.plan.plan import SplitPlan, apply
     from splitveil.train.classifier import accuracy, predict
 
@@ -234,16 +246,16 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     attack_seconds = time.perf_counter() - attack_began
     baseline = splits.aux.images.mean(0, keepdim=True).expand_as(originals)  # the attacker's prior: the mean image
     key = (spec.dataset, spec.model, spec.split, spec.seed, len(test), spec.mine_steps, spec.mine_repeats, spec.mine_lr,
+           tuple(spec.mi_estimators), spec.mi_pairs,
            defence.name, defence.strength, tuple(sorted(defence.options().items())))
     if mine_cache is not None and key in mine_cache:
-        mine_runs = mine_cache[key]
+        information = mine_cache[key]
     else:
         torch.manual_seed(spec.seed + 11)
-        test_features = target.query(test.images)
-        mine_runs = [mine_estimate(test.images, test_features, steps=spec.mine_steps, lr=spec.mine_lr, seed=spec.seed + i)
-                     for i in range(spec.mine_repeats)]
+        pairs = torch.cat([test.images, splits.aux.images])[:spec.mi_pairs]  # [P, C, H, W]
+        information = estimate_mutual_information(pairs, target.query(pairs), mi_settings(spec), seed=spec.seed)
         if mine_cache is not None:
-            mine_cache[key] = mine_runs
+            mine_cache[key] = information
     evaluator = victim["evaluator"]
     threat = attack.describe()
     if defence.trains:
@@ -271,8 +283,9 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "baseline_ssim": ssim(baseline, originals),
         "recon_accuracy": accuracy(predict(evaluator, reconstructions), test.labels[:n]),
         "evaluator": {"model": victim["evaluator_model"], "accuracy_on_originals": accuracy(predict(evaluator, originals), test.labels[:n])},
-        "mine": sum(mine_runs) / len(mine_runs),
-        "mine_runs": mine_runs,
+        "mine": information["mine"]["mean"],
+        "mine_runs": information["mine"]["runs"],
+        "mutual_information": information,  # per estimator: mean, min-max over seeds, steps, plateau reached
         "dcor": distance_correlation(originals, features),
         "dcor_unbiased": distance_correlation(originals, features, bias_corrected=True),
         **attack.training_record(),

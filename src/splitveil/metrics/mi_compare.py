@@ -40,10 +40,11 @@ class MISettings:
     seeds: int = 3  # runs per estimator (seeds seed, seed+1, ...)
     budget: MIBudget = MIBudget()  # neural bounds: step cap, early stopping, batch, learning rate, held-out fractions
     estimators: tuple[str, ...] = ESTIMATORS
-    infonce_eval_batch: int = 256  # test pairs per InfoNCE batch: the bound's cap is log of it
+    infonce_eval_batch: int = 1024  # test pairs per InfoNCE batch (about): the bound's cap is log of it
     knn_dims: int = 4  # principal components of x and of z kept for KSG
     knn_k: int = 5
     knn_fraction: float = 0.8  # of the pairs, a different random subset per seed
+    knn_max_pairs: int = 3000  # at most this many (KSG holds three N x N distance matrices)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -56,7 +57,8 @@ def estimate_mutual_information(x: torch.Tensor, z: torch.Tensor, settings: MISe
     """Every estimator of `settings` on pairs (x [N, ...], z [N, ...]) over `settings.seeds` seeds.
 
     Returns:
-        {estimator: summarise(...)} plus "settings" (the resolved settings) — what a record stores.
+        {estimator: summarise(...)} plus "pairs" (how many were given) and "settings" (the resolved settings): what a
+        record stores.
     """
     from splitveil.metrics.infonce import infonce
     from splitveil.metrics.knn_mi import knn_mutual_information
@@ -65,14 +67,14 @@ def estimate_mutual_information(x: torch.Tensor, z: torch.Tensor, settings: MISe
     unknown = set(settings.estimators) - set(ESTIMATORS)
     if unknown:
         raise ConfigError(f"unknown estimator(s) {sorted(unknown)}; known: {', '.join(ESTIMATORS)}")
-    knn_samples = max(2 * settings.knn_k, int(len(x) * settings.knn_fraction))
+    knn_samples = min(settings.knn_max_pairs, max(2 * settings.knn_k, int(len(x) * settings.knn_fraction)))
     run = {"mine": lambda s: mine(x, z, budget=settings.budget, seed=s),
            "infonce": lambda s: infonce(x, z, budget=settings.budget, eval_batch=settings.infonce_eval_batch, seed=s),
            "knn": lambda s: knn_mutual_information(x, z, dims=settings.knn_dims, k=settings.knn_k, seed=s,
                                                    samples=knn_samples)}
     seeds = range(seed, seed + settings.seeds)
     result = {name: summarise([run[name](s) for s in seeds]) for name in settings.estimators}
-    return {**result, "settings": settings.to_dict()}
+    return {**result, "pairs": len(x), "settings": settings.to_dict()}
 
 
 @dataclass(frozen=True)
