@@ -148,3 +148,28 @@ def test_the_cli_refuses_bad_flags_with_one_line(capsys, argv, message):
 
     assert main(["attack", "weights", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_slip_config_mask_rank_hardens_the_deployment_it_builds():
+    """`SlipConfig(mask_rank=r)` (`slip generate --protect weights --mask-rank r`, `slip export-bundle --mask-rank r`)
+    decomposes every matrix hardened: rank k + r, full-rank residuals, same tokens."""
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.protect.slip.client import SlipClient
+    from splitveil.protect.slip.executor import SlipExecutorService
+    from splitveil.protect.slip.trusted import SlipConfig, SlipModel
+    from splitveil.transport.loopback import LoopbackTransport
+
+    ids = [1, 5, 9, 3, 7, 2, 11]
+    expected = SplitCausalLM(tiny_causal_lm("llama", weight_scale=1.0)).generate(ids, max_new_tokens=8, eos_token_ids=()).token_ids
+    slip = SlipModel(tiny_causal_lm("llama", weight_scale=1.0), SlipConfig(rank=2, include_head=True, mask_rank=2),
+                     generator=np.random.default_rng(0))
+    assert slip.secure_rank() == 4
+    residual = next(iter(slip.decompositions.values()))[0].residual.double()
+    values = torch.linalg.svdvals(residual)
+    assert float(values[-1] / values[0]) > 1e-5  # no null space left to read the secret subspaces from
+    transport = LoopbackTransport(SlipExecutorService(slip.executor_weights(), mode="fixed").handle)
+    slip.attach(SlipClient(transport))
+    result = SplitCausalLM(slip.model, None, transport=transport).generate(ids, max_new_tokens=8, eos_token_ids=())
+    assert result.token_ids == expected
+    with pytest.raises(ConfigError, match="mask-rank"):
+        SlipConfig(rank=0, mask_rank=2)

@@ -28,7 +28,8 @@ class Mode(str, Enum):
 
 
 def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: float | None, split: str | None,
-                   fixed_point: bool, repetitions: int, soundness_bits: int = 40, pad_to: int = 1):
+                   fixed_point: bool, repetitions: int, soundness_bits: int = 40, pad_to: int = 1,
+                   mask_rank: int = 0):
     """The SlipConfig a command line asks for (bad combinations are ConfigErrors: exit 2, one line)."""
     from splitveil.protect.slip.cost import default_rank
     from splitveil.protect.slip.trusted import SlipConfig
@@ -47,7 +48,9 @@ def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: 
         if rank is None and energy is None:
             rank = default_rank(model_config, repetitions=repetitions)
         return SlipConfig(mode=mode, rank=rank, energy=energy, layers=(0, layers_total), include_head=True,
-                          repetitions=repetitions, soundness_bits=soundness_bits, pad_to=pad_to)
+                          repetitions=repetitions, soundness_bits=soundness_bits, pad_to=pad_to, mask_rank=mask_rank)
+    if mask_rank:
+        raise ConfigError("--mask-rank hardens the weights deployment's split; the prompt deployment has no secure part")
     layers = (0, layers_total)
     if split:
         from splitveil.plan.plan import parse_cuts
@@ -66,6 +69,10 @@ def resolve_config(model_config, *, protect: Protect, rank: int | None, energy: 
 FLOAT_HELP = ("Ring Z_2^64 with uniform one-time masks (information-theoretic hiding, exact Freivalds and range "
               "checks) or float64 with large masks: statistical hiding only, and its check accepts errors within a "
               "tolerance (~1e-3 on every output passes), so --float is for benchmarks, not for integrity.")
+MASK_RANK_HELP = ("Weights deployment: harden the split with a secret random rank-r term in the secure part, so that "
+                  "the executor's residual is full rank and its null spaces no longer reveal the secret subspaces "
+                  "(`splitveil attack weights --attack nullspace`; r = 4 keeps SmolLM2's secure share under 5%). "
+                  "0 = the plain split.")
 PAD_HELP = ("Pad the prompt's products with dummy rows (masked like the rest, computed on by the executor, dropped "
             "here) to a multiple of N rows: the executor sees the prompt length rounded up to N. Tokens are unchanged.")
 
@@ -91,6 +98,7 @@ def generate(
                                        "many check vectors as its range needs for a wrong reply to pass with "
                                        "probability <= 2^-B (0: exactly --repetitions)."),
     pad_to: int = typer.Option(1, "--pad-to", min=1, help=PAD_HELP),
+    mask_rank: int = typer.Option(0, "--mask-rank", min=0, help=MASK_RANK_HELP),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     server: str = typer.Option(None, "--server", help="Use the executor at this URL (`splitveil slip serve`) instead "
                                "of starting one as a child process."),
@@ -118,7 +126,7 @@ def generate(
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
     config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split,
                             fixed_point=fixed_point, repetitions=repetitions, soundness_bits=soundness_bits,
-                            pad_to=pad_to)
+                            pad_to=pad_to, mask_rank=mask_rank)
     summary = run_protected(model, config, protect=protect, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat,
                             server=server, token_file=token_file, ca=ca, pin=pin, log_frames=log_frames,
                             quiet=json_output)
@@ -256,6 +264,7 @@ def export_bundle(
     split: str = typer.Option(None, "--split", "-s", help="Prompt deployment: the offloaded layers A,B."),
     repetitions: int = typer.Option(2, "--repetitions", "-t", min=0, help="As in `slip generate` (the default rank "
                                     "counts the checks' cost)."),
+    mask_rank: int = typer.Option(0, "--mask-rank", min=0, help=MASK_RANK_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: out, files, model, sha256, groups."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
@@ -270,7 +279,7 @@ def export_bundle(
     setup(threads)
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
     config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split, fixed_point=True,
-                            repetitions=repetitions)
+                            repetitions=repetitions, mask_rank=mask_rank)
     with status(f"loading and decomposing {model} ...", quiet=json_output):
         manifest = write_bundle(model, config, out)
     summary = {"out": str(out), "files": sorted(p.name for p in out.iterdir()), "model": manifest["model"],

@@ -23,7 +23,8 @@ def slip_cache_dir(model_name: str, config: SlipConfig) -> Path:
     from splitveil.models.loading import cache_root, config_digest
 
     key = {"v": CACHE_VERSION, "model": config_digest(model_name), "rank": config.rank, "energy": config.energy,
-           "layers": config.layers, "head": config.include_head}
+           "layers": config.layers, "head": config.include_head,
+           **({"mask_rank": config.mask_rank} if config.mask_rank else {})}  # (plain caches keep their key)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_root() / "slip" / digest
 

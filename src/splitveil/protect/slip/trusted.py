@@ -59,6 +59,8 @@ class SlipConfig:
     pad_to: the first product of a session (the prompt) and every multi-row product are padded with dummy rows
         to a multiple of pad_to, so that the executor sees the prompt length rounded up (1 = no padding).
     float_mask_scale: float masks are uniform in [-scale, scale].
+    mask_rank: 0 for the plain split; r > 0 folds a secret random rank-r term into the secure part so that the
+        residual is full rank and the null-space attack on it finds nothing (`decompose.py`, docs/slip.md).
     """
 
     mode: str = "fixed"
@@ -71,6 +73,7 @@ class SlipConfig:
     soundness_bits: int = 40
     pad_to: int = 1
     float_mask_scale: float = 2.0**24
+    mask_rank: int = 0  # weights deployment: r > 0 hardens the split (a secret rank-r term; `decompose.py`)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -83,6 +86,10 @@ class SlipConfig:
             raise ConfigError(f"--pad-to must be >= 1, got {self.pad_to}")
         if not self.float_mask_scale > 0:
             raise ConfigError("the float mask scale must be > 0")
+        if self.mask_rank < 0:
+            raise ConfigError(f"--mask-rank must be >= 0, got {self.mask_rank}")
+        if self.mask_rank and not (self.rank or self.energy):
+            raise ConfigError("--mask-rank hardens a secure part: it needs a secure rank k >= 1 (the weights deployment)")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -312,8 +319,8 @@ class SlipModel(ProtectedGroups):
         for group, modules in found:
             parts = (decompositions or {}).get(group.group_id)
             if parts is None:
-                parts = [decompose(weight_matrix(module), rank=rank if config.energy is None else None, energy=config.energy)
-                         for module in modules]
+                parts = [decompose(weight_matrix(module), rank=rank if config.energy is None else None, energy=config.energy,
+                                   mask_rank=config.mask_rank) for module in modules]
             self.decompositions[group.group_id] = parts
             biases = [getattr(module, "bias", None) for module in modules]
             biases = [b.detach().clone() if b is not None else None for b in biases]
