@@ -207,6 +207,9 @@ class EnclaveOperator:
                 self.__exit__()
                 raise ConfigError(f"serve --enclave did not start: {tail[0]}")
             time.sleep(0.2)
+        logged = [line.split("its log: ", 1)[1].strip() for line in self.log_path.read_text().splitlines()
+                  if "its log: " in line]
+        self.executor_log = Path(logged[0]) if logged else None  # the trusted executor's own log (a file, never a pipe)
         return self
 
     def transport(self):

@@ -250,7 +250,8 @@ def run(spec, *, progress=None) -> dict:
     prompts, expected = bystander_prompts(model, tokenizer, spec.bystander_tokens)
     record = {"benchmark": "fuzz", "target": "enclave", "spec": asdict(spec), "environment": environment(), "categories": names}
     with EnclaveOperator(spec.model, spec.cuts) as operator:
-        unhandled = locked(log_watcher(operator.log_path))
+        watchers = [log_watcher(path) for path in (operator.log_path, operator.executor_log) if path is not None]
+        unhandled = locked(lambda: [line for watch in watchers for line in watch()])
         executor = (children(operator.process.pid) or [operator.process.pid])[0]
         transport = operator.transport()
         lm = split_lm(model, tokenizer, spec.cuts, transport)
