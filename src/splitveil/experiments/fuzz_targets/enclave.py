@@ -231,6 +231,8 @@ class EnclaveFuzzClient(FuzzClient):
         outcome.answers[before] = f"inner_{kind}"
         if kind == "ok" and inner.session == NO_SESSION:
             inner.seq = 0
+        if kind == "error":  # a refusal ends the inner session (as it ends a plain connection's); the sealed one goes on
+            inner.session, inner.seq = NO_SESSION, 0
         return True
 
 
