@@ -84,6 +84,16 @@ def _summary(record: dict) -> str:
             + trained)
 
 
+MI_SEEDS_HELP = ("Seeds per mutual-information estimator (MINE, InfoNCE, k-NN; default 3): records give each one's "
+                 "mean and spread, and an ordering is claimed only beyond the spread, so fewer seeds claim less.")
+MI_PAIRS_HELP = "Images the mutual-information estimators use (default 5,000: test images, then auxiliary ones)."
+
+
+def _mi_options(seeds: int | None, pairs: int | None) -> dict:
+    """The spec fields of `--mi-seeds` / `--mi-pairs` given (the spec's defaults otherwise)."""
+    return {k: v for k, v in (("mine_repeats", seeds), ("mi_pairs", pairs)) if v is not None}
+
+
 @app.command("image")
 def image(
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help="fashion-mnist, mnist (5k), digits (8x8) or lfw."),
@@ -104,6 +114,8 @@ def image(
                                 "none, noise, dropout, nopeek, vib, cem or siftfunnel. The attack knows it (adaptive)."),
     strength: float = typer.Option(None, "--strength", help="The defence's one knob (0 = undefended; default: the "
                                    "defence's own, see docs/privacy-image.md)."),
+    mi_seeds: int = typer.Option(None, "--mi-seeds", min=1, help=MI_SEEDS_HELP),
+    mi_pairs: int = typer.Option(None, "--mi-pairs", min=100, help=MI_PAIRS_HELP),
 ) -> None:
     """Reconstruct private images from what crosses one cut of a split classifier, and score the reconstructions."""
     from splitveil.experiments.image_privacy import run_image_attack, write_image_report
@@ -119,7 +131,7 @@ def image(
         _check_out(out)
     setup(threads)
     spec = _spec(quick, dataset=dataset, model=model, split=split, attack=attack, seed=seed, defence=defence,
-                 strength=strength, **({"samples": samples} if samples else {}))
+                 strength=strength, **({"samples": samples} if samples else {}), **_mi_options(mi_seeds, mi_pairs))
     with err_console.status(f"{attack} attack on {model} split {split} ({dataset}, defence {defence}) ..."):
         record = run_image_attack(spec, quiet=json_output)
     if out is not None:
@@ -155,6 +167,8 @@ def image_sweep(
     defences: str = typer.Option(None, "--defences", help="Defences to attack, NAME or NAME:STRENGTH, comma-separated "
                                  "(e.g. none,noise:0.5,noise:1,siftfunnel): writes image-defences_* records, a "
                                  "privacy-utility plot, a grid per defence and a report with SiftFunnel's claims."),
+    mi_seeds: int = typer.Option(None, "--mi-seeds", min=1, help=MI_SEEDS_HELP),
+    mi_pairs: int = typer.Option(None, "--mi-pairs", min=100, help=MI_PAIRS_HELP),
 ) -> None:
     """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth (or against each defence),
     with a report."""
@@ -181,7 +195,8 @@ def image_sweep(
     kind = "image-defences" if chosen else "image-privacy"
     stem = f"{kind}_{dataset}_{model}{'_quick' if quick else ''}"
     write = write_defence_report if chosen else write_image_report
-    spec = _spec(quick, dataset=dataset, model=model, seed=seed, **({"samples": samples} if samples else {}))
+    spec = _spec(quick, dataset=dataset, model=model, seed=seed, **({"samples": samples} if samples else {}),
+                 **_mi_options(mi_seeds, mi_pairs))
     began, done = time.perf_counter(), set()
     with err_console.status(f"training or loading the victim, then {len(names)} attack(s) at {len(cuts)} cut(s) "
                             f"x {len(chosen or [0])} defence(s) in {jobs} process(es) ...") as spinner:
