@@ -63,7 +63,8 @@ def result_stem(kind: str, model: str, cuts, threads: int) -> str:
     """The file name stem of a benchmark's JSON and PNG: what ran, on which split, with how many torch threads."""
     from pathlib import Path
 
-    return f"{kind}_{Path(model).name}_split-{'-'.join(map(str, cuts))}_cpu-{threads}thread"
+    split = f"_split-{'-'.join(map(str, cuts))}" if cuts else ""  # (a target that takes no split: SLIP's executor)
+    return f"{kind}_{Path(model).name}{split}_cpu-{threads}thread"
 
 
 def load_model(name: str, *, quiet: bool = False):

@@ -233,7 +233,8 @@ def fuzz_subject(spec, subject: Subject, make_client: Callable[..., object], bys
 
 ANSWER_KINDS = [("error", "ERROR frame"), ("result", "valid RESULT"), ("ok", "OK"), ("close_1009", "close 1009"),
                 ("http_4xx", "HTTP 4xx"), ("http_2xx", "HTTP 2xx"), ("http_closed", "closed"),
-                ("served_meanwhile", "bystander served meanwhile")]
+                ("served_meanwhile", "bystander served meanwhile"), ("inner_error", "sealed: trunk's ERROR"),
+                ("inner_result", "sealed: valid RESULT"), ("inner_ok", "sealed: OK")]
 
 
 def plot_fuzz_bench(record: dict, path):
