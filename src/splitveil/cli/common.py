@@ -78,3 +78,18 @@ def load_model(name: str, *, quiet: bool = False):
 def print_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
     sys.stdout.flush()
+
+
+def attest_option():
+    """`--attest [MEASUREMENT]` of the clients of `serve --enclave` (`generate`, `edge`)."""
+    return typer.Option(None, "--attest", metavar="[MEASUREMENT]", help="The server is a trusted executor (`serve "
+                        "--enclave`): attest it and seal every frame to it. Alone, the expected measurement is "
+                        "computed here from this machine's code and weights (needs --split); with 64 hex digits, that "
+                        "value is pinned. A server that does not prove it gets nothing.")
+
+
+def attest_key_option():
+    """`--attest-key FILE`, the attestation verification key of `--attest`."""
+    return typer.Option(None, "--attest-key", help="With --attest: the attestation verification key (a public key "
+                        "file, or the SIMULATED key file of `serve --enclave --attestation-key`, of which only the "
+                        "public half is used).")

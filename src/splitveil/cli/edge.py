@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import err_console, load_model, setup, status
+from splitveil.cli.common import attest_key_option, attest_option, err_console, load_model, setup, status
 from splitveil.cli.generate import Wire
 from splitveil.core.errors import ConfigError
 from splitveil.transport.network import is_loopback
@@ -45,13 +45,8 @@ def edge(
     ca: Path = typer.Option(None, "--ca", help="Trust this certificate for --server (e.g. the server's --tls-cert)."),
     pin: str = typer.Option(None, "--pin", help="Trust exactly the --server certificate with this SHA-256 fingerprint."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback."),
-    attest: str = typer.Option(None, "--attest", metavar="[MEASUREMENT]", help="The --server is a trusted executor "
-                               "(`serve --enclave`): attest it and seal every frame to it. Alone, the expected "
-                               "measurement is computed here from this machine's code and weights (needs --split); "
-                               "with 64 hex digits, that value is pinned."),
-    attest_key: Path = typer.Option(None, "--attest-key", help="With --attest: the attestation verification key (a "
-                                    "public key file, or the SIMULATED key file of `serve --enclave "
-                                    "--attestation-key`, of which only the public half is used)."),
+    attest: str = attest_option(),
+    attest_key: Path = attest_key_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
     """Serve the OpenAI chat and completions API on this device, through the split (requests are served one at a time).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import err_console, load_model, print_json, setup, status
+from splitveil.cli.common import attest_key_option, attest_option, err_console, load_model, print_json, setup, status
 from splitveil.cli.slip import PAD_HELP, Protect
 from splitveil.core.errors import ConfigError
 
@@ -41,13 +41,8 @@ def generate(
                             "(checked right after the TLS handshake, before the token is sent)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback (the token "
                                   "and hidden states cross the network in clear)."),
-    attest: str = typer.Option(None, "--attest", metavar="[MEASUREMENT]", help="The server is a trusted executor "
-                               "(`serve --enclave`): attest it and seal every frame to it. Alone, the expected "
-                               "measurement is computed here from this machine's code and weights (needs --split); "
-                               "with 64 hex digits, that value is pinned. A server that does not prove it gets nothing."),
-    attest_key: Path = typer.Option(None, "--attest-key", help="With --attest: the attestation verification key (a "
-                                    "public key file, or the SIMULATED key file of `serve --enclave "
-                                    "--attestation-key`, of which only the public half is used)."),
+    attest: str = attest_option(),
+    attest_key: Path = attest_key_option(),
     protect: Protect = typer.Option(None, "--protect", help="prompt: SLIP's prompt deployment, the same path as "
                                     "`splitveil slip generate --protect prompt`: the linear layers of layers A..B-1 of "
                                     "--split A,B run in an untrusted executor (a child process over TLS, or --server "

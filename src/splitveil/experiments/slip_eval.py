@@ -38,7 +38,7 @@ def residual_perplexity_curve(model_name: str, ranks: list[int], *, heldout_char
     """Perplexity on held-out text (the end of the fortunes corpus) of SmolLM2 whose every decomposable weight is
     its residual W - W_secure(k); embeddings and norms kept (the most generous attacker: it is given them)."""
     from splitveil.attack.text.learned import fortunes_corpus
-    from splitveil.metrics.text import mean_nll, perplexity
+    from splitveil.metrics.text import model_perplexity
     from splitveil.models.loading import load_causal_lm
     from splitveil.protect.slip.decompose import is_decomposable, set_weight_matrix, weight_matrix
 
@@ -55,12 +55,7 @@ def residual_perplexity_curve(model_name: str, ranks: list[int], *, heldout_char
     svd_seconds = time.perf_counter() - started
 
     def score() -> float:
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for ids in texts:
-                nll, n = mean_nll(model(torch.tensor([ids])).logits[0], ids)
-                total, count = total + nll, count + n
-        return perplexity(total, count)
+        return model_perplexity(model, texts)
 
     points = []
     for k in ranks:

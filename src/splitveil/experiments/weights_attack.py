@@ -63,18 +63,6 @@ class WeightsAttackSpec:
         return {**asdict(self), "finetune": self.finetune.to_dict()}
 
 
-def heldout_perplexity(model: nn.Module, texts: list[list[int]]) -> float:
-    """Perplexity of `model` over the token-id texts, each scored on its own (as `slip eval`)."""
-    from splitveil.metrics.text import mean_nll, perplexity
-
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for ids in texts:
-            nll, n = mean_nll(model(torch.tensor([ids])).logits[0], ids)
-            total, count = total + nll, count + n
-    return perplexity(total, count)
-
-
 def attacker_text(tokenizer, spec: WeightsAttackSpec) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """(training sequences [N, T], the attacker's held-out sequences [V, T], perplexity texts) from the fortunes
     corpus: the attacker's text from its start, the perplexity texts from its end (disjoint)."""
@@ -152,13 +140,10 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     from splitveil.attack.weights import WEIGHTS_ATTACKS, WeightsTarget
     from splitveil.attack.weights.subspace import hindsight_alignment, narrow_alignment, orthonormal
     from splitveil.experiments.records import environment
+    from splitveil.metrics.text import model_perplexity
     from splitveil.models.loading import load_causal_lm
+    from splitveil.protect.slip.cost import default_rank
     from splitveil.protect.slip.decompose import decompose, set_weight_matrix, weight_matrix
-
-    try:  # the cost model moved from `trusted` to `cost`
-        from splitveil.protect.slip.cost import default_rank
-    except ImportError:
-        from splitveil.protect.slip.trusted import default_rank
 
     say = progress or (lambda message: None)
     attack_class = WEIGHTS_ATTACKS.get(spec.attack)
@@ -172,7 +157,7 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
         raise ConfigError(f"the secure rank must be >= 1 to attack the weights deployment, got {rank}")
     train, held_out, perplexity_texts = attacker_text(tokenizer, spec)
     say("perplexity of the original model ...")
-    perplexity_original = heldout_perplexity(model, perplexity_texts)
+    perplexity_original = model_perplexity(model, perplexity_texts)
 
     matrices = protected_matrices(model)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -195,7 +180,7 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     secure_ranks = {name: parts[id(module)].rank for name, module in matrices}
     del parts
     say("perplexity of the residual-only model ...")
-    perplexity_residual = heldout_perplexity(model, perplexity_texts)
+    perplexity_residual = model_perplexity(model, perplexity_texts)
 
     attack = attack_class(WeightsTarget(model, secure_ranks), seed=spec.seed)
     del model
@@ -206,7 +191,7 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     say(f"{spec.attack}: fine-tuning {attack.unknowns():,} unknowns on {len(train) * train.shape[1]:,} tokens ...")
     training = attack.fit(train, held_out, spec.finetune, quiet=quiet, report=progress)
     say("perplexity after the attack ...")
-    perplexity_after = heldout_perplexity(attack.reconstruct(), perplexity_texts)
+    perplexity_after = model_perplexity(attack.reconstruct(), perplexity_texts)
     return {
         "spec": spec.to_dict(), "model": spec.model, "attack": spec.attack, "hardened": spec.hardened,
         "rank": rank, "mask_rank": spec.mask_rank if spec.hardened else 0, "matrices": len(matrices),

@@ -44,3 +44,16 @@ def perplexity(nll_sum: float, count: int) -> float:
     import math
 
     return math.exp(nll_sum / count) if count else float("nan")
+
+
+def model_perplexity(model, texts: list[list[int]]) -> float:
+    """Perplexity of a causal LM (a transformers model: `model(ids).logits`) over token-id texts, each scored on its
+    own."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in texts:
+            nll, n = mean_nll(model(torch.tensor([ids])).logits[0], ids)
+            total, count = total + nll, count + n
+    return perplexity(total, count)

@@ -19,6 +19,22 @@ PROTOCOL_CATEGORIES = ("random_bytes", "bit_flip", "truncation", "bad_header", "
                        "second_open", "no_session", "close_then_use", "oversize", "http")
 
 
+def session_forward(message, t: Target, *, codec: str):
+    """`message` decoded when it is a 1-D `codec` FORWARD of the connection's session with the expected sequence
+    number (what any frame target's RESULT may answer); None otherwise."""
+    from splitveil.core.errors import WireError
+    from splitveil.wire.frame import NO_SESSION, FrameKind, decode_frame
+
+    try:
+        frame = decode_frame(message, max_bytes=t.max_frame_bytes) if isinstance(message, bytes) else None
+    except WireError:
+        return None
+    if (frame is None or frame.kind != FrameKind.FORWARD or frame.session != t.session or t.session == NO_SESSION
+            or frame.seq != t.seq or frame.codec != codec or len(frame.shape) != 1):
+        return None
+    return frame
+
+
 def frame_categories(kind: str, names: tuple[str, ...] = PROTOCOL_CATEGORIES) -> Registry[Category]:
     """A target's registry, starting with the serve target's `names` and `replay` and `reorder` (the target adds its own)."""
     registry: Registry[Category] = Registry(f"{kind} fuzz category")

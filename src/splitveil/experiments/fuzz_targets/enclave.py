@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, replace
 
-from splitveil.core.errors import SplitveilError, WireError
+from splitveil.core.errors import SplitveilError
 from splitveil.experiments.fuzz_service import CATEGORIES as SERVE_CATEGORIES
 from splitveil.experiments.fuzz_service import (
     REPLY_CAP,
@@ -34,7 +34,7 @@ from splitveil.experiments.fuzz_service import (
     raw_frame,
     register_category,
 )
-from splitveil.experiments.fuzz_targets.common import frame_categories
+from splitveil.experiments.fuzz_targets.common import frame_categories, session_forward
 from splitveil.wire.frame import NO_SESSION, decode_frame
 
 UINT8, HELLO_PART, SEALED_PART = 5, 0, 1
@@ -181,12 +181,8 @@ class EnclaveFuzzClient(FuzzClient):
     def accepts(self, message, t: Target, reply_kind: int) -> bool:
         if reply_kind != FrameKind.RESULT:
             return _accepts(message, t, reply_kind)
-        try:
-            frame = decode_frame(message, max_bytes=t.max_frame_bytes) if isinstance(message, bytes) else None
-        except WireError:
-            return False
-        if (frame is None or frame.kind != FrameKind.FORWARD or frame.session != t.session or t.session == NO_SESSION
-                or frame.seq != t.seq or frame.codec != "uint8" or len(frame.shape) != 1):
+        frame = session_forward(message, t, codec="uint8")
+        if frame is None:
             return False
         payload = frame.tensor.numpy().tobytes()
         if frame.part == HELLO_PART:

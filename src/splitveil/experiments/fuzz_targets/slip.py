@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitveil.core.errors import WireError
 from splitveil.experiments.fuzz_service import (
-    NO_SESSION,
     FrameKind,
     FuzzClient,
     Target,
@@ -33,7 +31,7 @@ from splitveil.experiments.fuzz_service import (
     raw_frame,
     register_category,
 )
-from splitveil.experiments.fuzz_targets.common import frame_categories
+from splitveil.experiments.fuzz_targets.common import frame_categories, session_forward
 from splitveil.wire.frame import decode_frame
 
 INT64, FLOAT32 = 4, 1  # wire codec ids
@@ -102,12 +100,8 @@ def slip_accepts(message, t: Target, reply_kind: int) -> bool:
 
     if reply_kind != FrameKind.RESULT:
         return _accepts(message, t, reply_kind)
-    try:
-        frame = decode_frame(message, max_bytes=t.max_frame_bytes) if isinstance(message, bytes) else None
-    except WireError:
-        return False
-    if (frame is None or frame.kind != FrameKind.FORWARD or frame.session != t.session or t.session == NO_SESSION
-            or frame.seq != t.seq or frame.part != 0 or frame.codec != "int64" or len(frame.shape) != 1 or frame.shape[0] < 3):
+    frame = session_forward(message, t, codec="int64")
+    if frame is None or frame.part != 0 or frame.shape[0] < 3:
         return False
     group, positions = int(frame.tensor[0]), int(frame.tensor[1])
     if group not in t.extra["groups"]:
@@ -132,10 +126,7 @@ def run(spec, *, progress=None) -> dict:
     from splitveil.protect.slip.runtime import ExecutorProcess, connect_client, protect_registered
     from splitveil.protect.slip.trusted import SlipConfig
 
-    try:  # where the SLIP helper moves it (protect/slip/cost.py); trusted.py before
-        from splitveil.protect.slip.cost import default_rank
-    except ImportError:
-        from splitveil.protect.slip.trusted import default_rank
+    from splitveil.protect.slip.cost import default_rank
     from splitveil.wire.frame import MAX_FRAME_BYTES
 
     names = category_names(CATEGORIES, spec.categories)
