@@ -69,8 +69,10 @@ def test_batched_steps_equal_single_steps_and_unsplit_tokens(tiny_models, family
         logits = forward_batched_step([parts[2] for parts in batched], trunk_out)
         for row, (parts, t) in enumerate(zip(single, tokens)):
             single_trunk = parts[1](parts[0](torch.tensor([[t[-1]]])))
-            torch.testing.assert_close(trunk_out[row : row + 1], single_trunk, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(logits[row : row + 1], parts[2](single_trunk), rtol=1e-5, atol=1e-5)
+            # float32 sums in another order (one padded attention call for the batch, per-row kernels): within 1e-4
+            # (1.7e-5 measured on this CPU for padded Llama); the tokens below must be identical
+            torch.testing.assert_close(trunk_out[row : row + 1], single_trunk, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[row : row + 1], parts[2](single_trunk), rtol=1e-4, atol=1e-4)
         for row, t in enumerate(tokens):
             t.append(int(logits[row, -1].argmax()))
     for prompt, t, parts in zip(_prompts(), tokens, batched):

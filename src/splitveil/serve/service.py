@@ -88,7 +88,19 @@ class SessionService:
 
     sessions: dict[bytes, SessionState]
     max_frame_bytes: int
-    _log = RateLimitedLog(log)  # where refusals are logged (bounded: a flood of bad frames must not flood the log)
+    _log_source = log  # the logger refusals go to (each subclass names its own)
+
+    @property
+    def _log(self) -> RateLimitedLog:
+        """This service's refusal log: `_log_source` at a bounded rate (a flood of bad frames must not flood it)."""
+        limiter = self.__dict__.get("_refusals")
+        if limiter is None:
+            limiter = self.__dict__["_refusals"] = RateLimitedLog(self._log_source)
+        return limiter
+
+    @_log.setter
+    def _log(self, value) -> None:
+        self.__dict__["_refusals"] = value
 
     def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None) -> tuple[object | None, bytes | None]:
         """Validates one frame. Returns (work, None) for a FORWARD to compute, else (None, reply bytes).

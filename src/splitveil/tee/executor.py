@@ -78,7 +78,7 @@ class EnclaveService(SessionService):
         observed: a list to which every received frame's raw bytes are appended (what the host relays).
     """
 
-    _log = RateLimitedLog(log)
+    _log_source = log  # refusals are logged as this executor's, at a bounded rate
 
     def __init__(self, part: Callable, *, attestation: AttestationKey, measurement: bytes, input_shape: tuple[int, ...],
                  release: Callable | None = None, info: dict | None = None, max_frame_bytes: int = MAX_FRAME_BYTES,

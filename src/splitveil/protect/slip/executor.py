@@ -37,7 +37,6 @@ import torch
 from splitveil.core.errors import ConfigError, WireError
 from splitveil.protect.slip.decompose import LinearGroup
 from splitveil.protect.slip.fixedpoint import FixedPoint, RingWeight, float64_to_wire, wire_to_float64
-from splitveil.serve.ratelog import RateLimitedLog
 from splitveil.serve.service import SessionService, SessionState
 from splitveil.wire.frame import MAX_FRAME_BYTES, Frame, FrameKind, encode_frame, text_frame
 
@@ -156,7 +155,7 @@ class SlipExecutorService(SessionService):
         tamper: test hook, (group id, correct reply) -> reply sent: a misbehaving executor.
     """
 
-    _log = RateLimitedLog(log)  # refusals are logged as the executor's, at a bounded rate (a flood must not flood it)
+    _log_source = log  # refusals are logged as this executor's, at a bounded rate
 
     def __init__(self, weights: dict[int, torch.Tensor], *, mode: str, info: dict | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, max_sessions: int = 16, max_rows: int = 1 << 24,
