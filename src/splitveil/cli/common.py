@@ -80,6 +80,27 @@ def print_json(data: dict) -> None:
     sys.stdout.flush()
 
 
+def connect_server(server: str, *, model: str, plan, token_file, ca, pin, wire: str, insecure: bool,
+                   attest: str | None, attest_key, quiet: bool = False):
+    """The client side of a split served at `server` (`generate --server`, `edge --server`): reads the token, and
+    with `--attest` computes (or takes the pinned) expected measurement before anything is sent."""
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.serve.auth import read_token
+    from splitveil.serve.build import default_token_file
+
+    token = read_token(token_file or default_token_file())
+    attestation = expected = None
+    if attest is not None:
+        from splitveil.tee.enclave_lm import client_attestation
+
+        with status("computing the expected measurement from this machine's code and weights ...", quiet=quiet):
+            attestation, expected = client_attestation(attest, attest_key, model, plan.cuts if plan else None)
+    with status(f"connecting to {server} ...", quiet=quiet):
+        return SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
+                                     wire=wire, insecure=insecure, attestation=attestation,
+                                     expected_measurement=expected)
+
+
 def attest_option():
     """`--attest [MEASUREMENT]` of the clients of `serve --enclave` (`generate`, `edge`)."""
     return typer.Option(None, "--attest", metavar="[MEASUREMENT]", help="The server is a trusted executor (`serve "

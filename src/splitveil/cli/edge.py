@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import attest_key_option, attest_option, err_console, load_model, setup, status
+from splitveil.cli.common import attest_key_option, attest_option, connect_server, err_console, load_model, setup
 from splitveil.cli.generate import Wire
 from splitveil.core.errors import ConfigError
 from splitveil.transport.network import is_loopback
@@ -87,20 +87,8 @@ def edge(
     from splitveil.edge.generate import SplitCausalLM
 
     if server:
-        from splitveil.serve.auth import read_token
-        from splitveil.serve.build import default_token_file
-
-        token = read_token(token_file or default_token_file())
-        attestation = expected = None
-        if attest is not None:
-            from splitveil.tee.enclave_lm import client_attestation
-
-            with status("computing the expected measurement from this machine's code and weights ..."):
-                attestation, expected = client_attestation(attest, attest_key, model, cuts)
-        with status(f"connecting to {server} ..."):
-            lm = SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
-                                       wire=wire.value, insecure=insecure, attestation=attestation,
-                                       expected_measurement=expected)
+        lm = connect_server(server, model=model, plan=plan, token_file=token_file, ca=ca, pin=pin, wire=wire.value,
+                            insecure=insecure, attest=attest, attest_key=attest_key)
     else:
         hf_model, tokenizer = load_model(model)
         lm = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import attest_key_option, attest_option, err_console, load_model, print_json, setup, status
+from splitveil.cli.common import (
+    attest_key_option,
+    attest_option,
+    connect_server,
+    err_console,
+    load_model,
+    print_json,
+    setup,
+    status,
+)
 from splitveil.cli.slip import PAD_HELP, Protect
 from splitveil.core.errors import ConfigError
 
@@ -87,21 +96,8 @@ def generate(
     )
     setup(threads)
     if server:
-        from splitveil.serve.auth import read_token
-        from splitveil.serve.build import default_token_file
-
-        token = read_token(token_file or default_token_file())
-        attestation = expected = None
-        if attest is not None:
-            from splitveil.tee.enclave_lm import client_attestation
-
-            with status("computing the expected measurement from this machine's code and weights ...",
-                        quiet=json_output):
-                attestation, expected = client_attestation(attest, attest_key, model, plan.cuts if plan else None)
-        with status(f"connecting to {server} ...", quiet=json_output):
-            runner = SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
-                                           wire=wire.value, insecure=insecure, attestation=attestation,
-                                           expected_measurement=expected)
+        runner = connect_server(server, model=model, plan=plan, token_file=token_file, ca=ca, pin=pin, wire=wire.value,
+                                insecure=insecure, attest=attest, attest_key=attest_key, quiet=json_output)
     else:
         hf_model, tokenizer = load_model(model, quiet=json_output)
         runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)

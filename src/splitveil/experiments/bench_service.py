@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.serve.process import stop_process
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,6 @@ def _start(command: list[str]) -> subprocess.Popen:
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def measure_round_trips(spec: ServiceBenchSpec, hidden: int, progress=None) -> dict:
     """Median and p90 round-trip time of one decode step's frame: ours vs raw TCP echo."""
     import torch
@@ -135,7 +128,7 @@ def measure_round_trips(spec: ServiceBenchSpec, hidden: int, progress=None) -> d
             transport.close()
             results["ours_tls_websocket"] = times
         finally:
-            _stop(proc)
+            stop_process(proc, 5)
         _note(progress, "round trips: raw asyncio TCP echo")
         port = free_port()
         proc = _start([sys.executable, "-m", "splitveil.experiments.echo_servers", "tcp", str(port)])
@@ -153,7 +146,7 @@ def measure_round_trips(spec: ServiceBenchSpec, hidden: int, progress=None) -> d
                     times.append(time.perf_counter() - started)
             results["raw_tcp_echo"] = times
         finally:
-            _stop(proc)
+            stop_process(proc, 5)
 
     def stats(values):
         ordered = sorted(values[10:])  # first round trips warm up

@@ -16,6 +16,18 @@ from splitveil.serve.auth import new_token, write_token
 from splitveil.transport.tls import fingerprint_pem, generate_self_signed
 
 
+def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a child: SIGTERM, then SIGKILL when it has not exited within `grace` seconds (the only way our children
+    are stopped, so each gets the same chance to close its sessions and logs)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -65,14 +77,10 @@ class ChildServer:
         self.startup_seconds = time.perf_counter() - self.started
         return self
 
+    stop_grace = 10.0  # seconds between SIGTERM and SIGKILL
+
     def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, self.stop_grace)
         self._log.close()
         self._folder.cleanup()
 

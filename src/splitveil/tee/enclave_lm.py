@@ -220,15 +220,9 @@ class EnclaveOperator:
         return SealedTransport(outer, attestation=self.attestation, expected_measurement=self.measurement)
 
     def __exit__(self, *exc) -> None:
-        import subprocess
+        from splitveil.serve.process import stop_process
 
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 20)
         self._log.close()
         self._folder.cleanup()
 
@@ -280,12 +274,11 @@ def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, to
                   threads: int = 1, limits: dict | None = None, announce=None) -> None:
     """`splitveil serve --enclave`: start the trusted executor (child) and relay to it until stopped."""
     import signal
-    import subprocess
     import sys
     import tempfile
 
     from splitveil.serve.build import token_for_server
-    from splitveil.serve.process import free_port
+    from splitveil.serve.process import free_port, stop_process
     from splitveil.tee.channel import SIMULATED, read_attestation_key
     from splitveil.transport.network import is_loopback
 
@@ -334,10 +327,6 @@ def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, to
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     finally:
-        child.terminate()
-        try:
-            child.wait(20)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        stop_process(child, 20)
         folder.cleanup()
     announce("splitveil serve --enclave: stopped")

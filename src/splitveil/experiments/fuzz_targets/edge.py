@@ -41,6 +41,7 @@ from splitveil.experiments.fuzz_targets.edge_cases import (
     WEIGHTS,
     EdgeRequest,
 )
+from splitveil.serve.process import stop_process
 
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?$")
 
@@ -355,13 +356,7 @@ class EdgeProcess:
         return self
 
     def __exit__(self, *_) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 15)
         self._log.close()
         self._folder.cleanup()
 
