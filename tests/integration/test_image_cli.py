@@ -47,6 +47,7 @@ def test_bad_image_flags_exit_2_with_one_line(args, expected, capsys):
     (["--defences", "none,funnel"], "unknown image defence 'funnel'"),
     (["--defences", "dropout:1.5"], "dropout strength must be below 1, got 1.5"),
     (["--defences", ","], "give at least one defence"),
+    (["--frontier"], "--frontier sweeps the baselines of --defences: give --defences"),
 ])
 def test_bad_sweep_flags_exit_2_with_one_line(args, expected, capsys, tmp_path):
     expect_one_line_error(["attack", "image-sweep", "--dataset", "digits", "--out", str(tmp_path), *args], expected, capsys)
@@ -124,6 +125,30 @@ def test_quick_sweep_on_digits_writes_records_and_report(capsys, tmp_path):
     assert [(r["attack"], r["split"]) for r in records] == [("inverse", 1), ("inverse", 3), ("inverse", 5),
                                                             ("rmle", 1), ("rmle", 3), ("rmle", 5)]
     assert "| inverse | 1 |" in (tmp_path / "image-privacy_digits_vgg_quick.md").read_text()
+
+
+def test_a_frontier_walks_each_baselines_ladder_one_step_past_siftfunnels_accuracy_cost():
+    from splitveil.experiments.image_privacy import ImageAttackSpec, frontier_units, prepare_victim
+    from splitveil.protect.image import IMAGE_DEFENCES
+
+    spec = ImageAttackSpec.quick(dataset="digits", model="vgg", split=2, epochs=2)
+    victim = prepare_victim(spec)
+    units, frontier = frontier_units(spec, [2], [("none", None), ("siftfunnel", 0.5), ("noise", None),
+                                                 ("dropout", 0.5)], victim)
+    summary = frontier[2]
+    target = summary["target_cost"]
+    assert target is not None and list(summary["baselines"]) == ["noise"]  # dropout:0.5 is a fixed setting
+    walk = summary["baselines"]["noise"]["points"]
+    ladder = IMAGE_DEFENCES.get("noise").frontier_strengths
+    assert [p["strength"] for p in walk] == list(ladder[:len(walk)])
+    reached = [p["cost"] >= target for p in walk]
+    if summary["baselines"]["noise"]["reached"]:
+        assert sum(reached) in (1, 2) and (sum(reached) == 2 or len(walk) == len(ladder))
+        assert reached[-1] and (len(walk) == len(ladder) or sum(reached[:-1]) == 1)
+    else:
+        assert not any(reached) and len(walk) == len(ladder)
+    settings = [(u.defence, u.strength) for u in units]
+    assert settings == [("none", 0.0), ("siftfunnel", 0.5), ("dropout", 0.5), *(("noise", p["strength"]) for p in walk)]
 
 
 def test_sweep_in_worker_processes_gives_the_records_of_one_process():

@@ -178,12 +178,30 @@ def test_siftfunnel_edge_sends_few_channels_and_the_cloud_restores_them():
     edge, cloud = apply(model.eval(), SplitPlan.two_way(2))
     images = torch.rand(3, *shape)
     sent = edge(images)
-    assert funnel_widths(32) == (8, 6)
-    assert tuple(sent.shape) == (3, 6, 14, 14)  # 32x14x14 undefended: the funnel keeps the resolution
+    assert funnel_widths(32) == (8, 6)  # block 2 takes 32 channels: the funnel that replaces it sends 6
+    assert tuple(sent.shape) == (3, 6, 14, 14)  # 32x14x14 undefended: the funnel pools as block 2 did
     assert (sent >= 0).all()
     assert tuple(cloud(sent).shape) == (3, 10)
     k = model.num_prologue + 2
     assert tuple(model.segments[k][0](sent).shape) == (3, 32, 14, 14)  # the up module
+
+
+def test_the_funnel_replaces_the_edges_last_block_so_the_edge_is_lighter():
+    from torch import nn
+
+    from splitveil.experiments.image_privacy import edge_costs
+    from splitveil.protect.image.siftfunnel import Funnel
+
+    shape = (1, 28, 28)
+    undefended = _model("vgg", shape)
+    model = defended_model(_model("vgg", shape), make_defence("siftfunnel"), 2, num_classes=10, image_shape=shape)
+    k = model.num_prologue + 2
+    assert isinstance(model.segments[k - 1][0], Funnel) and len(model.segments[k - 1]) == 1  # block 2 is gone
+    assert not any(isinstance(m, nn.Conv2d) and m.in_channels == 32 and m.out_channels == 32 and m.kernel_size == (3, 3)
+                   for m in model.segments[k - 1].modules())
+    costs = edge_costs(model, undefended, 2, shape)
+    assert costs["undefended"]["parameters"] == 9_632 and costs["defended"]["parameters"] < 3_000
+    assert costs["lighter_by"]["macs"] > 5  # a 32->32 3x3 conv at 28x28 against 1x1 convs and small mixing at 14x14
 
 
 def test_siftfunnel_refuses_a_vector_cut():
@@ -216,8 +234,8 @@ def test_siftfunnel_training_lowers_dcor_on_a_toy_problem():
 def test_the_finetune_phase_changes_the_cloud_only():
     from splitveil.protect.image.base import finetune_cloud
 
-    defence = make_defence("siftfunnel", 1.0, finetune_epochs=1)
-    assert defence.finetune_epochs() == 1 and make_defence("siftfunnel").finetune_epochs() == 0
+    defence = make_defence("siftfunnel", 1.0, finetune_epochs=2)
+    assert defence.finetune_epochs() == 2 and make_defence("siftfunnel").finetune_epochs() == 1  # the paper's phase
     model = defended_model(_model(), defence, 1, num_classes=10, image_shape=SHAPE)
     images, labels = _batch(64)
     k = model.num_prologue + 1
@@ -324,10 +342,14 @@ def test_defence_report_states_each_claim_with_its_numbers(tmp_path):
     funnel = next(r for r in rows if r["defence"] == "siftfunnel")
     assert funnel["strongest"] == "inverse" and funnel["lowest_mse"] == 0.040
     claims = siftfunnel_claims(rows)
-    # noise 2.0 is 18 points below SiftFunnel: not at matched accuracy; noise 0.5 is the best matched baseline
-    assert claims[0] == "- siftfunnel strength 2 at cut 2, accuracy drop < 3%: reached (0.900 -> 0.880, drop +0.020)"
-    assert "(noise 0.5, accuracy 0.890): reached (strongest attacker's MSE 0.0400 vs 0.0200, 2.00x)" in claims[1]
-    assert "MINE >= 50% lower than the best baseline (noise 0.5): reached (1.20 vs 3.00 nats, 60% lower)" in claims[2]
+    assert claims[2] == "| siftfunnel 2 at cut 2 | accuracy drop < 3% | 0.900 -> 0.880, drop +0.020 | met |"
+    assert "| siftfunnel 2 at cut 2 | edge burden 20x lower than the undefended edge | edge cost not recorded" in claims[3]
+    # noise's frontier (none 0.90, noise 0.5 at 0.89, noise 2 at 0.70) read at 0.88: between 2 and 0.5, t = 18/19
+    mse = 0.080 + 18 / 19 * (0.020 - 0.080)
+    assert (f"strongest attacker's MSE 0.0400 vs {mse:.4f} (noise 2 (0.700) and 0.5 (0.890), read at 0.880): "
+            f"{0.040 / mse:.2f}x | met |") in claims[4]
+    mine = 1.0 + 18 / 19 * (3.0 - 1.0)
+    assert f"1.20 vs {mine:.2f} nats (noise 2 (0.700) and 0.5 (0.890)): {1 - 1.2 / mine:.0%} lower | met |" in claims[5]
     jsonl, utility, grid, markdown = write_defence_report(RECORDS, tmp_path, "d")
     assert utility.stat().st_size > 1000 and grid.stat().st_size > 1000
     text = markdown.read_text()
@@ -342,15 +364,40 @@ def test_the_accuracy_claim_fails_when_the_drop_exceeds_three_points():
 
     costly = [_record("siftfunnel", 2.0, 0.85, r["attack"], r["ssim"], r["mse"], r["mine"]) if r["defence"] == "siftfunnel"
               else r for r in RECORDS]
-    claim = siftfunnel_claims(defence_settings(costly))[0]
-    assert claim == "- siftfunnel strength 2 at cut 2, accuracy drop < 3%: not reached (0.900 -> 0.850, drop +0.050)"
+    claim = siftfunnel_claims(defence_settings(costly))[2]
+    assert claim == "| siftfunnel 2 at cut 2 | accuracy drop < 3% | 0.900 -> 0.850, drop +0.050 | not met |"
 
 
-def test_claims_say_when_no_baseline_is_at_matched_accuracy():
+def test_claims_say_when_no_baseline_was_pushed_to_siftfunnels_accuracy_cost():
     from splitveil.experiments.image_report import defence_settings, siftfunnel_claims
 
-    rows = defence_settings([r for r in RECORDS if not (r["defence"] == "noise" and r["strength"] == 0.5)])
-    assert "no baseline setting at matched accuracy" in siftfunnel_claims(rows)[1]
+    rows = defence_settings([r for r in RECORDS if not (r["defence"] == "noise" and r["strength"] == 2.0)])
+    assert "no baseline was pushed to accuracy 0.880 with the same attacks | not tested |" in siftfunnel_claims(rows)[4]
+
+
+def test_frontier_reading_interpolates_between_the_bracketing_settings_and_refuses_to_extrapolate():
+    from splitveil.experiments.image_report import defence_settings, frontier_at
+
+    rows = defence_settings(RECORDS)
+    exact = frontier_at(rows, "noise", 2, 0.89, ["inverse", "rmle"])
+    assert exact["lowest_mse"] == pytest.approx(0.020) and exact["mine"] == pytest.approx(3.0)
+    assert frontier_at(rows, "noise", 2, 0.895, ["inverse", "rmle"])["lowest_mse"] == pytest.approx(0.0125)  # halfway to none (0.005)
+    assert frontier_at(rows, "noise", 2, 0.60, ["inverse", "rmle"]) is None  # never pushed that far
+    assert frontier_at(rows, "noise", 2, 0.80, ["inverse", "rmle", "cgan"]) is None  # other attacks: not comparable
+
+
+def test_the_edge_burden_claim_reads_the_recorded_costs():
+    from splitveil.experiments.image_report import defence_settings, siftfunnel_claims
+
+    cost = {"defended": {"parameters": 500, "macs": 1e5, "latency_ms": 0.2},
+            "undefended": {"parameters": 10_000, "macs": 3e6, "latency_ms": 0.1}}
+    cost["lighter_by"] = {k: cost["undefended"][k] / cost["defended"][k] for k in cost["defended"]}
+    records = [{**r, "edge_cost": cost} if r["defence"] == "siftfunnel" else r for r in RECORDS]
+    claim = siftfunnel_claims(defence_settings(records))[3]
+    assert "parameters 10,000 -> 500 (20.0x); MACs 3.00M -> 0.10M (30.0x); batch-1 latency 0.10 -> 0.20 ms (0.5x) | met |" in claim
+    cost["defended"]["parameters"] = 1000
+    cost["lighter_by"]["parameters"] = 10.0
+    assert siftfunnel_claims(defence_settings(records))[3].endswith("| not met |")
 
 
 def test_the_adaptive_shadow_attacker_trains_a_substitute_of_the_defended_architecture():

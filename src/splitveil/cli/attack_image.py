@@ -167,11 +167,15 @@ def image_sweep(
     defences: str = typer.Option(None, "--defences", help="Defences to attack, NAME or NAME:STRENGTH, comma-separated "
                                  "(e.g. none,noise:0.5,noise:1,siftfunnel): writes image-defences_* records, a "
                                  "privacy-utility plot, a grid per defence and a report with SiftFunnel's claims."),
+    frontier: bool = typer.Option(False, "--frontier", help="With --defences: each baseline given without a strength "
+                                  "(noise, dropout, nopeek, cem, vib) is swept up its ladder of strengths until its "
+                                  "accuracy cost reaches SiftFunnel's, and one step beyond; the report reads every "
+                                  "baseline at SiftFunnel's accuracy (interpolated) and plots each frontier."),
     mi_seeds: int = typer.Option(None, "--mi-seeds", min=1, help=MI_SEEDS_HELP),
     mi_pairs: int = typer.Option(None, "--mi-pairs", min=100, help=MI_PAIRS_HELP),
 ) -> None:
-    """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth (or against each defence),
-    with a report."""
+    """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth (or against each defence,
+    or along each defence's frontier), with a report."""
     from splitveil.experiments.image_privacy import run_image_sweep, write_image_report
     from splitveil.experiments.image_report import write_defence_report
 
@@ -187,13 +191,16 @@ def image_sweep(
         raise ConfigError(f"--samples must be at least 2, got {samples}")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if frontier and not chosen:
+        raise ConfigError("--frontier sweeps the baselines of --defences: give --defences, like "
+                          "none,siftfunnel,noise,nopeek")
     _check_out(out)
     stamp_run(allow_dirty)
     setup(threads)
-    units = len(cuts) * (len(chosen) if chosen else 1)
-    jobs = min(jobs or len(os.sched_getaffinity(0)), units)
+    units = len(cuts) * (len(chosen) if chosen else 1)  # (a frontier adds settings as it walks each ladder)
+    jobs = min(jobs or len(os.sched_getaffinity(0)), units if not frontier else len(os.sched_getaffinity(0)))
     kind = "image-defences" if chosen else "image-privacy"
-    stem = f"{kind}_{dataset}_{model}{'_quick' if quick else ''}"
+    stem = f"{kind}_{dataset}_{model}{'_frontier' if frontier else ''}{'_quick' if quick else ''}"
     write = write_defence_report if chosen else write_image_report
     spec = _spec(quick, dataset=dataset, model=model, seed=seed, **({"samples": samples} if samples else {}),
                  **_mi_options(mi_seeds, mi_pairs))
@@ -207,10 +214,11 @@ def image_sweep(
                     done.add(key)
                     prefix = f"{record['defence']} {record['strength']:g} (accuracy {record['accuracy']:.3f}) " if chosen else ""
                     typer.echo(prefix + _summary(record))
-            spinner.update(f"{len(done)}/{len(names) * units} runs done, {time.perf_counter() - began:.0f} s ...")
+            spinner.update(f"{len(done)} runs done, {time.perf_counter() - began:.0f} s ...")
             write(records, out, stem)  # after every unit: a long sweep keeps what it has measured
 
-        records = run_image_sweep(spec, cuts, names, jobs=jobs, on_records=report, defences=chosen)
+        records = run_image_sweep(spec, cuts, names, jobs=jobs, on_records=report, defences=chosen, frontier=frontier,
+                                  progress=spinner.update)
     typer.echo(f"{len(records)} runs in {time.perf_counter() - began:.0f} s ({jobs} process(es))")
     if not chosen:
         typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")

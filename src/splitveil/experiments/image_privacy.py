@@ -174,6 +174,21 @@ def heldout_accuracy(spec, model) -> dict:
     return {"accuracy": accuracy(predict(model, rest.images), rest.labels), "images": len(rest)}
 
 
+def edge_costs(model, undefended, cut: int, image_shape) -> dict:
+    """The device's burden at `cut`: parameters, MACs and batch-1 latency of the defended edge and of the undefended
+    one (`metrics.compute.part_cost`), and the undefended / defended ratios (SiftFunnel claims about 20x)."""
+    from torch import nn
+
+    from splitveil.metrics.compute import part_cost
+    from splitveil.protect.image.base import cut_segment
+
+    costs = {name: part_cost(nn.Sequential(*m.segments[:cut_segment(m, cut)]), tuple(image_shape))
+             for name, m in (("defended", model), ("undefended", undefended))}
+    costs["lighter_by"] = {key: costs["undefended"][key] / max(costs["defended"][key], 1e-12)
+                           for key in ("parameters", "macs", "latency_ms")}
+    return costs
+
+
 def attack_options(spec: ImageAttackSpec) -> dict:
     """The attack's keyword arguments: its optimisation steps (rMLE) or its stop rule (the learned ones)."""
     options = {"steps": spec.rmle_steps} if spec.attack == "rmle" else {"stop": spec.attacker}
@@ -275,6 +290,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "accuracy_unsplit": accuracy(logits_unsplit, test.labels),
         "accuracy_undefended": accuracy(logits_undefended, test.labels),
         "split_max_abs_logit_diff": float((logits_split - logits_unsplit).abs().max()),
+        "edge_cost": edge_costs(model, undefended, spec.split, shape),
         "mse": mse(reconstructions, originals),
         "psnr": psnr(reconstructions, originals),
         "ssim": ssim(reconstructions, originals),
@@ -315,41 +331,101 @@ def resolve_defences(defences) -> list[tuple[str, float]]:
     return [(name, make_defence(name, strength).strength) for name, strength in defences]
 
 
+def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dict, *, progress=None):
+    """`image-sweep --frontier`: the (cut, defence, strength) settings to attack, with each baseline named without a
+    strength walked up its `frontier_strengths` until its accuracy cost (undefended minus defended test accuracy)
+    reaches the largest of the SiftFunnel settings' at that cut, plus one step beyond; without SiftFunnel in the list
+    the whole ladder. The victims are trained (or loaded) here, so worker processes find them cached.
+
+    Returns:
+        (units, frontier): `ImageAttackSpec`s, and per cut {"target_cost", "baselines": {name: {"points": [{strength,
+        accuracy, cost}], "reached": bool}}}, which every record of the sweep carries.
+    """
+    from splitveil.protect.image import IMAGE_DEFENCES, make_defence
+    from splitveil.train.classifier import accuracy, predict
+
+    splits, undefended = victim["splits"], victim["victim"]
+    test = splits.test
+    torch.manual_seed(spec.seed)
+    clean = accuracy(predict(undefended, test.images), test.labels)
+
+    def measured(cut: int, name: str, strength: float) -> dict:
+        if progress is not None:
+            progress(f"frontier: training or loading {name} {strength:g} at cut {cut} ...")
+        model, _, _ = defended_victim(replace(spec, split=cut, defence=name, strength=strength), splits, undefended)
+        torch.manual_seed(spec.seed)  # as run_image_attack scores it (stochastic defences draw the same noise)
+        defended = accuracy(predict(model, test.images), test.labels)
+        return {"strength": strength, "accuracy": defended, "cost": clean - defended}
+
+    swept = [name for name, strength in defences
+             if strength is None and name not in ("none", "siftfunnel") and IMAGE_DEFENCES.get(name).frontier_strengths]
+    fixed = [(name, make_defence(name, strength).strength) for name, strength in defences if name not in swept]
+    units, frontier = [], {}
+    for cut in cuts:
+        funnels = [measured(cut, name, strength)["cost"] for name, strength in fixed if name == "siftfunnel"]
+        target = max(funnels) if funnels else float("inf")
+        baselines = {}
+        for name in swept:
+            points, past = [], 0
+            for strength in IMAGE_DEFENCES.get(name).frontier_strengths:
+                points.append(measured(cut, name, strength))
+                past += points[-1]["cost"] >= target
+                if past == 2:  # one step beyond the first setting that costs as much as SiftFunnel
+                    break
+            baselines[name] = {"points": points, "reached": past > 0}
+        frontier[cut] = {"target_cost": None if target == float("inf") else target, "accuracy_undefended": clean,
+                         "baselines": baselines}
+        units += [replace(spec, split=cut, defence=name, strength=strength) for name, strength in fixed]
+        units += [replace(spec, split=cut, defence=name, strength=point["strength"])
+                  for name in swept for point in baselines[name]["points"]]
+    return units, frontier
+
+
 def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], *, jobs: int = 1,
-                    on_records=None, defences=None) -> list[dict]:
+                    on_records=None, defences=None, frontier: bool = False, progress=None) -> list[dict]:
     """Every attack at every cut (and against every defence of `defences`, [(name, strength or None)], when given);
-    records sorted by (defence as listed, attack, cut).
+    records sorted by (defence as listed, strength, attack, cut).
 
     The undefended victim is trained (or loaded) once here, so its checkpoint is cached before any worker starts;
-    each (cut, defence) unit trains (or loads) its defended victim. With `jobs` > 1 the units run in that many worker
-    processes of one torch thread each, the deepest cut first; `on_records(records_so_far)` is called whenever a unit
-    finishes (a long sweep can write what it has).
+    each (cut, defence) unit trains (or loads) its defended victim. With `frontier`, each baseline given without a
+    strength is swept (`frontier_units`) and every record carries the sweep's `frontier`. With `jobs` > 1 the units
+    run in that many worker processes of one torch thread each, the deepest cut first; `on_records(records_so_far)`
+    is called whenever a unit finishes (a long sweep can write what it has).
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
     from splitveil.core.runtime import set_threads
 
-    defences = resolve_defences(defences or [(spec.defence, spec.strength)])
+    defences = defences or [(spec.defence, spec.strength)]
     victim = prepare_victim(spec)
+    if frontier:
+        units, summary = frontier_units(spec, cuts, defences, victim, progress=progress)
+    else:
+        units, summary = [replace(spec, split=cut, defence=name, strength=strength)
+                          for cut in cuts for name, strength in resolve_defences(defences)], None
+    names = list(dict.fromkeys(name for name, _ in defences))
     records: list[dict] = []
-    order = {defence: i for i, defence in enumerate(defences)}
+
+    def position(record: dict) -> tuple:
+        return names.index(record["defence"]) if record["defence"] in names else 0, record["strength"]
 
     def collect(new: list[dict]) -> None:
+        for record in new:
+            if summary is not None:
+                record["frontier"] = summary[record["split"]]
         records.extend(new)
-        records.sort(key=lambda r: (order.get((r["defence"], r["strength"]), 0), attacks.index(r["attack"]), r["split"]))
+        records.sort(key=lambda r: (position(r), attacks.index(r["attack"]), r["split"]))
         if on_records is not None:
             on_records(records)
 
-    units = [replace(spec, split=cut, defence=name, strength=strength)
-             for cut in sorted(cuts, reverse=True) for name, strength in defences]
     if jobs <= 1 or len(units) == 1:
-        for unit in sorted(units, key=lambda u: (order[(u.defence, u.strength)], u.split)):
+        for unit in units:
             collect(sweep_cut(unit, attacks, victim))
         return records
     with ProcessPoolExecutor(min(jobs, len(units)), mp_context=get_context("spawn"), initializer=set_threads,
                              initargs=(1,)) as pool:
-        futures = [pool.submit(sweep_cut, unit, attacks) for unit in units]
+        futures = [pool.submit(sweep_cut, unit, attacks) for unit in sorted(units, key=lambda u: -u.split)]
         for future in as_completed(futures):
             collect(future.result())
     return records

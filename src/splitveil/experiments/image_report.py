@@ -95,24 +95,24 @@ def plot_depth(records: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-#: the paper's three claims for SiftFunnel against the best earlier defence (arXiv 2501.00824)
+#: the paper's claims for SiftFunnel against the best earlier defence (arXiv 2501.00824)
 CLAIM_ACCURACY_DROP = 0.03  # accuracy loss below 3 points (v1)
 CLAIM_MSE_RATIO = 1.3  # reconstruction error about 30% higher than the best baseline's (v7)
 CLAIM_MINE_REDUCTION = 0.5  # mutual information at least 50% lower (v7)
-#: a baseline setting is "at matched accuracy" when it is at most this far below SiftFunnel's accuracy
-MATCH_TOLERANCE = 0.01
+CLAIM_EDGE_LIGHTER = 20.0  # edge burden about 20x lower (v7): parameters and multiply-accumulates
 
 
 def defence_settings(records: list[dict]) -> list[dict]:
-    """One row per (defence, strength, cut): accuracy, MINE, and per attack SSIM / MSE; the strongest attack is the
-    one with the highest SSIM (it also reports that attack's MSE, and the lowest MSE over attacks)."""
+    """One row per (defence, strength, cut): accuracy, MINE, edge cost, and per attack SSIM / MSE; the strongest
+    attack is the one with the highest SSIM (it also reports that attack's MSE, and the lowest MSE over attacks)."""
     rows: dict[tuple, dict] = {}
     for r in records:
         key = (r.get("defence", "none"), r.get("strength", 0.0), r["split"])
         row = rows.setdefault(key, {"defence": key[0], "strength": key[1], "split": key[2], "accuracy": r["accuracy"],
                                     "accuracy_undefended": r.get("accuracy_undefended", r["accuracy"]),
                                     "mine": r["mine"], "mine_runs": r.get("mine_runs") or [r["mine"]],
-                                    "dcor": r["dcor"], "feature_shape": r["feature_shape"], "attacks": {}})
+                                    "dcor": r["dcor"], "feature_shape": r["feature_shape"],
+                                    "edge_cost": r.get("edge_cost"), "attacks": {}})
         row["attacks"][r["attack"]] = {"ssim": r["ssim"], "mse": r["mse"], "psnr": r["psnr"],
                                        "recon_accuracy": r["recon_accuracy"], "examples": r.get("examples")}
     for row in rows.values():
@@ -123,47 +123,87 @@ def defence_settings(records: list[dict]) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["split"], r["defence"] != "none", r["defence"], r["strength"]))
 
 
-def siftfunnel_claims(rows: list[dict]) -> list[str]:
-    """The paper's three claims checked on the rows of one cut, each stated as reached or not with the numbers.
+def frontier_at(rows: list[dict], defence: str, cut: int, accuracy: float, attacks) -> dict | None:
+    """`defence`'s frontier at `cut` read at `accuracy`: its strongest attack's SSIM, its lowest MSE and its MINE,
+    linearly interpolated (in accuracy) between the two settings that bracket it; the undefended model is every
+    frontier's strength-0 end. Only settings attacked by every attack in `attacks` count. None when no two settings
+    bracket `accuracy` (the defence was never pushed to that accuracy cost)."""
+    points = sorted((r for r in rows if r["split"] == cut and r["defence"] in (defence, "none")
+                     and set(r["attacks"]) >= set(attacks)), key=lambda r: r["accuracy"])
+    for low, high in zip(points, points[1:]):
+        if low["accuracy"] <= accuracy <= high["accuracy"]:
+            span = high["accuracy"] - low["accuracy"]
+            t = (accuracy - low["accuracy"]) / span if span > 0 else 1.0
+            value = {key: low[key] + t * (high[key] - low[key]) for key in ("lowest_mse", "strongest_ssim", "mine")}
+            between = f"{defence} {low['strength']:g} ({low['accuracy']:.3f}) and {high['strength']:g} ({high['accuracy']:.3f})"
+            return {"defence": defence, "accuracy": accuracy, **value, "between": between, "low": low, "high": high}
+    if any(p["accuracy"] == accuracy for p in points):
+        p = next(p for p in points if p["accuracy"] == accuracy)
+        return {"defence": defence, "accuracy": accuracy, "lowest_mse": p["lowest_mse"],
+                "strongest_ssim": p["strongest_ssim"], "mine": p["mine"], "between": f"{defence} {p['strength']:g}",
+                "low": p, "high": p}
+    return None
 
-    The best baseline is, among the other defences' settings whose accuracy is at least SiftFunnel's minus
-    `MATCH_TOLERANCE` (matched accuracy), the one whose strongest attack reconstructs worst (highest lowest-MSE over
-    the attacks). Reconstruction error is each setting's lowest MSE over the attacks run (its strongest attacker).
+
+def _edge_claim(funnel: dict) -> tuple[str, str, str]:
+    cost = funnel.get("edge_cost")
+    if not cost:
+        return "edge cost not recorded", "-", "not tested"
+    d, u, by = cost["defended"], cost["undefended"], cost["lighter_by"]
+    measured = (f"parameters {u['parameters']:,} -> {d['parameters']:,} ({by['parameters']:.1f}x); MACs "
+                f"{u['macs'] / 1e6:.2f}M -> {d['macs'] / 1e6:.2f}M ({by['macs']:.1f}x); batch-1 latency "
+                f"{u['latency_ms']:.2f} -> {d['latency_ms']:.2f} ms ({by['latency_ms']:.1f}x)")
+    met = min(by["parameters"], by["macs"]) >= CLAIM_EDGE_LIGHTER
+    return measured, "-", "met" if met else "not met"
+
+
+def siftfunnel_claims(rows: list[dict]) -> list[str]:
+    """The paper's claims checked on the rows: a Markdown table, one row per (SiftFunnel setting, claim), each met
+    or not with the numbers.
+
+    Each baseline is read off its frontier at SiftFunnel's accuracy (`frontier_at`: interpolated between the two
+    settings that bracket it); the best baseline is the one whose strongest attacker there reconstructs worst
+    (highest lowest-MSE over the attacks). A baseline never pushed to SiftFunnel's accuracy cost is not compared.
     """
     lines = []
     for funnel in [r for r in rows if r["defence"] == "siftfunnel"]:
-        tag = f"siftfunnel strength {funnel['strength']:g} at cut {funnel['split']}"
+        tag = f"siftfunnel {funnel['strength']:g} at cut {funnel['split']}"
         drop = funnel["accuracy_undefended"] - funnel["accuracy"]
-        lines.append(f"- {tag}, accuracy drop < {CLAIM_ACCURACY_DROP:.0%}: "
-                     f"{'reached' if drop < CLAIM_ACCURACY_DROP else 'not reached'} ({funnel['accuracy_undefended']:.3f} -> "
-                     f"{funnel['accuracy']:.3f}, drop {drop:+.3f})")
-        matched = [r for r in rows if r["split"] == funnel["split"] and r["defence"] not in ("none", "siftfunnel")
-                   and r["accuracy"] >= funnel["accuracy"] - MATCH_TOLERANCE
-                   and set(r["attacks"]) >= set(funnel["attacks"])]
+        lines.append(f"| {tag} | accuracy drop < {CLAIM_ACCURACY_DROP:.0%} | {funnel['accuracy_undefended']:.3f} -> "
+                     f"{funnel['accuracy']:.3f}, drop {drop:+.3f} | {'met' if drop < CLAIM_ACCURACY_DROP else 'not met'} |")
+        measured, _, verdict = _edge_claim(funnel)
+        lines.append(f"| {tag} | edge burden {CLAIM_EDGE_LIGHTER:g}x lower than the undefended edge | {measured} | "
+                     f"{verdict} |")
+        baselines = sorted({r["defence"] for r in rows if r["split"] == funnel["split"]} - {"none", "siftfunnel"})
+        matched = [m for m in (frontier_at(rows, name, funnel["split"], funnel["accuracy"], funnel["attacks"])
+                               for name in baselines) if m is not None]
         if not matched:
-            lines.append(f"- {tag}: no baseline setting at matched accuracy (>= {funnel['accuracy'] - MATCH_TOLERANCE:.3f}) "
-                         "ran the same attacks, so the MSE and MINE claims are not tested")
+            lines.append(f"| {tag} | reconstruction MSE and MINE against the baselines at matched accuracy | no "
+                         f"baseline was pushed to accuracy {funnel['accuracy']:.3f} with the same attacks | not tested |")
             continue
-        best = max(matched, key=lambda r: r["lowest_mse"])
+        best = max(matched, key=lambda m: m["lowest_mse"])
         ratio = funnel["lowest_mse"] / best["lowest_mse"] if best["lowest_mse"] > 0 else float("inf")
-        lines.append(f"- {tag}, reconstruction MSE >= {CLAIM_MSE_RATIO}x the best baseline at matched accuracy "
-                     f"({best['defence']} {best['strength']:g}, accuracy {best['accuracy']:.3f}): "
-                     f"{'reached' if ratio >= CLAIM_MSE_RATIO else 'not reached'} (strongest attacker's MSE "
-                     f"{funnel['lowest_mse']:.4f} vs {best['lowest_mse']:.4f}, {ratio:.2f}x)")
-        lowest_mine = min(matched, key=lambda r: r["mine"])
+        lines.append(f"| {tag} | reconstruction MSE >= {CLAIM_MSE_RATIO}x the best baseline at matched accuracy | "
+                     f"strongest attacker's MSE {funnel['lowest_mse']:.4f} vs {best['lowest_mse']:.4f} ({best['between']}"
+                     f", read at {funnel['accuracy']:.3f}): {ratio:.2f}x | {'met' if ratio >= CLAIM_MSE_RATIO else 'not met'} |")
+        lowest_mine = min(matched, key=lambda m: m["mine"])
         for label, base in (("the best baseline", best), ("the matched baseline with the lowest MINE", lowest_mine)):
             reduction = 1 - funnel["mine"] / base["mine"] if base["mine"] > 0 else float("nan")
-            lines.append(f"- {tag}, MINE >= {CLAIM_MINE_REDUCTION:.0%} lower than {label} ({base['defence']} "
-                         f"{base['strength']:g}): {'reached' if reduction >= CLAIM_MINE_REDUCTION else 'not reached'} "
-                         f"({funnel['mine']:.2f} vs {base['mine']:.2f} nats, {reduction:.0%} lower)")
+            lines.append(f"| {tag} | MINE >= {CLAIM_MINE_REDUCTION:.0%} lower than {label} | {funnel['mine']:.2f} vs "
+                         f"{base['mine']:.2f} nats ({base['between']}): {reduction:.0%} lower | "
+                         f"{'met' if reduction >= CLAIM_MINE_REDUCTION else 'not met'} |")
             if base is best and lowest_mine is best:
                 break
-    return lines
+        missing = [name for name in baselines if name not in {m["defence"] for m in matched}]
+        if missing:
+            lines.append(f"| {tag} | (baselines not pushed to this accuracy cost, so not compared) | "
+                         f"{', '.join(missing)} | - |")
+    return ["| setting | claim (paper) | measured | verdict |", "|---|---|---|---|", *lines] if lines else []
 
 
 def plot_privacy_utility(records: list[dict], path: Path) -> Path:
-    """Per cut: the strongest attack's SSIM against accuracy (left) and MINE against accuracy (right), one curve per
-    defence over its strengths; the undefended model is a star."""
+    """Per cut, each defence's frontier over its strengths: the strongest attack's SSIM (left), the lowest MSE over
+    the attacks (middle) and MINE (right) against accuracy; the undefended model is a star at every frontier's end."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,29 +213,40 @@ def plot_privacy_utility(records: list[dict], path: Path) -> Path:
 
     rows = defence_settings(records)
     cuts = sorted({r["split"] for r in rows})
-    fig, axes = plt.subplots(len(cuts), 2, figsize=(10, 3.8 * len(cuts)), squeeze=False)
-    for (left, right), cut in zip(axes, cuts):
+    fig, axes = plt.subplots(len(cuts), 3, figsize=(15, 3.8 * len(cuts)), squeeze=False)
+    for (left, middle, right), cut in zip(axes, cuts):
         at_cut = [r for r in rows if r["split"] == cut]
+        origin = [r for r in at_cut if r["defence"] == "none"]
         for defence in sorted({r["defence"] for r in at_cut}):
             points = sorted((r for r in at_cut if r["defence"] == defence), key=lambda r: r["strength"])
-            style = {"marker": "*", "markersize": 12, "linestyle": "none"} if defence == "none" else {"marker": "o"}
+            if defence == "none":
+                style = {"marker": "*", "markersize": 12, "linestyle": "none", "color": "black"}
+            else:
+                style = {"marker": "o"}
+                points = [*origin, *points]  # every frontier starts at the undefended model
             accuracy = [p["accuracy"] for p in points]
-            left.plot(accuracy, [p["strongest_ssim"] for p in points], label=defence, **style)
+            line = left.plot(accuracy, [p["strongest_ssim"] for p in points], label=defence, **style)[0]
+            style = {**style, "color": line.get_color()}
+            middle.plot(accuracy, [p["lowest_mse"] for p in points], label=defence, **style)
             lows = [p["mine"] - min(p["mine_runs"]) for p in points]
             highs = [max(p["mine_runs"]) - p["mine"] for p in points]
             right.errorbar(accuracy, [p["mine"] for p in points], yerr=[lows, highs], capsize=3, label=defence, **style)
             for p in points:
-                if defence != "none":
-                    left.annotate(f"{p['strength']:g}", (p["accuracy"], p["strongest_ssim"]), fontsize=6,
-                                  textcoords="offset points", xytext=(3, 3))
+                if p["defence"] != "none":
+                    for axis, y in ((left, p["strongest_ssim"]), (middle, p["lowest_mse"])):
+                        axis.annotate(f"{p['strength']:g}", (p["accuracy"], y), fontsize=6, textcoords="offset points",
+                                      xytext=(3, 3))
         left.set(xlabel="test accuracy (defended model)", ylabel="SSIM of the strongest attack",
-                 title=f"cut {cut}: privacy vs utility (lower-right is better)")
+                 title=f"cut {cut}: frontier, SSIM (lower-right is better)")
+        middle.set(xlabel="test accuracy (defended model)", ylabel="MSE of the strongest attack (lowest over attacks)",
+                   title=f"cut {cut}: frontier, MSE (upper-right is better)")
         right.set(xlabel="test accuracy (defended model)", ylabel="MINE I(x; z) (nats), bars: min-max over seeds",
                   title=f"cut {cut}: mutual information")
-        for axis in (left, right):
+        for axis in (left, middle, right):
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
-    fig.suptitle(f"{records[0]['model']} on {records[0]['dataset']}: defences, each attacked by every attack", fontsize=9)
+    fig.suptitle(f"{records[0]['model']} on {records[0]['dataset']}: each defence's frontier over its strengths, "
+                 "each point attacked by every attack", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -225,6 +276,28 @@ def plot_defence_grid(records: list[dict], path: Path) -> Path:
             axes[row][col].set_xticks([]), axes[row][col].set_yticks([])
         axes[row][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     return save_figure(fig, path)
+
+
+def frontier_lines(records: list[dict]) -> list[str]:
+    """The report's account of an `image-sweep --frontier`: per cut, SiftFunnel's accuracy cost and how far each
+    baseline's ladder went."""
+    by_cut = {r["split"]: r["frontier"] for r in records if r.get("frontier")}
+    if not by_cut:
+        return []
+    lines = ["", "## Frontier sweep", "",
+             "Each baseline given without a strength walked up its ladder of strengths until its accuracy cost reached "
+             "SiftFunnel's (the largest of its settings'), then one step beyond. Steps: strength (accuracy cost).", ""]
+    for cut, frontier in sorted(by_cut.items()):
+        target = frontier.get("target_cost")
+        lines.append(f"Cut {cut}: undefended accuracy {frontier['accuracy_undefended']:.3f}, SiftFunnel's cost "
+                     + (f"{target:+.3f}" if target is not None else "not measured (no SiftFunnel setting: whole ladders)"))
+        lines.append("")
+        for name, walk in sorted(frontier["baselines"].items()):
+            steps = ", ".join(f"{p['strength']:g} ({p['cost']:+.3f})" for p in walk["points"])
+            lines.append(f"- **{name}**: {steps}" + ("" if walk["reached"] else
+                                                      " (the ladder ended before SiftFunnel's cost: not matched)"))
+        lines.append("")
+    return lines[:-1]
 
 
 def write_defence_report(records: list[dict], out_dir, stem: str) -> tuple:
@@ -265,8 +338,11 @@ def write_defence_report(records: list[dict], out_dir, stem: str) -> tuple:
     claims = siftfunnel_claims(rows)
     if claims:
         lines += ["", "## SiftFunnel's claims (arXiv 2501.00824) on these records", "",
-                  f"Matched accuracy: a baseline setting at most {MATCH_TOLERANCE} below SiftFunnel's accuracy. "
-                  "Reconstruction error: the lowest MSE over the attacks run (the strongest attacker).", "", *claims]
+                  "Matched accuracy: each baseline's frontier (its settings and the undefended model, by accuracy) read "
+                  "at SiftFunnel's accuracy, linearly interpolated between the two settings that bracket it. "
+                  "Reconstruction error: the lowest MSE over the attacks run (the strongest attacker). Edge burden: "
+                  "the defended edge against the undefended edge at the same cut.", "", *claims]
+    lines += frontier_lines(records)
     lines += ["", "## Defences", ""]
     for name, info in sorted({r.get("defence", "none"): r.get("defence_info", {}) for r in records}.items()):
         lines.append(f"- **{name}**: {info.get('description', '')}")

@@ -3,8 +3,9 @@
 A defence acts at one cut `c` of a `SequentialSplittable`. It may add layers that end the edge (`edge_layers`: run on
 the device, their output is what the cloud receives) and layers that begin the cloud (`cloud_layers`), and it may add
 terms to the training loss (`loss`). The defended model keeps the same segments and cut points: the edge layers are
-appended to the segment before the cut and the cloud layers prepended to the one after it, so `apply(model, plan)`
-splits a defended model exactly like an undefended one and split == unsplit still holds.
+appended to the segment before the cut (or, for a defence with `replaces_edge_block`, take its place: SiftFunnel's
+funnel is the edge's last block, so the edge gets lighter) and the cloud layers are prepended to the one after it,
+so `apply(model, plan)` splits a defended model exactly like an undefended one and split == unsplit still holds.
 
 Stochastic edge layers (noise, dropout, a VIB's sample) stay active in eval mode: they are what the device deploys,
 and what an attacker querying the edge sees.
@@ -31,6 +32,7 @@ class CutShape:
     image_shape: tuple[int, int, int]  # (C, H, W)
     feature_shape: tuple[int, ...]  # per image, e.g. (32, 14, 14)
     num_classes: int
+    block_input_shape: tuple[int, ...] = ()  # per image, what enters the block before the cut, e.g. (32, 28, 28)
 
 
 class ImageDefence:
@@ -45,6 +47,8 @@ class ImageDefence:
     default_strength = 0.0
     max_strength: float | None = None  # exclusive upper bound, when there is one
     description = "no defence"
+    replaces_edge_block = False  # edge_layers take the place of the block before the cut (given its input)
+    frontier_strengths: tuple[float, ...] = ()  # `image-sweep --frontier` walks these, weakest first
 
     def __init__(self, strength: float | None = None):
         strength = self.default_strength if strength is None else float(strength)
@@ -66,7 +70,8 @@ class ImageDefence:
         return not self.identity
 
     def edge_layers(self, shape: CutShape) -> list[nn.Module]:
-        """Layers appended to the edge (their output is what crosses the cut)."""
+        """Layers appended to the edge (their output is what crosses the cut); with `replaces_edge_block`, layers
+        that replace the block before the cut (they receive `shape.block_input_shape`)."""
         return []
 
     def cloud_layers(self, shape: CutShape, sent_shape: tuple[int, ...]) -> list[nn.Module]:
@@ -117,15 +122,17 @@ def defended_model(model, defence: ImageDefence, cut: int, *, num_classes: int, 
     with torch.no_grad():
         was_training = model.training
         model.eval()
-        feature_shape = tuple(model.run(torch.zeros(2, *image_shape), 0, k).shape[1:])
+        block_input = model.run(torch.zeros(2, *image_shape), 0, k - 1)
+        feature_shape = tuple(model.run(block_input, k - 1, k).shape[1:])
         model.train(was_training)
-    shape = CutShape(tuple(image_shape), feature_shape, num_classes)
+    shape = CutShape(tuple(image_shape), feature_shape, num_classes, tuple(block_input.shape[1:]))
     edge = defence.edge_layers(shape)
     if edge:
         with torch.no_grad():
-            probe = nn.Sequential(*edge).eval()(torch.zeros(2, *feature_shape))
+            probe_input = block_input if defence.replaces_edge_block else torch.zeros(2, *feature_shape)
+            probe = nn.Sequential(*edge).eval()(probe_input)
         sent_shape = tuple(probe.shape[1:])
-        segments[k - 1] = nn.Sequential(segments[k - 1], *edge)
+        segments[k - 1] = nn.Sequential(*edge) if defence.replaces_edge_block else nn.Sequential(segments[k - 1], *edge)
     else:
         sent_shape = feature_shape
     cloud = defence.cloud_layers(shape, sent_shape)

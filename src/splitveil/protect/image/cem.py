@@ -35,6 +35,7 @@ class ConditionalEntropyDefence(ImageDefence):
     bound's weight against the cross-entropy."""
 
     name, stage, default_strength = "cem", "loss", 0.5
+    frontier_strengths = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     description = ("Gaussian noise at the cut (std = strength x feature RMS) + CE + weight x a Gaussian-mixture bound "
                    "on H(z) (maximises H(x | z), which lower-bounds any inversion's MSE)")
 

@@ -14,6 +14,7 @@ class NoPeekDefence(ImageDefence):
     """Strength: the weight of dCor²(x, z) against the cross-entropy."""
 
     name, stage, default_strength = "nopeek", "loss", 0.5
+    frontier_strengths = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     description = "training loss CE + strength x dCor²(images, features at the cut)"
 
     def loss(self, images, sent, logits, labels):

@@ -12,6 +12,7 @@ class GaussianNoiseDefence(ImageDefence):
     """Strength: the noise's standard deviation relative to each sample's feature RMS."""
 
     name, stage, default_strength = "noise", "cut", 0.8  # SiftFunnel's code: delta 0.8
+    frontier_strengths = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     description = "Gaussian noise added to the features at the cut (std = strength x feature RMS), trained with it"
 
     def edge_layers(self, shape):
@@ -23,6 +24,7 @@ class DropoutDefence(ImageDefence):
     """Strength: the dropout rate, below 1."""
 
     name, stage, default_strength, max_strength = "dropout", "cut", 0.8, 1.0  # SiftFunnel's code: r 0.8
+    frontier_strengths = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
     description = "Bernoulli dropout of the features at the cut (rate = strength), trained with it, on when deployed"
 
     def edge_layers(self, shape):

@@ -39,6 +39,7 @@ class VariationalBottleneckDefence(ImageDefence):
     """Strength: the weight of the KL rate (summed over feature dimensions) against the cross-entropy."""
 
     name, stage, default_strength = "vib", "rewrite", 0.001
+    frontier_strengths = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     description = "variational information bottleneck at the cut (MID-style): a sample is sent, CE + strength x KL"
 
     def edge_layers(self, shape):
