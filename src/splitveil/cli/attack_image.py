@@ -223,3 +223,59 @@ def image_sweep(
     if not chosen:
         typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")
     typer.echo("wrote " + ", ".join(str(p) for p in write(records, out, stem)))
+
+
+@app.command("image-defaults")
+def image_defaults(
+    defence: str = typer.Option("siftfunnel", "--defence", help="The image defence to calibrate (one with a ladder of "
+                                "strengths: siftfunnel, noise, dropout, nopeek, cem, vib)."),
+    datasets: str = typer.Option("fashion-mnist,mnist,digits,lfw", "--datasets", help="Data sets, comma-separated."),
+    models: str = typer.Option("lenet,vgg,resnet", "--models", help="Models, comma-separated."),
+    cut: int = typer.Option(2, "--cut", help="The cut the defence is built in at."),
+    max_cost: float = typer.Option(0.03, "--max-cost", help="Accuracy budget, as a fraction: the chosen strength is "
+                                   "the strongest whose accuracy cost stays within it (SiftFunnel's paper: 3 points)."),
+    quick: bool = typer.Option(True, "--quick/--full", help="Victims as `attack image --quick` trains them (3 epochs "
+                               "on up to 10,000 images), or the full ones (15 epochs, 30,000)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data split and training."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder for the record (JSON) and its plot."),
+    write_defaults: bool = typer.Option(False, "--write-defaults", help="Also write the chosen strengths into the "
+                                        "package's table, which `attack image` and `image-sweep` use when a defence "
+                                        "is given without a strength."),
+    allow_dirty: bool = allow_dirty_option(),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Per data set and model, the strongest setting of a defence whose accuracy cost stays within --max-cost: each
+    strength of its ladder trained (cached) and scored against the undefended victim, a JSON record and a plot."""
+    from splitveil.experiments.defence_defaults import DefaultsSpec, calibrate_defaults, plot_defaults, write_defaults_table
+    from splitveil.experiments.records import write_json
+    from splitveil.protect.image.base import CALIBRATED_DEFAULTS
+
+    names = lambda text, flag: tuple(item.strip() for item in text.split(",") if item.strip()) or _empty(flag)  # noqa: E731
+    spec = DefaultsSpec(defence=defence, datasets=names(datasets, "--datasets"), models=names(models, "--models"),
+                        cut=cut, max_cost=max_cost, quick=quick, seed=seed)
+    for model in spec.models:
+        _check_split(cut, model, _check_names(spec.datasets[0], model, []))
+    _check_out(out)
+    stamp_run(allow_dirty)
+    setup(threads)
+    with err_console.status("calibrating ...") as spinner:
+        def show(result: dict) -> None:
+            chosen = f"{result['chosen']:g}" if result["chosen"] is not None else "none within budget"
+            costs = ", ".join(f"{p['strength']:g}: {100 * p['cost']:+.1f}" for p in result["points"])
+            typer.echo(f"{result['dataset']} {result['model']}: undefended {result['accuracy_undefended']:.3f} on "
+                       f"{result['test_images']} images; cost in points by strength {costs}; chosen {chosen}")
+
+        record = calibrate_defaults(spec, progress=spinner.update, on_result=show)
+    stem = f"defence-defaults_{defence}_cut{cut}{'_quick' if quick else ''}"
+    paths = [write_json(out / f"{stem}.json", record), plot_defaults(record, out / f"{stem}.png")]
+    if write_defaults:
+        write_defaults_table(record, CALIBRATED_DEFAULTS)
+        paths.append(CALIBRATED_DEFAULTS)
+    if record["uncalibrated"]:
+        typer.echo(f"no strength within {100 * max_cost:g} points: {', '.join(record['uncalibrated'])} (the defence's "
+                   "default applies there)")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _empty(flag: str):
+    raise ConfigError(f"give at least one name in {flag}")

@@ -60,7 +60,7 @@ class ImageAttackSpec:
     def make_defence(self):
         from splitveil.protect.image import make_defence
 
-        return make_defence(self.defence, self.strength, **self.defence_options)
+        return make_defence(self.defence, self.strength, dataset=self.dataset, model=self.model, **self.defence_options)
 
 
 def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
@@ -324,11 +324,13 @@ def sweep_cut(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = N
     return [run_image_attack(replace(spec, attack=name), victim=victim, mine_cache=mine_cache) for name in attacks]
 
 
-def resolve_defences(defences) -> list[tuple[str, float]]:
-    """[(name, strength or None)] -> [(name, strength)] with each default strength filled in."""
+def resolve_defences(defences, spec: ImageAttackSpec | None = None) -> list[tuple[str, float]]:
+    """[(name, strength or None)] -> [(name, strength)] with each default strength filled in (calibrated for
+    `spec`'s data set and model where a calibration exists)."""
     from splitveil.protect.image import make_defence
 
-    return [(name, make_defence(name, strength).strength) for name, strength in defences]
+    where = {"dataset": spec.dataset, "model": spec.model} if spec is not None else {}
+    return [(name, make_defence(name, strength, **where).strength) for name, strength in defences]
 
 
 def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dict, *, progress=None):
@@ -341,7 +343,7 @@ def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dic
         (units, frontier): `ImageAttackSpec`s, and per cut {"target_cost", "baselines": {name: {"points": [{strength,
         accuracy, cost}], "reached": bool}}}, which every record of the sweep carries.
     """
-    from splitveil.protect.image import IMAGE_DEFENCES, make_defence
+    from splitveil.protect.image import IMAGE_DEFENCES
     from splitveil.train.classifier import accuracy, predict
 
     splits, undefended = victim["splits"], victim["victim"]
@@ -359,7 +361,7 @@ def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dic
 
     swept = [name for name, strength in defences
              if strength is None and name not in ("none", "siftfunnel") and IMAGE_DEFENCES.get(name).frontier_strengths]
-    fixed = [(name, make_defence(name, strength).strength) for name, strength in defences if name not in swept]
+    fixed = resolve_defences([(name, strength) for name, strength in defences if name not in swept], spec)
     units, frontier = [], {}
     for cut in cuts:
         funnels = [measured(cut, name, strength)["cost"] for name, strength in fixed if name == "siftfunnel"]
@@ -403,7 +405,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
         units, summary = frontier_units(spec, cuts, defences, victim, progress=progress)
     else:
         units, summary = [replace(spec, split=cut, defence=name, strength=strength)
-                          for cut in cuts for name, strength in resolve_defences(defences)], None
+                          for cut in cuts for name, strength in resolve_defences(defences, spec)], None
     names = list(dict.fromkeys(name for name, _ in defences))
     records: list[dict] = []
 

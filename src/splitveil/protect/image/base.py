@@ -13,7 +13,10 @@ and what an attacker querying the edge sees.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,9 +101,31 @@ class ImageDefence:
 IMAGE_DEFENCES.register("none", ImageDefence)
 
 
-def make_defence(name: str, strength: float | None = None, **options) -> ImageDefence:
-    """The registered defence `name` at `strength` (its default when None); ConfigError for unknown names."""
-    return IMAGE_DEFENCES.get(name)(strength, **options)
+#: strengths chosen per data set and model by `splitveil attack image-defaults --write-defaults` (its record says
+#: how: the strongest setting whose accuracy cost stays within the paper's 3 points), {defence: {"dataset/model": s}}
+CALIBRATED_DEFAULTS = Path(__file__).with_name("defaults.json")
+
+
+@functools.cache
+def _calibrated() -> dict:
+    if not CALIBRATED_DEFAULTS.is_file():
+        return {}
+    return json.loads(CALIBRATED_DEFAULTS.read_text()).get("strengths", {})
+
+
+def calibrated_strength(name: str, dataset: str | None, model: str | None) -> float | None:
+    """The strength calibrated for defence `name` on (`dataset`, `model`), or None where none was."""
+    return _calibrated().get(name, {}).get(f"{dataset}/{model}")
+
+
+def make_defence(name: str, strength: float | None = None, *, dataset: str | None = None, model: str | None = None,
+                 **options) -> ImageDefence:
+    """The registered defence `name` at `strength`; when None, the strength calibrated for (`dataset`, `model`) if
+    there is one, else the defence's default. ConfigError for unknown names."""
+    defence = IMAGE_DEFENCES.get(name)
+    if strength is None:
+        strength = calibrated_strength(name, dataset, model)
+    return defence(strength, **options)
 
 
 def cut_segment(model, cut: int) -> int:
