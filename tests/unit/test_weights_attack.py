@@ -128,6 +128,29 @@ def test_fitting_only_the_block_m_on_public_text_lowers_the_residual_models_loss
     assert record["learning_rate"] in (1e-2, 1e-1) and record["steps"] >= 10
 
 
+def test_full_starts_at_the_residual_scratch_throws_it_away_and_both_fit_every_weight():
+    victim = tiny_causal_lm("llama", weight_scale=16.0)
+    text = sampled_text(victim, sequences=96, length=24)
+    train, held_out = text[:80], text[80:]
+    residual = copy.deepcopy(victim)
+    ranks = residual_model_(residual, rank=2)
+    before = mean_loss(residual, held_out, batch=16)
+    full = WEIGHTS_ATTACKS.get("full")(WeightsTarget(residual, ranks), seed=0).prepare()
+    scratch = WEIGHTS_ATTACKS.get("scratch")(WeightsTarget(residual, ranks), seed=0).prepare()
+    weights = sum(layer.weight.numel() for layer in full.layers.values())
+    assert full.unknowns() == scratch.unknowns() == weights  # every weight of every protected matrix
+    assert mean_loss(full.reconstruct(), held_out, batch=16) == pytest.approx(before, rel=1e-5)
+    name, layer = next(iter(scratch.layers.items()))
+    assert not torch.allclose(layer.merged_weight(), layer.weight)  # the residual is not used
+    spec = FineTuneSpec(seq_len=24, batch=8, learning_rates=(1e-2, 1e-1), sweep_steps=5, steps_per_round=10,
+                        stop=StopRule(max_epochs=4, patience=2))
+    start = mean_loss(scratch.reconstruct(), held_out, batch=16)
+    full.fit(train, held_out, spec)
+    scratch.fit(train, held_out, spec)
+    assert mean_loss(full.reconstruct(), held_out, batch=16) < before
+    assert mean_loss(scratch.reconstruct(), held_out, batch=16) < start
+
+
 def test_the_attack_holds_a_copy_of_the_residual_only():
     victim = tiny_causal_lm("llama", weight_scale=1.0)
     residual = copy.deepcopy(victim)
@@ -148,6 +171,46 @@ def test_the_cli_refuses_bad_flags_with_one_line(capsys, argv, message):
 
     assert main(["attack", "weights", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--attacks", "nullspace,foo"], "unknown weights attack 'foo'"),
+                                           (["--attacks", ","], "give at least one attack"),
+                                           (["--budgets", "100"], "--budgets must be token counts of at least 640"),
+                                           (["--budgets", "1e4"], "bad --budgets"),
+                                           (["--rank", "0"], "--rank must be >= 1")])
+def test_the_curves_cli_refuses_bad_flags_with_one_line(capsys, argv, message):
+    from splitveil.cli.main import main
+
+    assert main(["attack", "weights-curves", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_extraction_curves_run_every_attack_at_every_budget_on_a_real_model_folder(tmp_path):
+    """A tiny Llama with a character tokenizer saved as a model folder: the curves' runs split it, attack it and
+    score it as on SmolLM2, each budget with its own text."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from splitveil.experiments.weights_attack import WeightsAttackSpec, plot_weights_curves, run_weights_curves
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)])}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "tiny")
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "tiny")
+    spec = WeightsAttackSpec.for_run(quick=True, model=str(tmp_path / "tiny"), rank=2)
+    record = run_weights_curves(spec, ["nullspace", "scratch"], [640, 1280])
+    assert [(r["attack"], r["train_tokens"]) for r in record["runs"]] == [
+        ("nullspace", 640), ("nullspace", 1280), ("scratch", 640), ("scratch", 1280)]
+    for attack, points in record["curves"].items():
+        assert [p["train_tokens"] for p in points] == [640, 1280]
+        assert all(p["perplexity_after"] > 0 for p in points)
+    assert record["curves"]["scratch"][0]["unknowns"] > record["curves"]["nullspace"][0]["unknowns"]
+    assert record["perplexity_original"] > 0 and record["perplexity_residual"] > 0  # (a random tiny model: no order)
+    assert plot_weights_curves(record, tmp_path / "curves.png").stat().st_size > 1000
 
 
 def test_slip_config_mask_rank_hardens_the_deployment_it_builds():

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import err_console, print_json, setup
+from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup
 from splitveil.core.errors import ConfigError
 
 
@@ -72,3 +72,52 @@ def weights(
         print_json(record)
         return
     typer.echo(_summary(record))
+
+
+@app.command("weights-curves")
+def weights_curves(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered causal LM or local model directory."),
+    attacks: str = typer.Option("nullspace,lowrank,full,scratch", "--attacks", help="Attacks, comma-separated: "
+                                "nullspace, lowrank, full (every protected weight fine-tuned from the residual), "
+                                "scratch (the protected matrices trained from a fresh start, the residual unused)."),
+    budgets: str = typer.Option("12800,51200,102400", "--budgets", help="Tokens of the attacker's public text, "
+                                "comma-separated (each run also holds out its own sequences to choose the learning "
+                                "rate and stop)."),
+    rank: int = typer.Option(None, "--rank", "-k", help="Secure rank k per matrix (default: the weights deployment's)."),
+    hardened: bool = typer.Option(False, "--hardened", help="Attack the hardened split (see `attack weights`)."),
+    mask_rank: int = typer.Option(4, "--mask-rank", min=1, help="--hardened: extra secret directions per matrix."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the hardened split's secret term and of the attackers."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the record (JSON) and its plot."),
+    allow_dirty: bool = allow_dirty_option(),
+    threads: int = typer.Option(1, "--threads", help="Torch threads."),
+) -> None:
+    """Extraction curves on SLIP's residual: held-out perplexity against the thief's tokens of public text, for each
+    attack, each run tuned (learning rate swept) and stopped on its plateau; a JSON record and a plot. Long: each run
+    splits the model and fine-tunes (tens of minutes per run on SmolLM2 on one CPU core at 102,400 tokens)."""
+    from splitveil.attack.weights import WEIGHTS_ATTACKS
+    from splitveil.cli.common import int_list, stamp_run
+    from splitveil.experiments.records import write_json
+    from splitveil.experiments.weights_attack import WeightsAttackSpec, plot_weights_curves, run_weights_curves
+
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    if not names:
+        raise ConfigError("give at least one attack in --attacks, like nullspace,full")
+    for name in names:
+        WEIGHTS_ATTACKS.get(name)
+    sizes = int_list(budgets, "--budgets", "token counts like 12800,51200")
+    if not sizes or min(sizes) < 640:
+        raise ConfigError(f"--budgets must be token counts of at least 640 (ten 64-token sequences), got {budgets}")
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank must be >= 1 (the weights deployment keeps a secure part), got {rank}")
+    if not out.parent.exists():
+        raise ConfigError(f"--out {out}: its parent folder does not exist")
+    stamp_run(allow_dirty)
+    setup(threads)
+    spec = WeightsAttackSpec.for_run(model=model, rank=rank, hardened=hardened, mask_rank=mask_rank, seed=seed)
+    with err_console.status(f"{len(names) * len(sizes)} weights-attack runs on {model} ...") as spinner:
+        record = run_weights_curves(spec, names, sorted(sizes), progress=spinner.update,
+                                    on_record=lambda r: typer.echo(_summary(r)))
+    stem = f"weights-curves_{Path(model).name}{'_hardened' if hardened else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [write_json(out / f"{stem}.json", record), plot_weights_curves(record, out / f"{stem}.png")]
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))

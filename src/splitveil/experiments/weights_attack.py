@@ -208,6 +208,59 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     }
 
 
+def run_weights_curves(spec: WeightsAttackSpec, attacks: list[str], budgets: list[int], *, progress=None,
+                       on_record=None) -> dict:
+    """Extraction curves: every attack of `attacks` at every budget of `budgets` (tokens of the attacker's text), each
+    a full `run_weights_attack` (its learning rate swept, stopped on its held-out plateau). Returns the curves'
+    record: the runs, and per attack the perplexity after the attack against tokens."""
+    from splitveil.experiments.records import environment
+
+    stamp, began, runs = environment(), time.perf_counter(), []
+    for attack in attacks:
+        for budget in budgets:
+            say = (lambda message, a=attack, b=budget: progress(f"[{a}, {b:,} tokens] {message}")) if progress else None
+            record = run_weights_attack(replace(spec, attack=attack, train_tokens=budget), progress=say)
+            record.pop("environment", None)
+            runs.append(record)
+            if on_record is not None:
+                on_record(record)
+    curves = {attack: [{"train_tokens": r["train_tokens"], "perplexity_after": r["perplexity_after"],
+                        "unknowns": r["unknowns"], "learning_rate": r.get("learning_rate"),
+                        "attacker_converged": r.get("attacker_converged")}
+                       for r in runs if r["attack"] == attack] for attack in attacks}
+    first = runs[0]
+    return {"kind": "weights-curves", "spec": spec.to_dict(), "model": spec.model, "hardened": spec.hardened,
+            "attacks": attacks, "budgets": budgets, "curves": curves,
+            "perplexity_original": first["perplexity_original"], "perplexity_residual": first["perplexity_residual"],
+            "runs": runs, "seconds": time.perf_counter() - began, "environment": stamp}
+
+
+def plot_weights_curves(record: dict, path) -> object:
+    """Perplexity on held-out text against the attacker's tokens, one line per attack, with the original and the
+    residual-only model as horizontal lines (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from splitveil.experiments.records import save_figure
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for attack, points in record["curves"].items():
+        axis.plot([p["train_tokens"] for p in points], [p["perplexity_after"] for p in points], marker="o",
+                  label=f"{attack} ({points[0]['unknowns']:,} unknowns)")
+    axis.axhline(record["perplexity_original"], color="black", linestyle="--", linewidth=1,
+                 label=f"original model ({record['perplexity_original']:.1f})")
+    axis.axhline(record["perplexity_residual"], color="grey", linestyle=":", linewidth=1,
+                 label=f"residual only ({record['perplexity_residual']:.3g})")
+    axis.set(xscale="log", yscale="log", xlabel="attacker's public text (tokens)", ylabel="held-out perplexity",
+             title=f"{record['model']}: what a thief of SLIP's {'hardened ' if record['hardened'] else ''}residual "
+                   "recovers, by attack")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def _alignment(attack, truths: dict, narrow_alignment, hindsight_alignment) -> dict:
     """Per-matrix subspace alignment of what the attack recovered (null-space attack only) with the secret
     subspaces: the mean, the worst, the mean by matrix kind, what random subspaces score, and the hindsight bound."""

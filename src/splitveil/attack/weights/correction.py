@@ -7,6 +7,8 @@ by a factor module:
   block M [q_L, q_R] learned. On a wide side Q is the complement of the residual's largest singular directions,
   kept as a projector: the side's factor is then a free matrix projected onto that complement.
 - `FreeFactors` (a LoRA-style attack that ignores the structure): A [m, q] and B [n, q] both learned.
+- `DenseFactors` (the full-residual and from-scratch attacks): a dense [m, n] matrix learned, added to the residual
+  or, from scratch, taking its place (the thief then uses only the architecture and the unprotected weights).
 
 Parameters are scaled by the residual's largest singular value (public to whoever holds the residual), so that one
 learning rate suits every matrix; A starts at 0, so training starts from the residual-only model.
@@ -69,6 +71,29 @@ class FreeFactors(nn.Module):
         return self.a.numel() + self.b.numel()
 
 
+class DenseFactors(nn.Module):
+    """A dense correction D [m, n]: from 0 on top of the residual (`replaces_residual` False: every weight of the
+    matrix fine-tuned), or from a fresh Kaiming-uniform draw in its place (True: the matrix trained from scratch)."""
+
+    def __init__(self, m: int, n: int, *, scale: float, replaces_residual: bool, generator: torch.Generator):
+        super().__init__()
+        self.replaces_residual = replaces_residual
+        self.unit = scale / math.sqrt(min(m, n))
+        start = torch.zeros(m, n)
+        if replaces_residual:  # nn.Linear's own initialisation, in units of `self.unit`
+            bound = 1 / math.sqrt(n)
+            start = (torch.rand(m, n, generator=generator) * 2 - 1) * bound / self.unit
+        self.delta = nn.Parameter(start)
+
+    def weight(self, residual: torch.Tensor) -> torch.Tensor:
+        delta = self.delta * self.unit
+        return delta if self.replaces_residual else residual + delta
+
+    @property
+    def unknowns(self) -> int:
+        return self.delta.numel()
+
+
 class CorrectedLinear(nn.Module):
     """A frozen residual linear layer plus a trainable low-rank correction: the attacker's version of the layer."""
 
@@ -79,9 +104,13 @@ class CorrectedLinear(nn.Module):
         self.factors = factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.factors, DenseFactors):
+            return nn.functional.linear(x, self.factors.weight(self.weight), self.bias)
         a, b = self.factors.factors()  # [m, q], [n, q]
         return nn.functional.linear(x, self.weight, self.bias) + (x @ b) @ a.T
 
     def merged_weight(self) -> torch.Tensor:
+        if isinstance(self.factors, DenseFactors):
+            return self.factors.weight(self.weight)
         a, b = self.factors.factors()
         return self.weight + a @ b.T
