@@ -36,6 +36,12 @@ def test_make_defence_reads_the_calibrated_table_and_an_explicit_strength_wins(m
         assert make_defence("siftfunnel", 1.0, dataset="digits", model="vgg").strength == 1.0
         assert make_defence("siftfunnel", dataset="mnist", model="vgg").strength == 2.0  # not calibrated: the default
         assert make_defence("noise", dataset="digits", model="vgg").strength == 0.8
+        from splitveil.experiments.image_privacy import ImageAttackSpec, strength_source
+
+        spec = ImageAttackSpec(dataset="digits", model="vgg", defence="siftfunnel")
+        assert strength_source(spec) == "calibrated" and spec.make_defence().strength == 0.5
+        assert strength_source(ImageAttackSpec(dataset="digits", model="vgg", defence="siftfunnel", strength=1.0)) == "given"
+        assert strength_source(ImageAttackSpec(dataset="mnist", model="vgg", defence="siftfunnel")) == "default"
     finally:
         defence_base._calibrated.cache_clear()
 

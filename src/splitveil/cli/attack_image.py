@@ -141,7 +141,9 @@ def image(
     if json_output:
         print_json({k: v for k, v in record.items() if k != "examples"})
         return
-    typer.echo(f"{model} on {dataset}, defence {record['defence']} (strength {record['strength']:g}): split accuracy "
+    source = {"calibrated": ", calibrated for this data set and model", "default": ", the defence's default"}.get(
+        record.get("strength_source"), "") if record["defence"] != "none" else ""
+    typer.echo(f"{model} on {dataset}, defence {record['defence']} (strength {record['strength']:g}{source}): split accuracy "
                f"{record['accuracy']:.3f} (unsplit {record['accuracy_unsplit']:.3f}, undefended "
                f"{record['accuracy_undefended']:.3f}); attacker: {record['threat_model']['description']}")
     typer.echo("  " + _summary(record))

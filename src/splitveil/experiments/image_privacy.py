@@ -189,6 +189,16 @@ def edge_costs(model, undefended, cut: int, image_shape) -> dict:
     return costs
 
 
+def strength_source(spec: ImageAttackSpec) -> str:
+    """Where the defence's strength came from: "given", "calibrated" (the package's table for the data set and
+    model, `attack image-defaults`) or "default" (the defence's own)."""
+    from splitveil.protect.image.base import calibrated_strength
+
+    if spec.strength is not None:
+        return "given"
+    return "calibrated" if calibrated_strength(spec.defence, spec.dataset, spec.model) is not None else "default"
+
+
 def attack_options(spec: ImageAttackSpec) -> dict:
     """The attack's keyword arguments: its optimisation steps (rMLE) or its stop rule (the learned ones)."""
     options = {"steps": spec.rmle_steps} if spec.attack == "rmle" else {"stop": spec.attacker}
@@ -282,6 +292,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
         "plan": plan.to_dict(),
         "dataset": spec.dataset, "model": spec.model, "split": spec.split, "attack": spec.attack,
         "defence": defence.name, "strength": defence.strength, "defence_info": defence.describe(),
+        "strength_source": strength_source(spec),
         "threat_model": threat,
         "feature_shape": list(target.feature_shape),
         "image_shape": list(test.image_shape),
