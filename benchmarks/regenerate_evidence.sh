@@ -1,0 +1,64 @@
+#!/bin/bash
+# Regenerates, from a clean checkout, every published record that the converged attackers, the frontiers, the
+# funnel-as-the-paper-builds-it and the like-for-like Salted training change (Evidence II). Each command refuses a
+# dirty tree, so the records say which commit made them. Run from the project root after `make setup`:
+#
+#   bash benchmarks/regenerate_evidence.sh [STEP ...]      # no STEP: all of them, in this order
+#
+# Times are for this project's 2-core CPU machine, one job at a time; victims and diffusion weights come from the
+# training cache when present. Steps:
+#   defaults    SiftFunnel's strength per data set and model within 3 points (--write-defaults)   ~60 min
+#   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       hours
+#   depth       attack strength against cut depth, VGG (--quick)                                 ~1-2 h
+#   tee         TEE cut selection with converged attacks and rMLE: VGG, ResNet, MobileNet         ~15 min each
+#   salted      Salted DNNs, standard and salted trained alike (--quick)                         ~1 h
+#   diffusion   diffusion leakage without hindsight (bench diffusion)                             ~20 min
+#   weights     SLIP extraction curves on SmolLM2, plain and hardened split                       many hours
+#   service     the load and batched-decode records                                               ~10 min
+set -euo pipefail
+SV="${SV:-.venv/bin/splitveil}"
+OUT="${OUT:-benchmarks/results}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+
+step_defaults() {
+  $SV attack image-defaults --defence siftfunnel --cut 2 --write-defaults --out "$OUT"
+}
+step_frontier() {
+  for model in vgg resnet; do
+    $SV attack image-sweep --dataset fashion-mnist --model "$model" --splits 2 --attacks inverse,rmle,shadow,cgan \
+      --defences none,siftfunnel:0.5,siftfunnel,noise,dropout,nopeek,cem,vib --frontier --quick --jobs 2 --out "$OUT"
+  done
+}
+step_depth() {
+  $SV attack image-sweep --dataset fashion-mnist --model vgg --splits 1,2,3,4,5 --attacks inverse,rmle,shadow,cgan \
+    --quick --jobs 2 --out "$OUT"
+}
+step_tee() {
+  for model in vgg resnet mobilenet; do
+    $SV partition --dataset fashion-mnist --model "$model" --quick --out "$OUT"
+  done
+}
+step_salted() {
+  $SV attack output-sweep --dataset fashion-mnist --model vgg --salt-layers 0,1,2,3,4 --defence salt --quick --out "$OUT"
+}
+step_diffusion() {
+  $SV bench diffusion --out "$OUT"
+}
+step_weights() {
+  $SV attack weights-curves --model smollm2-135m --attacks nullspace,lowrank,full,scratch \
+    --budgets 12800,51200,102400 --out "$OUT"
+  $SV attack weights-curves --model smollm2-135m --attacks nullspace,lowrank,full,scratch \
+    --budgets 12800,51200,102400 --hardened --out "$OUT"
+}
+step_service() {
+  $SV bench load --out "$OUT"
+  $SV bench batched --out "$OUT"
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted diffusion weights service)
+for step in "${steps[@]}"; do
+  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth tee salted diffusion weights service" >&2; exit 2; }
+  echo "== $step ($(date -u +%H:%M:%S))"
+  "step_$step"
+done
