@@ -262,7 +262,7 @@ def image_defaults(
     setup(threads)
     with err_console.status("calibrating ...") as spinner:
         def show(result: dict) -> None:
-            chosen = f"{result['chosen']:g}" if result["chosen"] is not None else "none within budget"
+            chosen = f"{result['chosen']:g}" if result["chosen"] is not None else f"none: {result['not_chosen_because']}"
             costs = ", ".join(f"{p['strength']:g}: {100 * p['cost']:+.1f}" for p in result["points"])
             typer.echo(f"{result['dataset']} {result['model']}: undefended {result['accuracy_undefended']:.3f} on "
                        f"{result['test_images']} images; cost in points by strength {costs}; chosen {chosen}")
@@ -274,8 +274,7 @@ def image_defaults(
         write_defaults_table(record, CALIBRATED_DEFAULTS)
         paths.append(CALIBRATED_DEFAULTS)
     if record["uncalibrated"]:
-        typer.echo(f"no strength within {100 * max_cost:g} points: {', '.join(record['uncalibrated'])} (the defence's "
-                   "default applies there)")
+        typer.echo(f"not calibrated (the defence's default applies there): {', '.join(record['uncalibrated'])}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 

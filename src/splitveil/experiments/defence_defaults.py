@@ -69,12 +69,21 @@ def calibrate_one(spec: DefaultsSpec, dataset: str, model: str, *, progress=None
         defended = accuracy(predict(victim, test.images), test.labels)
         points.append({"strength": strength, "accuracy": defended, "cost": clean - defended,
                        "seconds": time.perf_counter() - began, "cached": cached})
-    within = [p for p in points if p["cost"] <= spec.max_cost]
+    # a cost is measurable only where the undefended victim beats always answering the commonest test class by a
+    # clear margin (two binomial standard errors at that rate): else "no cost" means both models guess
+    majority = float(torch.bincount(test.labels).max()) / len(test)
+    margin = 2 * (majority * (1 - majority) / len(test)) ** 0.5
+    measurable = clean > majority + margin
+    within = [p for p in points if p["cost"] <= spec.max_cost] if measurable else []
     chosen = max(within, key=lambda p: p["strength"]) if within else None
+    reason = (None if chosen else f"the undefended victim ({clean:.3f}) does not beat the commonest class "
+              f"({majority:.3f}) by two standard errors: no cost can be measured" if not measurable
+              else f"every strength costs more than {100 * spec.max_cost:g} points")
     return {"dataset": dataset, "model": model, "cut": spec.cut, "accuracy_undefended": clean,
+            "majority_class_rate": majority, "measurable": measurable,
             "test_images": len(test), "one_image": 1 / len(test), "points": points,
             "chosen": chosen["strength"] if chosen else None,
-            "chosen_cost": chosen["cost"] if chosen else None}
+            "chosen_cost": chosen["cost"] if chosen else None, "not_chosen_because": reason}
 
 
 def calibrate_defaults(spec: DefaultsSpec, *, progress=None, on_result=None) -> dict:
@@ -91,7 +100,8 @@ def calibrate_defaults(spec: DefaultsSpec, *, progress=None, on_result=None) -> 
                 on_result(results[-1])
     return {"kind": "defence-defaults", "spec": asdict(spec), "results": results,
             "strengths": {f"{r['dataset']}/{r['model']}": r["chosen"] for r in results if r["chosen"] is not None},
-            "uncalibrated": [f"{r['dataset']}/{r['model']}" for r in results if r["chosen"] is None],
+            "uncalibrated": {f"{r['dataset']}/{r['model']}": r["not_chosen_because"] for r in results
+                             if r["chosen"] is None},
             "seconds": time.perf_counter() - began, "environment": stamp}
 
 
@@ -111,7 +121,7 @@ def plot_defaults(record: dict, path):
             strengths = [p["strength"] for p in r["points"]]
             line = axis.plot(strengths, [100 * p["cost"] for p in r["points"]], marker="o",
                              label=f"{r['model']} (chosen {r['chosen']:g})" if r["chosen"] is not None
-                             else f"{r['model']} (none within budget)")[0]
+                             else f"{r['model']} ({'none within budget' if r.get('measurable', True) else 'at chance: not measurable'})")[0]
             if r["chosen"] is not None:
                 axis.plot([r["chosen"]], [100 * r["chosen_cost"]], marker="*", markersize=14, color=line.get_color())
         axis.axhline(100 * record["spec"]["max_cost"], linestyle="--", color="grey", linewidth=1)
