@@ -125,7 +125,11 @@ def plot_defaults(record: dict, path):
             if r["chosen"] is not None:
                 axis.plot([r["chosen"]], [100 * r["chosen_cost"]], marker="*", markersize=14, color=line.get_color())
         axis.axhline(100 * record["spec"]["max_cost"], linestyle="--", color="grey", linewidth=1)
-        axis.set(xscale="log", xlabel=f"{record['spec']['defence']} strength",
+        ladder = sorted({p["strength"] for r in record["results"] for p in r["points"]})
+        axis.set_xscale("log")
+        axis.set_xticks(ladder, [f"{s:g}" for s in ladder])
+        axis.minorticks_off()
+        axis.set(xlabel=f"{record['spec']['defence']} strength",
                  ylabel="accuracy cost (points)", title=f"{dataset}, cut {record['spec']['cut']}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
