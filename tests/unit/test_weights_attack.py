@@ -107,12 +107,16 @@ def sampled_text(model, *, sequences: int, length: int, seed: int = 0) -> torch.
     return tokens
 
 
-def test_fitting_only_the_block_m_on_public_text_lowers_the_residual_models_loss():
+def tiny_theft():
+    """(victim, its residual-only copy at rank 2, the secure ranks, the thief's training and held-out text)."""
     victim = tiny_causal_lm("llama", weight_scale=16.0)
     text = sampled_text(victim, sequences=96, length=24)
-    train, held_out = text[:80], text[80:]
     residual = copy.deepcopy(victim)
-    ranks = residual_model_(residual, rank=2)
+    return victim, residual, residual_model_(residual, rank=2), text[:80], text[80:]
+
+
+def test_fitting_only_the_block_m_on_public_text_lowers_the_residual_models_loss():
+    victim, residual, ranks, train, held_out = tiny_theft()
     before = mean_loss(residual, held_out, batch=16)
     attack = NullspaceAttack(WeightsTarget(residual, ranks), seed=0).prepare()
     shapes = {name: layer.weight.shape for name, layer in attack.layers.items()}
@@ -129,11 +133,7 @@ def test_fitting_only_the_block_m_on_public_text_lowers_the_residual_models_loss
 
 
 def test_full_starts_at_the_residual_scratch_throws_it_away_and_both_fit_every_weight():
-    victim = tiny_causal_lm("llama", weight_scale=16.0)
-    text = sampled_text(victim, sequences=96, length=24)
-    train, held_out = text[:80], text[80:]
-    residual = copy.deepcopy(victim)
-    ranks = residual_model_(residual, rank=2)
+    victim, residual, ranks, train, held_out = tiny_theft()
     before = mean_loss(residual, held_out, batch=16)
     full = WEIGHTS_ATTACKS.get("full")(WeightsTarget(residual, ranks), seed=0).prepare()
     scratch = WEIGHTS_ATTACKS.get("scratch")(WeightsTarget(residual, ranks), seed=0).prepare()

@@ -12,25 +12,28 @@ from splitveil.attack.weights.correction import DenseFactors
 from splitveil.attack.weights.target import RESIDUAL_THIEF
 
 
+class DenseAttack(WeightsAttack):
+    """A dense correction of every protected matrix (`DenseFactors`); `replaces_residual` says whether it starts at
+    the residual or replaces it."""
+
+    threat_model = RESIDUAL_THIEF
+    replaces_residual = False
+
+    def factors_for(self, name: str, weight, rank: int) -> nn.Module:
+        m, n = weight.shape
+        return DenseFactors(m, n, scale=top_singular_value(weight), replaces_residual=self.replaces_residual,
+                            generator=self.generator)
+
+
 @WEIGHTS_ATTACKS.register("full")
-class FullResidualAttack(WeightsAttack):
+class FullResidualAttack(DenseAttack):
     """Every weight of every protected matrix fine-tuned, starting at the residual."""
 
     name = "full"
-    threat_model = RESIDUAL_THIEF
-
-    def factors_for(self, name: str, weight, rank: int) -> nn.Module:
-        m, n = weight.shape
-        return DenseFactors(m, n, scale=top_singular_value(weight), replaces_residual=False, generator=self.generator)
 
 
 @WEIGHTS_ATTACKS.register("scratch")
-class ScratchAttack(WeightsAttack):
+class ScratchAttack(DenseAttack):
     """Every protected matrix trained from a fresh initialisation (the residual unused): the no-theft baseline."""
 
-    name = "scratch"
-    threat_model = RESIDUAL_THIEF
-
-    def factors_for(self, name: str, weight, rank: int) -> nn.Module:
-        m, n = weight.shape
-        return DenseFactors(m, n, scale=top_singular_value(weight), replaces_residual=True, generator=self.generator)
+    name, replaces_residual = "scratch", True
