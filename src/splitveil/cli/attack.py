@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 app = typer.Typer(help="Attacks that measure what a split leaks.", no_args_is_help=True)
@@ -172,7 +172,7 @@ def text_sweep(
     from splitveil.wire.codecs import FLOAT_CODECS
 
     levels = int_list(depths, "--depths", "layer counts like 1,2,4")
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    names = name_list(attacks)
     for name in names:
         TEXT_ATTACKS.get(name)
     if any(not 0 <= d < tail_start for d in [*levels, defence_depth]):

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -183,7 +183,7 @@ def image_sweep(
 
     cuts = int_list(splits, "--splits", "cut indices like 1,2,4")
     chosen = parse_defences(defences) if defences is not None else None
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    names = name_list(attacks)
     if not cuts or not names:
         raise ConfigError("give at least one cut (--splits) and one attack (--attacks)")
     blocks = _check_names(dataset, model, names)
@@ -252,9 +252,12 @@ def image_defaults(
     from splitveil.experiments.records import write_json
     from splitveil.protect.image.base import CALIBRATED_DEFAULTS
 
-    names = lambda text, flag: tuple(item.strip() for item in text.split(",") if item.strip()) or _empty(flag)  # noqa: E731
-    spec = DefaultsSpec(defence=defence, datasets=names(datasets, "--datasets"), models=names(models, "--models"),
-                        cut=cut, max_cost=max_cost, quick=quick, seed=seed)
+    chosen_datasets, chosen_models = tuple(name_list(datasets)), tuple(name_list(models))
+    for flag, chosen in (("--datasets", chosen_datasets), ("--models", chosen_models)):
+        if not chosen:
+            raise ConfigError(f"give at least one name in {flag}")
+    spec = DefaultsSpec(defence=defence, datasets=chosen_datasets, models=chosen_models, cut=cut, max_cost=max_cost,
+                        quick=quick, seed=seed)
     for model in spec.models:
         _check_split(cut, model, _check_names(spec.datasets[0], model, []))
     _check_out(out)
@@ -277,6 +280,3 @@ def image_defaults(
         typer.echo(f"not calibrated (the defence's default applies there): {', '.join(record['uncalibrated'])}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
-
-def _empty(flag: str):
-    raise ConfigError(f"give at least one name in {flag}")

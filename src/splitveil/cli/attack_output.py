@@ -9,7 +9,7 @@ import typer
 
 from splitveil.cli.attack import app
 from splitveil.cli.attack_image import DEFAULT_OUT, _check_out
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 
@@ -131,7 +131,7 @@ def output_sweep(
 
         salt_layers = ",".join(str(p) for p in range(model_blocks(dataset, model)))
     positions = int_list(salt_layers, "--salt-layers", "positions like 0,1,3")
-    defences = [d.strip() for d in defence.split(",") if d.strip()]
+    defences = name_list(defence)
     if not positions or not defences:
         raise ConfigError("give at least one --salt-layers position and one --defence")
     kinds = []

@@ -95,11 +95,11 @@ def weights_curves(
     attack, each run tuned (learning rate swept) and stopped on its plateau; a JSON record and a plot. Long: each run
     splits the model and fine-tunes (tens of minutes per run on SmolLM2 on one CPU core at 102,400 tokens)."""
     from splitveil.attack.weights import WEIGHTS_ATTACKS
-    from splitveil.cli.common import int_list, stamp_run
+    from splitveil.cli.common import int_list, name_list, stamp_run
     from splitveil.experiments.records import write_json
     from splitveil.experiments.weights_attack import WeightsAttackSpec, plot_weights_curves, run_weights_curves
 
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    names = name_list(attacks)
     if not names:
         raise ConfigError("give at least one attack in --attacks, like nullspace,full")
     for name in names:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.bench import app
-from splitveil.cli.common import allow_dirty_option, err_console, result_stem, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, name_list, result_stem, setup, stamp_run
 from splitveil.core.errors import ConfigError
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -64,7 +64,7 @@ def fuzz(
         raise ConfigError("--dataset goes with --target accelerator")
     if messages < 1 or workers < 1 or timeout <= 0:
         raise ConfigError("--messages and --workers must be at least 1 and --timeout positive")
-    names = tuple(n.strip() for n in categories.split(",") if n.strip())
+    names = tuple(name_list(categories))
     for name in names:
         chosen.categories().get(name)  # an unknown name: one line listing the target's categories
     spec = FuzzBenchSpec(model=model, cuts=cuts, messages=messages, workers=workers, seed=seed, timeout_seconds=timeout,

@@ -59,6 +59,11 @@ def int_list(text: str, option: str, wanted: str) -> list[int]:
         raise ConfigError(f"bad {option} {text!r}: give {wanted}") from None
 
 
+def name_list(text: str) -> list[str]:
+    """Comma-separated names given to an option (`inverse,rmle`), blanks dropped; the caller checks them."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def result_stem(kind: str, model: str, cuts, threads: int) -> str:
     """The file name stem of a benchmark's JSON and PNG: what ran, on which split, with how many torch threads."""
     from pathlib import Path

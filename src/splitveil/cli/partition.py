@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, print_json, setup, stamp_run
+from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
 from splitveil.tee.select import DEFAULT_ATTACKS
 
@@ -121,7 +121,7 @@ def partition(
     from splitveil.tee.cost import DEFAULT_ENCLAVE_SLOWDOWN
     from splitveil.tee.select import DEFAULT_TAU
 
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    names = name_list(attacks)
     if not names:
         raise ConfigError("give at least one attack (--attacks)")
     blocks = _check_names(dataset, model, names)
