@@ -49,26 +49,21 @@ class DefaultsSpec:
 
 def calibrate_one(spec: DefaultsSpec, dataset: str, model: str, *, progress=None) -> dict:
     """The accuracy cost of every ladder strength on (`dataset`, `model`) at `spec.cut`, and the chosen strength."""
-    from splitveil.experiments.image_privacy import ImageAttackSpec, defended_victim, splits_and_victim
+    from splitveil.experiments.image_privacy import ImageAttackSpec, accuracy_cost, seeded_accuracy, splits_and_victim
     from splitveil.protect.image import IMAGE_DEFENCES
-    from splitveil.train.classifier import accuracy, predict
 
     base = (ImageAttackSpec.quick if spec.quick else ImageAttackSpec)(dataset=dataset, model=model, split=spec.cut,
                                                                       seed=spec.seed, defence=spec.defence)
     splits, undefended, _ = splits_and_victim(base)
     test = splits.test
-    torch.manual_seed(spec.seed)
-    clean = accuracy(predict(undefended, test.images), test.labels)
+    clean = seeded_accuracy(undefended, test, spec.seed)
     points = []
     for strength in IMAGE_DEFENCES.get(spec.defence).frontier_strengths:
         if progress is not None:
             progress(f"{dataset} {model}: {spec.defence} {strength:g} ...")
         began = time.perf_counter()
-        victim, _, cached = defended_victim(replace(base, strength=strength), splits, undefended)
-        torch.manual_seed(spec.seed)  # as the attack records score it
-        defended = accuracy(predict(victim, test.images), test.labels)
-        points.append({"strength": strength, "accuracy": defended, "cost": clean - defended,
-                       "seconds": time.perf_counter() - began, "cached": cached})
+        point = accuracy_cost(replace(base, strength=strength), splits, undefended, clean)
+        points.append({**point, "seconds": time.perf_counter() - began})
     # a cost is measurable only where the undefended victim beats always answering the commonest test class by a
     # clear margin (two binomial standard errors at that rate): else "no cost" means both models guess
     majority = float(torch.bincount(test.labels).max()) / len(test)

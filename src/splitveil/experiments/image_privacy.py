@@ -174,6 +174,23 @@ def heldout_accuracy(spec, model) -> dict:
     return {"accuracy": accuracy(predict(model, rest.images), rest.labels), "images": len(rest)}
 
 
+def seeded_accuracy(model, test, seed: int) -> float:
+    """`model`'s accuracy on the `test` split, stochastic defences drawing the noise of `seed` (as
+    `run_image_attack` scores the split and unsplit models)."""
+    from splitveil.train.classifier import accuracy, predict
+
+    torch.manual_seed(seed)
+    return accuracy(predict(model, test.images), test.labels)
+
+
+def accuracy_cost(spec: ImageAttackSpec, splits, undefended, clean: float) -> dict:
+    """{"strength", "accuracy", "cost", "cached"} of `spec`'s defended victim (trained or loaded), `cost` being the
+    undefended victim's accuracy `clean` minus its own on the same test images."""
+    model, defence, cached = defended_victim(spec, splits, undefended)
+    defended = seeded_accuracy(model, splits.test, spec.seed)
+    return {"strength": defence.strength, "accuracy": defended, "cost": clean - defended, "cached": cached}
+
+
 def edge_costs(model, undefended, cut: int, image_shape) -> dict:
     """The device's burden at `cut`: parameters, MACs and batch-1 latency of the defended edge and of the undefended
     one (`metrics.compute.part_cost`), and the undefended / defended ratios (SiftFunnel claims about 20x)."""
@@ -355,20 +372,15 @@ def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dic
         accuracy, cost}], "reached": bool}}}, which every record of the sweep carries.
     """
     from splitveil.protect.image import IMAGE_DEFENCES
-    from splitveil.train.classifier import accuracy, predict
 
     splits, undefended = victim["splits"], victim["victim"]
-    test = splits.test
-    torch.manual_seed(spec.seed)
-    clean = accuracy(predict(undefended, test.images), test.labels)
+    clean = seeded_accuracy(undefended, splits.test, spec.seed)
 
     def measured(cut: int, name: str, strength: float) -> dict:
         if progress is not None:
             progress(f"frontier: training or loading {name} {strength:g} at cut {cut} ...")
-        model, _, _ = defended_victim(replace(spec, split=cut, defence=name, strength=strength), splits, undefended)
-        torch.manual_seed(spec.seed)  # as run_image_attack scores it (stochastic defences draw the same noise)
-        defended = accuracy(predict(model, test.images), test.labels)
-        return {"strength": strength, "accuracy": defended, "cost": clean - defended}
+        point = accuracy_cost(replace(spec, split=cut, defence=name, strength=strength), splits, undefended, clean)
+        return {key: point[key] for key in ("strength", "accuracy", "cost")}
 
     swept = [name for name, strength in defences
              if strength is None and name not in ("none", "siftfunnel") and IMAGE_DEFENCES.get(name).frontier_strengths]
