@@ -129,7 +129,8 @@ def test_fitting_only_the_block_m_on_public_text_lowers_the_residual_models_loss
     after = mean_loss(attack.reconstruct(), held_out, batch=16)
     original = mean_loss(victim, held_out, batch=16)
     assert after < before - 0.1 * (before - original)  # a real part of the gap closed, not noise
-    assert record["learning_rate"] in (1e-2, 1e-1) and record["steps"] >= 10
+    best = min(record["learning_rate_sweep"].items(), key=lambda kv: kv[1])[0]  # the rate the sweep found best
+    assert record["learning_rate"] == pytest.approx(float(best), rel=1e-4) and record["steps"] >= 10
 
 
 def test_full_starts_at_the_residual_scratch_throws_it_away_and_both_fit_every_weight():
@@ -236,3 +237,84 @@ def test_slip_config_mask_rank_hardens_the_deployment_it_builds():
     assert result.token_ids == expected
     with pytest.raises(ConfigError, match="mask-rank"):
         SlipConfig(rank=0, mask_rank=2)
+
+
+def tiny_cnn_theft():
+    """(a small CNN victim, its residual-only copy at rank 2, the secure ranks, the thief's labelled images and a
+    held-out part): images labelled by the victim itself, so that the victim is the best the thief can do."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    victim = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(8 * 3 * 3, 5)).eval()
+    images = torch.randn(400, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        labels = victim(images).argmax(-1)
+    residual = copy.deepcopy(victim)
+    ranks = residual_model_(residual, rank=2)
+    return victim, residual, ranks, (images[:320], labels[:320]), (images[320:], labels[320:])
+
+
+def test_a_convolutions_subspaces_are_recovered_and_the_corrected_cnn_starts_at_the_residual():
+    from splitveil.attack.weights.finetune import classifier_loss
+
+    victim, residual, ranks, train, held_out = tiny_cnn_theft()
+    assert len(ranks) == 3  # both convolutions and the linear head are protected
+    attack = NullspaceAttack(WeightsTarget(residual, ranks), seed=0).prepare()
+    assert set(attack.layers) == set(ranks)
+    with torch.no_grad():
+        assert torch.allclose(attack.reconstruct()(held_out[0]), residual(held_out[0]), atol=1e-5)
+    for name, found in attack.recovered.items():  # read off the residual's null spaces, as for a linear layer
+        from splitveil.protect.slip.decompose import weight_matrix
+
+        part = decompose(weight_matrix(dict(victim.named_modules())[name]), rank=2)
+        assert narrow_alignment(found, orthonormal(part.left), orthonormal(part.right.T))[0] > 0.99
+    before = mean_loss(residual, held_out, batch=64, loss=classifier_loss)
+    spec = FineTuneSpec(batch=32, learning_rates=(1e-2, 1e-1), sweep_steps=10, steps_per_round=20,
+                        stop=StopRule(max_epochs=8, patience=2))
+    record = attack.fit(train, held_out, spec, loss=classifier_loss)
+    after = mean_loss(attack.reconstruct(), held_out, batch=64, loss=classifier_loss)
+    assert after < 0.7 * before  # the fitted block closes a real part of the gap
+    assert record["examples_seen"] == record["steps"] * 32 and "tokens_seen" not in record
+
+
+def test_the_sweep_looks_past_its_edge_when_the_best_rate_is_there():
+    from splitveil.attack.weights.finetune import classifier_loss
+
+    _, residual, ranks, train, held_out = tiny_cnn_theft()
+    attack = WEIGHTS_ATTACKS.get("full")(WeightsTarget(residual, ranks), seed=0).prepare()
+    spec = FineTuneSpec(batch=32, learning_rates=(1e-5,), sweep_steps=5, steps_per_round=5, extend_sweep=2,
+                        stop=StopRule(max_epochs=1, patience=1))
+    record = attack.fit(train, held_out, spec, loss=classifier_loss)
+    assert list(record["learning_rate_sweep"]) == ["1e-05", "3e-05", "9e-05"]  # 1e-5 was an edge: two more tried
+    assert record["learning_rate"] == pytest.approx(9e-5)
+    assert record["sweep_steps"] == 15
+
+
+@pytest.mark.parametrize("argv, message", [(["--budgets", "5"], "image counts from 10 to 10000"),
+                                           (["--budgets", "20000"], "image counts from 10 to 10000")])
+def test_the_curves_cli_refuses_cnn_budgets_outside_the_attackers_images(capsys, argv, message):
+    from splitveil.cli.main import main
+
+    assert main(["attack", "weights-curves", "--model", "lenet", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cnn_extraction_curves_on_fashion_mnist_lenet(tmp_path, monkeypatch):
+    """The real path on LeNet (the victim trained once, then cached): every attack starts from a residual that
+    classifies near chance and the null-space attack reads its subspaces exactly; with stolen images every attack
+    beats the residual-only model."""
+    from splitveil.experiments.weights_attack import plot_weights_curves
+    from splitveil.experiments.weights_cnn import CnnWeightsSpec, run_cnn_weights_curves
+
+    spec = CnnWeightsSpec(model="lenet", finetune=FineTuneSpec(batch=32, learning_rates=(1e-2, 1e-1), sweep_steps=10,
+                                                               steps_per_round=20, stop=StopRule(max_epochs=6, patience=2)))
+    record = run_cnn_weights_curves(spec, ["nullspace", "scratch"], [50, 200])
+    assert [(r["attack"], r["stolen"]) for r in record["runs"]] == [
+        ("nullspace", 50), ("nullspace", 200), ("scratch", 50), ("scratch", 200)]
+    assert record["accuracy_original"] > 0.75 and record["accuracy_residual"] < 0.4
+    nullspace = record["runs"][0]
+    assert nullspace["subspace_alignment"] > 0.99 and nullspace["held_out_images"] == 10
+    assert all(r["accuracy_after"] > record["accuracy_residual"] + 0.1 for r in record["runs"])
+    assert all("attacker_converged" in r and r["attacker_epochs"] >= 1 for r in record["runs"])
+    assert plot_weights_curves(record, tmp_path / "curves.png").stat().st_size > 1000

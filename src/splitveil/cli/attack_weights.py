@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -11,7 +12,15 @@ from splitveil.cli.common import allow_dirty_option, err_console, print_json, se
 from splitveil.core.errors import ConfigError
 
 
+def _is_cnn(model: str) -> bool:
+    from splitveil.models.vision_zoo import VISION_MODELS
+
+    return model in VISION_MODELS.names()
+
+
 def _summary(r: dict) -> str:
+    if "accuracy_original" in r:
+        return _cnn_summary(r)
     alignment = "" if r["subspace_alignment"] is None else (
         f"subspace alignment {r['subspace_alignment']:.4f} (random {r['subspace_alignment_chance']:.3f}, hindsight "
         f"bound {r['subspace_alignment_hindsight']:.3f}); ")
@@ -24,20 +33,40 @@ def _summary(r: dict) -> str:
             f"to the unprotected model; {r['seconds']:.0f} s")
 
 
+def _cnn_summary(r: dict) -> str:
+    alignment = "" if r["subspace_alignment"] is None else f"subspace alignment {r['subspace_alignment']:.4f}; "
+    split = f"hardened, k = {r['rank']} + {r['mask_rank']}" if r["hardened"] else f"k = {r['rank']}"
+    state = "converged" if r["attacker_converged"] else "capped"
+    return (f"{r['attack']} on {r['model']} ({split}): {alignment}test accuracy original {r['accuracy_original']:.3f}, "
+            f"residual-only {r['accuracy_residual']:.3f}, after fitting {r['unknowns']:,} unknowns on "
+            f"{r['stolen']:,} stolen images {r['accuracy_after']:.3f} ({r['steps']} steps, lr {r['learning_rate']:g}, "
+            f"{state}); {r['seconds']:.0f} s")
+
+
+def _cnn_spec(model: str, rank, hardened: bool, mask_rank: int, seed: int, stolen: int = 1000):
+    from splitveil.experiments.weights_cnn import CnnWeightsSpec
+
+    return CnnWeightsSpec(model=model, rank=4 if rank is None else rank, hardened=hardened, mask_rank=mask_rank,
+                          seed=seed, stolen=stolen)
+
+
 @app.command("weights")
 def weights(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered causal LM or local model directory."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered causal LM, local model directory, or "
+                              "a CNN (lenet, vgg, resnet: trained on fashion-mnist, attacked with stolen images)."),
     attack: str = typer.Option("nullspace", "--attack", "-a", help="nullspace (read the secret subspaces off the "
                                "residual's null spaces, fit the small block left) or lowrank (a free rank-k "
                                "correction per matrix, ignoring the structure)."),
     rank: int = typer.Option(None, "--rank", "-k", help="Secure rank k per matrix (default: the weights deployment's, "
-                             "the largest k within the secure FLOPs target)."),
+                             "the largest k within the secure FLOPs target; 4 for a CNN)."),
     hardened: bool = typer.Option(False, "--hardened", help="Attack the hardened split: a secret random term of rank "
                                   "--mask-rank folded into the secure part, so that the residual is full rank."),
     mask_rank: int = typer.Option(4, "--mask-rank", min=1, help="--hardened: extra secret directions per matrix."),
     quick: bool = typer.Option(False, "--quick", help="12,800 tokens of attacker text and at most 58 fine-tuning "
                                "steps (minutes; the attacker stops on that cap). Default: 102,400 tokens, up to 645 "
                                "steps, stopped on a held-out plateau."),
+    stolen: int = typer.Option(1000, "--stolen", help="A CNN: the thief's labelled images (10 to 10,000; a fifth held "
+                               "out to choose the learning rate and stop)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the hardened split's secret term and of the attacker."),
     out: Path = typer.Option(None, "--out", help="Also write the record (JSON) to this folder."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (subspace_alignment, "
@@ -58,10 +87,17 @@ def weights(
     if out is not None and not out.parent.exists():
         raise ConfigError(f"--out {out}: its parent folder does not exist")
     setup(threads)
-    spec = WeightsAttackSpec.for_run(quick=quick, model=model, attack=attack, rank=rank, hardened=hardened,
-                                     mask_rank=mask_rank, seed=seed)
+    if _is_cnn(model):
+        from splitveil.experiments.weights_cnn import run_cnn_weights_attack
+
+        spec = replace(_cnn_spec(model, rank, hardened, mask_rank, seed, stolen), attack=attack)
+        run = run_cnn_weights_attack
+    else:
+        spec = WeightsAttackSpec.for_run(quick=quick, model=model, attack=attack, rank=rank, hardened=hardened,
+                                         mask_rank=mask_rank, seed=seed)
+        run = run_weights_attack
     with err_console.status(f"{attack} attack on {model} ...") as spinner:
-        record = run_weights_attack(spec, progress=spinner.update)
+        record = run(spec, progress=spinner.update)
     if out is not None:
         from splitveil.experiments.records import write_json
 
@@ -76,13 +112,15 @@ def weights(
 
 @app.command("weights-curves")
 def weights_curves(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered causal LM or local model directory."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered causal LM, local model directory, or "
+                              "a CNN (lenet, vgg, resnet)."),
     attacks: str = typer.Option("nullspace,lowrank,full,scratch", "--attacks", help="Attacks, comma-separated: "
                                 "nullspace, lowrank, full (every protected weight fine-tuned from the residual), "
                                 "scratch (the protected matrices trained from a fresh start, the residual unused)."),
-    budgets: str = typer.Option("12800,51200,102400", "--budgets", help="Tokens of the attacker's public text, "
-                                "comma-separated (each run also holds out its own sequences to choose the learning "
-                                "rate and stop)."),
+    budgets: str = typer.Option(None, "--budgets", help="An LM: tokens of the attacker's public text (default "
+                                "12800,51200,102400; each run also holds out its own sequences to choose the learning "
+                                "rate and stop). A CNN: stolen labelled images, a fifth of each held out (default "
+                                "100,300,1000,3000,10000)."),
     rank: int = typer.Option(None, "--rank", "-k", help="Secure rank k per matrix (default: the weights deployment's)."),
     hardened: bool = typer.Option(False, "--hardened", help="Attack the hardened split (see `attack weights`)."),
     mask_rank: int = typer.Option(4, "--mask-rank", min=1, help="--hardened: extra secret directions per matrix."),
@@ -104,19 +142,30 @@ def weights_curves(
         raise ConfigError("give at least one attack in --attacks, like nullspace,full")
     for name in names:
         WEIGHTS_ATTACKS.get(name)
-    sizes = int_list(budgets, "--budgets", "token counts like 12800,51200")
-    if not sizes or min(sizes) < 640:
-        raise ConfigError(f"--budgets must be token counts of at least 640 (ten 64-token sequences), got {budgets}")
+    cnn = _is_cnn(model)
+    if cnn:
+        sizes = int_list(budgets or "100,300,1000,3000,10000", "--budgets", "image counts like 100,1000")
+        if not sizes or min(sizes) < 10 or max(sizes) > 10_000:
+            raise ConfigError(f"--budgets for a CNN must be image counts from 10 to 10000, got {budgets}")
+    else:
+        sizes = int_list(budgets or "12800,51200,102400", "--budgets", "token counts like 12800,51200")
+        if not sizes or min(sizes) < 640:
+            raise ConfigError(f"--budgets must be token counts of at least 640 (ten 64-token sequences), got {budgets}")
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be >= 1 (the weights deployment keeps a secure part), got {rank}")
     if not out.parent.exists():
         raise ConfigError(f"--out {out}: its parent folder does not exist")
     stamp_run(allow_dirty)
     setup(threads)
-    spec = WeightsAttackSpec.for_run(model=model, rank=rank, hardened=hardened, mask_rank=mask_rank, seed=seed)
+    if cnn:
+        from splitveil.experiments.weights_cnn import run_cnn_weights_curves
+
+        spec, run = _cnn_spec(model, rank, hardened, mask_rank, seed), run_cnn_weights_curves
+    else:
+        spec = WeightsAttackSpec.for_run(model=model, rank=rank, hardened=hardened, mask_rank=mask_rank, seed=seed)
+        run = run_weights_curves
     with err_console.status(f"{len(names) * len(sizes)} weights-attack runs on {model} ...") as spinner:
-        record = run_weights_curves(spec, names, sorted(sizes), progress=spinner.update,
-                                    on_record=lambda r: typer.echo(_summary(r)))
+        record = run(spec, names, sorted(sizes), progress=spinner.update, on_record=lambda r: typer.echo(_summary(r)))
     stem = f"weights-curves_{Path(model).name}{'_hardened' if hardened else ''}"
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{stem}.json", record), plot_weights_curves(record, out / f"{stem}.png")]

@@ -348,7 +348,7 @@ def evaluate(
         record["residual_perplexity"] = slip_eval.residual_perplexity_curve(model, sorted(set(ranks)), progress=say,
                                                                             heldout_chars=1500 if quick else 3000)
         record["cnn"] = slip_eval.cnn_safety(model_name=cnn, stolen=(100, 1000) if quick else (100, 300, 1000, 3000),
-                                             finetune_epochs=5 if quick else 10, progress=say)
+                                             progress=say)
         prompt = "The capital of France is"
         record["unprotected"] = slip_eval.unprotected_run(model, prompt, 16)
         record["runs"] = {mode.mode: slip_eval.slip_run(model, mode, prompt, 16, ignore_eos=True)

@@ -2,7 +2,7 @@
 and the costs of both. Records (JSON, with `environment()`) and plots under benchmarks/results/.
 
 - `residual_perplexity_curve`: SmolLM2 with every linear layer (and the LM head) replaced by its residual, as k grows.
-- `cnn_safety`: a CNN's residual-only accuracy as k grows, and the fine-tuning extraction attack (the residual plus
+- `cnn_safety`: a CNN's residual-only accuracy as k grows, and the tuned extraction attack (the residual plus
   N stolen labelled samples) against training from scratch on the same N.
 - `protocol_runs`: real runs (executor child process over TLS): tokens, secure FLOPs share, latency, round trips,
   against the unprotected model; greedy agreement of fixed point with fp32 over several prompts.
@@ -72,20 +72,16 @@ def residual_perplexity_curve(model_name: str, ranks: list[int], *, heldout_char
 
 
 def cnn_safety(*, model_name: str = "lenet", ranks: tuple[int, ...] = (0, 1, 2, 4, 8), stolen: tuple[int, ...] = (100, 500, 2000),
-               attack_rank: int = 4, epochs: int = 2, finetune_epochs: int = 10, seed: int = 0, progress=print) -> dict:
-    """Residual-only accuracy of a CNN (Fashion-MNIST) as k grows; then the fine-tuning extraction attack from the
-    residual at `attack_rank` with N stolen samples against the same training from scratch."""
-    from splitveil.data.images import load_dataset, split_dataset
-    from splitveil.models.vision_zoo import build_vision_model
+               attack_rank: int = 4, seed: int = 0, progress=print) -> dict:
+    """Residual-only accuracy of a CNN (Fashion-MNIST) as k grows; then the extraction attack from the residual at
+    `attack_rank` with N stolen labelled images (`full`: every protected weight fine-tuned from the residual) against
+    the same architecture trained from scratch on them (`scratch`), both tuned and stopped on their held-out plateau
+    (`experiments.weights_cnn`; `splitveil attack weights-curves --model lenet` adds the structured attacks)."""
+    from splitveil.experiments.weights_cnn import CnnWeightsSpec, _victim, run_cnn_weights_curves
     from splitveil.protect.slip.decompose import residual_model_
-    from splitveil.train.classifier import TrainConfig, accuracy, cached_classifier, predict, train_classifier
+    from splitveil.train.classifier import accuracy, predict
 
-    data = load_dataset("fashion-mnist")
-    splits = split_dataset(data, train=20000, aux=10000, test=5000, seed=seed)
-    build = lambda: build_vision_model(model_name, data.image_shape, data.num_classes)  # noqa: E731
-    victim, _ = cached_classifier(build, splits.train.images, splits.train.labels, TrainConfig(epochs=epochs, seed=seed),
-                                  key_fields={"model": model_name, "dataset": "fashion-mnist", "train": 20000, "slip": 1},
-                                  quiet=True)
+    victim, splits = _victim(model_name, seed)
     test_x, test_y = splits.test.images, splits.test.labels
     victim_accuracy = accuracy(predict(victim, test_x), test_y)
     curve = []
@@ -94,21 +90,19 @@ def cnn_safety(*, model_name: str = "lenet", ranks: tuple[int, ...] = (0, 1, 2, 
         residual_model_(residual, rank=k)
         curve.append({"rank": k, "accuracy": accuracy(predict(residual.eval(), test_x), test_y)})
         progress(f"residual-only {model_name}, k={k}: accuracy {curve[-1]['accuracy']:.3f}")
-    attack = []
-    for n in stolen:
-        stolen_x, stolen_y = splits.aux.images[:n], splits.aux.labels[:n]
-        config = TrainConfig(epochs=finetune_epochs, batch_size=32, lr=1e-3, seed=seed)
-        residual = copy.deepcopy(victim)
-        residual_model_(residual, rank=attack_rank)
-        finetuned = train_classifier(residual, stolen_x, stolen_y, config, quiet=True)
-        torch.manual_seed(seed)
-        scratch = train_classifier(build(), stolen_x, stolen_y, config, quiet=True)
-        attack.append({"stolen": n, "finetuned_from_residual": accuracy(predict(finetuned, test_x), test_y),
-                       "from_scratch": accuracy(predict(scratch, test_x), test_y)})
-        progress(f"{model_name} with {n} stolen samples: fine-tuned residual {attack[-1]['finetuned_from_residual']:.3f}, "
-                 f"scratch {attack[-1]['from_scratch']:.3f}")
+    curves = run_cnn_weights_curves(CnnWeightsSpec(model=model_name, rank=attack_rank, seed=seed), ["full", "scratch"],
+                                    list(stolen), progress=progress)
+    runs = {(r["attack"], r["stolen"]): r for r in curves["runs"]}
+    attack = [{"stolen": n, "finetuned_from_residual": runs["full", n]["accuracy_after"],
+               "from_scratch": runs["scratch", n]["accuracy_after"],
+               "converged": runs["full", n]["attacker_converged"] and runs["scratch", n]["attacker_converged"]}
+              for n in stolen]
+    for point in attack:
+        progress(f"{model_name} with {point['stolen']} stolen images: fine-tuned residual "
+                 f"{point['finetuned_from_residual']:.3f}, scratch {point['from_scratch']:.3f}")
     return {"model": model_name, "dataset": "fashion-mnist", "victim_accuracy": victim_accuracy, "residual_curve": curve,
-            "attack_rank": attack_rank, "finetune_epochs": finetune_epochs, "extraction": attack, "test_images": len(test_y)}
+            "attack_rank": attack_rank, "extraction": attack, "extraction_runs": curves["runs"],
+            "test_images": len(test_y)}
 
 
 # -- real runs -------------------------------------------------------------------------------------------------

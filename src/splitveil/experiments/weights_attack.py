@@ -236,8 +236,9 @@ def run_weights_curves(spec: WeightsAttackSpec, attacks: list[str], budgets: lis
 
 
 def plot_weights_curves(record: dict, path) -> object:
-    """Perplexity on held-out text against the attacker's tokens, one line per attack, with the original and the
-    residual-only model as horizontal lines (log scales)."""
+    """An extraction-curves record's plot: per attack, what the thief's model scores against its data (an LM:
+    held-out perplexity against tokens of public text, log scales; a CNN: test accuracy against stolen images), with
+    the original and the residual-only model as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,16 +246,21 @@ def plot_weights_curves(record: dict, path) -> object:
 
     from splitveil.experiments.records import save_figure
 
+    cnn = "accuracy_original" in record
+    x, y, score = ("stolen", "accuracy_after", "accuracy") if cnn else ("train_tokens", "perplexity_after", "perplexity")
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for attack, points in record["curves"].items():
-        axis.plot([p["train_tokens"] for p in points], [p["perplexity_after"] for p in points], marker="o",
+        axis.plot([p[x] for p in points], [p[y] for p in points], marker="o",
                   label=f"{attack} ({points[0]['unknowns']:,} unknowns)")
-    axis.axhline(record["perplexity_original"], color="black", linestyle="--", linewidth=1,
-                 label=f"original model ({record['perplexity_original']:.1f})")
-    axis.axhline(record["perplexity_residual"], color="grey", linestyle=":", linewidth=1,
-                 label=f"residual only ({record['perplexity_residual']:.3g})")
-    axis.set(xscale="log", yscale="log", xlabel="attacker's public text (tokens)", ylabel="held-out perplexity",
-             title=f"{record['model']}: what a thief of SLIP's {'hardened ' if record['hardened'] else ''}residual "
+    axis.axhline(record[f"{score}_original"], color="black", linestyle="--", linewidth=1,
+                 label=f"original model ({record[f'{score}_original']:.4g})")
+    axis.axhline(record[f"{score}_residual"], color="grey", linestyle=":", linewidth=1,
+                 label=f"residual only ({record[f'{score}_residual']:.4g})")
+    if cnn:
+        axis.set(xscale="log", xlabel="thief's stolen labelled images (a fifth held out)", ylabel="test accuracy")
+    else:
+        axis.set(xscale="log", yscale="log", xlabel="attacker's public text (tokens)", ylabel="held-out perplexity")
+    axis.set_title(f"{record['model']}: what a thief of SLIP's {'hardened ' if record['hardened'] else ''}residual "
                    "recovers, by attack")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7)

@@ -2,7 +2,7 @@
 model.
 
 A `WeightsAttack` is granted a private copy of the residual bundle (`WeightsTarget`) and its public secure ranks.
-`prepare()` replaces every protected linear layer of its copy by a `CorrectedLinear` whose factors the subclass
+`prepare()` replaces every protected layer of its copy (linear or convolution) by a `CorrectedLayer` whose factors the subclass
 chooses (`factors_for`); `fit()` trains them on the attacker's own text; `reconstruct()` returns the attacker's model.
 """
 
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from splitveil.attack.base import Attack
-from splitveil.attack.weights.correction import CorrectedLinear
-from splitveil.attack.weights.finetune import FineTuneSpec, finetune
+from splitveil.attack.weights.correction import CorrectedLayer
+from splitveil.attack.weights.finetune import FineTuneSpec, finetune, lm_loss
 from splitveil.attack.weights.target import WeightsTarget
 from splitveil.core.registry import Registry
 
@@ -29,7 +29,7 @@ class WeightsAttack(Attack):
         granted = target.grant(self.threat_model, self.name)
         self.model, self.secure_ranks, self.seed = granted.residual, granted.secure_ranks, seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.layers: dict[str, CorrectedLinear] = {}
+        self.layers: dict[str, CorrectedLayer] = {}
         self.training: dict = {}
 
     def factors_for(self, name: str, weight: torch.Tensor, rank: int) -> nn.Module:
@@ -37,14 +37,16 @@ class WeightsAttack(Attack):
         raise NotImplementedError
 
     def prepare(self, *, progress=None) -> "WeightsAttack":
-        """Wraps every protected layer of the attacker's copy in a `CorrectedLinear` (starting at the residual)."""
+        """Wraps every protected layer of the attacker's copy in a `CorrectedLayer` (starting at the residual)."""
+        from splitveil.protect.slip.decompose import weight_matrix
+
         owners = {id(child): (parent, attr) for parent in self.model.modules() for attr, child in parent.named_children()}
         named = dict(self.model.named_modules())
         for index, (name, rank) in enumerate(self.secure_ranks.items()):
             module = named[name]
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
-            corrected = CorrectedLinear(module, self.factors_for(name, module.weight.detach(), rank))
+            corrected = CorrectedLayer(module, self.factors_for(name, weight_matrix(module), rank))
             parent, attr = owners[id(module)]
             setattr(parent, attr, corrected)
             self.layers[name] = corrected
@@ -61,15 +63,15 @@ class WeightsAttack(Attack):
         """How many numbers the attack fits (over all matrices)."""
         return sum(layer.factors.unknowns for layer in self.layers.values())
 
-    def fit(self, train: torch.Tensor, held_out: torch.Tensor, spec: FineTuneSpec, *, quiet: bool = True,
-            report=None) -> dict:
-        """Fine-tunes the corrections on the attacker's text `train` [N, T] (held-out part `held_out` [V, T]);
-        returns the training record (`finetune`). `report(message)` is told each step."""
+    def fit(self, train, held_out, spec: FineTuneSpec, *, quiet: bool = True, report=None, loss=lm_loss) -> dict:
+        """Fine-tunes the corrections on the attacker's data `train` (text [N, T], held-out part `held_out` [V, T];
+        or (images, labels) tuples with `loss=classifier_loss`); returns the training record (`finetune`).
+        `report(message)` is told each step."""
         if not self.layers:
             self.prepare()
         trainable = nn.ModuleList(layer.factors for layer in self.layers.values())
         self.training = finetune(self.model, trainable, train, held_out, spec, quiet=quiet, desc=f"{self.name} attack",
-                                 report=report)
+                                 report=report, loss=loss)
         return self.training
 
     def training_record(self) -> dict:

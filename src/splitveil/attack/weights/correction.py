@@ -1,7 +1,9 @@
-"""What a weights attacker trains: a correction added to each stolen residual linear layer.
+"""What a weights attacker trains: a correction added to each stolen residual layer (linear or convolution).
 
-`CorrectedLinear` computes x W_res^T (+ bias) + (x B) A^T with W_res frozen and the rank-q correction A B^T given
-by a factor module:
+`CorrectedLayer` computes the layer with the weight matrix W_res + A B^T, W_res frozen (for a convolution, the
+matrix [out, in * kh * kw] of `decompose.weight_matrix`) and the correction given by a factor module; a linear layer
+with a low-rank correction computes x W_res^T (+ bias) + (x B) A^T without forming the sum. Every factor module has
+`weight(residual)` (the corrected matrix) and `low_rank()` ((A, B), or None for a dense correction):
 
 - `SubspaceFactors` (the null-space attack): A B^T = Q_L M Q_R^T with the recovered subspaces fixed and only the
   block M [q_L, q_R] learned. On a wide side Q is the complement of the residual's largest singular directions,
@@ -49,6 +51,13 @@ class SubspaceFactors(nn.Module):
             return self.left.basis, self.right.project(block)
         return self.left.basis @ block, self.right.basis
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors()
+
+    def weight(self, residual: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return residual + a @ b.T
+
     @property
     def unknowns(self) -> int:
         return self.left.dim * self.right.dim
@@ -65,6 +74,13 @@ class FreeFactors(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a * self.unit, self.b
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factors()
+
+    def weight(self, residual: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return residual + a @ b.T
 
     @property
     def unknowns(self) -> int:
@@ -89,28 +105,41 @@ class DenseFactors(nn.Module):
         delta = self.delta * self.unit
         return delta if self.replaces_residual else residual + delta
 
+    def low_rank(self) -> None:
+        return None
+
     @property
     def unknowns(self) -> int:
         return self.delta.numel()
 
 
-class CorrectedLinear(nn.Module):
-    """A frozen residual linear layer plus a trainable low-rank correction: the attacker's version of the layer."""
+class CorrectedLayer(nn.Module):
+    """A frozen residual layer (nn.Linear or an ungrouped nn.Conv2d) plus a trainable correction of its weight matrix:
+    the attacker's version of the layer."""
 
-    def __init__(self, linear: nn.Linear, factors: nn.Module):
+    def __init__(self, layer: nn.Module, factors: nn.Module):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # [m, n] the residual
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        from splitveil.protect.slip.decompose import weight_matrix
+
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"a weights attack corrects linear and convolution layers, not {type(layer).__name__}")
+        self.conv = None
+        if isinstance(layer, nn.Conv2d):  # its geometry, kept to run the corrected matrix as the same convolution
+            self.conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": 1}
+            self.kernel_shape = tuple(layer.weight.shape)
+        self.weight = nn.Parameter(weight_matrix(layer), requires_grad=False)  # [m, n] the residual (shared storage)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
         self.factors = factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.factors, DenseFactors):
-            return nn.functional.linear(x, self.factors.weight(self.weight), self.bias)
-        a, b = self.factors.factors()  # [m, q], [n, q]
+        if self.conv is not None:
+            return nn.functional.conv2d(x, self.merged_weight().reshape(self.kernel_shape), self.bias, **self.conv)
+        low_rank = self.factors.low_rank()
+        if low_rank is None:
+            return nn.functional.linear(x, self.merged_weight(), self.bias)
+        a, b = low_rank  # [m, q], [n, q]
         return nn.functional.linear(x, self.weight, self.bias) + (x @ b) @ a.T
 
     def merged_weight(self) -> torch.Tensor:
-        if isinstance(self.factors, DenseFactors):
-            return self.factors.weight(self.weight)
-        a, b = self.factors.factors()
-        return self.weight + a @ b.T
+        """The corrected weight matrix [m, n]."""
+        return self.factors.weight(self.weight)

@@ -20,8 +20,8 @@ from splitveil.attack.base import Capabilities, Target, ThreatModel
 RESIDUAL_THIEF = ThreatModel(
     observes="residual", auxiliary_data=True, knows_defence=True,
     description="the untrusted side of SLIP's weights deployment: it holds every W_residual (and, generously, the "
-                "embeddings and norms), knows the decomposition and each matrix's secure rank, and has public text "
-                "of its own")
+                "embeddings, norms, biases and batch-norm statistics), knows the decomposition and each matrix's "
+                "secure rank, and has data of its own (public text; for a CNN, stolen labelled images)")
 
 
 @dataclass(frozen=True, eq=False)
