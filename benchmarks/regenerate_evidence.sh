@@ -13,6 +13,7 @@
 #   tee         TEE cut selection with converged attacks and rMLE: VGG, ResNet, MobileNet         ~15 min each
 #   salted      Salted DNNs, standard and salted trained alike (--quick)                         ~1 h
 #   diffusion   diffusion leakage without hindsight (bench diffusion)                             ~20 min
+#   weights-cnn SLIP extraction curves on LeNet and VGG (stolen images), plain and hardened split  ~1 h
 #   weights     SLIP extraction curves on SmolLM2, plain and hardened split                       many hours
 #   service     the load and batched-decode records                                               ~10 min
 set -euo pipefail
@@ -44,6 +45,12 @@ step_salted() {
 step_diffusion() {
   $SV bench diffusion --out "$OUT"
 }
+step_weights-cnn() {
+  for model in lenet vgg; do
+    $SV attack weights-curves --model "$model" --out "$OUT"
+    $SV attack weights-curves --model "$model" --hardened --out "$OUT"
+  done
+}
 step_weights() {
   $SV attack weights-curves --model smollm2-135m --attacks nullspace,lowrank,full,scratch \
     --budgets 12800,51200,102400 --out "$OUT"
@@ -56,9 +63,9 @@ step_service() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted diffusion weights service)
+[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted diffusion weights-cnn weights service)
 for step in "${steps[@]}"; do
-  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth tee salted diffusion weights service" >&2; exit 2; }
+  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth tee salted diffusion weights-cnn weights service" >&2; exit 2; }
   echo "== $step ($(date -u +%H:%M:%S))"
   "step_$step"
 done
