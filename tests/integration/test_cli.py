@@ -180,11 +180,11 @@ def test_exact_attack_recovers_a_smollm2_prompt_from_the_uplink(tmp_path):
         (["attack", "text-sweep", "--depths", "1,x"], "bad --depths"),
         (["attack", "text-sweep", "--depths", "30"], "every depth must be in 0..27"),
         (["attack", "text-sweep", "--attacks", "magic"], "unknown text attack 'magic'"),
-        (["attack", "text", "--defence", "cloak"], "unknown defence 'cloak'"),
+        (["attack", "text", "--defence", "cloak"], "unknown text protection 'cloak'"),
         (["attack", "text", "--defence", "randcut", "--strength", "1.5"], "number of layers"),
         (["attack", "text", "--split", "2,4", "--defence", "randcut", "--strength", "2"], "into the tail"),
         (["attack", "text-sweep", "--defences", "noise:lots"], "bad --defences item 'noise:lots'"),
-        (["attack", "text-sweep", "--defences", "cloak:1"], "unknown defence 'cloak'"),
+        (["attack", "text-sweep", "--defences", "cloak:1"], "unknown text protection 'cloak'"),
         (["attack", "text-sweep", "--wire", "fp8"], "unknown --wire"),
     ],
 )

@@ -64,22 +64,9 @@ def test_accelerator_of_partition_run(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_chat_folder(tmp_path_factory):
     """A tiny Llama with a character-level tokenizer and a chat template, made here (what `splitveil edge` needs)."""
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
+    from splitveil.models.tiny import save_tiny_with_tokenizer
 
-    folder = tmp_path_factory.mktemp("fuzz-edge") / "tiny-chat"
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)])}
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }} {% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    tiny_causal_lm("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("fuzz-edge") / "tiny-chat", chat=True)
 
 
 def test_openai_edge(tiny_chat_folder):

@@ -5,7 +5,7 @@ import torch
 
 from splitveil.attack.text.attacks import ExactInversion
 from splitveil.edge.generate import SplitCausalLM
-from splitveil.experiments.text_privacy import observe
+from splitveil.protect.text import observe
 from splitveil.metrics.text import token_recovery
 from splitveil.plan.plan import SplitPlan
 from splitveil.protect.cut import GaussianNoise, hkdf_seed
@@ -175,7 +175,7 @@ def test_randcut_secret_recovery_is_measured_not_assumed(tiny_models, monkeypatc
 
 
 def test_split_scoring_matches_the_unsplit_model_and_perplexity_is_finite(tiny_models):
-    from splitveil.experiments.text_privacy import heldout_perplexity
+    from splitveil.protect.text import heldout_perplexity
     from splitveil.metrics.text import mean_nll
 
     model = tiny_models["llama"]
@@ -212,8 +212,9 @@ def test_learned_attacker_trained_on_its_own_noise_reads_noisy_states():
 def test_each_defence_has_its_adaptive_attacker_and_strength_0_adapts_nothing():
     from splitveil.attack.text.adaptive import ADAPTATIONS, Adaptation, adaptation_for
     from splitveil.protect.cut import CUT_DEFENCES
+    from splitveil.protect.text import deployment_for
 
-    assert set(CUT_DEFENCES.names()) <= set(ADAPTATIONS) - {None}
+    assert {deployment_for(name) for name in CUT_DEFENCES.names()} <= set(ADAPTATIONS)
     assert adaptation_for("noise", 0.5).attack_options("exact")["tolerance"] > 0.4
     assert "augment" in adaptation_for("noise", 0.5).attack_options("learned")
     assert adaptation_for("noise", 0.0).attack_options("exact") == {}

@@ -9,12 +9,13 @@ from splitveil.core.errors import ConfigError
 
 def test_slip_is_a_registered_text_defence_with_its_adaptive_attacker():
     from splitveil.attack.text.adaptive import ADAPTATIONS, SlipAdaptation, adaptation_for
-    from splitveil.experiments.slip_text import SlipDeployment
-    from splitveil.experiments.text_defences import TEXT_DEFENCES, deployment_for
     from splitveil.protect.cut import CUT_DEFENCES
+    from splitveil.protect.deployment import DEPLOYMENTS
+    from splitveil.protect.slip.deployment import SlipDeployment
+    from splitveil.protect.text import deployment_for
 
-    assert set(CUT_DEFENCES.names()) | {"slip"} == set(TEXT_DEFENCES.names())
-    assert set(TEXT_DEFENCES.names()) <= set(ADAPTATIONS) - {None}
+    assert set(CUT_DEFENCES.names()) | {"none", "slip", "enclave"} == set(DEPLOYMENTS.names("text"))
+    assert {deployment_for(name) for name in DEPLOYMENTS.names("text")} <= set(ADAPTATIONS)
     assert deployment_for("slip") is SlipDeployment and isinstance(adaptation_for("slip", 0), SlipAdaptation)
     assert deployment_for("noise").defence_class is CUT_DEFENCES.get("noise")
     SlipDeployment.check(0, (2, 28))

@@ -6,7 +6,7 @@ import torch
 from splitveil.attack.text.attacks import TEXT_ATTACKS, ExactInversion, NearestEmbedding, TailReadout
 from splitveil.core.errors import ConfigError
 from splitveil.edge.generate import SplitCausalLM
-from splitveil.experiments.text_privacy import observe
+from splitveil.protect.text import observe
 from splitveil.metrics.text import exact_match, token_f1, token_recovery
 from splitveil.plan.plan import SplitPlan
 

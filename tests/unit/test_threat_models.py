@@ -20,7 +20,7 @@ from splitveil.attack.text import TEXT_ATTACKS, ExactInversion, TailReadout, Tex
 from splitveil.core.errors import ConfigError
 from splitveil.data.images import load_dataset, split_dataset
 from splitveil.edge.generate import SplitCausalLM
-from splitveil.experiments.text_privacy import observe
+from splitveil.protect.text import observe
 from splitveil.models.vision_zoo import build_vision_model
 from splitveil.plan.plan import SplitPlan, apply
 

@@ -189,19 +189,10 @@ def test_the_curves_cli_refuses_bad_flags_with_one_line(capsys, argv, message):
 def test_extraction_curves_run_every_attack_at_every_budget_on_a_real_model_folder(tmp_path):
     """A tiny Llama with a character tokenizer saved as a model folder: the curves' runs split it, attack it and
     score it as on SmolLM2, each budget with its own text."""
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     from splitveil.experiments.weights_attack import WeightsAttackSpec, plot_weights_curves, run_weights_curves
+    from splitveil.models.tiny import save_tiny_with_tokenizer
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)])}
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tiny_causal_lm("llama").save_pretrained(tmp_path / "tiny")
-    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "tiny")
+    save_tiny_with_tokenizer(tmp_path / "tiny")
     spec = WeightsAttackSpec.for_run(quick=True, model=str(tmp_path / "tiny"), rank=2)
     record = run_weights_curves(spec, ["nullspace", "scratch"], [640, 1280])
     assert [(r["attack"], r["train_tokens"]) for r in record["runs"]] == [

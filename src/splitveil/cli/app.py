@@ -6,6 +6,7 @@ import typer
 
 from splitveil.cli import attack, bench, demo, edge, generate, serve, slip
 from splitveil.cli import partition
+from splitveil.cli.protections import protections
 from splitveil.cli.generate_image import generate_image
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.command("generate-image")(generate_image)
 app.command("serve")(serve.serve)
 app.command("edge")(edge.edge)
 app.command("demo")(demo.demo)
+app.command("protections")(protections)
 app.add_typer(bench.app, name="bench")
 app.add_typer(attack.app, name="attack")
 app.add_typer(slip.app, name="slip")

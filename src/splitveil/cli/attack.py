@@ -25,12 +25,14 @@ def text(
                                "trained on auxiliary text (faster at deep cuts; every token is still verified)."),
 
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Answer tokens generated and read back."),
-    defence: str = typer.Option(None, "--defence", help="Defend the uplink on the device first: noise (Gaussian, "
-                                "std = strength x each position's RMS), permute (secret permutation of the hidden "
-                                "dimensions; the cloud runs a permuted trunk), randcut (the cut moved 0..strength "
-                                "layers deeper by a per-session secret) or slip (SLIP's prompt deployment: the trunk's "
-                                "linear layers computed by an executor process on one-time-masked fixed-point inputs; "
-                                "its logged view is attacked). The attack adapts to it."),
+    defence: str = typer.Option(None, "--defence", help="A text protection of `splitveil protections`: none, noise "
+                                "(Gaussian, std = strength x each position's RMS), permute (secret permutation of the "
+                                "hidden dimensions; the cloud runs a permuted trunk), randcut (the cut moved "
+                                "0..strength layers deeper by a per-session secret), slip (SLIP's prompt deployment: "
+                                "the trunk's linear layers computed by an executor process on one-time-masked "
+                                "fixed-point inputs; its logged view is attacked) or enclave (the trunk in a trusted "
+                                "executor, SIMULATED attestation; the operator's relayed bytes are attacked). The "
+                                "attack adapts to it."),
     strength: float = typer.Option(0.0, "--strength", min=0.0, help="The defence's strength (0 = identity; randcut: "
                                    "a whole number of layers; slip: the secure rank k, 0 for public weights)."),
     quick: bool = typer.Option(False, "--quick", help="At most 3 prompts and 8 answer tokens; the "
@@ -49,6 +51,10 @@ def text(
     if len(cuts) != 2:
         raise ConfigError("text attacks target a Λ-split: give --split A,B")
     TEXT_ATTACKS.get(attack)  # unknown names fail here, listing the known ones
+    if defence == "none":  # the plain Λ-split, as without --defence
+        if strength:
+            raise ConfigError("--defence none has no strength: drop --strength")
+        defence = None
     if defence is not None:
         _check_defence(defence, strength, cuts)
     if wire not in FLOAT_CODECS:
@@ -113,9 +119,9 @@ def _read_prompts(path: Path | None) -> list[str]:
 
 def _check_defence(name: str, strength: float, cuts) -> None:
     """Fails before any model loads: an unknown defence, a bad strength, or a randomised cut that reaches the tail."""
-    from splitveil.experiments.text_defences import TEXT_DEFENCES
+    from splitveil.protect.text import deployment_for
 
-    TEXT_DEFENCES.get(name).check(strength, tuple(cuts))
+    deployment_for(name).check(strength, tuple(cuts))
 
 
 def _check_ranker(ranker: str | None, attack: str) -> str | None:

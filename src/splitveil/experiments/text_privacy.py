@@ -10,7 +10,7 @@ import torch
 from splitveil.attack.training import StopRule, combined_record
 from splitveil.core.errors import ConfigError
 from splitveil.metrics.text import exact_match, token_f1, token_recovery
-from splitveil.wire.frame import FrameKind, decode_frame
+from splitveil.protect.text import heldout_perplexity
 
 #: built-in evaluation prompts (private-looking, written for this bench; no attack was tuned on them)
 EVALUATION_PROMPTS = (
@@ -30,7 +30,8 @@ class TextAttackSpec:
     attack: str = "exact"
     wire: str = "fp32"
     max_new_tokens: int = 24  # answer tokens generated (and read back from the downlink)
-    defence: str | None = None  # a registered text defence (noise, permute, randcut, slip; `TEXT_DEFENCES`)
+    defence: str | None = None  # a registered text protection (noise, permute, randcut, slip, enclave: the
+    # `DEPLOYMENTS` of modality text)
     strength: float = 0.0  # noise: std as a fraction of each position's RMS; permute: on if > 0; randcut: layers;
     # slip: the secure rank k
     candidates: int = 256  # exact attack: tokens verified per batch
@@ -40,31 +41,6 @@ class TextAttackSpec:
     attacker: StopRule = field(default_factory=StopRule)  # learned attack: trains until its held-out loss plateaus
     # (the same rule in quick and full runs; a cap reached is recorded as not converged)
     heldout_chars: int = 3_000  # perplexity cost of a defence: characters of held-out text (end of the fortunes)
-
-
-def observe(lm, prompt: str, max_new_tokens: int):
-    """Runs a greedy split generation and records every FORWARD frame's tensor as the cloud decoded it."""
-    from splitveil.experiments.text_defences import Observation
-
-    transport = lm.transport
-    if lm.service is None or not hasattr(transport, "handler"):
-        raise ConfigError("observing needs the in-process service (a Λ-split without --server)")
-    handler, uplink, downlink = transport.handler, [], []
-
-    def record(data: bytes) -> bytes:
-        reply = handler(data)
-        request = decode_frame(data, finite=False)
-        if request.kind == FrameKind.FORWARD:
-            uplink.append(request.tensor[0])
-            downlink.append(decode_frame(reply, finite=False).tensor[0])
-        return reply
-
-    transport.handler = record
-    try:
-        result = lm.generate(prompt, max_new_tokens=max_new_tokens)
-    finally:
-        transport.handler = handler
-    return Observation(result.prompt_ids, result.token_ids, torch.cat(uplink), torch.cat(downlink))
 
 
 def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
@@ -94,21 +70,10 @@ def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
     return attack
 
 
-def heldout_perplexity(lm, token_lists: list[list[int]]) -> float:
-    """Perplexity of the split model (with whatever defence it runs) over held-out token sequences."""
-    from splitveil.metrics.text import mean_nll, perplexity
-
-    total, count = 0.0, 0
-    for ids in token_lists:
-        nll, n = mean_nll(lm.score(ids), ids)
-        total, count = total + nll, count + n
-    return perplexity(total, count)
-
-
 def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) -> dict:
     """Attacks each prompt's uplink (prompt recovery) and downlink (answer recovery); returns the record.
 
-    Every prompt is its own session of the defence's deployment (`TEXT_DEFENCES`): a fresh session key for each (a
+    Every prompt is its own session of the protection's deployment (`protect.text`): a fresh session key for each (a
     new noise stream, a new permutation, a new cut depth, new one-time masks), and the adaptive attacker starts again
     from what that session's cloud holds.
     """
@@ -117,7 +82,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     from splitveil.attack.text.target import TextTarget
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.experiments.records import environment
-    from splitveil.experiments.text_defences import deployment_for
+    from splitveil.protect.text import deployment_for
     from splitveil.models.causal_lm import CausalLMSplittable
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan

@@ -136,3 +136,27 @@ def tiny_causal_lm(family: str, *, seed: int = 0, weight_scale: float = 16.0):
             if param.dim() >= 2:
                 param.mul_(weight_scale)
     return model.float().eval()
+
+
+def save_tiny_with_tokenizer(folder, *, family: str = "llama", chat: bool = False) -> str:
+    """Saves a tiny random model of `family` with a character-level tokenizer (printable ASCII; with `chat`, a
+    minimal chat template) to `folder`: a model folder every command that loads by name accepts. Returns the path."""
+    from pathlib import Path
+
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [chr(c) for c in range(32, 127)])}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    if chat:
+        tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }} {% endfor %}"
+                                   "{% if add_generation_prompt %}<assistant>{% endif %}")
+    folder = Path(folder)
+    tiny_causal_lm(family).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

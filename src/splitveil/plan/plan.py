@@ -15,6 +15,8 @@ class Placement(str, Enum):
     EDGE = "edge"  # the user's device
     CLOUD = "cloud"  # an untrusted server
     TRUSTED = "trusted"  # a trusted execution environment
+    EXECUTOR = "executor"  # an untrusted server that multiplies masked inputs by public or residual weights (SLIP)
+    DEALER = "dealer"  # a party, not colluding with the executor, that deals correlated randomness (mask terms)
 
 
 @dataclass(frozen=True)

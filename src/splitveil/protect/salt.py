@@ -387,3 +387,30 @@ def predict_salted(model, images: torch.Tensor, salts: torch.Tensor, *, batch_si
     """Salted logits [N, C] of `model` (or of a chain of parts taking the pair) in batches."""
     return torch.cat([model((images[i:i + batch_size], salts[i:i + batch_size]))
                       for i in range(0, len(images), batch_size)])
+
+
+def _register_deployment() -> None:
+    from splitveil.protect.deployment import DEPLOYMENTS, Deployment, device, honest_cloud
+
+    @DEPLOYMENTS.register
+    class SaltDeployment(Deployment):
+        """Salted DNNs (`splitveil serve --defence salt`, `edge/salted.py`): described here."""
+
+        name = "salt"
+        modality = "output"
+        summary = ("Salted DNNs: a secret per-request salt enters a salt layer on the device, and the model answers "
+                   "with the class table[s, y], which only the device can decode")
+        protects = "the classifier's output (which class the answer means)"
+        parties = (device("the input, the salt key (HKDF per request), the salt layer and the edge blocks, the decoding "
+                          "table"),
+                   honest_cloud("the cloud part of the salted model and the salted logits it computes; knows the "
+                                "public model and the salt mechanism, never a salt"))
+        assumptions = ("the salt key never leaves the device", "the cloud may hold the edge's weights and labelled "
+                       "data (the recovery attack) or nothing but the features (the clustering attack)")
+        attacker = {"command": "splitveil attack output --defence salt",
+                    "attacks": ["unsalted", "recovery", "cluster"],
+                    "adaptation": "a reader trained on the edge's features to recover each request's salt; a "
+                                  "minimal-knowledge cloud clustering the features into S groups"}
+
+
+_register_deployment()

@@ -30,11 +30,17 @@ class Transport(ABC):
 
     `max_reply_bytes` bounds the next replies (None = unbounded): the caller narrows it to what its request can
     legitimately produce. A network backend enforces it while the reply arrives; every backend checks it here.
+
+    `observe(callback)` is the one hook through which the bench records what the party at the other end receives
+    and sends: `callback(frame, reply)` is called with the bytes of every completed round trip, exactly as they
+    crossed this transport (for a `SealedTransport`, observe its `outer` transport: the ciphertext the operator
+    relays).
     """
 
     def __init__(self):
         self.stats = TransportStats()
         self.max_reply_bytes: int | None = None
+        self.observers: list = []
 
     def request(self, frame: bytes) -> bytes:
         self.stats.bytes_up += len(frame)
@@ -44,7 +50,23 @@ class Transport(ABC):
                                  "can produce")
         self.stats.bytes_down += len(reply)
         self.stats.round_trips += 1
+        for observer in self.observers:
+            observer(frame, reply)
         return reply
+
+    def observe(self, callback):
+        """A context manager during which `callback(frame, reply)` sees every round trip of this transport."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def watching():
+            self.observers.append(callback)
+            try:
+                yield self
+            finally:
+                self.observers.remove(callback)
+
+        return watching()
 
     @abstractmethod
     def _request(self, frame: bytes) -> bytes:

@@ -184,11 +184,49 @@ class SlipAdaptation(Adaptation):
         return {"augment": slip_mask_augmenter(normalise)} if attack == "learned" else {}
 
 
-ADAPTATIONS: dict[str | None, type[Adaptation]] = {
-    None: Adaptation, "noise": NoiseAdaptation, "permute": PermutationAdaptation, "randcut": RandomisedCutAdaptation,
-    "slip": SlipAdaptation}
+class EnclaveAdaptation(Adaptation):
+    """The enclave deployment: the operator relays ciphertext. The attacker reads it as float32 rows (the deployment's
+    view) and searches each row within a budget of 4,096 verified candidates per position (the demo's budget): the
+    same attack on the head's clear output (the record's control) recovers every prompt token within it (1.000 on
+    SmolLM2 at --split 2,28, 3 prompts), so the budget does not limit the attack where there is something to find;
+    AES-GCM output gives nothing to rank."""
+
+    BUDGET = 4096
+
+    def attack_options(self, attack: str, target: TextTarget | None = None) -> dict:
+        return {"max_verified": self.BUDGET} if attack == "exact" else {}
+
+
+#: the adaptive attacker of each text deployment class (a subclass inherits its base's unless it has its own)
+ADAPTATIONS: dict[type, type[Adaptation]] = {}
+
+
+def adapts(deployment: str):
+    """Registers an `Adaptation` class as the attacker of the text deployment named `deployment`."""
+    from splitveil.protect.text import deployment_for
+
+    def register(cls: type[Adaptation]) -> type[Adaptation]:
+        key = deployment_for(deployment)
+        if key in ADAPTATIONS:
+            raise ValueError(f"the text deployment {deployment!r} has an adaptive attacker already")
+        ADAPTATIONS[key] = cls
+        return cls
+
+    return register
+
+
+for _name, _adaptation in (("none", Adaptation), ("noise", NoiseAdaptation), ("permute", PermutationAdaptation),
+                           ("randcut", RandomisedCutAdaptation), ("slip", SlipAdaptation),
+                           ("enclave", EnclaveAdaptation)):
+    adapts(_name)(_adaptation)
 
 
 def adaptation_for(defence: str | None, strength: float = 0.0, wire: str = "fp32") -> Adaptation:
-    """The adaptive attacker against `defence` (a registered cut defence name, or None for no defence) on `wire`."""
-    return ADAPTATIONS.get(defence, Adaptation)(strength, wire)
+    """The adaptive attacker against the text deployment `defence` (a registered name, or None for no protection)
+    on `wire`: the one registered for its class, or for the nearest base class that has one."""
+    from splitveil.protect.text import deployment_for
+
+    for cls in deployment_for(defence).__mro__:
+        if cls in ADAPTATIONS:
+            return ADAPTATIONS[cls](strength, wire)
+    raise ConfigError(f"no adaptive attacker is registered for the text protection {defence!r}")

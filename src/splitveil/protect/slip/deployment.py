@@ -1,0 +1,177 @@
+"""SLIP's deployments: the prompt deployment as a text protection, and the weights deployment.
+
+`SlipDeployment` (text, "slip") runs the trunk's linear layers (layers A..B-1 of `--split A,B`) on one real executor
+process (`splitveil slip serve` as a child process, TLS, fresh token) that logs every frame it receives
+(`--log-frames`). Each prompt is one session: the trusted side (this process, the user's device) generates
+greedily; `observe` reads the frames of that session back from the log and hands the text attacks the view in the
+shape of a split's traffic (`protect.slip.view.uplink_downlink`): the uplink is the first offloaded group's rows
+(layer A's q/k/v input, fixed point under fresh uniform masks over Z_2^64, read as activations), the downlink the last
+hidden-sized group's rows. The adaptive attacker is `attack.text.adaptive.SlipAdaptation`.
+
+`strength` is the secure rank k (0: the public weights, nothing of them secret; the masks alone hide the prompt).
+Perplexity of the defended model is measured with the same protocol against an in-process executor (loopback).
+
+`SlipWeightsDeployment` (weights, "slip") describes the weights deployment (`splitveil slip generate --protect
+weights`); its attacker is `splitveil attack weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from splitveil.core.errors import ConfigError
+from splitveil.plan.plan import Placement
+from splitveil.protect.deployment import DEPLOYMENTS, PUBLIC_WEIGHTS, Deployment, Party, device
+from splitveil.protect.text import Observation, TextDeployment, TextSession, heldout_perplexity
+
+
+class _SlipSession(TextSession):
+    def __init__(self, deployment: "SlipDeployment"):
+        self.deployment = deployment
+        self.depth = deployment.plan.cuts[0]
+
+    def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
+        return self.deployment.observe(prompt, max_new_tokens, chat=chat)
+
+
+@DEPLOYMENTS.register
+class SlipDeployment(TextDeployment):
+    """SLIP's prompt deployment: the device keeps embeddings, norms, attention, head and tail layers; the cloud (an
+    executor process) multiplies one-time-masked fixed-point rows by W_residual."""
+
+    name = "slip"
+    cloud_holds = ("W_residual of the offloaded layers' linear maps (the public weights at k = 0) and their inputs "
+                   "in fixed point under fresh uniform one-time masks over Z_2^64; never a mask")
+    reveals_secret = False
+    summary = ("SLIP's prompt deployment: the linear layers of layers A..B-1 computed by an untrusted executor on "
+               "one-time-masked fixed-point inputs; everything non-linear, the masks and their terms on the device")
+    protects = "the prompt and the answer (and, at k > 0, the secure part of the weights)"
+    parties = (device("embeddings, norms, attention, layers outside A..B-1, the LM head, the KV cache, every mask "
+                      "and every mask term W r (today it loads every weight to compute them)"),
+               Party("executor", Placement.EXECUTOR, cloud_holds,
+                     "untrusted, honest-but-curious: computes what it is asked (every reply checked with Freivalds' "
+                     "test), keeps every frame it receives, and knows the public weights"))
+    assumptions = (PUBLIC_WEIGHTS, "masks are drawn fresh per use from the OS's CSPRNG and never leave the device")
+    attacker = {"command": "splitveil attack text --defence slip", "attacks": ["exact", "learned"],
+                "adaptation": "compares candidates after the first offloaded layer's public input norm, in fixed "
+                              "point; trains its readout on views it masks itself; stops a search the norm's "
+                              "public weights prove unmatchable"}
+
+    @classmethod
+    def check(cls, strength: float, cuts: tuple[int, int]) -> None:
+        if strength != int(strength):
+            raise ConfigError(f"slip strength is the secure rank k (0, 1, 2 ...), got {strength:g}")
+        if not 0 <= cuts[0] < cuts[1]:
+            raise ConfigError(f"slip offloads layers A..B-1 of --split A,B: give A < B, got {cuts[0]},{cuts[1]}")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.wire != "fp32":
+            raise ConfigError("slip sends ring elements, not hidden states: --wire does not apply (leave it at fp32)")
+        from splitveil.edge.generate import SplitCausalLM
+        from splitveil.protect.slip.decompose import causal_lm_groups
+        from splitveil.protect.slip.runtime import ExecutorProcess, protect_registered
+        from splitveil.protect.slip.trusted import SlipConfig
+
+        self.check(self.strength, tuple(self.plan.cuts))
+        self.config = SlipConfig(mode="fixed", rank=int(self.strength), layers=tuple(self.plan.cuts))
+        self.slip, _, bundle, _ = protect_registered(self.model_name, self.config)
+        self.sha = json.loads((bundle / "manifest.json").read_text())["sha256"]
+        self.encoder = SplitCausalLM(self.slip.model, None, tokenizer=self.tokenizer)
+        clear_groups = causal_lm_groups(self.model, layers=range(*self.plan.cuts), include_head=False)
+        # the clear model's first module reading a hidden-sized input (layer A's q_proj): the control's rows
+        self.first_module = next(modules[0] for group, modules in clear_groups
+                                 if group.in_features == self.model.config.hidden_size)
+        self.runs: list[dict] = []
+        self.frames_received = 0
+        self._folder = tempfile.TemporaryDirectory(prefix="splitveil-slip-view-")
+        self.log = Path(self._folder.name) / "frames.bin"
+        self.executor = ExecutorProcess(bundle, "fixed", log_frames=self.log).__enter__()  # last: close() stops it
+
+    def session(self) -> TextSession:
+        return _SlipSession(self)
+
+    def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
+        """One session through the executor process; the view is what its log holds for that session."""
+        from splitveil.protect.slip.runtime import connect_client, read_frame_log, run_generation
+        from splitveil.protect.slip.view import layer_inputs, masked_view, uplink_downlink
+
+        prompt_ids = self.encoder.encode_prompt(prompt, chat=chat)
+        client, transport = connect_client(self.executor.url, token=self.executor.token, mode="fixed",
+                                           residual_sha256=self.sha, groups=len(self.slip.groups),
+                                           ca_file=self.executor.cert)
+        try:
+            result = run_generation(self.slip, self.tokenizer, client, transport, prompt, max_new_tokens=max_new_tokens,
+                                    prompt_ids=prompt_ids)
+            session = client.session
+        finally:
+            client.close()
+            transport.close()
+        view = [entry for entry in masked_view(read_frame_log(self.log)) if entry.session == session]
+        self.frames_received += len(view)
+        self.runs.append({key: result[key] for key in ("decode_tokens_per_second", "round_trips_per_decode_step",
+                                                        "online_seconds", "offline_seconds", "secure_flops_share")})
+        fixed_point = self.config.fixed_point
+        uplink, downlink = uplink_downlink(view, self.slip.groups, hidden_size=self.model.config.hidden_size,
+                                           mode="fixed", fixed_point=fixed_point)
+        clear = layer_inputs(self.model, torch.tensor([prompt_ids]), self.first_module)[0]  # [T, n], before masking
+        scale = 2.0**fixed_point.frac_bits_x
+        clear = torch.round(clear.double() * scale) / scale  # as encoded on the device, without its mask
+        return Observation(prompt_ids, result["token_ids"], uplink.float(), downlink.float(), clear_uplink=clear.float())
+
+    def perplexity(self, token_lists: list[list[int]]) -> float | None:
+        """The protected model's perplexity, every product masked and checked, against an in-process executor."""
+        from splitveil.edge.generate import SplitCausalLM
+        from splitveil.protect.slip.client import SlipClient
+        from splitveil.protect.slip.executor import SlipExecutorService
+        from splitveil.transport.loopback import LoopbackTransport
+
+        service = SlipExecutorService(self.slip.executor_weights(), mode="fixed")
+        self.slip.attach(SlipClient(LoopbackTransport(service.handle)))
+        return heldout_perplexity(SplitCausalLM(self.slip.model, None, tokenizer=self.tokenizer), token_lists)
+
+    def describe(self) -> dict:
+        speeds = [r["decode_tokens_per_second"] for r in self.runs if r["decode_tokens_per_second"]]
+        return {
+            "view": "every frame the executor process received (its --log-frames file), one session per prompt; the "
+                    "uplink attacked is layer A's q/k/v input rows, masked, read as activations",
+            "mode": "fixed", "secure_rank": int(self.strength), "offloaded_layers": list(self.plan.cuts),
+            "frames_received": self.frames_received,
+            "decode_tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
+            "round_trips_per_decode_step": next((r["round_trips_per_decode_step"] for r in self.runs
+                                                 if r["round_trips_per_decode_step"]), None),
+            "offline_seconds": sum(r["offline_seconds"] for r in self.runs),
+        }
+
+    def close(self) -> None:
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.__exit__(None, None, None)
+            self.executor = None
+        if hasattr(self, "_folder"):
+            self._folder.cleanup()
+
+
+@DEPLOYMENTS.register
+class SlipWeightsDeployment(Deployment):
+    """SLIP's weights deployment (`splitveil slip generate --protect weights`): described here; run by `slip`."""
+
+    name = "slip"
+    modality = "weights"
+    summary = ("SLIP's weights deployment: each linear weight split W = W_secure (top-k SVD, kept by the trusted side) "
+               "+ W_residual (sent to the untrusted executor), inputs masked so the executor learns nothing of them")
+    protects = "the model's weights (the secure part of every matrix)"
+    parties = (Party("secure side", Placement.TRUSTED, "W_secure = U_k S_k V_k^T of every protected matrix (or, "
+                     "hardened, a secret rank k + r term), embeddings, norms, the masks", "trusted: the model owner's "
+                     "device or enclave"),
+               Party("executor", Placement.EXECUTOR, "W_residual of every protected matrix (the residual bundle) and "
+                     "masked inputs", "untrusted: may steal the residual bundle and fine-tune it on data of its own"))
+    assumptions = ("the executor never sees W_secure or a mask", "a thief has public text (or stolen labelled "
+                   "images) of its own")
+    attacker = {"command": "splitveil attack weights --attack nullspace|lowrank|full|scratch [--hardened]",
+                "attacks": ["nullspace", "lowrank", "full", "scratch"],
+                "adaptation": "reads the secret subspaces off the residual's null spaces and fits only the block left"}
