@@ -1,10 +1,10 @@
 """SLIP's deployments: the prompt deployment as a text protection, and the weights deployment.
 
 `SlipDeployment` (text, "slip") runs the trunk's linear layers (layers A..B-1 of `--split A,B`) on one real executor
-process (`splitveil slip serve` as a child process, TLS, fresh token) that logs every frame it receives
-(`--log-frames`). Each prompt is one session: the trusted side (this process, the user's device) generates
-greedily; `observe` reads the frames of that session back from the log and hands the text attacks the view in the
-shape of a split's traffic (`protect.slip.view.uplink_downlink`): the uplink is the first offloaded group's rows
+process (`splitveil slip serve` as a child process, TLS, fresh token). Each prompt is one session: the trusted side
+(this process, the user's device) generates greedily; `observe` records every frame the executor receives through
+the client transport's observation hook (`Transport.observe`) and hands the text attacks the view in the shape of a
+split's traffic (`protect.slip.view.uplink_downlink`): the uplink is the first offloaded group's rows
 (layer A's q/k/v input, fixed point under fresh uniform masks over Z_2^64, read as activations), the downlink the last
 hidden-sized group's rows. The adaptive attacker is `attack.text.adaptive.SlipAdaptation`.
 
@@ -18,8 +18,6 @@ weights`); its attacker is `splitveil attack weights`.
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -88,30 +86,29 @@ class SlipDeployment(TextDeployment):
                                  if group.in_features == self.model.config.hidden_size)
         self.runs: list[dict] = []
         self.frames_received = 0
-        self._folder = tempfile.TemporaryDirectory(prefix="splitveil-slip-view-")
-        self.log = Path(self._folder.name) / "frames.bin"
-        self.executor = ExecutorProcess(bundle, "fixed", log_frames=self.log).__enter__()  # last: close() stops it
+        self.executor = ExecutorProcess(bundle, "fixed").__enter__()  # last: close() stops it
 
     def session(self) -> TextSession:
         return _SlipSession(self)
 
     def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
-        """One session through the executor process; the view is what its log holds for that session."""
-        from splitveil.protect.slip.runtime import connect_client, read_frame_log, run_generation
+        """One session through the executor process; the view is every frame the executor received in it."""
+        from splitveil.protect.slip.runtime import connect_client, run_generation
         from splitveil.protect.slip.view import layer_inputs, masked_view, uplink_downlink
 
         prompt_ids = self.encoder.encode_prompt(prompt, chat=chat)
         client, transport = connect_client(self.executor.url, token=self.executor.token, mode="fixed",
                                            residual_sha256=self.sha, groups=len(self.slip.groups),
                                            ca_file=self.executor.cert)
+        frames: list[bytes] = []
         try:
-            result = run_generation(self.slip, self.tokenizer, client, transport, prompt, max_new_tokens=max_new_tokens,
-                                    prompt_ids=prompt_ids)
-            session = client.session
+            with transport.observe(lambda frame, reply: frames.append(frame)):
+                result = run_generation(self.slip, self.tokenizer, client, transport, prompt,
+                                        max_new_tokens=max_new_tokens, prompt_ids=prompt_ids)
         finally:
             client.close()
             transport.close()
-        view = [entry for entry in masked_view(read_frame_log(self.log)) if entry.session == session]
+        view = masked_view(frames)
         self.frames_received += len(view)
         self.runs.append({key: result[key] for key in ("decode_tokens_per_second", "round_trips_per_decode_step",
                                                         "online_seconds", "offline_seconds", "secure_flops_share")})
@@ -137,7 +134,8 @@ class SlipDeployment(TextDeployment):
     def describe(self) -> dict:
         speeds = [r["decode_tokens_per_second"] for r in self.runs if r["decode_tokens_per_second"]]
         return {
-            "view": "every frame the executor process received (its --log-frames file), one session per prompt; the "
+            "view": "every frame the executor process received (recorded through the transport's observation "
+                    "hook), one session per prompt; the "
                     "uplink attacked is layer A's q/k/v input rows, masked, read as activations",
             "mode": "fixed", "secure_rank": int(self.strength), "offloaded_layers": list(self.plan.cuts),
             "frames_received": self.frames_received,
@@ -152,8 +150,6 @@ class SlipDeployment(TextDeployment):
         if executor is not None:
             executor.__exit__(None, None, None)
             self.executor = None
-        if hasattr(self, "_folder"):
-            self._folder.cleanup()
 
 
 @DEPLOYMENTS.register
