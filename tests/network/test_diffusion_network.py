@@ -7,7 +7,7 @@ import pytest
 
 from splitveil.diffusion.cloud import build_diffusion_service
 from splitveil.diffusion.generate import GenerationSpec, generate_image, run_generation
-from splitveil.diffusion.pipeline import load_diffusion
+from splitveil.diffusion.models import load_diffusion
 from splitveil.transport.network import WebSocketTransport
 
 pytestmark = pytest.mark.network

@@ -4,7 +4,7 @@ Every hostile message must get an ERROR frame (then the server may close that co
 was in fact a valid frame for its connection; never a hang, a close without an ERROR frame, an undecodable or
 multi-line answer, an accepted malformed frame, HTTP 5xx, or a traceback in the server's log. Meanwhile the
 bystander's greedy tokens stay those of the unsplit model. The generators and the judge are
-`splitveil.experiments.fuzz_service` (the `splitveil bench fuzz` benchmark runs the same with 20,000 messages).
+`splitveil.harness.fuzz_service` (the `splitveil bench fuzz` benchmark runs the same with 20,000 messages).
 
 The server runs as a child process, not in a thread of the test process: with the synchronous websockets client
 and an asyncio TLS server in one process, about one new connection in a hundred stalled in its opening handshake
@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitveil.edge.generate import SplitCausalLM
-from splitveil.experiments.fuzz_service import CATEGORIES, HTTP_REQUESTS, FuzzClient, Outcome, case_rng, log_watcher, raw_frame
-from splitveil.experiments.load_service import Bystander
+from splitveil.harness.fuzz_service import CATEGORIES, HTTP_REQUESTS, FuzzClient, Outcome, case_rng, log_watcher, raw_frame
+from splitveil.harness.load_service import Bystander
 from splitveil.models.tiny import tiny_causal_lm
 from splitveil.plan.plan import SplitPlan
 from splitveil.serve.process import ServerProcess
@@ -141,7 +141,7 @@ def broken_server(tls_files):
     def start(mode: str) -> str:
         from websockets.asyncio.server import serve
 
-        from splitveil.experiments.fuzz_service import raw_frame as frame
+        from splitveil.harness.fuzz_service import raw_frame as frame
 
         ready, box = threading.Event(), {}
 

@@ -4,7 +4,7 @@ and after, the server alive. The 20,000-message records come from `splitveil ben
 
 import pytest
 
-from splitveil.experiments.fuzz_service import FuzzBenchSpec, run_fuzz_bench
+from splitveil.harness.fuzz_service import FuzzBenchSpec, run_fuzz_bench
 from splitveil.models.tiny import tiny_causal_lm
 
 pytestmark = pytest.mark.network
@@ -29,7 +29,7 @@ def check(record: dict) -> None:
 
 
 def test_enclave_relay_and_executor(tiny_folder):
-    from splitveil.experiments.fuzz_targets.enclave import CATEGORIES
+    from splitveil.harness.fuzz_targets.enclave import CATEGORIES
 
     outer = tuple(n for n in CATEGORIES.names() if n != "inner_hostile")
     record = run_fuzz_bench(FuzzBenchSpec(target="enclave", model=tiny_folder, cuts=(1, 3), messages=MESSAGES, workers=2,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitveil.edge.generate import SplitCausalLM
-from splitveil.experiments.load_service import restart_like, run_clients_through_restart
+from splitveil.harness.load_service import restart_like, run_clients_through_restart
 from splitveil.models.tiny import tiny_causal_lm
 from splitveil.plan.plan import SplitPlan
 from splitveil.serve.process import ServerProcess

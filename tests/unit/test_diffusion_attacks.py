@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitveil.attack.diffusion import DiffusionTarget, PictureRecovery, PromptRecovery
-from splitveil.diffusion.pipeline import load_diffusion
+from splitveil.diffusion.models import load_diffusion
 from splitveil.experiments.diffusion_privacy import DiffusionAttackSpec, run_diffusion_attack
 
 

@@ -10,7 +10,7 @@ import torch
 from splitveil.core.errors import ConfigError, PlanError
 from splitveil.diffusion.cloud import build_diffusion_service
 from splitveil.diffusion.generate import GenerationSpec, generate_image, loopback_transport, run_generation
-from splitveil.diffusion.pipeline import load_diffusion
+from splitveil.diffusion.models import load_diffusion
 from splitveil.diffusion.unet_split import UNetCarry, UNetSplittable
 from splitveil.plan.plan import SplitPlan, apply
 

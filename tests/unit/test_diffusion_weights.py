@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitveil.diffusion import train
-from splitveil.diffusion.pipeline import load_diffusion, tiny_diffusion
+from splitveil.diffusion.models import load_diffusion, tiny_diffusion
 
 
 def _never_train(*args, **kwargs):

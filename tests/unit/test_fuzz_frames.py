@@ -1,7 +1,7 @@
 """Fuzzing `decode_frame`: for any bytes it returns a Frame or raises WireError, and nothing else.
 
 Three generators: structured headers over every field's whole range (hypothesis shrinks these well), the service
-fuzzer's hostile categories (`experiments/fuzz_service.py`, the same messages the server gets), and raw bytes.
+fuzzer's hostile categories (`harness/fuzz_service.py`, the same messages the server gets), and raw bytes.
 A returned Frame must agree with its header and payload (shape, element count, finite floats).
 """
 
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitveil.core.errors import WireError
-from splitveil.experiments.fuzz_service import CATEGORIES, HEADER, Target, float_payload, raw_frame, valid_forward
+from splitveil.harness.fuzz_service import CATEGORIES, HEADER, Target, float_payload, raw_frame, valid_forward
 from splitveil.wire.codecs import FLOAT_CODECS, codec_for_wire_id
 from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
 

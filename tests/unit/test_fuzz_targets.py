@@ -7,11 +7,11 @@ import random
 import pytest
 
 from splitveil.core.errors import WireError
-from splitveil.experiments.fuzz_service import CATEGORIES as SERVE_CATEGORIES
-from splitveil.experiments.fuzz_service import FrameKind, Target, _accepts, float_shape, valid_forward
-from splitveil.experiments.fuzz_targets import TARGETS
-from splitveil.experiments.fuzz_targets import accelerator, enclave, slip
-from splitveil.experiments.fuzz_targets.common import PROTOCOL_CATEGORIES, replay, reorder, weighted
+from splitveil.harness.fuzz_service import CATEGORIES as SERVE_CATEGORIES
+from splitveil.harness.fuzz_service import FrameKind, Target, _accepts, float_shape, valid_forward
+from splitveil.harness.fuzz_targets import TARGETS
+from splitveil.harness.fuzz_targets import accelerator, enclave, slip
+from splitveil.harness.fuzz_targets.common import PROTOCOL_CATEGORIES, replay, reorder, weighted
 from splitveil.wire.frame import decode_frame
 
 SESSION = bytes(range(16))
@@ -141,7 +141,7 @@ def edge_body(request) -> bytes:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_edge_cases_are_http_requests_with_a_verdict(seed):
-    from splitveil.experiments.fuzz_targets import edge_cases
+    from splitveil.harness.fuzz_targets import edge_cases
 
     rng = random.Random(seed)
     verdicts = {edge_cases.OK, edge_cases.REFUSED, edge_cases.HTTP_LAYER, edge_cases.EITHER, edge_cases.NO_ANSWER}
@@ -162,7 +162,7 @@ def test_edge_valid_requests_pass_the_schemas_and_wrong_types_never_do(seed):
     import json
 
     from splitveil.edge.openai.schemas import ChatCompletionRequest, CompletionRequest
-    from splitveil.experiments.fuzz_targets import edge_cases
+    from splitveil.harness.fuzz_targets import edge_cases
 
     rng, t = random.Random(seed), edge_target()
     schemas = {edge_cases.CHAT: ChatCompletionRequest, edge_cases.COMPLETIONS: CompletionRequest}
@@ -188,9 +188,9 @@ def test_edge_valid_requests_pass_the_schemas_and_wrong_types_never_do(seed):
 
 
 def test_edge_judge():
-    from splitveil.experiments.fuzz_core import Outcome
-    from splitveil.experiments.fuzz_targets.edge import Answer, judge
-    from splitveil.experiments.fuzz_targets.edge_cases import HTTP_LAYER, NO_ANSWER, OK, REFUSED, EdgeRequest
+    from splitveil.harness.fuzz_core import Outcome
+    from splitveil.harness.fuzz_targets.edge import Answer, judge
+    from splitveil.harness.fuzz_targets.edge_cases import HTTP_LAYER, NO_ANSWER, OK, REFUSED, EdgeRequest
 
     error = b'{"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}}'
     completion = b'{"choices": [{"text": "x"}]}'
@@ -219,7 +219,7 @@ def test_edge_answers_are_read_from_the_socket_as_sent():
     import socket
     import threading
 
-    from splitveil.experiments.fuzz_targets.edge import read_answer
+    from splitveil.harness.fuzz_targets.edge import read_answer
 
     ours, theirs = socket.socketpair()
     events = b'data: {"a": 1}\n\ndata: [DONE]\n\n'
@@ -237,7 +237,7 @@ def test_edge_answers_are_read_from_the_socket_as_sent():
 
 
 def test_edge_flood_is_hundreds_of_streams_and_rare():
-    from splitveil.experiments.fuzz_targets import edge_cases
+    from splitveil.harness.fuzz_targets import edge_cases
 
     requests = edge_cases.flood(random.Random(3), edge_target())
     assert len(requests) >= 64 and all(r.send == "flood" and b'"stream": true' in edge_body(r) for r in requests)

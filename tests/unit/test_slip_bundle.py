@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from splitveil.cli.main import main
 from splitveil.core.errors import ConfigError
 from splitveil.models.tiny import tiny_causal_lm
-from splitveil.protect.slip.bundle import BUNDLE_FILES, check_residual_only, export_bundle
+from splitveil.protect.slip.bundle import BUNDLE_FILES, check_residual_only
+from splitveil.protect.slip.runtime import export_bundle
 from splitveil.protect.slip.executor import build_executor_service
 from splitveil.protect.slip.runtime import protect_registered, slip_cache_dir
 from splitveil.protect.slip.trusted import SlipConfig

@@ -13,8 +13,8 @@ from splitveil.tee.channel import (
     Quote,
     SealError,
     executor_handshake,
-    measure,
 )
+from splitveil.tee.measure import measure
 
 SESSION = os.urandom(16)
 

@@ -6,6 +6,8 @@ import typer
 
 from splitveil.cli import attack, bench, demo, edge, generate, serve, slip
 from splitveil.cli import partition
+# the modules that add commands to the `attack` and `bench` groups (each imports its group; nothing imports them back)
+from splitveil.cli import attack_diffusion, attack_image, attack_output, attack_weights, bench_hardening  # noqa: F401
 from splitveil.cli.protections import protections
 from splitveil.cli.generate_image import generate_image
 

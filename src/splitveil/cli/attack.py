@@ -221,7 +221,3 @@ def text_sweep(
             write_text_report(records, out, stem)  # after every run: a long sweep keeps what it has measured
     paths = write_text_report(records, out, stem)
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
-from splitveil.cli import attack_image  # noqa: E402,F401  (registers the image commands)
-from splitveil.cli import attack_output  # noqa: E402,F401  (registers the output commands)
-from splitveil.cli import attack_diffusion  # noqa: E402,F401  (registers the diffusion command)
-from splitveil.cli import attack_weights  # noqa: E402,F401  (registers the weights command)

@@ -32,7 +32,7 @@ def diffusion(
     """Prompt recovery from the prompt embeddings (exact attack through the public text encoder) and the picture
     rebuilt from the cloud's per-step state, scored by SSIM against the final picture (the step picked without it)."""
     from splitveil.diffusion.generate import DiffusionPlacement, check_placement
-    from splitveil.diffusion.pipeline import check_model_name, load_diffusion
+    from splitveil.diffusion.models import check_model_name, load_diffusion
     from splitveil.diffusion.unet_split import UNetSplittable
     from splitveil.diffusion.wire import check_wire
     from splitveil.experiments.diffusion_privacy import DiffusionAttackSpec, run_diffusion_attack

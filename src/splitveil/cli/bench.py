@@ -172,7 +172,6 @@ def ray(
         raise typer.Exit(1)
 
 
-from splitveil.cli import bench_hardening  # noqa: E402,F401  (registers `bench fuzz` and `bench load`)
 
 
 @app.command("diffusion")

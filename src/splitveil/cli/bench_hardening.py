@@ -43,8 +43,8 @@ def fuzz(
     threads: int = typer.Option(1, "--threads", help="Torch threads in this process."),
 ) -> None:
     """Hostile messages to a real server while an honest client (the bystander) works; counts per category."""
-    from splitveil.experiments.fuzz_service import FuzzBenchSpec, run_fuzz_bench, save_fuzz_bench
-    from splitveil.experiments.fuzz_targets import TARGETS
+    from splitveil.harness.fuzz_service import FuzzBenchSpec, run_fuzz_bench, save_fuzz_bench
+    from splitveil.harness.fuzz_targets import TARGETS
     from splitveil.plan.plan import parse_cuts
 
     chosen = TARGETS.get(target)  # an unknown name: one line listing the known ones
@@ -110,7 +110,7 @@ def load(
     threads: int = typer.Option(1, "--threads", help="Torch threads in this process."),
 ) -> None:
     """Many sessions for a while over TLS (latency, steps/s, RSS), then a SIGKILL and restart under real clients."""
-    from splitveil.experiments.load_service import LoadBenchSpec, run_load_bench, save_load_bench
+    from splitveil.harness.load_service import LoadBenchSpec, run_load_bench, save_load_bench
 
     cuts = _lambda_cuts(split)
     if sessions < 1 or seconds <= 0 or warmup < 0 or restart_clients < 0 or restart_tokens < 2:

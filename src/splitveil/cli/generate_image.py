@@ -39,7 +39,7 @@ def generate_image(
 ) -> None:
     """Draw a picture from a prompt through a split (or unsplit) diffusion model; the bytes that cross are counted."""
     from splitveil.diffusion.generate import DiffusionPlacement, GenerationSpec, check_placement, run_generation
-    from splitveil.diffusion.pipeline import check_model_name, load_diffusion
+    from splitveil.diffusion.models import check_model_name, load_diffusion
     from splitveil.diffusion.wire import check_wire
 
     where = check_placement(placement)

@@ -151,7 +151,7 @@ def _serve_on_ray(model: str, cuts, replicas: int, *, max_sessions: int, max_tok
 
 
 def _is_diffusion_model(name: str) -> bool:
-    from splitveil.diffusion.pipeline import is_diffusion_model
+    from splitveil.diffusion.models import is_diffusion_model
 
     return is_diffusion_model(name)
 

@@ -274,7 +274,7 @@ def export_bundle(
     from transformers import AutoConfig
 
     from splitveil.models.loading import resolve_model_dir
-    from splitveil.protect.slip.bundle import export_bundle as write_bundle
+    from splitveil.protect.slip.runtime import export_bundle as write_bundle
 
     setup(threads)
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))

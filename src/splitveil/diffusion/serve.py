@@ -13,7 +13,7 @@ def diffusion_service(model_name: str, split: str, placement: str | None, **limi
     with `split` = the head's number of down blocks."""
     from splitveil.diffusion.cloud import build_diffusion_service
     from splitveil.diffusion.generate import DiffusionPlacement, check_placement
-    from splitveil.diffusion.pipeline import load_diffusion
+    from splitveil.diffusion.models import load_diffusion
     from splitveil.diffusion.unet_split import UNetSplittable
 
     where = check_placement(placement or DiffusionPlacement.UNET_SPLIT.value)

@@ -44,7 +44,7 @@ def variants(spec: RayBenchSpec) -> list[tuple[str, list[str]]]:
 
 
 def run_ray_bench(spec: RayBenchSpec, *, progress: Callable[[str], None] | None = None) -> dict:
-    from splitveil.experiments.load_service import PROMPTS, build_reference, run_light_load
+    from splitveil.harness.load_service import PROMPTS, build_reference, run_light_load
     from splitveil.models.loading import load_causal_lm
     from splitveil.serve.process import ServerProcess
 

@@ -163,7 +163,7 @@ def plot_leakage(records: list[dict], path: Path) -> Path:
 def run_diffusion_bench(model_name: str, out: Path, *, quick: bool = False) -> list[Path]:
     """Traffic and quality against wire bits, leakage per placement and sample quality for `model_name`: records,
     summary and plots under `out`. The caller stamps the run (`stamp_run`) first."""
-    from splitveil.diffusion.pipeline import load_diffusion
+    from splitveil.diffusion.models import load_diffusion
     from splitveil.experiments.diffusion_quality import sample_quality
     from splitveil.experiments.records import environment, write_json, write_records
 

@@ -59,7 +59,7 @@ def run_diffusion_attack(spec: DiffusionAttackSpec, *, model=None, pictures_out:
     from splitveil.attack.diffusion import DiffusionTarget, PictureRecovery, PromptRecovery
     from splitveil.attack.diffusion.prompt import word_positions
     from splitveil.diffusion.generate import GenerationSpec, generate_image, loopback_transport
-    from splitveil.diffusion.pipeline import load_diffusion
+    from splitveil.diffusion.models import load_diffusion
     from splitveil.metrics.image import ssim
 
     from splitveil.experiments.records import environment

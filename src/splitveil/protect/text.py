@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from splitveil.core.errors import ConfigError
-from splitveil.protect.deployment import DEPLOYMENTS, PUBLIC_WEIGHTS, Deployment, Party, device, honest_cloud
+from splitveil.protect.deployment import DEPLOYMENTS, PUBLIC_WEIGHTS, Deployment, device, honest_cloud
 from splitveil.wire.frame import FrameKind, decode_frame
 
 

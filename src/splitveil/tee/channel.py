@@ -49,20 +49,6 @@ class SealError(SplitveilError):
 # -- measurement ---------------------------------------------------------------------------------------------------
 
 
-def measure(state: dict, *, label: str, files: list[tuple[str, str]] | None = None) -> bytes:
-    """The executor's measurement: the code its process has loaded, `label` (what it runs) and its weights, in the
-    canonical order of `tee.measure.measure_process`.
-
-    Args:
-        state: name -> tensor (a state dict) of everything the executor holds.
-        label: what the executor runs, e.g. "vgg fashion-mnist blocks [0, 3)".
-        files: (name, path) code files instead of the process's loaded code (tests).
-    """
-    from splitveil.tee.measure import measure_process
-
-    return measure_process(state, config={"executor": label}, files=files)
-
-
 # -- the simulated attestation key ---------------------------------------------------------------------------------
 
 

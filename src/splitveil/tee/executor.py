@@ -73,7 +73,7 @@ class EnclaveService(SessionService):
         part: the first part (a callable images -> features) on the executor's own copy of its weights.
         release: features -> logits: where the feature map at p goes (the accelerator); None returns the features.
         attestation: the SIMULATED attestation key (private half) that signs the quote.
-        measurement: what the quote reports (`channel.measure` over the executor's code and weights).
+        measurement: what the quote reports (`tee.measure.measure` over the executor's code and weights).
         input_shape: (C, H, W) of one input.
         observed: a list to which every received frame's raw bytes are appended (what the host relays).
     """

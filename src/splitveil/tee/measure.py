@@ -158,6 +158,18 @@ def measure_process(state: dict, *, config: dict, files: list[tuple[str, str]] |
     return digest.digest()
 
 
+def measure(state: dict, *, label: str, files: list[tuple[str, str]] | None = None) -> bytes:
+    """The executor's measurement: the code its process has loaded, `label` (what it runs) and its weights, in the
+    canonical order of `measure_process`.
+
+    Args:
+        state: name -> tensor (a state dict) of everything the executor holds.
+        label: what the executor runs, e.g. "vgg fashion-mnist blocks [0, 3)".
+        files: (name, path) code files instead of the process's loaded code (tests).
+    """
+    return measure_process(state, config={"executor": label}, files=files)
+
+
 def parse_measurement(text: str) -> bytes:
     """A measurement given as 64 hex digits (`--attest MEASUREMENT`); one line naming what to give otherwise."""
     value = text.strip().lower()

@@ -85,7 +85,7 @@ def check_cut(model, cut: int) -> None:
 def executor_part(model, cut: int, label: str):
     """(the executor's part, its measurement): copies of segments [0, prologue + cut), measured with the code this
     process has loaded once the executor's serving code is imported (`tee.measure`)."""
-    from splitveil.tee.channel import measure
+    from splitveil.tee.measure import measure
     from splitveil.tee.measure import import_executor_code
 
     part, owner = segment_copy(model, 0, model.num_prologue + cut, label)

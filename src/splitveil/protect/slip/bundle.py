@@ -3,7 +3,7 @@
 - The owner's cache (`runtime.slip_cache_dir`) holds `decomposition.safetensors`: every matrix's factors (left =
   U_k S_k [m, k], right = V_k^T [k, n], so W_secure = left @ right) beside its residual. It stays with the trusted
   side. Its `residual/` subfolder is the bundle made from it.
-- The bundle (`splitveil slip export-bundle --out DIR`, `export_bundle`) holds `manifest.json` and
+- The bundle (`splitveil slip export-bundle --out DIR`, `runtime.export_bundle`) holds `manifest.json` and
   `residual.safetensors` (one float32 W_residual [m, n] per linear group) and nothing else. It is all the untrusted
   executor is given.
 
@@ -15,7 +15,6 @@ a tensor that is not one of the manifest's residuals in its full [m, n] shape (a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from splitveil.core.errors import ConfigError
@@ -74,25 +73,6 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
     except Exception as error:  # a corrupt or foreign file
         raise ConfigError(f"{path} is not a safetensors file ({error})") from None
-
-
-def export_bundle(model_name: str, config, out: Path) -> dict:
-    """Writes the executor's residual-only bundle of (`model_name`, `config`) into `out` (decomposing the model
-    once, into the owner's cache, when it is not cached) and checks it. Returns the bundle's manifest."""
-    from splitveil.protect.slip.runtime import cached_bundle
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        try:
-            check_residual_only(out)  # writing over an earlier bundle is fine; over anything else it is not
-        except ConfigError:
-            raise ConfigError(f"{out} exists and is not an empty folder or a residual bundle: give a new folder") from None
-    source = cached_bundle(model_name, config)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in BUNDLE_FILES:
-        shutil.copyfile(source / name, out / name)
-    check_residual_only(out)
-    return json.loads((out / "manifest.json").read_text())
 
 
 # -- the owner's cache of decompositions -----------------------------------------------------------------------

@@ -72,6 +72,28 @@ def cached_bundle(model_name: str, config: SlipConfig) -> Path:
     return bundle
 
 
+def export_bundle(model_name: str, config, out: Path) -> dict:
+    """Writes the executor's residual-only bundle of (`model_name`, `config`) into `out` (decomposing the model
+    once, into the owner's cache, when it is not cached) and checks it. Returns the bundle's manifest."""
+    import shutil
+
+    from splitveil.core.errors import ConfigError
+    from splitveil.protect.slip.bundle import BUNDLE_FILES, check_residual_only
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        try:
+            check_residual_only(out)  # writing over an earlier bundle is fine; over anything else it is not
+        except ConfigError:
+            raise ConfigError(f"{out} exists and is not an empty folder or a residual bundle: give a new folder") from None
+    source = cached_bundle(model_name, config)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in BUNDLE_FILES:
+        shutil.copyfile(source / name, out / name)
+    check_residual_only(out)
+    return json.loads((out / "manifest.json").read_text())
+
+
 def _write_residual(folder: Path, slip: SlipModel, model_name: str) -> None:
     import shutil
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from splitveil.core.registry import Registry
-from splitveil.experiments.fuzz_service import CATEGORIES as SERVE_CATEGORIES
-from splitveil.experiments.fuzz_service import Category, Target, forward, register_category
+from splitveil.harness.fuzz_service import CATEGORIES as SERVE_CATEGORIES
+from splitveil.harness.fuzz_service import Category, Target, forward, register_category
 
 #: the serve target's categories that say nothing about what a FORWARD carries (its header, size, order, session)
 PROTOCOL_CATEGORIES = ("random_bytes", "bit_flip", "truncation", "bad_header", "foreign_session", "text_message",

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from splitveil.experiments.fuzz_service import CATEGORIES as SERVE_CATEGORIES
-from splitveil.experiments.fuzz_service import FuzzClient, category_names, log_watcher, quiet_client_library
-from splitveil.experiments.fuzz_targets.common import PROTOCOL_CATEGORIES, frame_categories, weighted
+from splitveil.harness.fuzz_service import CATEGORIES as SERVE_CATEGORIES
+from splitveil.harness.fuzz_service import FuzzClient, category_names, log_watcher, quiet_client_library
+from splitveil.harness.fuzz_targets.common import PROTOCOL_CATEGORIES, frame_categories, weighted
 
 CATEGORIES = frame_categories("accelerator")
 for _name in ("absurd_shape", "nonfinite", "huge_values"):  # float inputs: the serve target's, in the CNN's shape
@@ -37,9 +37,9 @@ def run(spec, *, progress=None) -> dict:
 
     import torch
 
-    from splitveil.experiments.fuzz_core import Subject, fuzz_subject, locked
-    from splitveil.experiments.fuzz_targets.common import CallAsLM
-    from splitveil.experiments.load_service import Bystander
+    from splitveil.harness.fuzz_core import Subject, fuzz_subject, locked
+    from splitveil.harness.fuzz_targets.common import CallAsLM
+    from splitveil.harness.load_service import Bystander
     from splitveil.experiments.records import environment
     from splitveil.plan.plan import SplitPlan, apply
     from splitveil.tee.executor import AcceleratorLink

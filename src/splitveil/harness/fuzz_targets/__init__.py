@@ -1,4 +1,4 @@
-"""The servers `splitveil bench fuzz --target` attacks, one module each, all judged by `experiments.fuzz_core`.
+"""The servers `splitveil bench fuzz --target` attacks, one module each, all judged by `harness.fuzz_core`.
 
 | target | server | bystander (an honest client whose output must not change) |
 |---|---|---|
@@ -38,8 +38,8 @@ class FuzzTarget:
 
 
 TARGETS: Registry[FuzzTarget] = Registry("fuzz target")
-TARGETS.register("serve", FuzzTarget("splitveil.experiments.fuzz_service", "smollm2-135m", "2,28"))
-TARGETS.register("enclave", FuzzTarget("splitveil.experiments.fuzz_targets.enclave", "smollm2-135m", "2,28"))
-TARGETS.register("slip", FuzzTarget("splitveil.experiments.fuzz_targets.slip", "smollm2-135m", ""))
-TARGETS.register("accelerator", FuzzTarget("splitveil.experiments.fuzz_targets.accelerator", "vgg", "5", "fashion-mnist"))
-TARGETS.register("edge", FuzzTarget("splitveil.experiments.fuzz_targets.edge", "smollm2-135m", "2,28"))
+TARGETS.register("serve", FuzzTarget("splitveil.harness.fuzz_service", "smollm2-135m", "2,28"))
+TARGETS.register("enclave", FuzzTarget("splitveil.harness.fuzz_targets.enclave", "smollm2-135m", "2,28"))
+TARGETS.register("slip", FuzzTarget("splitveil.harness.fuzz_targets.slip", "smollm2-135m", ""))
+TARGETS.register("accelerator", FuzzTarget("splitveil.harness.fuzz_targets.accelerator", "vgg", "5", "fashion-mnist"))
+TARGETS.register("edge", FuzzTarget("splitveil.harness.fuzz_targets.edge", "smollm2-135m", "2,28"))

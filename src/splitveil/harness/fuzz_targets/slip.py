@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitveil.experiments.fuzz_service import (
+from splitveil.harness.fuzz_service import (
     FrameKind,
     FuzzClient,
     Target,
@@ -31,7 +31,7 @@ from splitveil.experiments.fuzz_service import (
     raw_frame,
     register_category,
 )
-from splitveil.experiments.fuzz_targets.common import frame_categories, session_forward
+from splitveil.harness.fuzz_targets.common import frame_categories, session_forward
 from splitveil.wire.frame import decode_frame
 
 INT64, FLOAT32 = 4, 1  # wire codec ids
@@ -118,9 +118,9 @@ class SlipFuzzClient(FuzzClient):
 def run(spec, *, progress=None) -> dict:
     """`bench fuzz --target slip`: see the module's docstring."""
     from splitveil.edge.generate import SplitCausalLM
-    from splitveil.experiments.fuzz_core import Subject, fuzz_subject, locked
-    from splitveil.experiments.fuzz_targets.common import CallAsLM
-    from splitveil.experiments.load_service import Bystander
+    from splitveil.harness.fuzz_core import Subject, fuzz_subject, locked
+    from splitveil.harness.fuzz_targets.common import CallAsLM
+    from splitveil.harness.load_service import Bystander
     from splitveil.experiments.records import environment
     from splitveil.protect.slip.executor import save_residual
     from splitveil.protect.slip.runtime import ExecutorProcess, connect_client, protect_registered
@@ -139,11 +139,11 @@ def run(spec, *, progress=None) -> dict:
     repetitions = SlipConfig().repetitions  # the default Freivalds repetitions
     config = SlipConfig(mode="fixed", rank=default_rank(model_config, repetitions=repetitions),
                         layers=(0, model_config.num_hidden_layers), include_head=True, repetitions=repetitions)
-    from splitveil.experiments.fuzz_service import has_tokenizer
+    from splitveil.harness.fuzz_service import has_tokenizer
 
     slip, tokenizer, _, _ = protect_registered(spec.model, config, with_tokenizer=has_tokenizer(spec.model))
     groups = {g.group_id: (g.total_out, g.in_features) for g in slip.groups}
-    from splitveil.experiments.fuzz_service import bystander_prompts
+    from splitveil.harness.fuzz_service import bystander_prompts
 
     with tempfile.TemporaryDirectory(prefix="splitveil-fuzz-slip-") as folder:
         bundle = save_residual(Path(folder) / "bundle", slip.groups, slip.residual_weights(), model=spec.model,

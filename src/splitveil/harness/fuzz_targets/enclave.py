@@ -20,8 +20,8 @@ import random
 from dataclasses import asdict, replace
 
 from splitveil.core.errors import SplitveilError
-from splitveil.experiments.fuzz_service import CATEGORIES as SERVE_CATEGORIES
-from splitveil.experiments.fuzz_service import (
+from splitveil.harness.fuzz_service import CATEGORIES as SERVE_CATEGORIES
+from splitveil.harness.fuzz_service import (
     REPLY_CAP,
     FrameKind,
     FuzzClient,
@@ -34,7 +34,7 @@ from splitveil.experiments.fuzz_service import (
     raw_frame,
     register_category,
 )
-from splitveil.experiments.fuzz_targets.common import frame_categories, session_forward
+from splitveil.harness.fuzz_targets.common import frame_categories, session_forward
 from splitveil.wire.frame import NO_SESSION, decode_frame
 
 UINT8, HELLO_PART, SEALED_PART = 5, 0, 1
@@ -234,10 +234,10 @@ class EnclaveFuzzClient(FuzzClient):
 
 def run(spec, *, progress=None) -> dict:
     """`bench fuzz --target enclave`: see the module's docstring."""
-    from splitveil.experiments.fuzz_core import Subject, fuzz_subject, locked
-    from splitveil.experiments.fuzz_service import bystander_prompts, exact_after, load_lm, split_lm
-    from splitveil.experiments.fuzz_targets.common import children
-    from splitveil.experiments.load_service import Bystander
+    from splitveil.harness.fuzz_core import Subject, fuzz_subject, locked
+    from splitveil.harness.fuzz_service import bystander_prompts, exact_after, load_lm, split_lm
+    from splitveil.harness.fuzz_targets.common import children
+    from splitveil.harness.load_service import Bystander
     from splitveil.experiments.records import environment
     from splitveil.tee.enclave_lm import EnclaveOperator
     from splitveil.wire.frame import MAX_FRAME_BYTES

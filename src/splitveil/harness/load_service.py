@@ -38,57 +38,6 @@ PROMPTS = (
 )
 
 
-def rss_kib(pid: int) -> int | None:
-    """VmRSS of process `pid` in KiB (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class RssSampler:
-    """Samples a process's RSS every `period` seconds in a daemon thread; `pid` may change (a restarted server)."""
-
-    def __init__(self, pid: int, period: float = 0.5):
-        self.pid, self.period = pid, period
-        self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
-        self.started = time.monotonic()
-
-    def start(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            kib = rss_kib(self.pid)
-            if kib is not None:
-                self.samples.append((time.monotonic() - self.started, kib / 1024))
-            self._stop.wait(self.period)
-
-    def stop(self) -> list[tuple[float, float]]:
-        self._stop.set()
-        self._thread.join(5)
-        return self.samples
-
-
-def rss_summary(samples: list[tuple[float, float]], *, allowed_growth_mib: float = 100.0) -> dict:
-    """Start, peak and end RSS; `bounded` when the last quarter's peak exceeds the first quarter's by less than the allowance."""
-    if not samples:
-        return {"samples": 0, "bounded": None}
-    values = [mib for _, mib in samples]
-    quarter = max(1, len(values) // 4)
-    growth = max(values[-quarter:]) - max(values[:quarter])
-    return {"samples": len(values), "start_mib": values[0], "peak_mib": max(values), "end_mib": values[-1],
-            "growth_last_vs_first_quarter_mib": growth, "allowed_growth_mib": allowed_growth_mib,
-            "bounded": growth < allowed_growth_mib}
-
-
 class Bystander:
     """A real split client generating greedily again and again in a thread; each run is compared with the unsplit tokens.
 
@@ -196,7 +145,7 @@ async def _light_session(index: int, url: str, token: str, ssl_context, referenc
     import numpy as np
     from websockets.asyncio.client import connect
 
-    from splitveil.experiments.fuzz_service import float_payload, raw_frame
+    from splitveil.harness.common import float_payload, raw_frame
     from splitveil.wire.frame import FrameKind, decode_frame
 
     def check(reply: bytes, expected) -> None:
@@ -381,7 +330,7 @@ class LoadBenchSpec:
 def run_load_bench(spec: LoadBenchSpec, *, progress: Callable[[str, float, float], None] | None = None) -> dict:
     """Runs both phases against one `splitveil serve` process (restarted in phase 2); returns the record."""
     from splitveil.edge.generate import SplitCausalLM
-    from splitveil.experiments.fuzz_service import log_watcher
+    from splitveil.harness.fuzz_core import log_watcher
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
     from splitveil.serve.process import ServerProcess

@@ -26,10 +26,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from splitveil.experiments.fuzz_core import Outcome
-from splitveil.experiments.fuzz_service import Target, category_names
-from splitveil.experiments.fuzz_targets.common import weighted
-from splitveil.experiments.fuzz_targets.edge_cases import (
+from splitveil.harness.fuzz_core import Outcome
+from splitveil.harness.fuzz_service import Target, category_names
+from splitveil.harness.fuzz_targets.common import weighted
+from splitveil.harness.fuzz_targets.edge_cases import (
     CATEGORIES,
     DEFAULT_WEIGHT,
     EITHER,
@@ -398,10 +398,10 @@ def run(spec, *, progress=None) -> dict:
     """`bench fuzz --target edge`: see the module's docstring."""
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.edge.openai.app import DEFAULT_MAX_PENDING, DEFAULT_MAX_REQUEST_BYTES
-    from splitveil.experiments.fuzz_core import Subject, fuzz_subject, locked, log_watcher
-    from splitveil.experiments.fuzz_service import load_lm
-    from splitveil.experiments.fuzz_targets.common import CallAsLM
-    from splitveil.experiments.load_service import Bystander
+    from splitveil.harness.fuzz_core import Subject, fuzz_subject, locked, log_watcher
+    from splitveil.harness.fuzz_service import load_lm
+    from splitveil.harness.fuzz_targets.common import CallAsLM
+    from splitveil.harness.load_service import Bystander
     from splitveil.experiments.records import environment
 
     names = category_names(CATEGORIES, spec.categories)

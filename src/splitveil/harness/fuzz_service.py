@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +35,7 @@ import numpy as np
 
 from splitveil.core.errors import WireError
 from splitveil.core.registry import Registry
-from splitveil.experiments.fuzz_core import (  # noqa: F401  (re-exported: the serve target's names of old)
+from splitveil.harness.fuzz_core import (  # noqa: F401  (re-exported: the serve target's names of old)
     FAILURES,
     Outcome,
     Tally,
@@ -50,9 +49,9 @@ from splitveil.experiments.fuzz_core import (  # noqa: F401  (re-exported: the s
     run_cases,
     save_fuzz_bench,
 )
-from splitveil.wire.frame import MAGIC, MAX_FRAME_BYTES, NO_SESSION, WIRE_VERSION, FrameKind, decode_frame
+from splitveil.harness.common import HEADER, float_payload, raw_frame  # noqa: F401  (the targets' and tests' names)
+from splitveil.wire.frame import MAGIC, MAX_FRAME_BYTES, NO_SESSION, FrameKind, decode_frame
 
-HEADER = struct.Struct("<2sBBBBBB16sI")  # the documented frame header (wire/frame.py), packed with any field value
 CODEC_IDS = {"fp32": 1, "fp16": 2, "bf16": 3}  # the float codecs' wire ids
 REPLY_CAP = 256 * 1024 * 1024
 
@@ -80,26 +79,6 @@ class Category:
 
 
 CATEGORIES: Registry[Category] = Registry("fuzz category")
-
-
-def raw_frame(*, kind: int = FrameKind.FORWARD, session: bytes = NO_SESSION, seq: int = 0, part: int = 1,
-              codec: int = 1, shape: tuple[int, ...] = (), payload: bytes = b"", magic: bytes = MAGIC,
-              version: int = WIRE_VERSION, flags: int = 0, ndim: int | None = None) -> bytes:
-    """A frame with any header values (the encoder refuses invalid ones; a hostile peer does not)."""
-    ndim = len(shape) if ndim is None else ndim
-    return (HEADER.pack(magic, version, kind, codec, ndim, part, flags, session, seq)
-            + struct.pack(f"<{len(shape)}I", *shape) + payload)
-
-
-def float_payload(values: np.ndarray, codec: str) -> bytes:
-    """Float32 values as the raw bytes of `codec` (bf16: the top 16 bits of each float32)."""
-    values = np.asarray(values, dtype=np.float32)
-    if codec == "fp32":
-        return values.astype("<f4").tobytes()
-    if codec == "fp16":
-        with np.errstate(over="ignore"):
-            return values.astype("<f2").tobytes()
-    return (values.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
 
 
 def float_shape(t: Target, positions: int) -> tuple[int, ...]:
@@ -606,11 +585,11 @@ def run_fuzz_bench(spec: FuzzBenchSpec, *, progress: Callable[[int, int], None] 
     """Hostile messages from `spec.workers` connections against `spec.target` (default: a real `splitveil serve`),
     with a bystander working; the record of `fuzz_core.finish_record`."""
     if spec.target != "serve":
-        from splitveil.experiments.fuzz_targets import TARGETS
+        from splitveil.harness.fuzz_targets import TARGETS
 
         return TARGETS.get(spec.target).run(spec, progress=progress)
-    from splitveil.experiments.fuzz_core import Subject, fuzz_subject
-    from splitveil.experiments.load_service import Bystander
+    from splitveil.harness.fuzz_core import Subject, fuzz_subject
+    from splitveil.harness.load_service import Bystander
     from splitveil.experiments.records import environment
     from splitveil.serve.process import ServerProcess
     from splitveil.transport.network import WebSocketTransport

@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass
 
 from splitveil.core.registry import Registry
-from splitveil.experiments.fuzz_service import Category, Target, register_category
+from splitveil.harness.fuzz_service import Category, Target, register_category
 
 KEY = "{key}"  # replaced by the edge's API key when sent
 CHAT, COMPLETIONS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/models"

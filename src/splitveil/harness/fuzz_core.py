@@ -183,7 +183,7 @@ def finish_record(record: dict, tally: Tally, *, seconds: float, late: list[str]
                   server_alive: bool) -> dict:
     """Adds the summary, the reproducers, the per-category counts and RSS to `record`, and its verdict `passed`:
     no failure, no unhandled log line or traceback, bystander identical (during and after), server alive, RSS bounded."""
-    from splitveil.experiments.load_service import rss_summary
+    from splitveil.harness.common import rss_summary
 
     summary = tally.summary()
     summary["unhandled_log_lines_after_last_case"] = late[:10]
@@ -212,7 +212,7 @@ def fuzz_subject(spec, subject: Subject, make_client: Callable[..., object], bys
     """The run every target shares: RSS sampled, the bystander working, `spec.messages` hostile messages from
     `spec.workers` clients (`make_client(settle=0.0)`), the failures replayed alone, `after()` (an honest client
     once the fuzzing is over: still exact?), and the record's verdict (`finish_record`)."""
-    from splitveil.experiments.load_service import RssSampler
+    from splitveil.harness.common import RssSampler
 
     sampler = RssSampler(subject.pid, spec.rss_period_seconds).start()
     bystander.start()
