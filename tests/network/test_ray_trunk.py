@@ -265,3 +265,13 @@ def test_limits_hold_per_replica(trunk, tiny, tls_files):
     finally:
         for lm in clients:
             lm.close()
+
+
+def test_replica_settings_divide_the_default_kv_budget_among_the_replicas_as_documented():
+    from splitveil.serve.build import default_max_kv_mb
+    from splitveil.serve.ray_serve import ReplicaSettings
+
+    settings = ReplicaSettings(model="m", cuts=(1, 3))
+    assert settings.for_replicas(4).max_kv_mb == pytest.approx(default_max_kv_mb() / 4)
+    given = ReplicaSettings(model="m", cuts=(1, 3), max_kv_mb=64)
+    assert given.for_replicas(4) is given  # a budget given is each replica's own

@@ -8,6 +8,7 @@ import typer
 
 from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
+from splitveil.plan.plan import DEFAULT_LM_SPLIT
 
 app = typer.Typer(help="Attacks that measure what a split leaks.", no_args_is_help=True)
 
@@ -15,7 +16,7 @@ app = typer.Typer(help="Attacks that measure what a split leaks.", no_args_is_he
 @app.command("text")
 def text(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts A,B: the cloud sees the states after A layers."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="Λ-split cuts A,B: the cloud sees the states after A layers."),
     attack: str = typer.Option("exact", "--attack", "-a", help="nearest (embedding lookup), exact (sequential inversion "
                                "through the public head) or learned (a readout trained on auxiliary text, the Debian "
                                "fortunes corpus)."),

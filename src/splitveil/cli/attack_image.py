@@ -54,8 +54,9 @@ def parse_defences(text: str) -> list[tuple[str, float | None]]:
 
 
 def _check_split(split: int, model: str, blocks: int) -> None:
-    if not 1 <= split <= blocks:
-        raise ConfigError(f"--split {split} is out of range: {model} has {blocks} blocks, so the cut goes from 1 to {blocks}")
+    from splitveil.plan.plan import check_block_cut
+
+    check_block_cut(split, blocks, model=model)
 
 
 def _check_out(out: Path) -> None:

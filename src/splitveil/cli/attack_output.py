@@ -16,12 +16,12 @@ from splitveil.core.errors import ConfigError
 def _check(dataset: str, model: str, split: int, defence: str, salt_layer: int | None, salt_values: int | None) -> str:
     """Validates the names and numbers; returns the salt kind."""
     from splitveil.experiments.output_privacy import model_blocks
+    from splitveil.plan.plan import check_block_cut
     from splitveil.protect.salt import parse_salt_defence
 
     kind = parse_salt_defence(defence)
     blocks = model_blocks(dataset, model)
-    if not 1 <= split <= blocks:
-        raise ConfigError(f"--split {split} is out of range: {model} has {blocks} blocks, so the cut goes from 1 to {blocks}")
+    check_block_cut(split, blocks, model=model)
     if salt_layer is not None and not 0 <= salt_layer < split:
         raise ConfigError(f"--salt-layer {salt_layer} must be below --split {split} (0 = at the input): the salt layer "
                           "and the block after it run on the client, which keeps the salt")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.common import allow_dirty_option, err_console, int_list, result_stem, setup, stamp_run
+from splitveil.plan.plan import DEFAULT_LM_SPLIT
 
 app = typer.Typer(help="Benchmarks: ratios measured in one run, written as JSON + PNG under benchmarks/results/.",
                   no_args_is_help=True)
@@ -15,7 +16,7 @@ app = typer.Typer(help="Benchmarks: ratios measured in one run, written as JSON 
 @app.command("llm")
 def llm(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Cuts, as for `generate` (A,B = Λ-split)."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="Cuts, as for `generate` (A,B = Λ-split)."),
     tokens: int = typer.Option(128, "--tokens", min=2, help="New tokens per run (end-of-sequence ignored)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per variant, alternating; medians are reported."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
@@ -49,7 +50,7 @@ def llm(
 @app.command("service")
 def service(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts (A,B)."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="Λ-split cuts (A,B)."),
     tokens: int = typer.Option(128, "--tokens", min=2, help="New tokens per generation run."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Generation runs per variant (alternating)."),
     window: float = typer.Option(8.0, "--window", min=1.0, help="Seconds measured per concurrency level."),
@@ -130,7 +131,7 @@ def batched(
 @app.command("ray")
 def ray(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts (A,B); the servers run the trunk."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="Λ-split cuts (A,B); the servers run the trunk."),
     replicas: str = typer.Option("1,2", "--replicas", help="Ray Serve replica counts, comma-separated."),
     sessions: str = typer.Option("1,8,32", "--sessions", help="Concurrent light sessions, comma-separated."),
     seconds: float = typer.Option(10.0, "--seconds", min=1.0, help="Measured seconds per session count."),

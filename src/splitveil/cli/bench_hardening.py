@@ -10,6 +10,7 @@ import typer
 from splitveil.cli.bench import app
 from splitveil.cli.common import allow_dirty_option, err_console, name_list, result_stem, setup, stamp_run
 from splitveil.core.errors import ConfigError
+from splitveil.plan.plan import DEFAULT_LM_SPLIT
 
 DEFAULT_OUT = Path("benchmarks/results")
 
@@ -97,7 +98,7 @@ def fuzz(
 @app.command("load")
 def load(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts (A,B); the server runs the trunk."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="Λ-split cuts (A,B); the server runs the trunk."),
     sessions: int = typer.Option(64, "--sessions", help="Concurrent sessions in the steady phase."),
     seconds: float = typer.Option(60.0, "--seconds", help="Measured seconds of the steady phase (after --warmup)."),
     warmup: float = typer.Option(5.0, "--warmup", help="Seconds before the measured window."),

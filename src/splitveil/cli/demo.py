@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from splitveil.cli.common import load_model, print_json, setup, status
+from splitveil.plan.plan import DEFAULT_LM_SPLIT
 
 SLIP_TOKENS = 16  # tokens generated through the prompt deployment (its decode runs ~1.7 tok/s on 2 CPU cores)
 DEMO_PROMPT = "Write a short note to my doctor about my blood pressure readings this week: 150/95 on Monday, 145/92 today."
@@ -43,7 +44,7 @@ def exposure(split_lm, prompt_ids: list[int], answer_ids: list[int], *, budget: 
 
 def demo(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="Λ-split cuts: head = layers before A, tail = layers from B."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="Λ-split cuts: head = layers before A, tail = layers from B."),
     prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p", help="The user's (private) prompt, sent as a chat message."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),

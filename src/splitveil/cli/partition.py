@@ -13,6 +13,7 @@ import typer
 
 from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
 from splitveil.core.errors import ConfigError
+from splitveil.plan.plan import DEFAULT_LM_SPLIT
 from splitveil.tee.select import DEFAULT_ATTACKS
 
 app = typer.Typer(help="TEE layer partitioning: the first layers in a trusted executor (simulated attestation), the "
@@ -118,6 +119,7 @@ def partition(
     if ctx.invoked_subcommand is not None:
         return
     from splitveil.experiments.tee_partition import PartitionSpec, run_partition, summary, write_partition_report
+    from splitveil.plan.plan import check_block_cut
     from splitveil.tee.cost import DEFAULT_ENCLAVE_SLOWDOWN
     from splitveil.tee.select import DEFAULT_TAU
 
@@ -127,8 +129,7 @@ def partition(
     blocks = _check_names(dataset, model, names)
     chosen_cuts = int_list(cuts, "--cuts", "cut indices like 1,2,3") if cuts else list(range(1, blocks + 1))
     for cut in chosen_cuts:
-        if not 1 <= cut <= blocks:
-            raise ConfigError(f"--cuts {cut} is out of range: {model} has {blocks} blocks, so a cut goes from 1 to {blocks}")
+        check_block_cut(cut, blocks, flag="--cuts", model=model)
     tau = DEFAULT_TAU if tau is None else tau
     if not 0 < tau <= 1:
         raise ConfigError(f"--tau must be in (0, 1], got {tau}")
@@ -183,9 +184,10 @@ def _check_run_cut(model: str, cut: int) -> None:
     from splitveil.models.vision_zoo import build_vision_model
     from splitveil.tee.process import IMAGENET_MODEL
 
-    blocks = 19 if model == IMAGENET_MODEL else build_vision_model(model, (1, 28, 28), 10).num_blocks
-    if not 1 <= cut <= blocks:
-        raise ConfigError(f"--cut {cut} is out of range: {model} has {blocks} blocks, so a cut goes from 1 to {blocks}")
+    from splitveil.plan.plan import check_block_cut
+
+    check_block_cut(cut, 19 if model == IMAGENET_MODEL else build_vision_model(model, (1, 28, 28), 10).num_blocks,
+                    flag="--cut", model=model)
 
 
 _MODEL_HELP = "vgg, resnet, mobilenet, lenet (Fashion-MNIST-style CNNs, cached) or mobilenet_v2 (ImageNet weights)."
@@ -367,7 +369,7 @@ def latency(
 @app.command("enclave-lm", hidden=True)
 def enclave_lm(
     model: str = typer.Option("smollm2-135m", "--model"),
-    split: str = typer.Option("2,28", "--split"),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split"),
     attestation_key: Path = typer.Option(None, "--attestation-key"),
     port: int = typer.Option(0, "--port", min=0, max=65535),
     token_file: Path = typer.Option(None, "--token-file"),
@@ -398,7 +400,7 @@ def enclave_lm(
 @app.command("lm")
 def lm(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="The Λ-split's cuts; the trunk runs in the trusted executor."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="The Λ-split's cuts; the trunk runs in the trusted executor."),
     prompt: str = typer.Option("Explain in three sentences why the sky is blue.", "--prompt", help="The chat prompt."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Tokens generated per run."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs of each service (alternating); the median counts."),
@@ -412,8 +414,8 @@ def lm(
     import tempfile
 
     from splitveil.experiments.records import write_json
-    from splitveil.plan.plan import parse_cuts
     from splitveil.experiments.tee_partition import run_enclave_lm
+    from splitveil.plan.plan import parse_cuts
 
     cuts = parse_cuts(split)
     if len(cuts) != 2:

@@ -9,13 +9,14 @@ import typer
 
 from splitveil.cli.common import err_console, setup
 from splitveil.core.errors import ConfigError
+from splitveil.plan.plan import DEFAULT_LM_SPLIT
 from splitveil.transport.network import is_loopback
 from splitveil.wire.frame import MAX_FRAME_BYTES
 
 
 def serve(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registered model name or local model directory."),
-    split: str = typer.Option("2,28", "--split", "-s", help="The plan's cuts; this process runs the cloud part (the trunk)."),
+    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split", "-s", help="The plan's cuts; this process runs the cloud part (the trunk)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8443, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
     tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one, made once)."),
@@ -135,15 +136,15 @@ def serve(
 
 def _serve_on_ray(model: str, cuts, replicas: int, *, max_sessions: int, max_tokens, max_kv_mb, max_frame_bytes: int,
                   no_batch: bool, batch_window_ms: float, idle_timeout: float, threads: int, max_connections, **ingress):
-    """`serve --ray`: the same limits, per replica; the KV budget's default is split among the replicas."""
-    from splitveil.serve.build import default_max_kv_mb
+    """`serve --ray`: the same limits, per replica (`ReplicaSettings.for_replicas` splits the KV budget's default
+    among the replicas)."""
     from splitveil.serve.ray_serve import RayOptions, ReplicaSettings, serve_on_ray
     from splitveil.serve.server import ServerLimits
 
     if len(cuts) != 2:
         raise ConfigError("--ray serves the trunk of a Λ-split: give --split A,B")
     settings = ReplicaSettings(model=model, cuts=tuple(cuts), max_sessions=max_sessions, max_tokens=max_tokens,
-                               max_kv_mb=max_kv_mb if max_kv_mb is not None else default_max_kv_mb() / replicas,
+                               max_kv_mb=max_kv_mb,
                                max_frame_bytes=max_frame_bytes, batch_steps=not no_batch,
                                batch_window=batch_window_ms / 1000, idle_timeout=idle_timeout, threads=threads)
     limits = ServerLimits(idle_timeout=idle_timeout, max_connections=max_connections or 2 * max_sessions * replicas)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from splitveil.core.errors import ConfigError
-
-#: `splitveil serve`'s --split default (an LM's Λ-split); for a diffusion model it means "the default cut"
-LM_DEFAULT_SPLIT = "2,28"
+from splitveil.plan.plan import DEFAULT_LM_SPLIT  # `serve`'s --split default; for a diffusion model: the default cut
 
 
 def diffusion_service(model_name: str, split: str, placement: str | None, **limits):
@@ -20,7 +18,7 @@ def diffusion_service(model_name: str, split: str, placement: str | None, **limi
     if where == DiffusionPlacement.NONE:
         raise ConfigError("--placement none has no cloud part to serve; use reference or unet-split")
     head_blocks = 1
-    if split != LM_DEFAULT_SPLIT:
+    if split != DEFAULT_LM_SPLIT:
         try:
             head_blocks = int(split)
         except ValueError:
@@ -28,6 +26,6 @@ def diffusion_service(model_name: str, split: str, placement: str | None, **limi
     model = load_diffusion(model_name)
     if where == DiffusionPlacement.UNET_SPLIT:
         UNetSplittable(model.unet).cuts_for(head_blocks)
-    elif split != LM_DEFAULT_SPLIT:
+    elif split != DEFAULT_LM_SPLIT:
         raise ConfigError("--split chooses the cut of the unet-split placement; the reference placement has none")
     return build_diffusion_service(model, where.value, head_blocks, **limits)

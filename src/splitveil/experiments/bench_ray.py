@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 
 
 @dataclass(frozen=True)
 class RayBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, int] = (2, 28)
+    cuts: tuple[int, int] = DEFAULT_LM_CUTS
     replicas: tuple[int, ...] = (1, 2)
     sessions: tuple[int, ...] = (1, 8, 32)
     seconds: float = 10.0  # measured window per session count

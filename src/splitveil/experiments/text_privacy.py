@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from splitveil.attack.training import StopRule, combined_record
 from splitveil.core.errors import ConfigError
 from splitveil.metrics.text import exact_match, token_f1, token_recovery
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 from splitveil.protect.text import heldout_perplexity
 
 #: built-in evaluation prompts (private-looking, written for this bench; no attack was tuned on them)
@@ -24,7 +25,7 @@ EVALUATION_PROMPTS = (
 @dataclass(frozen=True)
 class TextAttackSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, int] = (2, 28)
+    cuts: tuple[int, int] = DEFAULT_LM_CUTS
     attack: str = "exact"
     wire: str = "fp32"
     max_new_tokens: int = 24  # answer tokens generated (and read back from the downlink)
@@ -80,10 +81,10 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     from splitveil.attack.text.target import TextTarget
     from splitveil.edge.generate import SplitCausalLM
     from splitveil.experiments.records import environment
-    from splitveil.protect.text import deployment_for
     from splitveil.models.causal_lm import CausalLMSplittable
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
+    from splitveil.protect.text import deployment_for
 
     stamp = environment()  # the code and machine as the run starts
     if len(spec.cuts) != 2:

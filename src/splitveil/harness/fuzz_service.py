@@ -50,6 +50,7 @@ from splitveil.harness.fuzz_core import (  # noqa: F401  (re-exported: the serve
     save_fuzz_bench,
 )
 from splitveil.harness.common import HEADER, float_payload, raw_frame  # noqa: F401  (the targets' and tests' names)
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 from splitveil.wire.frame import MAGIC, MAX_FRAME_BYTES, NO_SESSION, FrameKind, decode_frame
 
 CODEC_IDS = {"fp32": 1, "fp16": 2, "bf16": 3}  # the float codecs' wire ids
@@ -508,7 +509,7 @@ class FuzzClient:
 @dataclass(frozen=True)
 class FuzzBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, ...] = (2, 28)  # serve, enclave, edge: the Λ-split; accelerator: (cut,); slip: unused
+    cuts: tuple[int, ...] = DEFAULT_LM_CUTS  # serve, enclave, edge: the Λ-split; accelerator: (cut,); slip: unused
     messages: int = 20000  # hostile messages to send at least
     workers: int = 4  # hostile connections at a time
     seed: int = 0
@@ -588,9 +589,9 @@ def run_fuzz_bench(spec: FuzzBenchSpec, *, progress: Callable[[int, int], None] 
         from splitveil.harness.fuzz_targets import TARGETS
 
         return TARGETS.get(spec.target).run(spec, progress=progress)
+    from splitveil.experiments.records import environment
     from splitveil.harness.fuzz_core import Subject, fuzz_subject
     from splitveil.harness.load_service import Bystander
-    from splitveil.experiments.records import environment
     from splitveil.serve.process import ServerProcess
     from splitveil.transport.network import WebSocketTransport
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 
 PROMPTS = (
     "The capital of France is",
@@ -313,7 +314,7 @@ def run_clients_through_restart(clients: list, prompts: list, expected: list[lis
 @dataclass(frozen=True)
 class LoadBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, int] = (2, 28)
+    cuts: tuple[int, int] = DEFAULT_LM_CUTS
     sessions: int = 64  # concurrent light sessions in the steady phase
     seconds: float = 60.0  # measured window
     warmup_seconds: float = 5.0  # before the window: connections, first prefills

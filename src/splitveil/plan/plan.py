@@ -107,6 +107,11 @@ def _as_int(value) -> int:
     return int(value)
 
 
+#: the Λ-split every LM command defaults to (SmolLM2's 30 layers: 2 on the device, 26 in the cloud, 2 back)
+DEFAULT_LM_SPLIT = "2,28"
+DEFAULT_LM_CUTS = (2, 28)
+
+
 def parse_cuts(text: str) -> tuple[int, ...]:
     """Parses "2,28" (or "4") into cut indices; PlanError on anything else."""
     pieces = [piece.strip() for piece in str(text).split(",")]
@@ -120,6 +125,14 @@ def parse_cuts(text: str) -> tuple[int, ...]:
         if b <= a:
             raise PlanError(f"bad --split {text!r}: cuts must be strictly increasing")
     return cuts
+
+
+def check_block_cut(cut: int, blocks: int, *, flag: str = "--split", model: str = "the model") -> int:
+    """The one range check of a CNN's cut (a cut after block `cut` of `blocks`, both sides non-empty): returns `cut`,
+    or raises a PlanError that names the flag and the range."""
+    if not 1 <= cut <= blocks:
+        raise PlanError(f"{flag} {cut} is out of range: {model} has {blocks} blocks, so a cut goes from 1 to {blocks}")
+    return cut
 
 
 def apply(model: Splittable, plan: SplitPlan) -> list[Part]:

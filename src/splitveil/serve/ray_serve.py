@@ -32,7 +32,7 @@ import secrets
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ray import serve
 
@@ -61,6 +61,15 @@ class ReplicaSettings:
     batch_window: float = 0.002  # seconds a round waits for more steps when other sessions are open
     idle_timeout: float = 300.0
     threads: int = 1
+
+    def for_replicas(self, replicas: int) -> "ReplicaSettings":
+        """These settings with the KV budget each of `replicas` replicas gets: as given, or (None) half the machine's
+        memory (`default_max_kv_mb`) divided among them."""
+        if self.max_kv_mb is not None:
+            return self
+        from splitveil.serve.build import default_max_kv_mb
+
+        return replace(self, max_kv_mb=default_max_kv_mb() / max(1, replicas))
 
 
 # -- the replica -------------------------------------------------------------------------------------------------
@@ -344,6 +353,8 @@ def deploy_trunk(settings: ReplicaSettings, options: RayOptions):
     """Runs the trunk deployment with `options.replicas` replicas; returns its handle once every replica is ready."""
     from ray.serve.config import ProxyLocation
 
+    settings = settings.for_replicas(options.replicas)
+
     serve.start(proxy_location=ProxyLocation.Disabled)
     deployment = TrunkReplica.options(
         num_replicas=options.replicas, max_ongoing_requests=settings.max_sessions + 16,
@@ -372,6 +383,7 @@ def serve_on_ray(settings: ReplicaSettings, options: RayOptions, *, token: str, 
 
     from splitveil.serve.server import serve_until_stopped
 
+    settings = settings.for_replicas(options.replicas)
     started = time.perf_counter()
     temp_dir = start_ray(options, cpus=options.replicas)
     try:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from splitveil.core.errors import ConfigError
 from splitveil.serve.process import ChildServer
 
 IMAGENET_MODEL = "mobilenet_v2"  # the ImageNet MobileNetV2 with real weights (latency on a real network)
@@ -77,9 +76,9 @@ def segment_copy(model, start: int, end: int, name: str):
 
 
 def check_cut(model, cut: int) -> None:
-    if not 1 <= cut <= model.num_blocks:
-        raise ConfigError(f"--cut {cut} is out of range: the model has {model.num_blocks} blocks, so a cut goes from "
-                          f"1 to {model.num_blocks}")
+    from splitveil.plan.plan import check_block_cut
+
+    check_block_cut(cut, model.num_blocks, flag="--cut")
 
 
 def executor_part(model, cut: int, label: str):

@@ -130,8 +130,9 @@ def make_defence(name: str, strength: float | None = None, *, dataset: str | Non
 
 def cut_segment(model, cut: int) -> int:
     """Index of the first segment after cut `cut` (the edge runs segments [0, this))."""
-    if not 1 <= cut <= model.num_blocks:
-        raise ConfigError(f"cut {cut} is out of range: the model has {model.num_blocks} blocks")
+    from splitveil.plan.plan import check_block_cut
+
+    check_block_cut(cut, model.num_blocks, flag="cut")
     return model.num_prologue + cut
 
 
