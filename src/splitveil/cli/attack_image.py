@@ -17,14 +17,9 @@ DEFAULT_OUT = Path("benchmarks/results")
 
 def _check_names(dataset: str, model: str, attacks: list[str]) -> int:
     """Unknown names fail with the registry's one line; returns the model's number of blocks."""
-    from splitveil.attack.image import IMAGE_ATTACKS
-    from splitveil.data.images import DATASETS
-    from splitveil.models.vision_zoo import build_vision_model
+    from splitveil.experiments.image_privacy import check_image_names
 
-    DATASETS.get(dataset)
-    for name in attacks:
-        IMAGE_ATTACKS.get(name)
-    return build_vision_model(model, (1, 28, 28), 10).num_blocks
+    return check_image_names(dataset, model, attacks)
 
 
 def _check_defence(name: str, strength: float | None) -> None:

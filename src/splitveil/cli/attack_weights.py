@@ -76,14 +76,8 @@ def weights(
 ) -> None:
     """The weights deployment's residual bundle under a structured attack: how well the secret subspaces are
     recovered, and the perplexity a thief reaches by fine-tuning only what is left on public text."""
-    from splitveil.attack.weights import WEIGHTS_ATTACKS
     from splitveil.experiments.weights_attack import WeightsAttackSpec, run_weights_attack
 
-    WEIGHTS_ATTACKS.get(attack)
-    if rank is not None and rank < 1:
-        raise ConfigError(f"--rank must be >= 1 (the weights deployment keeps a secure part), got {rank}")
-    if seed < 0:
-        raise ConfigError(f"--seed must be non-negative, got {seed}")
     if out is not None and not out.parent.exists():
         raise ConfigError(f"--out {out}: its parent folder does not exist")
     setup(threads)

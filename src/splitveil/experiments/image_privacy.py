@@ -18,6 +18,18 @@ from splitveil.core.errors import ConfigError
 GRID_EXAMPLES = 8
 
 
+def check_image_names(dataset: str, model: str, attacks: list[str]) -> int:
+    """Unknown data sets, models or attacks fail with the registry's one line; returns the model's number of blocks."""
+    from splitveil.attack.image import IMAGE_ATTACKS
+    from splitveil.data.images import DATASETS
+    from splitveil.models.vision_zoo import build_vision_model
+
+    DATASETS.get(dataset)
+    for name in attacks:
+        IMAGE_ATTACKS.get(name)
+    return build_vision_model(model, (1, 28, 28), 10).num_blocks
+
+
 @dataclass(frozen=True)
 class ImageAttackSpec:
     dataset: str = "fashion-mnist"
@@ -47,6 +59,21 @@ class ImageAttackSpec:
     augment: bool = True  # shifts and flips of the victims' training batches
     lr: float = 2e-3  # victims' (peak) learning rate
     heldout_accuracy: bool = True  # also score the undefended victim on every image outside train and aux
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do: unknown names, a cut out of range, a strength out of the
+        defence's range, sizes that are not positive."""
+        from splitveil.plan.plan import check_block_cut
+
+        check_block_cut(self.split, check_image_names(self.dataset, self.model, [self.attack]), model=self.model)
+        if self.samples < 2 or self.samples > self.test_size:
+            raise ConfigError(f"--samples must be from 2 to the test images ({self.test_size}), got {self.samples}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
+        for name in ("train_size", "aux_size", "epochs", "rmle_steps", "mine_steps", "mine_repeats", "mi_pairs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.make_defence()
 
     @classmethod
     def quick(cls, **overrides) -> "ImageAttackSpec":

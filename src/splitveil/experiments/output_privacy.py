@@ -46,6 +46,27 @@ class OutputAttackSpec:
     test_repeats: int = 1  # each test example is sent this many times, each a request with its own keyed salt
     batch_size: int = 64  # training batch of the standard and the salted model
 
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do: unknown names, a cut out of range, a salt layer the cloud
+        would run, fewer than 2 salts, sizes that are not positive."""
+        from splitveil.plan.plan import check_block_cut
+        from splitveil.protect.salt import SaltKind
+
+        if self.salt not in {kind.value for kind in SaltKind}:
+            raise ConfigError(f"unknown salt kind {self.salt!r}; use conv, fc or perm")
+        check_block_cut(self.split, model_blocks(self.dataset, self.model), model=self.model)
+        if self.salt_layer is not None and not 0 <= self.salt_layer < self.split:
+            raise ConfigError(f"--salt-layer {self.salt_layer} must be below --split {self.split} (0 = at the input): "
+                              "the salt layer and the block after it run on the client, which keeps the salt")
+        if self.salt_values is not None and self.salt_values < 2:
+            raise ConfigError(f"--salt-values must be at least 2, got {self.salt_values}")
+        for name in ("train_size", "aux_size", "test_size", "epochs", "salted_epochs", "test_repeats", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.adversary_weight < 0 or self.seed < 0:
+            raise ConfigError(f"--adversary-weight and --seed must be non-negative, got {self.adversary_weight:g} and "
+                              f"{self.seed}")
+
     @classmethod
     def quick(cls, **overrides) -> "OutputAttackSpec":
         """Sizes for a run of a few minutes on one thread (a minute once both models are cached)."""

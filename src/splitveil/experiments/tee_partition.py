@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from splitveil.core.errors import ConfigError
 from splitveil.tee.cost import CostModel
 from splitveil.tee.select import DEFAULT_ATTACKS, DEFAULT_TAU
 
@@ -30,6 +31,22 @@ class PartitionSpec:
     jobs: int = 1  # worker processes for the attacks (one torch thread each)
     cost: CostModel = field(default_factory=CostModel)
     timing_batch: int = 64  # images per timed forward
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do: unknown names, a cut out of range, tau outside (0, 1]."""
+        from splitveil.experiments.image_privacy import check_image_names
+        from splitveil.plan.plan import check_block_cut
+
+        blocks = check_image_names(self.dataset, self.model, list(self.attacks))
+        if not self.attacks:
+            raise ConfigError("give at least one attack (--attacks)")
+        for cut in self.cuts:
+            check_block_cut(cut, blocks, flag="--cuts", model=self.model)
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
+        if self.jobs < 1 or self.timing_batch < 1 or self.seed < 0:
+            raise ConfigError(f"jobs and timing_batch must be at least 1 and seed non-negative, got {self.jobs}, "
+                              f"{self.timing_batch}, {self.seed}")
 
     def attack_spec(self):
         """The image-privacy spec the attacks run with: `attack image-sweep` sizes (so its cached victims are reused);

@@ -41,6 +41,31 @@ class TextAttackSpec:
     # (the same rule in quick and full runs; a cap reached is recorded as not converged)
     heldout_chars: int = 3_000  # perplexity cost of a defence: characters of held-out text (end of the fortunes)
 
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do (before any model loads)."""
+        from splitveil.attack.text.attacks import TEXT_ATTACKS
+        from splitveil.protect.text import deployment_for
+        from splitveil.wire.codecs import FLOAT_CODECS
+
+        if len(self.cuts) != 2 or not 0 <= self.cuts[0] < self.cuts[1]:
+            raise ConfigError(f"text attacks target a Λ-split: give --split A,B with A < B, got {self.cuts}")
+        TEXT_ATTACKS.get(self.attack)
+        if self.wire not in FLOAT_CODECS:
+            raise ConfigError(f"unknown --wire {self.wire!r}; use one of {', '.join(FLOAT_CODECS)}")
+        if self.ranker not in (None, "learned"):
+            raise ConfigError(f"unknown ranker {self.ranker!r}; use learned (or none: gradient ranking)")
+        if self.ranker is not None and self.attack != "exact":
+            raise ConfigError("--ranker orders the exact attack's candidates: use it with --attack exact")
+        for name in ("max_new_tokens", "candidates", "aux_chars", "heldout_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_verified is not None and self.max_verified < 1:
+            raise ConfigError(f"max_verified must be at least 1 (or None: the whole vocabulary), got {self.max_verified}")
+        if self.strength < 0:
+            raise ConfigError(f"--strength must be >= 0, got {self.strength:g}")
+        if self.defence is not None:
+            deployment_for(self.defence).check(self.strength, tuple(self.cuts))
+
 
 def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
     """The spec's attack against `target` (a TextTarget: the attack is granted private copies of what its threat
@@ -48,8 +73,6 @@ def _make_attack(spec: TextAttackSpec, target, tokenizer, adaptation):
     mechanism and scale)."""
     from splitveil.attack.text.attacks import TEXT_ATTACKS, wire_tolerance
 
-    if spec.ranker not in (None, "learned"):
-        raise ConfigError(f"unknown ranker {spec.ranker!r}; use learned (or none: gradient ranking)")
     if spec.attack == "learned" or spec.ranker == "learned":  # auxiliary text of its own, disjoint from the prompts
         from splitveil.attack.text.learned import fortunes_corpus
 

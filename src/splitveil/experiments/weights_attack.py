@@ -49,6 +49,21 @@ class WeightsAttackSpec:
     seed: int = 0
     quick: bool = False
 
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do (before the model loads)."""
+        from splitveil.attack.weights import WEIGHTS_ATTACKS
+
+        WEIGHTS_ATTACKS.get(self.attack)
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"--rank must be >= 1 (the weights deployment keeps a secure part), got {self.rank}")
+        if self.hardened and self.mask_rank < 1:
+            raise ConfigError(f"--mask-rank must be >= 1 for the hardened split, got {self.mask_rank}")
+        if self.train_tokens < 10 * self.finetune.seq_len or self.held_out_sequences < 1:
+            raise ConfigError(f"the attacker needs at least {10 * self.finetune.seq_len} tokens of text (ten sequences) "
+                              f"and one held-out sequence, got {self.train_tokens} and {self.held_out_sequences}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
+
     @classmethod
     def for_run(cls, *, quick: bool = False, **fields) -> "WeightsAttackSpec":
         """The spec of a run; `quick` shrinks the attacker's text and its step cap (it then stops on the cap)."""

@@ -45,6 +45,11 @@ class CnnWeightsSpec:
     seed: int = 0
 
     def __post_init__(self):
+        from splitveil.attack.weights import WEIGHTS_ATTACKS
+
+        WEIGHTS_ATTACKS.get(self.attack)
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         if self.rank < 1:
             raise ConfigError(f"the secure rank must be >= 1 to attack the weights deployment, got {self.rank}")
         if not 0 < self.held_out_fraction < 1:
