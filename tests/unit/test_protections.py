@@ -114,3 +114,17 @@ def test_observing_a_split_records_what_its_cloud_received(tiny_models):
     seen = observe(lm, torch.tensor([[5, 17, 3]]), 4)
     assert seen.uplink.shape == (3 + 3, 32)  # the prompt's 3 positions, then one per generated token but the last
     assert len(seen.generated_ids) == 4 and len(seen.downlink) == len(seen.uplink)
+
+
+def test_a_service_observer_sees_every_frame_it_receives_malformed_ones_included(tiny_models):
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.plan.plan import SplitPlan
+
+    lm = SplitCausalLM(tiny_models["llama"], SplitPlan.lambda_split(1, 3))
+    received, sent = [], []
+    lm.service.observers.append(received.append)
+    with lm.transport.observe(lambda frame, reply: sent.append(frame)):
+        lm.generate(torch.tensor([[5, 17, 3]]), max_new_tokens=3)
+    assert received == sent and len(received) >= 4  # OPEN, the prompt, two steps (and CLOSE)
+    assert lm.service.handle(b"not a frame")  # refused with an error frame, and seen
+    assert received[-1] == b"not a frame"

@@ -22,7 +22,8 @@ def generate(*, pad_to: int, mode: str = "fixed", layers=(1, 3)):
     record = []
     slip = SlipModel(tiny_causal_lm("llama"), SlipConfig(mode=mode, rank=0, layers=layers, pad_to=pad_to),
                      generator=np.random.default_rng(0))
-    service = SlipExecutorService(slip.executor_weights(), mode=mode, record=record)
+    service = SlipExecutorService(slip.executor_weights(), mode=mode)
+    service.observers.append(record.append)
     transport = LoopbackTransport(service.handle)
     client = SlipClient(transport)
     client.open()
@@ -49,7 +50,9 @@ def test_padding_keeps_the_tokens_and_shows_the_executor_the_rounded_length(mode
 def test_a_one_token_prompt_is_padded_too():
     slip = SlipModel(tiny_causal_lm("llama"), SlipConfig(rank=0, layers=(0, 1), pad_to=8), generator=np.random.default_rng(0))
     record = []
-    slip.attach(SlipClient(LoopbackTransport(SlipExecutorService(slip.executor_weights(), mode="fixed", record=record).handle)))
+    service = SlipExecutorService(slip.executor_weights(), mode="fixed")
+    service.observers.append(record.append)
+    slip.attach(SlipClient(LoopbackTransport(service.handle)))
     with torch.no_grad():
         slip.model(torch.tensor([[5]]))
     assert {entry.values.shape[0] for entry in masked_view(record)} == {8}

@@ -24,7 +24,9 @@ IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11]])
 def protected(family="llama", *, tamper=None, record=None, **config):
     model = tiny_causal_lm(family, weight_scale=1.0)
     slip = SlipModel(model, SlipConfig(**config), generator=np.random.default_rng(0))
-    service = SlipExecutorService(slip.executor_weights(), mode=slip.config.mode, tamper=tamper, record=record)
+    service = SlipExecutorService(slip.executor_weights(), mode=slip.config.mode, tamper=tamper)
+    if record is not None:
+        service.observers.append(record.append)  # what the untrusted side receives
     transport = LoopbackTransport(service.handle)
     slip.attach(SlipClient(transport))
     return slip, service, transport

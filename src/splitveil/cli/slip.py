@@ -229,8 +229,9 @@ def serve(
     setup(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     record = FrameLog(log_frames) if log_frames else None
-    service = build_executor_service(bundle, mode=mode.value, record=record, max_sessions=max_sessions,
-                                     max_frame_bytes=max_frame_bytes)
+    service = build_executor_service(bundle, mode=mode.value, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes)
+    if record is not None:
+        service.observers.append(record.append)  # the server side's one observation hook
     limits = ServerLimits(idle_timeout=idle_timeout, batch_window=0.0, max_connections=2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
 

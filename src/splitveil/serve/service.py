@@ -102,6 +102,13 @@ class SessionService:
     def _log(self, value) -> None:
         self.__dict__["_refusals"] = value
 
+    @property
+    def observers(self) -> list:
+        """Callbacks `observer(data)` told every frame this service receives, raw, in arrival order, before anything
+        is checked: the server side's one observation hook (`Transport.observe` is the client side's). What an
+        untrusted server receives is recorded through it (`slip serve --log-frames`)."""
+        return self.__dict__.setdefault("_observers", [])
+
     def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None) -> tuple[object | None, bytes | None]:
         """Validates one frame. Returns (work, None) for a FORWARD to compute, else (None, reply bytes).
 
@@ -110,6 +117,8 @@ class SessionService:
             bound_session: the one session this caller's connection may use: NO_SESSION for a connection that has
                 opened none yet (it may only OPEN), None for in-process callers (any session of `owner`).
         """
+        for observer in self.__dict__.get("_observers", ()):
+            observer(bytes(data) if isinstance(data, (bytearray, memoryview)) else data)
         frame = None
         try:
             frame = decode_frame(data, max_bytes=self.max_frame_bytes)

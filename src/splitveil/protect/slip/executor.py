@@ -16,8 +16,9 @@ RESULT frame carries int64 [positions, m]: W_residual (x + r), in the same repre
 before any compute: kind, codec, rank, header, group, position count, payload length, finiteness of floats,
 sequence number, session and owner. A bad frame gets an ERROR frame and changes no session.
 
-Every frame the service receives can be recorded (`record`), raw, in arrival order: the untrusted side's whole
-view, for the attacks of `protect.slip.view`.
+Every frame the service receives can be recorded through the server side's observation hook
+(`SessionService.observers`), raw, in arrival order: the untrusted side's whole view, for the attacks of
+`protect.slip.view`.
 """
 
 from __future__ import annotations
@@ -151,7 +152,6 @@ class SlipExecutorService(SessionService):
         weights: group id -> W_residual as the executor computes with it ([m, n] int64 ring elements or float64).
         mode: "fixed" (ring) or "float".
         info: extra facts OPEN replies carry (the residual's digest, the model).
-        record: a list to which every received frame's raw bytes are appended (the untrusted side's view).
         tamper: test hook, (group id, correct reply) -> reply sent: a misbehaving executor.
     """
 
@@ -159,7 +159,7 @@ class SlipExecutorService(SessionService):
 
     def __init__(self, weights: dict[int, torch.Tensor], *, mode: str, info: dict | None = None,
                  max_frame_bytes: int = MAX_FRAME_BYTES, max_sessions: int = 16, max_rows: int = 1 << 24,
-                 record: list | None = None, tamper: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+                 tamper: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
         if mode not in MODES:
             raise ConfigError(f"unknown SLIP mode {mode!r}; use fixed or float")
         expected = torch.int64 if mode == "fixed" else torch.float64
@@ -173,7 +173,6 @@ class SlipExecutorService(SessionService):
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
         self.max_rows = max_rows
-        self.record = record
         self.tamper = tamper
         self.info = {**(info or {}), "slip": True, "mode": mode, "groups": len(self.shapes),
                      "max_frame_bytes": max_frame_bytes}
@@ -183,11 +182,6 @@ class SlipExecutorService(SessionService):
         self._lock = threading.Lock()
 
     # -- admission -------------------------------------------------------------------------------------------
-
-    def admit(self, data: bytes, *, owner: bytes = b"", bound_session: bytes | None = None):
-        if self.record is not None:
-            self.record.append(bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
-        return super().admit(data, owner=owner, bound_session=bound_session)
 
     def _admit_forward(self, session: ExecutorSession, frame: Frame) -> ExecutorWork:
         group_id, values = self._check_forward(session, frame)
@@ -243,12 +237,12 @@ class SlipExecutorService(SessionService):
         return encode_frame(Frame(FrameKind.RESULT, output.contiguous(), codec="int64", session=work.session_id, seq=work.frame.seq))
 
 
-def build_executor_service(folder: Path, *, mode: str, record: list | None = None, **limits) -> SlipExecutorService:
+def build_executor_service(folder: Path, *, mode: str, **limits) -> SlipExecutorService:
     """The executor for the residual bundle in `folder` (what `splitveil slip serve` runs). A folder that holds
     anything besides the residual bundle (the owner's cache, with the decomposition) is refused."""
     from splitveil.protect.slip.bundle import check_residual_only
 
     check_residual_only(folder)
     bundle, weights = load_residual(folder)
-    return SlipExecutorService(executor_weights(weights, mode, bundle.fixed_point), mode=mode, record=record,
+    return SlipExecutorService(executor_weights(weights, mode, bundle.fixed_point), mode=mode,
                                info={"model": bundle.model, "residual_sha256": bundle.sha256}, **limits)
