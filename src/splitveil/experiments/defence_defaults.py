@@ -49,7 +49,8 @@ class DefaultsSpec:
 
 def calibrate_one(spec: DefaultsSpec, dataset: str, model: str, *, progress=None) -> dict:
     """The accuracy cost of every ladder strength on (`dataset`, `model`) at `spec.cut`, and the chosen strength."""
-    from splitveil.experiments.image_privacy import ImageAttackSpec, accuracy_cost, seeded_accuracy, splits_and_victim
+    from splitveil.experiments.image_privacy import ImageAttackSpec, accuracy_cost, seeded_accuracy
+    from splitveil.train.victims import splits_and_victim
     from splitveil.protect.image import IMAGE_DEFENCES
 
     base = (ImageAttackSpec.quick if spec.quick else ImageAttackSpec)(dataset=dataset, model=model, split=spec.cut,

@@ -13,6 +13,7 @@ import torch
 
 from splitveil.attack.training import StopRule
 from splitveil.core.errors import ConfigError
+from splitveil.train.victims import split_sizes, splits_and_victim, train_config
 
 #: examples kept in each record for the report's grid
 GRID_EXAMPLES = 8
@@ -90,44 +91,6 @@ class ImageAttackSpec:
         return make_defence(self.defence, self.strength, dataset=self.dataset, model=self.model, **self.defence_options)
 
 
-def _sizes(n: int, spec: ImageAttackSpec) -> tuple[int, int, int]:
-    train = min(spec.train_size, int(0.45 * n))
-    aux = min(spec.aux_size, int(0.4 * n))
-    test = min(spec.test_size, n - train - aux)
-    return train, aux, test
-
-
-def train_config(spec):
-    """The victims' `TrainConfig` for `spec` (a spec without the newer fields gets the first release's)."""
-    from splitveil.train.classifier import TrainConfig
-
-    return TrainConfig(epochs=spec.epochs, seed=spec.seed, lr=getattr(spec, "lr", 2e-3),
-                       schedule=getattr(spec, "schedule", "constant"), augment=getattr(spec, "augment", False))
-
-
-def splits_and_victim(spec, *, quiet: bool = True):
-    """The data splits of `spec` and its model trained on the train split (cached): what the image and the output
-    privacy experiments share. `spec` has dataset, model, seed, epochs and train/aux/test sizes.
-
-    Returns:
-        (splits, victim, was_cached).
-    """
-    from splitveil.data.images import load_dataset, split_dataset
-    from splitveil.models.vision_zoo import VISION_MODELS, build_vision_model
-    from splitveil.train.classifier import cached_classifier
-
-    VISION_MODELS.get(spec.model)
-    data = load_dataset(spec.dataset)
-    train, aux, test = _sizes(len(data), spec)
-    splits = split_dataset(data, train=train, aux=aux, test=test, seed=spec.seed)
-    shape, classes = data.image_shape, data.num_classes
-    victim, cached = cached_classifier(
-        lambda: build_vision_model(spec.model, shape, classes), splits.train.images, splits.train.labels,
-        train_config(spec), quiet=quiet,
-        key_fields={"dataset": spec.dataset, "model": spec.model, "train": train, "split_seed": spec.seed})
-    return splits, victim, cached
-
-
 def defended_victim(spec: ImageAttackSpec, splits, undefended, *, quiet: bool = True):
     """The victim with `spec`'s defence built in at `spec.split` and trained with its loss (cached by data set,
     model, cut, defence, strength, options and seed); the undefended victim itself when the defence is the identity.
@@ -195,7 +158,7 @@ def heldout_accuracy(spec, model) -> dict:
     from splitveil.train.classifier import accuracy, predict
 
     data = load_dataset(spec.dataset)
-    train, aux, _ = _sizes(len(data), spec)
+    train, aux, _ = split_sizes(len(data), spec)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))  # split_dataset's order
     rest = data.subset(order[train + aux:])
     return {"accuracy": accuracy(predict(model, rest.images), rest.labels), "images": len(rest)}

@@ -120,7 +120,7 @@ def standard_model(spec: OutputAttackSpec, *, quiet: bool = True):
     image set, the sensor CNN for a time series."""
     from splitveil.data.images import split_dataset
     from splitveil.data.timeseries import is_time_series, load_time_series
-    from splitveil.experiments.image_privacy import splits_and_victim
+    from splitveil.train.victims import splits_and_victim
     from splitveil.models.timeseries import augment_series, build_time_series_model
     from splitveil.train.classifier import TrainConfig, cached_classifier, train_classifier
 
@@ -228,7 +228,7 @@ def cached_standard_like_salted(base, train_data, spec: OutputAttackSpec, *, val
 def training_record(spec: OutputAttackSpec) -> dict:
     """How both compared models were trained (the record's `training`): the same base, then the same fine-tuning."""
     from splitveil.data.timeseries import is_time_series
-    from splitveil.experiments.image_privacy import train_config
+    from splitveil.train.victims import train_config
 
     series = is_time_series(spec.dataset)
     base = ({"epochs": spec.epochs, "lr": 2e-3, "schedule": "constant", "batch_size": spec.batch_size,

@@ -81,7 +81,8 @@ def measure_costs(spec: PartitionSpec, victim, images, cuts: list[int]) -> dict:
 
 def run_partition(spec: PartitionSpec, *, on_records=None) -> dict:
     """Attacks at every candidate cut, costs, and the chosen cut; one record (JSON-ready)."""
-    from splitveil.experiments.image_privacy import run_image_sweep, splits_and_victim
+    from splitveil.experiments.image_privacy import run_image_sweep
+    from splitveil.train.victims import splits_and_victim
     from splitveil.experiments.records import environment
     from splitveil.tee.channel import SIMULATED
     from splitveil.tee.select import partition_table

@@ -46,9 +46,9 @@ def load_model(choice: ModelChoice):
         from splitveil.models.mobilenet import load_mobilenet_v2_imagenet
 
         return load_mobilenet_v2_imagenet(), imagenet_photos(), None
-    from splitveil.experiments.image_privacy import ImageAttackSpec, splits_and_victim
+    from splitveil.train.victims import VictimSpec, splits_and_victim
 
-    spec = ImageAttackSpec.quick if choice.quick else ImageAttackSpec
+    spec = VictimSpec.quick if choice.quick else VictimSpec
     splits, victim, _ = splits_and_victim(spec(dataset=choice.dataset, model=choice.model, seed=choice.seed))
     return victim.eval(), splits.test.images, splits.test.labels
 
