@@ -64,8 +64,7 @@ def _env(pythonpath: Path | None = None) -> dict:
 
 
 def _measure_only(model_dir: Path, pythonpath: Path | None = None) -> bytes:
-    return expected_measurement(["partition", "enclave-lm", "--model", str(model_dir), "--split", "1,3"],
-                                env=_env(pythonpath))
+    return expected_measurement("enclave-lm", {"model": str(model_dir), "cuts": [1, 3]}, env=_env(pythonpath))
 
 
 def test_patching_one_imported_file_ours_or_a_dependency_changes_the_measurement(model_dir, patched_trees):

@@ -32,54 +32,6 @@ def _check_names(dataset: str, model: str, attacks: list[str]) -> int:
     return build_vision_model(model, (1, 28, 28), 10).num_blocks
 
 
-def _serve(service, command: str, *, host: str, port: int, token_file: Path | None, tls_cert: Path | None = None,
-           tls_key: Path | None = None, plaintext: bool = False, notes: tuple[str, ...] = ()) -> None:
-    """Serves `service` with the standard `SplitServer` (the token file's token; TLS unless `plaintext`) until
-    SIGINT/SIGTERM, printing `notes` and then the address once it listens: what the hidden process commands share."""
-    from splitveil.serve.build import tls_for_server, token_for_server
-    from splitveil.serve.server import SplitServer, serve_until_stopped
-
-    token, _ = token_for_server(token_file)
-    ssl_context = None if plaintext else tls_for_server(tls_cert, tls_key)[0]
-    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port)
-
-    def ready(srv) -> None:
-        for note in notes:
-            typer.echo(f"splitveil partition {command}: {note}")
-        typer.echo(f"splitveil partition {command}: listening on {srv.url}")
-
-    serve_until_stopped(server, ready, host=host, port=port)
-
-
-def _attestation_key(path: Path):
-    """The SIMULATED attestation key (private half) in `path`."""
-    from splitveil.tee.channel import read_attestation_key
-
-    return read_attestation_key(path, private=True)
-
-
-def _measure_only(measurement: bytes) -> None:
-    """What a `--measure-only` run prints: the digest a client expects (see `tee.measure.expected_measurement`)."""
-    from splitveil.tee.measure import MEASURE_LINE
-
-    typer.echo(MEASURE_LINE + measurement.hex())
-
-
-def _redact_service_logs() -> None:
-    """Inside a trusted executor, the services' refusal lines (their reasons could describe sealed content) are
-    replaced by a fixed line before they reach the log the operator reads."""
-    import logging
-
-    class Redact(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                "a frame inside the executor was refused or failed (details stay inside)", (), None, None)
-            return True
-
-    for name in ("splitveil.serve.service", "splitveil.models", "splitveil.tee.executor"):
-        logging.getLogger(name).addFilter(Redact())
-
-
 def _cost_model(slowdown: float, accelerator: float):
     from splitveil.tee.cost import CostModel
 
@@ -236,94 +188,6 @@ def run(
         typer.echo(f"{kind} sealed input: {message}")
 
 
-@app.command("accelerator", hidden=True)
-def accelerator(
-    cut: int = typer.Option(..., "--cut"),
-    model: str = typer.Option("vgg", "--model"),
-    dataset: str = typer.Option("fashion-mnist", "--dataset"),
-    quick: bool = typer.Option(False, "--quick"),
-    full: bool = typer.Option(False, "--full"),
-    seed: int = typer.Option(0, "--seed"),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(0, "--port", min=0, max=65535),
-    tls_cert: Path = typer.Option(None, "--tls-cert"),
-    tls_key: Path = typer.Option(None, "--tls-key"),
-    token_file: Path = typer.Option(None, "--token-file"),
-    threads: int = typer.Option(1, "--threads"),
-) -> None:
-    """The untrusted accelerator: serves blocks [p, end) and the head (copies of those segments only) over TLS."""
-    from splitveil.serve.build import build_classifier_service
-    from splitveil.tee.process import check_cut, load_model
-
-    choice = _choice(model, dataset, quick, full, seed)
-    setup(threads)
-    whole, inputs, _ = load_model(choice)
-    check_cut(whole, cut)
-    service = build_classifier_service(whole, cut, example=inputs[:1], info={"role": "tee-accelerator"}, max_batch=64,
-                                       max_frame_bytes=64 * 2**20)
-    del whole
-    _serve(service, "accelerator", host=host, port=port, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key)
-
-
-@app.command("enclave", hidden=True)
-def enclave(
-    cut: int = typer.Option(..., "--cut"),
-    model: str = typer.Option("vgg", "--model"),
-    dataset: str = typer.Option("fashion-mnist", "--dataset"),
-    quick: bool = typer.Option(False, "--quick"),
-    full: bool = typer.Option(False, "--full"),
-    seed: int = typer.Option(0, "--seed"),
-    attestation_key: Path = typer.Option(None, "--attestation-key", help="The SIMULATED attestation key (private)."),
-    measure_only: bool = typer.Option(False, "--measure-only", help="Print the measurement this executor would report "
-                                      "(from this machine's code and weights) and exit: what a client expects."),
-    accelerator_url: str = typer.Option(None, "--accelerator"),
-    accelerator_pin: str = typer.Option(None, "--accelerator-pin"),
-    accelerator_token_file: Path = typer.Option(None, "--accelerator-token-file"),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(0, "--port", min=0, max=65535),
-    tls_cert: Path = typer.Option(None, "--tls-cert"),
-    tls_key: Path = typer.Option(None, "--tls-key"),
-    token_file: Path = typer.Option(None, "--token-file"),
-    threads: int = typer.Option(1, "--threads"),
-) -> None:
-    """The trusted executor: holds blocks [0, p) only, opens sealed input, releases the feature map at p."""
-    import gc
-
-    from splitveil.serve.auth import read_token
-    from splitveil.tee.channel import SIMULATED
-    from splitveil.tee.executor import EnclaveService
-    from splitveil.tee.process import check_cut, executor_label, executor_part, load_model
-
-    choice = _choice(model, dataset, quick, full, seed)
-    setup(threads)
-    if not measure_only and attestation_key is None:
-        raise ConfigError("--attestation-key is required (or --measure-only)")
-    key = None if measure_only else _attestation_key(attestation_key)
-    whole, inputs, _ = load_model(choice)
-    check_cut(whole, cut)
-    part, measurement = executor_part(whole, cut, executor_label(choice, cut))
-    if measure_only:
-        return _measure_only(measurement)
-    input_shape = tuple(inputs.shape[1:])
-    del whole, inputs
-    gc.collect()  # the executor keeps copies of its own segments and nothing else of the model
-    _redact_service_logs()
-    release = None
-    if accelerator_url:
-        from splitveil.tee.executor import AcceleratorLink
-        from splitveil.transport.network import WebSocketTransport
-
-        if accelerator_token_file is None:
-            raise ConfigError("--accelerator needs --accelerator-token-file")
-        transport = WebSocketTransport(accelerator_url, token=read_token(accelerator_token_file),
-                                       pin_sha256=accelerator_pin, timeout=120)
-        release = AcceleratorLink(transport)
-    service = EnclaveService(part, attestation=key, measurement=measurement, input_shape=input_shape, release=release,
-                             info={"model": model, "cut": cut}, max_frame_bytes=64 * 2**20)
-    _serve(service, "enclave", host=host, port=port, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key,
-           notes=(f"{SIMULATED}; measurement {measurement.hex()}",))
-
-
 @app.command("latency")
 def latency(
     enclave_slowdown: float = typer.Option(None, "--enclave-slowdown", help="Enclave time / this CPU's (default 2.0)."),
@@ -364,37 +228,6 @@ def latency(
         extra = f"  | GPU accelerator: {gpu[row['cut']]['speedup_vs_all_tee']:.2f}x" if row["cut"] in gpu else ""
         typer.echo(f"  cut {row['cut']:2d} {'x'.join(map(str, row['feature_shape'])):>12s}: enclave {row['enclave_ms']:6.2f} ms, "
                    f"accelerator {row['accelerator_ms']:6.2f} ms, speed-up {row['speedup_vs_all_tee']:.2f}x{extra}")
-
-
-@app.command("enclave-lm", hidden=True)
-def enclave_lm(
-    model: str = typer.Option("smollm2-135m", "--model"),
-    split: str = typer.Option(DEFAULT_LM_SPLIT, "--split"),
-    attestation_key: Path = typer.Option(None, "--attestation-key"),
-    port: int = typer.Option(0, "--port", min=0, max=65535),
-    token_file: Path = typer.Option(None, "--token-file"),
-    max_sessions: int = typer.Option(16, "--max-sessions", min=1),
-    max_tokens: int = typer.Option(None, "--max-tokens", min=1),
-    threads: int = typer.Option(1, "--threads"),
-    measure_only: bool = typer.Option(False, "--measure-only", help="Print the measurement and exit."),
-) -> None:
-    """The trusted executor of `serve --enclave`: the LM trunk behind the sealed channel, plain ws on 127.0.0.1."""
-    from splitveil.plan.plan import parse_cuts
-    from splitveil.tee.channel import SIMULATED
-    from splitveil.tee.enclave_lm import build_enclave_lm_service, measured_trunk
-
-    if not measure_only and attestation_key is None:
-        raise ConfigError("--attestation-key is required (or --measure-only)")
-    key = None if measure_only else _attestation_key(attestation_key)
-    setup(threads)
-    if measure_only:
-        return _measure_only(measured_trunk(model, parse_cuts(split), max_sessions=max_sessions,
-                                            max_tokens=max_tokens)[1])
-    service, measurement = build_enclave_lm_service(model, parse_cuts(split), attestation=key, max_sessions=max_sessions,
-                                                    max_tokens=max_tokens)
-    _redact_service_logs()
-    _serve(service, "enclave-lm", host="127.0.0.1", port=port, token_file=token_file, plaintext=True,
-           notes=(f"{SIMULATED}; measurement {measurement.hex()}",))
 
 
 @app.command("lm")

@@ -71,7 +71,7 @@ def serve(
 
         return serve_enclave(model=model, cuts=cuts, host=host, port=port, token_file=token_file, insecure=insecure,
                              attestation_key=attestation_key, observe=observe, tls_cert=tls_cert, tls_key=tls_key,
-                             threads=threads, limits={"max-sessions": max_sessions, "max-tokens": max_tokens},
+                             threads=threads, max_sessions=max_sessions, max_tokens=max_tokens,
                              announce=typer.echo)
     vision = _is_vision_model(model)
     diffusion = _is_diffusion_model(model)

@@ -35,9 +35,10 @@ def free_port() -> int:
 
 
 class ChildServer:
-    """A splitveil serving command as a child process on 127.0.0.1 with a fresh self-signed certificate and a
-    fresh token; waits until its log says it listens. Subclasses give the command (`ServerProcess`, the SLIP
-    executor's `ExecutorProcess`)."""
+    """A splitveil server as a child process on 127.0.0.1 with a fresh self-signed certificate and a fresh token.
+    Subclasses give either a library worker (`_worker_spec`: a `serve.worker` role and its spec; it reports readiness
+    on a pipe, and its report is `self.report`) or a user-facing serving command (`_command_args`, whose log line says
+    it listens: `ServerProcess`, the SLIP executor's `ExecutorProcess`)."""
 
     startup_timeout: float
     prefix = "splitveil-serve-"  # of the temporary folder
@@ -47,6 +48,11 @@ class ChildServer:
     def _command_args(self) -> tuple[list[str], list[str], str]:
         """(arguments before --host, arguments after --token-file, the log line that says it listens)."""
         raise NotImplementedError
+
+    def _worker_spec(self) -> tuple[str, dict] | None:
+        """(the `serve.worker` role, its spec without the address, certificate and token), or None to run
+        `_command_args` instead."""
+        return None
 
     def __enter__(self):
         self._folder = tempfile.TemporaryDirectory(prefix=self.prefix)
@@ -58,14 +64,29 @@ class ChildServer:
         self.fingerprint = fingerprint_pem(self.cert)
         self.port = free_port()
         self.url = f"wss://127.0.0.1:{self.port}"
+        self.log_path = folder / self.log_name
+        self.started = time.perf_counter()
+        worker = self._worker_spec()
+        if worker is not None:
+            from splitveil.serve.worker import start_worker
+
+            role, spec = worker
+            try:
+                self.process, self.report = start_worker(role, {
+                    **spec, "host": "127.0.0.1", "port": self.port, "tls_cert": str(self.cert), "tls_key": str(self.key),
+                    "token_file": str(self.token_file)}, log_path=self.log_path, timeout=self.startup_timeout)
+            except BaseException:
+                self._folder.cleanup()
+                raise
+            self._log = None
+            self.startup_seconds = time.perf_counter() - self.started
+            return self
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         head, tail, listening = self._command_args()
         command = [sys.executable, "-m", "splitveil.cli.main", *head, "--host", "127.0.0.1", "--port", str(self.port),
                    "--tls-cert", str(self.cert), "--tls-key", str(self.key), "--token-file", str(self.token_file),
                    *tail]
-        self.log_path = folder / self.log_name
         self._log = open(self.log_path, "w")
-        self.started = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
         while listening not in self.log_path.read_text():
@@ -81,7 +102,8 @@ class ChildServer:
 
     def __exit__(self, *exc) -> None:
         stop_process(self.process, self.stop_grace)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         self._folder.cleanup()
 
 

@@ -1,7 +1,7 @@
 """The Λ-split trunk in the trusted executor: `splitveil serve --enclave`.
 
 The operator's process (`serve --enclave`) never holds the trunk or a hidden state in clear. It starts the trusted
-executor as a child process (`splitveil partition enclave-lm`: the standard `build_cloud_service` trunk inside a
+executor as a child process (the `enclave-lm` library worker of `tee.worker`: the standard `build_cloud_service` trunk inside a
 `SealedFrameService`, SIMULATED attestation) and relays TCP bytes between clients and it, optionally recording every
 byte it relays (`--observe FILE`: what the operator sees). The device attests the executor and wraps its transport in
 a `SealedTransport`, so `SplitCausalLM` runs unchanged: every frame of the Λ-split protocol (OPEN, hidden states,
@@ -67,10 +67,10 @@ def build_enclave_lm_service(model: str, cuts: tuple[int, ...], *, attestation, 
 
 def expected_trunk_measurement(model: str, cuts: tuple[int, ...]) -> bytes:
     """The measurement a client expects from `serve --enclave --model M --split A,B`, computed from this machine's
-    code and weights (a `--measure-only` run of the executor's start-up; never read from the server)."""
+    code and weights (a measure-only run of the executor worker's start-up; never read from the server)."""
     from splitveil.tee.measure import expected_measurement
 
-    return expected_measurement(["partition", "enclave-lm", "--model", model, "--split", ",".join(map(str, cuts))])
+    return expected_measurement("enclave-lm", {"model": model, "cuts": list(cuts)})
 
 
 def client_attestation(attest: str, key_file: Path | None, model: str, cuts: tuple[int, ...] | None):
@@ -245,40 +245,16 @@ def attestation_key_file(path: Path | None, folder: Path) -> tuple[Path, bool]:
     return target, True
 
 
-def _start_executor(command: list[str], log_path: Path, *, timeout: float = 600):
-    """Starts the trusted executor with its output in `log_path` (never a pipe: a pipe nobody drains blocks the
-    executor once 64 KiB of log lines fill it). Returns (the process, the measurement it reports)."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = log_path.read_text(errors="replace")
-        if "listening on" in text:
-            break
-        if child.poll() is not None or time.monotonic() > deadline:
-            if child.poll() is None:
-                child.kill()
-            last = (text.strip().splitlines() or ["no output"])[-1]
-            raise ConfigError(f"the trusted executor did not start (exit {child.poll()}): {last}")
-        time.sleep(0.2)
-    measurement = next((line.rsplit(" ", 1)[-1].strip() for line in text.splitlines() if "measurement" in line), "?")
-    return child, measurement
-
-
 def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, token_file: Path | None,
                   attestation_key: Path | None, observe: Path | None, insecure: bool, tls_cert=None, tls_key=None,
-                  threads: int = 1, limits: dict | None = None, announce=None) -> None:
+                  threads: int = 1, max_sessions: int = 16, max_tokens: int | None = None, announce=None) -> None:
     """`splitveil serve --enclave`: start the trusted executor (child) and relay to it until stopped."""
     import signal
-    import sys
     import tempfile
 
     from splitveil.serve.build import token_for_server
     from splitveil.serve.process import free_port, stop_process
+    from splitveil.serve.worker import start_worker
     from splitveil.tee.channel import SIMULATED, read_attestation_key
     from splitveil.transport.network import is_loopback
 
@@ -299,13 +275,12 @@ def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, to
         announce(f"splitveil serve --enclave: {SIMULATED}: {'new' if created else 'given'} key {key_path}"
                  f"{' (mode 0600)' if created else ''}, public half {public}")
         inner_port = free_port()
-        command = [sys.executable, "-m", "splitveil.cli.main", "partition", "enclave-lm", "--model", model, "--split",
-                   ",".join(map(str, cuts)), "--port", str(inner_port), "--token-file", str(token_path),
-                   "--attestation-key", str(key_path), "--threads", str(threads),
-                   *[arg for key, value in (limits or {}).items() if value is not None
-                     for arg in (f"--{key}", str(value))]]
-        log_path = Path(folder.name) / "executor.log"
-        child, measurement = _start_executor(command, log_path)
+        log_path = Path(folder.name) / "executor.log"  # a file, never a pipe: a pipe nobody drains blocks the executor
+        child, report = start_worker("enclave-lm", {
+            "model": model, "cuts": list(cuts), "port": inner_port, "token_file": str(token_path),
+            "attestation_key": str(key_path), "threads": threads, "max_sessions": max_sessions,
+            "max_tokens": max_tokens}, log_path=log_path)
+        measurement = report["measurement"]
     except BaseException:
         folder.cleanup()
         raise

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -38,7 +37,6 @@ from pathlib import Path
 from splitveil.core.errors import ConfigError
 
 FORMAT = b"splitveil-tee/measurement/2"
-MEASURE_LINE = "measurement-only: "  # what a `--measure-only` executor prints before the hex digest
 _CHUNK = 1 << 22
 
 
@@ -178,22 +176,21 @@ def parse_measurement(text: str) -> bytes:
     return bytes.fromhex(value)
 
 
-def expected_measurement(command: list[str], *, timeout: float = 600, env: dict | None = None) -> bytes:
-    """The measurement an executor started with the hidden CLI `command` (e.g. ["partition", "enclave-lm", "--model",
-    "smollm2-135m", "--split", "2,28"]) reports, computed here: the same start-up in a child process with
-    `--measure-only`, from this machine's code and weights (`env`: the child's environment, default this one's)."""
-    env = {**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
-    try:
-        done = subprocess.run([sys.executable, "-m", "splitveil.cli.main", *command, "--measure-only"],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise ConfigError(f"computing the expected measurement took over {timeout:g} s") from None
-    for line in done.stdout.splitlines():
-        if line.startswith(MEASURE_LINE):
-            return parse_measurement(line[len(MEASURE_LINE):])
-    last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
-    raise ConfigError(f"could not compute the expected measurement here: {last}")
+def expected_measurement(role: str, spec: dict, *, timeout: float = 600, env: dict | None = None) -> bytes:
+    """The measurement the executor worker `role` (`serve.worker`: "enclave", "enclave-lm") started with `spec`
+    reports, computed here: the same start-up in a child process with `measure_only`, from this machine's code and
+    weights (`env`: the child's environment, default this one's)."""
+    import tempfile
+
+    from splitveil.serve.worker import start_worker
+
+    with tempfile.TemporaryDirectory(prefix="splitveil-measure-") as folder:
+        process, report = start_worker(role, {**spec, "measure_only": True}, log_path=Path(folder) / "measure.log",
+                                       timeout=timeout, env=env)
+        process.wait(timeout)
+    if "measurement" not in report:
+        raise ConfigError(f"could not compute the expected measurement here: {report}")
+    return parse_measurement(report["measurement"])
 
 
 def import_executor_code() -> None:

@@ -1,8 +1,8 @@
 """The two processes of a partitioned inference, and the run that drives them.
 
-- the **accelerator** (`splitveil partition accelerator`): the standard `SplitServer` + `PartService` serving the
+- the **accelerator** (the `accelerator` worker, `tee.worker`): the standard `SplitServer` + `PartService` serving the
   layers [p, end) of the model (copies of those segments only), over TLS;
-- the **trusted executor** (`splitveil partition enclave`): `EnclaveService` on the standard `SplitServer`, holding
+- the **trusted executor** (the `enclave` worker, `tee.worker`): `EnclaveService` on the standard `SplitServer`, holding
   copies of the segments [0, p) only, the SIMULATED attestation key, and a TLS client to the accelerator.
 
 `run_partitioned` (what `splitveil partition run` does) starts both on 127.0.0.1 with fresh certificates and tokens,
@@ -35,9 +35,9 @@ class ModelChoice:
     quick: bool = True  # the victim of `partition --quick` (trained with `attack image --quick` sizes)
     seed: int = 0
 
-    def args(self) -> list[str]:
-        return ["--model", self.model, "--dataset", self.dataset, "--seed", str(self.seed),
-                *(["--quick"] if self.quick else ["--full"])]
+    def spec(self) -> dict:
+        """The fields of a `tee.worker` spec that name this choice."""
+        return {"model": self.model, "dataset": self.dataset, "quick": self.quick, "seed": self.seed}
 
 
 def load_model(choice: ModelChoice):
@@ -93,11 +93,12 @@ def executor_part(model, cut: int, label: str):
 
 
 def expected_executor_measurement(choice: ModelChoice, cut: int) -> bytes:
-    """The measurement a client expects from `partition enclave` for this model and cut, computed from this
-    machine's code and weights (a `--measure-only` run of the executor's start-up), never read from the executor."""
+    """The measurement a client expects from the trusted executor (`tee.worker.enclave`) for this model and cut,
+    computed from this machine's code and weights (a measure-only run of the executor's start-up), never read from the
+    executor."""
     from splitveil.tee.measure import expected_measurement
 
-    return expected_measurement(["partition", "enclave", *choice.args(), "--cut", str(cut)])
+    return expected_measurement("enclave", {**choice.spec(), "cut": cut})
 
 
 def executor_label(choice: ModelChoice, cut: int) -> str:
@@ -112,9 +113,8 @@ class AcceleratorProcess(ChildServer):
     def __init__(self, choice: ModelChoice, cut: int, *, startup_timeout: float = 300.0):
         self.choice, self.cut, self.startup_timeout = choice, cut, startup_timeout
 
-    def _command_args(self):
-        return (["partition", "accelerator", *self.choice.args(), "--cut", str(self.cut)], [],
-                "splitveil partition accelerator: listening on")
+    def _worker_spec(self):
+        return "accelerator", {**self.choice.spec(), "cut": self.cut}
 
 
 class EnclaveProcess(ChildServer):
@@ -123,18 +123,17 @@ class EnclaveProcess(ChildServer):
     what = "the trusted executor"
 
     def __init__(self, choice: ModelChoice, cut: int, *, accelerator: ChildServer | None, attestation_file: Path,
-                 startup_timeout: float = 300.0, extra_args: list[str] | None = None):
+                 startup_timeout: float = 300.0, extra: dict | None = None):
         self.choice, self.cut, self.accelerator = choice, cut, accelerator
         self.attestation_file, self.startup_timeout = attestation_file, startup_timeout
-        self.extra_args = extra_args or []
+        self.extra = extra or {}
 
-    def _command_args(self):
-        tail = ["--attestation-key", str(self.attestation_file), *self.extra_args]
+    def _worker_spec(self):
+        spec = {**self.choice.spec(), "cut": self.cut, "attestation_key": str(self.attestation_file), **self.extra}
         if self.accelerator is not None:
-            tail += ["--accelerator", self.accelerator.url, "--accelerator-pin", self.accelerator.fingerprint,
-                     "--accelerator-token-file", str(self.accelerator.token_file)]
-        return (["partition", "enclave", *self.choice.args(), "--cut", str(self.cut)], tail,
-                "splitveil partition enclave: listening on")
+            spec |= {"accelerator_url": self.accelerator.url, "accelerator_pin": self.accelerator.fingerprint,
+                     "accelerator_token_file": str(self.accelerator.token_file)}
+        return "enclave", spec
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`bench fuzz --target accelerator`: hostile frames against the accelerator process of `splitveil partition run`
-(`partition accelerator`: the standard `SplitServer` + `PartService` serving a CNN's blocks [p, end) over TLS) while
+(the `accelerator` worker of `tee.worker`: the standard `SplitServer` + `PartService` serving a CNN's blocks [p, end) over TLS) while
 its honest client classifies through it: the trusted executor's own link to the accelerator (`tee.executor.
-AcceleratorLink`, what `partition enclave` runs), fed the feature map of blocks [0, p) computed in this process;
+AcceleratorLink`, what the `enclave` worker runs), fed the feature map of blocks [0, p) computed in this process;
 its labels must be the whole model's and its logits within 1e-4 of them.
 
 A valid FORWARD is float `[batch, *feature_shape]` for part 1 (the feature map the executor hands over), batch 1 ..
@@ -21,7 +21,7 @@ from splitveil.harness.fuzz_targets.common import PROTOCOL_CATEGORIES, frame_cat
 CATEGORIES = frame_categories("accelerator")
 for _name in ("absurd_shape", "nonfinite", "huge_values"):  # float inputs: the serve target's, in the CNN's shape
     CATEGORIES.register(_name, SERVE_CATEGORIES.get(_name))
-MAX_FRAME_BYTES = 64 * 2**20  # what `partition accelerator` accepts
+MAX_FRAME_BYTES = 64 * 2**20  # what the accelerator worker accepts
 WEIGHTS = {"oversize": 1}  # and every other category 64 times as often
 MAX_BATCH = 64
 
