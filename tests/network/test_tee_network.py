@@ -49,7 +49,7 @@ def deployment(tmp_path_factory):
     key = AttestationKey.generate()
     part, measurement = executor_part(model, CUT, "mobilenet [0, 2)")
     service = EnclaveService(part, attestation=key, measurement=measurement, input_shape=SHAPE,
-                             release=AcceleratorLink(link_transport), max_batch=16)
+                             release=AcceleratorLink(link_transport, classes=10), max_batch=16)
     enclave = SplitServer(service, token=token, ssl_context=server_context(cert, key_file)).start_in_thread()
     yield {"model": model, "enclave": enclave, "token": token, "pin": pin, "key": key, "measurement": measurement,
            "accelerator_frames": link_transport.sent}

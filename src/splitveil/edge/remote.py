@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 import torch
 
-from splitveil.core.errors import ConfigError, TransportError, WireError
+from splitveil.core.errors import ConfigError, TransportError
 from splitveil.transport.base import Transport
+from splitveil.transport.session import (  # noqa: F401  (result_bytes, SessionLost: the names of old)
+    ClientSession, SessionLost, result_bytes)
 from splitveil.wire.codecs import get_codec
-from splitveil.wire.frame import HEADER_FIXED_BYTES, MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
+from splitveil.wire.frame import HEADER_FIXED_BYTES, MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind
 
 log = logging.getLogger(__name__)
-OPEN_REPLY_BYTES = HEADER_FIXED_BYTES + 4 + 65536  # an OK frame with the server's JSON info (text frames cap at 64 KiB)
-ERROR_REPLY_BYTES = HEADER_FIXED_BYTES + 4 + 4096  # an ERROR frame (messages cap at 4 KiB)
-
-
-class SessionLost(TransportError):
-    """The server no longer knows our session (it restarted or evicted it)."""
 
 
 def _connection_lost() -> tuple[type[BaseException], ...]:
@@ -36,13 +31,8 @@ def _connection_lost() -> tuple[type[BaseException], ...]:
     return (ConnectionLost, SessionLost)
 
 
-def result_bytes(shape: tuple[int, ...], codec: str) -> int:
-    """Size of a RESULT frame carrying a tensor of `shape` in `codec`."""
-    return HEADER_FIXED_BYTES + 4 * len(shape) + math.prod(shape) * get_codec(codec).bytes_per_element
-
-
-class RemoteStage:
-    """Runs part `part_index` on the far side of `transport`.
+class RemoteStage(ClientSession):
+    """Runs part `part_index` on the far side of `transport` (a `ClientSession` that replays after a lost session).
 
     Every reply is checked before its tensor is used: its size is bounded by what the request can produce (the
     transport refuses a larger one while it arrives), and a RESULT must carry this request's session, sequence
@@ -62,69 +52,22 @@ class RemoteStage:
 
     def __init__(self, transport: Transport, part_index: int, codec: str, *, expect: dict | None = None,
                  recover_seconds: float = 30.0, output_size: int | None = None, ends_model: bool = False):
-        self.transport = transport
+        super().__init__(transport, expect=expect)
         self.part_index = part_index
         self.codec = codec
-        self.expect = dict(expect or {})
         self.recover_seconds = recover_seconds
         self.output_size = output_size
         self.ends_model = ends_model
-        self.session = NO_SESSION
-        self.seq = 0
-        self.info: dict = {}
         self.history: list[torch.Tensor] = []  # inputs the remote part has processed, in order
         self.keep_replies = False  # keep what the remote part returned too (to show what the server could read)
         self.replies: list[torch.Tensor] = []
         self.recoveries = 0
 
-    # -- frames ----------------------------------------------------------------------------------------------
+    echoes_part = True
 
-    def _call(self, frame: Frame, *, expected_shape: tuple[int, ...] | None = None) -> Frame:
-        """Sends `frame`; returns the checked reply: an OK (OPEN, CLOSE) or a RESULT of `expected_shape`."""
-        limit = ERROR_REPLY_BYTES
-        if frame.kind == FrameKind.OPEN:
-            limit = max(limit, OPEN_REPLY_BYTES)
-        if expected_shape is not None:
-            limit = max(limit, result_bytes(expected_shape, self.codec))
-        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
-        try:
-            data = self.transport.request(encode_frame(frame))
-        finally:
-            self.transport.max_reply_bytes = previous
-        try:
-            reply = decode_frame(data, max_bytes=limit, finite=True)
-        except WireError as error:
-            raise TransportError(f"the server sent a malformed reply: {error.message}") from None
-        if reply.kind == FrameKind.ERROR:
-            message = " ".join(reply.message.split())[:300]
-            if message == "unknown session" or message.startswith("session evicted"):
-                raise SessionLost(f"the server lost our session: {message}")
-            raise TransportError(f"the server refused the request: {message}")
-        self._check_reply(frame, reply, expected_shape)
-        return reply
-
-    def _check_reply(self, request: Frame, reply: Frame, expected_shape: tuple[int, ...] | None) -> None:
-        want = FrameKind.RESULT if request.kind == FrameKind.FORWARD else FrameKind.OK
-        problem = None
-        if reply.kind != want:
-            problem = f"a {reply.kind.name} frame where {want.name} was expected"
-        elif request.kind == FrameKind.OPEN:
-            if reply.session == NO_SESSION:
-                problem = "an OPEN reply without a session id"
-        elif reply.session != request.session:
-            problem = "a reply for another session"
-        elif reply.seq != request.seq:
-            problem = f"sequence number {reply.seq} where {request.seq} was expected"
-        elif want == FrameKind.RESULT:
-            shape = tuple(reply.tensor.shape) if reply.tensor is not None else ()
-            if reply.part != request.part:
-                problem = f"a result of part {reply.part} where part {request.part} was expected"
-            elif reply.codec != request.codec:
-                problem = f"a {reply.codec} tensor where {request.codec} was expected"
-            elif shape != expected_shape:
-                problem = f"a result of shape {list(shape)} where {list(expected_shape or ())} was expected"
-        if problem is not None:
-            raise TransportError(f"the server sent {problem} (part {self.part_index}); refusing its reply")
+    @property
+    def what(self) -> str:
+        return f"the server (part {self.part_index})"
 
     def expected_output_shape(self, hidden_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The RESULT shape a FORWARD of `hidden_shape` [B, T, H] must get back."""
@@ -132,25 +75,18 @@ class RemoteStage:
         width = self.output_size or int(self.info.get("hidden_size") or self.expect.get("hidden_size") or hidden_shape[-1])
         return (batch, 1, width) if self.ends_model else (batch, positions, width)
 
-    def open(self) -> None:
-        reply = self._call(Frame(FrameKind.OPEN))
-        self.session, self.seq, self.history, self.replies = reply.session, 0, [], []
-        self.info = _parse_info(reply.message)
-        if self.part_index not in self.info.get("parts", [self.part_index]):
-            raise ConfigError(f"the server does not run part {self.part_index} of this plan")
-        for key, value in self.expect.items():
-            if key in self.info and self.info[key] != value:
-                raise ConfigError(f"the server runs {key}={self.info[key]}, this client expects {key}={value}")
+    def parse_info(self, message: str) -> dict:
+        return _parse_info(message)
 
-    def close(self) -> None:
-        if self.session == NO_SESSION:
-            return
-        try:
-            self._call(Frame(FrameKind.CLOSE, session=self.session, seq=self.seq))
-        except (TransportError, *_connection_lost()):
-            pass  # the session is gone either way
-        finally:
-            self.session = NO_SESSION
+    def check_info(self, info: dict) -> None:
+        if self.part_index not in info.get("parts", [self.part_index]):
+            raise ConfigError(f"the server does not run part {self.part_index} of this plan")
+        super().check_info(info)
+
+    def open(self) -> dict:
+        info = super().open()
+        self.history, self.replies = [], []
+        return info
 
     @property
     def max_positions(self) -> int:
@@ -163,10 +99,8 @@ class RemoteStage:
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
         for chunk in torch.split(hidden, self.max_positions, dim=1):
-            reply = self._call(Frame(FrameKind.FORWARD, chunk, codec=self.codec, session=self.session, seq=self.seq,
-                                     part=self.part_index), expected_shape=self.expected_output_shape(tuple(chunk.shape)))
-            self.seq += 1
-            outputs.append(reply.tensor)
+            outputs.append(self.request(chunk, codec=self.codec, part=self.part_index,
+                                        expected_shape=self.expected_output_shape(tuple(chunk.shape))).tensor)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     # -- the stage -------------------------------------------------------------------------------------------
@@ -235,4 +169,4 @@ def probe_server(transport: Transport) -> dict:
     reply = stage._call(Frame(FrameKind.OPEN))
     stage.session = reply.session
     stage.close()
-    return _parse_info(reply.message)
+    return _parse_info(reply.message)  # without the part check: this only asks what the server runs

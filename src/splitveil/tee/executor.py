@@ -30,6 +30,9 @@ from splitveil.core.errors import TransportError, WireError
 from splitveil.serve.ratelog import RateLimitedLog
 from splitveil.serve.service import SessionService, SessionState, error_reply
 from splitveil.tee.channel import (
+    COUNTER,
+    KEY_BYTES,
+    SIGNATURE_BYTES,
     SIMULATED,
     AttestationKey,
     ClientHandshake,
@@ -40,10 +43,13 @@ from splitveil.tee.channel import (
     executor_handshake,
 )
 from splitveil.transport.base import Transport
-from splitveil.wire.frame import MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame, text_frame
+from splitveil.transport.session import ClientSession
+from splitveil.wire.frame import (HEADER_FIXED_BYTES, MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame,
+                                  encode_frame, text_frame)
 
 log = logging.getLogger(__name__)
 HELLO_PART, SEALED_PART = 0, 1
+QUOTE_BYTES = 2 * KEY_BYTES + SIGNATURE_BYTES  # the executor's public key, its measurement, the signature
 
 
 @dataclass
@@ -157,8 +163,17 @@ class EnclaveService(SessionService):
         return encode_frame(Frame(FrameKind.RESULT, data, codec="uint8", session=work.session_id, seq=work.frame.seq))
 
 
-class EnclaveClient:
-    """The data owner's side: opens a session, verifies the (simulated) quote, seals images, opens the results.
+SEAL_OVERHEAD = COUNTER.size + 16  # a sealed message's counter and AES-GCM tag
+
+
+def sealed_reply_bytes(inner_bytes: int) -> int:
+    """The outer RESULT frame that carries a sealed inner reply of at most `inner_bytes`."""
+    return HEADER_FIXED_BYTES + 4 + inner_bytes + SEAL_OVERHEAD
+
+
+class EnclaveClient(ClientSession):
+    """The data owner's side: opens a session, verifies the (simulated) quote, seals images, opens the results (a
+    `ClientSession`: the quote's reply is bounded by a quote's size, a sealed reply by what its request can produce).
 
     Args:
         transport: reaches the trusted executor (a `WebSocketTransport`, or a loopback one in tests).
@@ -166,44 +181,44 @@ class EnclaveClient:
         expected_measurement: the measurement the executor must report (the code and weights the client meant).
     """
 
+    what = "the trusted executor"
+
     def __init__(self, transport, *, attestation: AttestationKey, expected_measurement: bytes):
-        self.transport, self.attestation, self.expected = transport, attestation, expected_measurement
-        self.session, self.seq, self.channel, self.info = NO_SESSION, 0, None, {}
+        super().__init__(transport)
+        self.attestation, self.expected = attestation, expected_measurement
+        self.channel = None
         self.last_sealed: bytes | None = None  # the last sealed request (what the host relayed; tests replay it)
 
-    def _request(self, frame: Frame) -> Frame:
-        reply = decode_frame(self.transport.request(encode_frame(frame)), max_bytes=1 << 30)
-        if reply.kind == FrameKind.ERROR:
-            raise SealError(reply.message) if "refused" in reply.message else TransportError(
-                f"the trusted executor answered: {reply.message}")
-        return reply
+    def refused(self, message: str) -> None:
+        if "refused" in message:
+            raise SealError(message)
+        raise TransportError(f"the trusted executor answered: {message}")
 
     def connect(self) -> "EnclaveClient":
         """OPEN, then the handshake: afterwards `channel` holds the session keys."""
-        reply = self._request(Frame(FrameKind.OPEN))
-        self.session, self.seq, self.info = reply.session, 0, json.loads(reply.message or "{}")
+        self.open()
         handshake = ClientHandshake(self.session, attestation=self.attestation, expected_measurement=self.expected)
-        quote = Quote.from_bytes(self.send_raw(HELLO_PART, handshake.hello().to_bytes()))
+        quote = Quote.from_bytes(self.send_raw(HELLO_PART, handshake.hello().to_bytes(), reply_bytes=QUOTE_BYTES))
         self.channel = handshake.finish(quote)
         return self
 
-    def send_raw(self, part: int, payload: bytes) -> bytes:
-        """Sends one uint8 message as the next frame of the session and returns the reply's bytes."""
+    def send_raw(self, part: int, payload: bytes, *, reply_bytes: int) -> bytes:
+        """Sends one uint8 message as the next frame of the session; returns the reply's bytes (at most
+        `reply_bytes` of them)."""
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        reply = self._request(Frame(FrameKind.FORWARD, data, codec="uint8", session=self.session, seq=self.seq,
-                                    part=part))
-        self.seq += 1
-        if reply.kind != FrameKind.RESULT or reply.tensor is None:
-            raise TransportError("the trusted executor sent no result")
+        reply = self.request(data, codec="uint8", part=part, reply_bytes=HEADER_FIXED_BYTES + 4 + reply_bytes)
         return reply.tensor.numpy().tobytes()
 
     def seal_images(self, images: torch.Tensor) -> bytes:
         return self.channel.seal(encode_frame(Frame(FrameKind.FORWARD, images.float().contiguous())))
 
-    def send_sealed(self, sealed: bytes) -> torch.Tensor:
-        """Sends one sealed request; returns the opened result tensor."""
+    def send_sealed(self, sealed: bytes, *, inner_reply_bytes: int | None = None) -> torch.Tensor:
+        """Sends one sealed request; returns the opened result tensor. The inner reply may be at most
+        `inner_reply_bytes` long (default: the executor's announced frame limit)."""
         self.last_sealed = sealed
-        result = decode_frame(self.channel.open(self.send_raw(SEALED_PART, sealed)), max_bytes=1 << 30)
+        limit = inner_reply_bytes or int(self.info.get("max_frame_bytes", MAX_FRAME_BYTES))
+        result = decode_frame(self.channel.open(self.send_raw(SEALED_PART, sealed, reply_bytes=limit + SEAL_OVERHEAD)),
+                              max_bytes=limit)
         if result.kind != FrameKind.RESULT or result.tensor is None:
             raise TransportError("the sealed result holds no tensor")
         return result.tensor
@@ -217,41 +232,33 @@ class EnclaveClient:
         return torch.cat([self.send_sealed(self.seal_images(images[i:i + batch])) for i in range(0, len(images), batch)])
 
     def close(self) -> None:
-        if self.session != NO_SESSION:
-            try:
-                self.transport.request(encode_frame(Frame(FrameKind.CLOSE, session=self.session, seq=self.seq)))
-            except Exception:  # noqa: BLE001  the session is gone either way
-                pass
-            self.session = NO_SESSION
+        super().close()
         self.transport.close()
 
 
-class AcceleratorLink:
-    """The executor's client of the accelerator (a `PartService` serving part 1): features -> logits, one session.
+class AcceleratorLink(ClientSession):
+    """The executor's client of the accelerator (a `PartService` serving part 1): features -> logits [B, classes],
+    one session (a `ClientSession`: each reply bounded by its batch's logits).
 
     This is where the feature map at p leaves the trusted executor, in clear (inside TLS to the accelerator).
     """
 
-    def __init__(self, transport, *, part: int = 1):
-        self.transport, self.part = transport, part
-        self.session, self.seq = NO_SESSION, 0
+    what = "the accelerator"
+    echoes_part = True
 
-    def _request(self, frame: Frame) -> Frame:
-        reply = decode_frame(self.transport.request(encode_frame(frame)), max_bytes=1 << 30)
-        if reply.kind == FrameKind.ERROR:
-            self.session = NO_SESSION
-            raise TransportError(f"the accelerator answered: {reply.message}")
-        return reply
+    def __init__(self, transport, *, classes: int, part: int = 1):
+        super().__init__(transport)
+        self.part, self.classes = part, classes
+
+    def refused(self, message: str) -> None:
+        self.session = NO_SESSION
+        raise TransportError(f"the accelerator answered: {message}")
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self.session == NO_SESSION:
-            self.session, self.seq = self._request(Frame(FrameKind.OPEN)).session, 0
-        reply = self._request(Frame(FrameKind.FORWARD, features.float().contiguous(), session=self.session,
-                                    seq=self.seq, part=self.part))
-        self.seq += 1
-        if reply.kind != FrameKind.RESULT or reply.tensor is None or reply.tensor.shape[0] != features.shape[0]:
-            raise TransportError("the accelerator sent no result for these features")
-        return reply.tensor
+            self.open()
+        return self.request(features.float().contiguous(), codec="fp32", part=self.part,
+                            expected_shape=(features.shape[0], self.classes)).tensor
 
 
 class SealedFrameService(EnclaveService):
@@ -339,7 +346,9 @@ class SealedTransport(Transport):
     def _request(self, frame: bytes) -> bytes:
         if self.client.channel is None:
             self.client.connect()
-        return self.client.channel.open(self.client.send_raw(SEALED_PART, self.client.channel.seal(frame)))
+        limit = self.max_reply_bytes or int(self.client.info.get("max_frame_bytes", MAX_FRAME_BYTES))
+        sealed = self.client.send_raw(SEALED_PART, self.client.channel.seal(frame), reply_bytes=limit + SEAL_OVERHEAD)
+        return self.client.channel.open(sealed)
 
     def close(self) -> None:
         self.client.close()

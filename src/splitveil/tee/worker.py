@@ -105,6 +105,8 @@ def enclave(spec: dict, ready) -> None:
     accelerator_token_file."""
     import gc
 
+    import torch
+
     from splitveil.core.runtime import set_threads
     from splitveil.tee.channel import SIMULATED
     from splitveil.tee.executor import EnclaveService
@@ -119,6 +121,8 @@ def enclave(spec: dict, ready) -> None:
     if spec.get("measure_only"):
         return ready({"measurement": measurement.hex()})
     input_shape = tuple(inputs.shape[1:])
+    with torch.no_grad():
+        classes = int(whole(inputs[:1]).shape[-1])  # what the accelerator's logits must have
     del whole, inputs
     gc.collect()  # the executor keeps copies of its own segments and nothing else of the model
     _redact_service_logs()
@@ -132,7 +136,7 @@ def enclave(spec: dict, ready) -> None:
             raise ConfigError("accelerator_url needs accelerator_token_file")
         transport = WebSocketTransport(spec["accelerator_url"], token=read_token(Path(spec["accelerator_token_file"])),
                                        pin_sha256=spec.get("accelerator_pin"), timeout=120)
-        release = AcceleratorLink(transport)
+        release = AcceleratorLink(transport, classes=classes)
     service = EnclaveService(part, attestation=key, measurement=measurement, input_shape=input_shape, release=release,
                              info={"model": choice.model, "cut": cut}, max_frame_bytes=64 * 2**20)
     _serve(service, "enclave", spec, ready, report={"measurement": measurement.hex()},

@@ -69,7 +69,7 @@ def run(spec, *, progress=None) -> dict:
 
         def link() -> AcceleratorLink:
             return AcceleratorLink(WebSocketTransport(server.url, token=server.token, pin_sha256=server.fingerprint,
-                                                      timeout=spec.timeout_seconds))
+                                                      timeout=spec.timeout_seconds), classes=expected_logits.shape[-1])
 
         def honest_output(honest: AcceleratorLink) -> list:
             with torch.no_grad():
