@@ -128,3 +128,38 @@ def test_a_service_observer_sees_every_frame_it_receives_malformed_ones_included
     assert received == sent and len(received) >= 4  # OPEN, the prompt, two steps (and CLOSE)
     assert lm.service.handle(b"not a frame")  # refused with an error frame, and seen
     assert received[-1] == b"not a frame"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    from splitveil.models.tiny import save_tiny_with_tokenizer
+
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("protect") / "tiny")
+
+
+def test_generate_protect_runs_a_registered_text_deployment(tiny_folder, capsys):
+    from splitveil.cli.main import main
+
+    common = ["generate", "--model", tiny_folder, "--split", "1,3", "--prompt", "hello", "-n", "6", "--json"]
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*common, "--protect", "permute", "--strength", "1"]) == 0  # exact: the device un-permutes
+    permuted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert permuted["token_ids"] == plain["token_ids"]
+    assert permuted["protection"]["name"] == "permute" and "permuted" in permuted["protection"]["cloud_holds"]
+    assert main([*common, "--protect", "noise", "--strength", "0.5", "--sample", "--seed", "3"]) == 0  # sampled too
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["protection"]["strength"] == 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--protect", "cloak"], "unknown text protection 'cloak'"),
+    (["--protect", "randcut", "--strength", "1.5"], "number of layers"),
+    (["--strength", "1"], "--strength goes with --protect"),
+    (["--protect", "noise", "--no-split"], "give --split A,B"),
+])
+def test_generate_protect_refuses_bad_flags_with_one_line(tiny_folder, capsys, argv, message):
+    from splitveil.cli.main import main
+
+    split = [] if "--no-split" in argv else ["--split", "1,3"]
+    assert main(["generate", "--model", tiny_folder, *split, "--prompt", "hi", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -52,11 +52,15 @@ def generate(
                                   "and hidden states cross the network in clear)."),
     attest: str = attest_option(),
     attest_key: Path = attest_key_option(),
-    protect: Protect = typer.Option(None, "--protect", help="prompt: SLIP's prompt deployment, the same path as "
-                                    "`splitveil slip generate --protect prompt`: the linear layers of layers A..B-1 of "
-                                    "--split A,B run in an untrusted executor (a child process over TLS, or --server "
-                                    "URL of `splitveil slip serve`) on one-time-masked fixed-point inputs; everything "
-                                    "else runs here. Greedy, fixed point, secure rank 0."),
+    protect: str = typer.Option(None, "--protect", help="A text protection of `splitveil protections`, with --split A,B: "
+                                "prompt (or slip): SLIP's prompt deployment, the same path as `splitveil slip generate "
+                                "--protect prompt`: the linear layers of layers A..B-1 run in an untrusted executor (a "
+                                "child process over TLS, or --server URL of `splitveil slip serve`) on one-time-masked "
+                                "fixed-point inputs, greedy, secure rank 0; noise, permute or randcut (a cut defence "
+                                "at --strength, the trunk in process); enclave (the trunk in a trusted executor child "
+                                "process behind a relay, SIMULATED attestation); none (the plain split)."),
+    strength: float = typer.Option(0.0, "--strength", min=0.0, help="With --protect noise|permute|randcut: the "
+                                   "defence's strength (as in `attack text --defence`)."),
     pad_to: int = typer.Option(None, "--pad-to", min=1, help="With --protect prompt: " + PAD_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
                                      "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),
@@ -68,7 +72,16 @@ def generate(
     if not prompt.strip():
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
     do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
+    if protect is not None and protect not in (Protect.prompt.value, "slip", Protect.weights.value):
+        return _generate_deployment(protect, strength, model=model, prompt=prompt, split=split, server=server,
+                                    no_split=no_split, wire=wire, chat=chat, json_output=json_output, threads=threads,
+                                    config_fields={"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                                   "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                   "seed": seed, "stop": tuple(stop or ())})
+    if strength:
+        raise ConfigError("--strength goes with --protect noise|permute|randcut")
     if protect is not None:
+        protect = Protect.prompt if protect == "slip" else Protect(protect)
         _check_protect(protect, split=split, no_split=no_split, wire=wire, sampling=do_sample or seed is not None,
                        stop=bool(stop), insecure=insecure, server=server, trust=bool(token_file or ca or pin))
         _generate_protected(model, prompt=prompt, split=split, max_new_tokens=max_new_tokens, chat=chat, server=server,
@@ -105,7 +118,11 @@ def generate(
         result = runner.generate(prompt, config, chat=chat)
     finally:
         runner.close()
-    plan = runner.plan
+    _report(result, runner.plan, wire=wire.value, model=model, json_output=json_output)
+
+
+def _report(result, plan, *, wire: str, model: str, json_output: bool, protection: dict | None = None) -> None:
+    """Prints the generation: the text and a summary line, or one JSON object."""
     if json_output:
         print_json({
             "token_ids": result.token_ids,
@@ -119,17 +136,54 @@ def generate(
             "finish_reason": result.finish_reason,
             "prompt_tokens": len(result.prompt_ids),
             "plan": result.plan,
-            "wire": wire.value,
+            "wire": wire,
             "model": model,
+            **({"protection": protection} if protection else {}),
         })
         return
     typer.echo(result.text)
     steps = max(len(result.token_ids), 1)
     err_console.print(
         f"[dim]{len(result.token_ids)} tokens in {result.seconds:.2f} s ({len(result.token_ids) / result.seconds:.1f} tok/s), "
-        f"plan {plan.describe()}, wire {wire.value}, up {result.bytes_up} B, down {result.bytes_down} B "
+        f"plan {plan.describe()}, wire {wire}, up {result.bytes_up} B, down {result.bytes_down} B "
         f"({result.bytes_up / steps:.0f} / {result.bytes_down / steps:.0f} B per token), {result.round_trips} round trips[/dim]"
     )
+    if protection:
+        err_console.print(f"[dim]protection {protection['name']} (strength {protection['strength']:g}): the cloud holds "
+                          f"{protection['cloud_holds']}; {'; '.join(protection['assumptions'])}[/dim]")
+
+
+def _generate_deployment(name: str, strength: float, *, model: str, prompt: str, split, server, no_split: bool, wire,
+                         chat: bool, json_output: bool, threads: int, config_fields: dict) -> None:
+    """`generate --protect NAME`: one session of the registered text deployment NAME (the same deployment `attack
+    text --defence NAME` attacks), generating as every split does."""
+    from splitveil.edge.generate import GenerationConfig
+    from splitveil.plan.plan import SplitPlan, parse_cuts
+    from splitveil.protect.text import deployment_for
+
+    deployment_class = deployment_for(name)
+    if server or no_split or not split:
+        raise ConfigError(f"--protect {name} runs the protected split here and its own cloud side: give --split A,B "
+                          "(not --server or --no-split)")
+    cuts = parse_cuts(split)
+    if len(cuts) != 2:
+        raise ConfigError(f"--protect {name} protects a Λ-split: give --split A,B")
+    deployment_class.check(strength, cuts)
+    config = GenerationConfig(**config_fields)
+    setup(threads)
+    hf_model, tokenizer = load_model(model, quiet=json_output)
+    with deployment_class(model, hf_model, tokenizer, SplitPlan.lambda_split(*cuts), strength=strength,
+                          wire=wire.value) as deployment:
+        session = deployment.session()
+        try:
+            result = session.generate(prompt, config, chat=chat)
+        finally:
+            if session.lm is not None and session.lm is not getattr(deployment, "lm", None):
+                session.lm.close()
+        protection = {"name": deployment.name, "strength": strength, "cloud_holds": deployment.cloud_holds,
+                      "assumptions": list(deployment.assumptions)}
+        plan = session.lm.plan
+    _report(result, plan, wire=wire.value, model=model, json_output=json_output, protection=protection)
 
 
 def _check_protect(protect: Protect, *, split, no_split: bool, wire: Wire, sampling: bool, stop: bool, insecure: bool,

@@ -46,6 +46,13 @@ class TextSession:
     def observe(self, prompt: str, max_new_tokens: int) -> Observation:
         raise NotImplementedError
 
+    def generate(self, prompt: str, config, *, chat: bool = False):
+        """Generates like `SplitCausalLM.generate` (greedy or sampled, stop strings, chat) through this session's
+        protected split: what `splitveil generate --protect NAME` runs."""
+        if self.lm is None:
+            raise ConfigError("this protection generates through its own command (see `splitveil protections`)")
+        return self.lm.generate(prompt, config, chat=chat)
+
 
 class TextDeployment(Deployment):
     """How a Λ-split runs under one protection. Subclasses set what the cloud holds and whether that reveals the

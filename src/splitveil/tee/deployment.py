@@ -25,6 +25,7 @@ class _EnclaveSession(TextSession):
     def __init__(self, deployment: "EnclaveDeployment"):
         self.deployment = deployment
         self.depth = deployment.plan.cuts[0]
+        self.lm = deployment.lm  # the split over the sealed transport: `generate` runs through it
 
     def observe(self, prompt: str, max_new_tokens: int) -> Observation:
         return self.deployment.observe(prompt, max_new_tokens)
