@@ -66,3 +66,18 @@ def test_partition_and_weights_specs():
         WeightsAttackSpec(rank=0)
     PartitionSpec(cuts=(1, 5))  # in range
     WeightsAttackSpec.for_run(quick=True)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("splitveil.experiments.bench_llm", fromlist=["x"]).LLMBenchSpec(cuts=(28, 2)), "increasing"),
+    (lambda: __import__("splitveil.experiments.bench_llm", fromlist=["x"]).LLMBenchSpec(wires=("fp8",)), "unknown wires"),
+    (lambda: __import__("splitveil.experiments.bench_batched", fromlist=["x"]).BatchedBenchSpec(sessions=(0,)), "sessions must be at least 1"),
+    (lambda: __import__("splitveil.experiments.bench_batched", fromlist=["x"]).BatchedBenchSpec(algorithms=("magic",)), "unknown algorithms"),
+    (lambda: __import__("splitveil.experiments.bench_service", fromlist=["x"]).ServiceBenchSpec(window_seconds=0), "window_seconds must be positive"),
+    (lambda: __import__("splitveil.harness.load_service", fromlist=["x"]).LoadBenchSpec(cuts=(2,)), "Λ-split needs two cuts"),
+    (lambda: __import__("splitveil.harness.fuzz_service", fromlist=["x"]).FuzzBenchSpec(target="toaster"), "unknown fuzz target 'toaster'"),
+    (lambda: __import__("splitveil.experiments.diffusion_privacy", fromlist=["x"]).DiffusionAttackSpec(prompts=()), "at least one prompt"),
+])
+def test_bench_specs(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()

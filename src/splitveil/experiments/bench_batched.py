@@ -22,13 +22,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from splitveil.core import validate
+from splitveil.core.errors import ConfigError
 from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 
 
 @dataclass(frozen=True)
 class BatchedBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, int] = (2, 28)
+    cuts: tuple[int, int] = DEFAULT_LM_CUTS
     sessions: tuple[int, ...] = (1, 16, 64)
     min_length: int = 64  # prefilled positions of the shortest session
     max_length: int = 256  # ... and of the longest; the others spread evenly in between
@@ -37,6 +40,15 @@ class BatchedBenchSpec:
     repeats: int = 3  # alternating repeats per algorithm and session count
     seed: int = 0
     algorithms: tuple[str, ...] = field(default=("gather", "buffered"))
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        validate.lambda_cuts(self.cuts)
+        validate.at_least(self, 1, "sessions", "min_length", "steps", "repeats")
+        validate.at_least(self, 0, "warmup_steps", "seed")
+        if self.max_length < self.min_length:
+            raise ConfigError(f"max_length {self.max_length} is below min_length {self.min_length}")
+        validate.one_of(self, "algorithms", ("gather", "buffered"))
 
 
 def _legacy_cache(config, first_layer: int, num_layers: int):

@@ -11,17 +11,27 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from splitveil.core import validate
 from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 
 
 @dataclass(frozen=True)
 class LLMBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, ...] = (2, 28)
+    cuts: tuple[int, ...] = DEFAULT_LM_CUTS
     tokens: int = 128  # new tokens per run
     repeats: int = 3  # runs per variant
     wires: tuple[str, ...] = ("fp32", "fp16")
     prompt: str = "Explain in detail how a refrigerator works."
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        from splitveil.wire.codecs import FLOAT_CODECS
+
+        validate.cuts(self.cuts)
+        validate.at_least(self, 1, "tokens", "repeats")
+        validate.one_of(self, "wires", FLOAT_CODECS)
 
 
 def run_llm_bench(spec: LLMBenchSpec, *, progress=None) -> dict:

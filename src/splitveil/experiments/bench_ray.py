@@ -20,6 +20,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from splitveil.core import validate
+from splitveil.core.errors import ConfigError
 from splitveil.experiments.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 
@@ -35,6 +37,14 @@ class RayBenchSpec:
     decode_tokens: int = 48  # decode steps per light-client generation (then CLOSE, OPEN again)
     baseline: bool = True  # also the plain `splitveil serve` (one process, no Ray) at the same session counts
     repeats: int = 2  # rounds over (sessions x variants); the summary is the median
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        validate.lambda_cuts(self.cuts)
+        validate.at_least(self, 1, "replicas", "sessions", "decode_tokens", "repeats")
+        validate.at_least(self, 0, "warmup_seconds")
+        if self.seconds <= 0:
+            raise ConfigError(f"seconds must be positive, got {self.seconds}")
 
 
 def variants(spec: RayBenchSpec) -> list[tuple[str, list[str]]]:

@@ -22,14 +22,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from splitveil.core import validate
+from splitveil.core.errors import ConfigError
 from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.plan.plan import DEFAULT_LM_CUTS
 from splitveil.serve.process import stop_process
 
 
 @dataclass(frozen=True)
 class ServiceBenchSpec:
     model: str = "smollm2-135m"
-    cuts: tuple[int, int] = (2, 28)
+    cuts: tuple[int, int] = DEFAULT_LM_CUTS
     tokens: int = 128  # new tokens per generation run
     repeats: int = 3  # generation runs per variant
     prompt: str = "Explain in detail how a refrigerator works."
@@ -37,6 +40,14 @@ class ServiceBenchSpec:
     sessions: tuple[int, ...] = (1, 4, 16)
     window_seconds: float = 8.0  # measuring window per concurrency level
     warmup_seconds: float = 2.0
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        validate.lambda_cuts(self.cuts)
+        validate.at_least(self, 1, "tokens", "repeats", "rtt_samples", "sessions")
+        validate.at_least(self, 0, "warmup_seconds")
+        if self.window_seconds <= 0:
+            raise ConfigError(f"window_seconds must be positive, got {self.window_seconds}")
 
 
 def _note(progress, message: str) -> None:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from splitveil.core import validate
+from splitveil.core.errors import ConfigError
 
 QUICK_PROMPTS = ("a photo of a sneaker", "a photo of a bag", "a photo of a dress")
 EVALUATION_PROMPTS = QUICK_PROMPTS + ("a photo of a ankle boot", "a photo of a pullover", "a photo of a trouser",
@@ -34,6 +36,13 @@ class DiffusionAttackSpec:
     wire: str = "fp32"
     prompts: tuple[str, ...] = EVALUATION_PROMPTS
     inversion_steps: int = 300  # Adam steps of the head inversion (unet-split)
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        validate.at_least(self, 1, "steps", "inversion_steps", "head_blocks")
+        validate.at_least(self, 0, "seed")
+        if not self.prompts:
+            raise ConfigError("give at least one prompt")
 
     @classmethod
     def quick(cls, **fields) -> "DiffusionAttackSpec":

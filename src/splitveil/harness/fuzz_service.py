@@ -49,6 +49,7 @@ from splitveil.harness.fuzz_core import (  # noqa: F401  (re-exported: the serve
     run_cases,
     save_fuzz_bench,
 )
+from splitveil.core import validate
 from splitveil.harness.common import HEADER, float_payload, raw_frame  # noqa: F401  (the targets' and tests' names)
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 from splitveil.wire.frame import MAGIC, MAX_FRAME_BYTES, NO_SESSION, FrameKind, decode_frame
@@ -519,6 +520,17 @@ class FuzzBenchSpec:
     categories: tuple[str, ...] = ()  # empty: all
     target: str = "serve"  # which server (`fuzz_targets.TARGETS`)
     dataset: str = ""  # the accelerator's CNN data set (empty: the target's default)
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        from splitveil.harness.fuzz_targets import TARGETS
+
+        TARGETS.get(self.target)
+        validate.at_least(self, 1, "messages", "workers", "bystander_tokens")
+        validate.at_least(self, 0, "seed")
+        if self.timeout_seconds <= 0 or self.rss_period_seconds <= 0:
+            raise ConfigError(f"timeout_seconds and rss_period_seconds must be positive, got {self.timeout_seconds}, "
+                              f"{self.rss_period_seconds}")
 
 
 def has_tokenizer(name: str) -> bool:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from splitveil.core import validate
+from splitveil.core.errors import ConfigError
 from splitveil.experiments.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 
@@ -326,6 +328,15 @@ class LoadBenchSpec:
     # it, prefills served one per round let the first 32 of 64 clients finish before the last one started decoding
     hold_at_kill: bool = True
     rss_period_seconds: float = 0.5
+
+    def __post_init__(self):
+        """Refuses, with one line, what no run could do."""
+        validate.lambda_cuts(self.cuts)
+        validate.at_least(self, 1, "sessions", "decode_tokens", "restart_clients", "restart_tokens", "kill_after_frames")
+        validate.at_least(self, 0, "warmup_seconds")
+        if self.seconds <= 0 or self.rss_period_seconds <= 0:
+            raise ConfigError(f"seconds and rss_period_seconds must be positive, got {self.seconds}, "
+                              f"{self.rss_period_seconds}")
 
 
 def run_load_bench(spec: LoadBenchSpec, *, progress: Callable[[str, float, float], None] | None = None) -> dict:
