@@ -10,6 +10,7 @@ import typer
 from splitveil.cli.common import err_console, setup
 from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import DEFAULT_LM_SPLIT
+from splitveil.serve.worker import READY_FD_HELP, ready_writer
 from splitveil.transport.network import is_loopback
 from splitveil.wire.frame import MAX_FRAME_BYTES
 
@@ -55,6 +56,7 @@ def serve(
                                          "file (PEM); created (mode 0600, public half beside it as FILE.pub) when it "
                                          "does not exist, so a client can be pointed at the same path with --attest-key."),
     observe: Path = typer.Option(None, "--observe", help="With --enclave: record every byte this process relays."),
+    ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
     """Serve the trunk of a Λ-split over TLS WebSockets: many sessions, each with its own KV cache."""
     from splitveil.plan.plan import parse_cuts
@@ -72,7 +74,7 @@ def serve(
         return serve_enclave(model=model, cuts=cuts, host=host, port=port, token_file=token_file, insecure=insecure,
                              attestation_key=attestation_key, observe=observe, tls_cert=tls_cert, tls_key=tls_key,
                              threads=threads, max_sessions=max_sessions, max_tokens=max_tokens,
-                             announce=typer.echo)
+                             announce=typer.echo, report=ready_writer(ready_fd))
     vision = _is_vision_model(model)
     diffusion = _is_diffusion_model(model)
     if placement is not None and not diffusion:
@@ -98,7 +100,7 @@ def serve(
                       max_frame_bytes=max_frame_bytes, no_batch=no_batch, batch_window_ms=batch_window_ms,
                       idle_timeout=idle_timeout, threads=threads, max_connections=max_connections, token=token,
                       token_path=token_path, ssl_context=ssl_context, cert_path=cert_path, fingerprint=fingerprint,
-                      host=host, port=port)
+                      host=host, port=port, report=ready_writer(ready_fd))
         typer.echo("splitveil serve: stopped")
         return
     with err_console.status(f"loading the cloud part of {model} ..."):
@@ -115,6 +117,7 @@ def serve(
     limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000,
                           max_connections=max_connections or 2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
+    report = ready_writer(ready_fd)
 
     def ready(srv: SplitServer) -> None:
         parts = ", ".join(f"part {i} ({p.name})" for i, p in service.parts.items())
@@ -127,6 +130,7 @@ def serve(
         typer.echo(f"splitveil serve: limits {service.max_sessions} sessions, {limits.max_connections} connections, "
                    f"{service.max_tokens} positions per session, {service.max_kv_bytes / 2**20:.4g} MiB of KV cache")
         typer.echo(f"splitveil serve: listening on {srv.url}", nl=True)
+        report({"ready": True, "url": srv.url, "port": srv.port, "fingerprint": fingerprint})
 
     from splitveil.serve.server import serve_until_stopped
 

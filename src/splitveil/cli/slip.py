@@ -11,6 +11,7 @@ import typer
 
 from splitveil.cli.common import err_console, print_json, setup, status
 from splitveil.core.errors import ConfigError
+from splitveil.serve.worker import READY_FD_HELP, ready_writer
 from splitveil.wire.frame import MAX_FRAME_BYTES
 
 app = typer.Typer(help="SLIP: each linear layer split into a small secret part and a residual computed elsewhere on "
@@ -210,6 +211,7 @@ def serve(
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+    ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
     """The untrusted executor: multiplies masked inputs by W_residual, over TLS with a bearer token."""
     from splitveil.protect.slip.bundle import check_residual_only
@@ -235,6 +237,8 @@ def serve(
     limits = ServerLimits(idle_timeout=idle_timeout, batch_window=0.0, max_connections=2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
 
+    report = ready_writer(ready_fd)
+
     def ready(srv: SplitServer) -> None:
         typer.echo(f"splitveil slip serve: {service.info.get('model')} residual of {len(service.shapes)} linear groups, "
                    f"{mode.value} mode, frames up to {service.max_frame_bytes} bytes")
@@ -244,6 +248,7 @@ def serve(
             typer.echo("splitveil slip serve: WARNING plaintext (--insecure): anyone on this host can read the traffic")
         typer.echo(f"splitveil slip serve: token file {token_path}")
         typer.echo(f"splitveil slip serve: listening on {srv.url}")
+        report({"ready": True, "url": srv.url, "port": srv.port, "fingerprint": fingerprint})
 
     try:
         serve_until_stopped(server, ready, host=host, port=port)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import threading
@@ -232,17 +231,16 @@ def run_light_load(url: str, token: str, ca_file, reference: Reference, *, sessi
 
 
 def restart_like(process: subprocess.Popen, log_path: Path, *, startup_timeout: float = 180.0) -> subprocess.Popen:
-    """Starts the same `splitveil serve` command again (same port, certificate, token file); returns once it listens."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(process.args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + startup_timeout
-    while "listening on" not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the restarted server did not start: {log_path.read_text().strip()[-300:]}")
-        time.sleep(0.1)
-    return proc
+    """Starts the same `splitveil serve` command again (same port, certificate, token file); returns once it reports
+    that it listens (on a fresh `--ready-fd`)."""
+    from splitveil.serve.worker import start_command
+
+    arguments = list(process.args)
+    arguments = arguments[arguments.index("splitveil.cli.main") + 1:]
+    if "--ready-fd" in arguments:  # the first run's pipe is closed: the restart gets its own
+        at = arguments.index("--ready-fd")
+        del arguments[at:at + 2]
+    return start_command(arguments, log_path=log_path, timeout=startup_timeout, what="the restarted server")[0]
 
 
 def run_clients_through_restart(clients: list, prompts: list, expected: list[list[int]], *, max_new_tokens: int,

@@ -374,7 +374,8 @@ def replica_stats(handle, samples: int = 8) -> list[dict]:
 
 
 def serve_on_ray(settings: ReplicaSettings, options: RayOptions, *, token: str, ssl_context, host: str, port: int,
-                 limits, announce, fingerprint: str | None = None, cert_path=None, token_path=None) -> None:
+                 limits, announce, fingerprint: str | None = None, cert_path=None, token_path=None,
+                 report=None) -> None:
     """`splitveil serve --ray`: starts Ray, deploys the trunk, serves the ingress until SIGINT/SIGTERM, then stops
     Ray (every replica with it). `announce(line)` prints a status line; the last says where it listens."""
     import shutil
@@ -406,6 +407,8 @@ def serve_on_ray(settings: ReplicaSettings, options: RayOptions, *, token: str, 
                      f"{settings.max_tokens or 'the model context'} positions per session, KV cache {kv}; "
                      f"{limits.max_connections} connections at the ingress")
             announce(f"splitveil serve: listening on {srv.url}")
+            if report is not None:  # the one JSON ready line of `--ready-fd`
+                report({"ready": True, "url": srv.url, "port": srv.port, "fingerprint": fingerprint})
 
         serve_until_stopped(server, ready, host=host, port=port)
     finally:

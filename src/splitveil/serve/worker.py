@@ -32,20 +32,53 @@ ROLES = {
 }
 
 
+READY_FD_HELP = ("Write one JSON line (url, and the certificate's fingerprint or the executor's measurement) to this "
+                 "inherited file descriptor once listening, then close it: for a supervisor that starts this server.")
+
+
+def ready_writer(fd: int | None):
+    """`report(dict)`: writes the one JSON ready line to `fd` and closes it (nothing when `fd` is None; only once)."""
+    done = [fd is None]
+
+    def report(info: dict) -> None:
+        if not done[0]:
+            done[0] = True
+            try:
+                os.write(fd, (json.dumps(info) + "\n").encode())
+            finally:
+                os.close(fd)
+
+    return report
+
+
+def start_command(arguments: list[str], *, log_path: Path, timeout: float = 600, env: dict | None = None,
+                  what: str = "the server"):
+    """Starts a splitveil serving command (`python -m splitveil.cli.main ARGUMENTS --ready-fd N`) with its output in
+    `log_path`; returns (the process, its ready report) once it reports, or raises ConfigError with the last line of
+    its log."""
+    return _launch(lambda fd: [sys.executable, "-m", "splitveil.cli.main", *arguments, "--ready-fd", str(fd)],
+                   log_path=log_path, timeout=timeout, env=env, what=what)
+
+
 def start_worker(role: str, spec: dict, *, log_path: Path, timeout: float = 600, env: dict | None = None):
     """Starts the worker `role` with `spec` (JSON-ready), its output in `log_path` (a file: a pipe nobody drains would
     block it); returns (the process, its ready report) once it reports, or raises ConfigError with its error or the
     last line of its log. A measure-only worker has exited (or is exiting) when this returns."""
     if role not in ROLES:
         raise ConfigError(f"unknown worker role {role!r}; known: {', '.join(sorted(ROLES))}")
+    return _launch(lambda fd: [sys.executable, "-m", "splitveil.serve.worker",
+                               json.dumps({**spec, "role": role, "ready_fd": fd})],
+                   log_path=log_path, timeout=timeout, env=env, what=f"the {role} worker")
+
+
+def _launch(argv, *, log_path: Path, timeout: float, env: dict | None, what: str):
+    """Runs `argv(write_end)` with a ready pipe's write end inherited; waits for its one JSON line."""
     read_end, write_end = os.pipe()
     environment = {**(os.environ if env is None else env), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                    "PYTHONUNBUFFERED": "1"}
     try:
         with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "splitveil.serve.worker",
-                                        json.dumps({**spec, "role": role, "ready_fd": write_end})],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(argv(write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        pass_fds=(write_end,), env=environment)
     finally:
         os.close(write_end)
@@ -57,8 +90,7 @@ def start_worker(role: str, spec: dict, *, log_path: Path, timeout: float = 600,
         if process.poll() is None:
             process.kill()
             process.wait(5)
-        reason = report["error"] if report else _last_line(log_path)
-        raise ConfigError(f"the {role} worker did not start: {reason}")
+        raise ConfigError(f"{what} did not start: {report['error'] if report else _last_line(log_path)}")
     return process, report
 
 
@@ -95,16 +127,7 @@ def _last_line(path: Path) -> str:
 def main(argv: list[str]) -> int:
     """The worker process: runs the role of the spec in argv[0], reporting on its ready pipe."""
     spec = json.loads(argv[0])
-    fd = spec.pop("ready_fd")
-    reported = False
-
-    def ready(report: dict) -> None:
-        nonlocal reported
-        if not reported:
-            reported = True
-            os.write(fd, (json.dumps(report) + "\n").encode())
-            os.close(fd)
-
+    ready = ready_writer(spec.pop("ready_fd"))
     try:
         module, function = ROLES[spec.pop("role")].split(":")
         getattr(importlib.import_module(module), function)(spec, ready)
@@ -114,8 +137,7 @@ def main(argv: list[str]) -> int:
         ready({"error": str(error)})
         return 2
     finally:
-        if not reported:
-            os.close(fd)
+        ready({"error": "the worker ended before it was ready"})  # closes the pipe if nothing was reported
 
 
 if __name__ == "__main__":

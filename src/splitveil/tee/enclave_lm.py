@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from pathlib import Path
 
 from splitveil.core.errors import ConfigError
@@ -171,13 +170,11 @@ class EnclaveOperator:
         self.measurement = expected_measurement
 
     def __enter__(self) -> "EnclaveOperator":
-        import os
-        import subprocess
-        import sys
         import tempfile
 
         from splitveil.serve.auth import new_token, write_token
         from splitveil.serve.process import free_port
+        from splitveil.serve.worker import start_command
         from splitveil.tee.channel import AttestationKey
 
         if self.measurement is None:
@@ -191,25 +188,17 @@ class EnclaveOperator:
         write_token(folder / "token", self.token)
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "splitveil.cli.main", "serve", "--enclave", "--model", self.model, "--split",
-                   ",".join(map(str, self.cuts)), "--host", "127.0.0.1", "--port", str(self.port), "--insecure",
-                   "--token-file", str(folder / "token"), "--attestation-key", str(self.key_file),
-                   *(["--observe", str(self.observe)] if self.observe else [])]
         self.log_path = folder / "operator.log"
-        self._log = open(self.log_path, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env)
-        deadline = time.monotonic() + self.startup_timeout
-        while "splitveil serve --enclave: relaying on" not in self.log_path.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text().strip().splitlines()[-1:] or ["no output"]
-                self.__exit__()
-                raise ConfigError(f"serve --enclave did not start: {tail[0]}")
-            time.sleep(0.2)
-        logged = [line.split("its log: ", 1)[1].strip() for line in self.log_path.read_text().splitlines()
-                  if "its log: " in line]
-        self.executor_log = Path(logged[0]) if logged else None  # the trusted executor's own log (a file, never a pipe)
+        try:
+            self.process, self.report = start_command(
+                ["serve", "--enclave", "--model", self.model, "--split", ",".join(map(str, self.cuts)), "--host",
+                 "127.0.0.1", "--port", str(self.port), "--insecure", "--token-file", str(folder / "token"),
+                 "--attestation-key", str(self.key_file), *(["--observe", str(self.observe)] if self.observe else [])],
+                log_path=self.log_path, timeout=self.startup_timeout, what="serve --enclave")
+        except BaseException:
+            self._folder.cleanup()
+            raise
+        self.executor_log = Path(self.report["executor_log"])  # the trusted executor's own log (a file, never a pipe)
         return self
 
     def transport(self):
@@ -223,7 +212,6 @@ class EnclaveOperator:
         from splitveil.serve.process import stop_process
 
         stop_process(self.process, 20)
-        self._log.close()
         self._folder.cleanup()
 
 
@@ -247,7 +235,8 @@ def attestation_key_file(path: Path | None, folder: Path) -> tuple[Path, bool]:
 
 def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, token_file: Path | None,
                   attestation_key: Path | None, observe: Path | None, insecure: bool, tls_cert=None, tls_key=None,
-                  threads: int = 1, max_sessions: int = 16, max_tokens: int | None = None, announce=None) -> None:
+                  threads: int = 1, max_sessions: int = 16, max_tokens: int | None = None, announce=None,
+                  report=None) -> None:
     """`splitveil serve --enclave`: start the trusted executor (child) and relay to it until stopped."""
     import signal
     import tempfile
@@ -276,11 +265,11 @@ def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, to
                  f"{' (mode 0600)' if created else ''}, public half {public}")
         inner_port = free_port()
         log_path = Path(folder.name) / "executor.log"  # a file, never a pipe: a pipe nobody drains blocks the executor
-        child, report = start_worker("enclave-lm", {
+        child, started = start_worker("enclave-lm", {
             "model": model, "cuts": list(cuts), "port": inner_port, "token_file": str(token_path),
             "attestation_key": str(key_path), "threads": threads, "max_sessions": max_sessions,
             "max_tokens": max_tokens}, log_path=log_path)
-        measurement = report["measurement"]
+        measurement = started["measurement"]
     except BaseException:
         folder.cleanup()
         raise
@@ -293,9 +282,15 @@ def serve_enclave(*, model: str, cuts: tuple[int, ...], host: str, port: int, to
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await relay(host, port, inner_port, observe=observe, stop=stop, ready=lambda p: announce(
-            f"splitveil serve --enclave: token file {token_path}\n"
-            f"splitveil serve --enclave: relaying on ws://{host}:{p} (this process sees only sealed frames)"))
+        def listening(bound_port: int) -> None:
+            announce(f"splitveil serve --enclave: token file {token_path}\n"
+                     f"splitveil serve --enclave: relaying on ws://{host}:{bound_port} (this process sees only sealed "
+                     "frames)")
+            if report is not None:  # the one JSON ready line of `--ready-fd`
+                report({"ready": True, "url": f"ws://{host}:{bound_port}", "port": bound_port,
+                        "measurement": measurement, "executor_log": str(log_path)})
+
+        await relay(host, port, inner_port, observe=observe, stop=stop, ready=listening)
 
     try:
         asyncio.run(main())

@@ -155,12 +155,12 @@ class ExecutorProcess(ChildServer):
     log_name = "executor.log"
     what = "the SLIP executor"
 
-    def _command_args(self) -> tuple[list[str], list[str], str]:
+    def _command_args(self) -> tuple[list[str], list[str]]:
         head = ["slip", "serve", "--bundle", str(self.bundle), "--mode", self.mode]
         tail = list(self.extra_args)
         if self.log_frames is not None:
             tail += ["--log-frames", str(self.log_frames)]
-        return head, tail, "splitveil slip serve: listening on"
+        return head, tail
 
     def __enter__(self) -> "ExecutorProcess":
         return super().__enter__()
