@@ -31,6 +31,6 @@ def tiny_models():
 @pytest.fixture(autouse=True)
 def _no_stamped_run(monkeypatch):
     """A command run in-process stamps its git state into the environment; no test inherits another's stamp."""
-    from splitveil.experiments.records import RUN_STATE_VARIABLE
+    from splitveil.core.records import RUN_STATE_VARIABLE
 
     monkeypatch.delenv(RUN_STATE_VARIABLE, raising=False)

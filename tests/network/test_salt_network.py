@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splitveil.core.errors import TransportError
-from splitveil.edge.salted import SaltedSplitClassifier, vision_service
+from splitveil.protect.salt_client import SaltedSplitClassifier, vision_service
 from splitveil.models.vision_zoo import build_vision_model
 from splitveil.protect.salt import SaltConfig, SaltKey, decode_labels, predict_salted, salt_model
 from splitveil.transport.network import WebSocketTransport

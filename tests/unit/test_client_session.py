@@ -64,7 +64,7 @@ def test_the_accelerator_link_bounds_its_reply_by_the_batch_logits():
 
 def test_every_remote_party_client_is_a_client_session():
     from splitveil.edge.remote import RemoteStage
-    from splitveil.edge.salted import ClassifierStage
+    from splitveil.protect.salt_client import ClassifierStage
     from splitveil.protect.slip.client import SlipClient
     from splitveil.tee.executor import AcceleratorLink, EnclaveClient
     from splitveil.transport.session import ClientSession

@@ -80,3 +80,21 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+#: the layer order of docs/architecture.md, highest first: a package imports only packages after it (and `metrics`)
+LAYERS = ["cli", "experiments", "harness", "attack", "protect", "diffusion", "edge", "tee", "serve", "transport", "wire",
+          "plan", "train", "data", "models", "metrics", "core"]
+
+
+def test_every_import_follows_the_layer_order():
+    against = set()
+    for module, targets in import_graph().items():
+        package = module.split(".")[1] if "." in module else None
+        for target in targets:
+            other = target.split(".")[1] if "." in target else None
+            if package in LAYERS and other in LAYERS and other != package and other != "metrics" \
+                    and LAYERS.index(other) < LAYERS.index(package):
+                against.add(f"{module} -> {target}")
+    assert sorted(against) == []
+    assert set(LAYERS) == {path.name for path in ROOT.iterdir() if path.is_dir() and (path / "__init__.py").exists()}

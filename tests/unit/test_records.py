@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from splitveil.core.errors import ConfigError
-from splitveil.experiments import records
+from splitveil.core import records
 
 
 def git(root, *args):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from splitveil.edge.salted import CLOUD_PART, SaltedSplitClassifier, vision_service
+from splitveil.protect.salt_client import CLOUD_PART, SaltedSplitClassifier, vision_service
 from splitveil.models.vision_zoo import build_vision_model
 from splitveil.protect.salt import SaltConfig, SaltKey, decode_labels, predict_salted, salt_model
 from splitveil.serve.service import PartService

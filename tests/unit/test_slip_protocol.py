@@ -171,7 +171,8 @@ def test_bad_configs_are_refused():
 
 
 def test_the_adaptive_attacker_reads_nothing_from_the_masked_view_but_everything_from_the_clear_one():
-    from splitveil.protect.slip.view import adaptive_attack, candidate_ranking_attack, layer_inputs, masked_view
+    from splitveil.attack.text.slip_view import adaptive_attack, candidate_ranking_attack
+    from splitveil.protect.slip.view import layer_inputs, masked_view
 
     record = []
     slip, _, _ = protected(mode="fixed", rank=0, layers=(1, 4), record=record)
@@ -228,7 +229,8 @@ def test_cnns_run_masked_convolutions_exactly(name, mode):
 
 
 def test_view_in_the_shape_of_cut_traffic():
-    from splitveil.protect.slip.view import masked_view, read_view_text, uplink_downlink
+    from splitveil.attack.text.slip_view import read_view_text
+    from splitveil.protect.slip.view import masked_view, uplink_downlink
 
     record = []
     slip, _, _ = protected(mode="fixed", rank=0, layers=(1, 3), record=record)

@@ -245,7 +245,7 @@ def image_defaults(
     """Per data set and model, the strongest setting of a defence whose accuracy cost stays within --max-cost: each
     strength of its ladder trained (cached) and scored against the undefended victim, a JSON record and a plot."""
     from splitveil.experiments.defence_defaults import DefaultsSpec, calibrate_defaults, plot_defaults, write_defaults_table
-    from splitveil.experiments.records import write_json
+    from splitveil.core.records import write_json
     from splitveil.protect.image.base import CALIBRATED_DEFAULTS
 
     chosen_datasets, chosen_models = tuple(name_list(datasets)), tuple(name_list(models))

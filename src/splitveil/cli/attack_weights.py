@@ -93,7 +93,7 @@ def weights(
     with err_console.status(f"{attack} attack on {model} ...") as spinner:
         record = run(spec, progress=spinner.update)
     if out is not None:
-        from splitveil.experiments.records import write_json
+        from splitveil.core.records import write_json
 
         out.mkdir(parents=True, exist_ok=True)
         stem = f"weights-attack_{Path(model).name}_{attack}{'_hardened' if hardened else ''}{'_quick' if quick else ''}"
@@ -128,7 +128,7 @@ def weights_curves(
     splits the model and fine-tunes (tens of minutes per run on SmolLM2 on one CPU core at 102,400 tokens)."""
     from splitveil.attack.weights import WEIGHTS_ATTACKS
     from splitveil.cli.common import int_list, name_list, stamp_run
-    from splitveil.experiments.records import write_json
+    from splitveil.core.records import write_json
     from splitveil.experiments.weights_attack import WeightsAttackSpec, plot_weights_curves, run_weights_curves
 
     names = name_list(attacks)

@@ -41,8 +41,8 @@ def allow_dirty_option():
 
 
 def stamp_run(allow_dirty: bool) -> dict:
-    """Ties the run's records to the code: refuses a dirty tree unless `allow_dirty` (see experiments.records)."""
-    from splitveil.experiments.records import stamp_run as stamp
+    """Ties the run's records to the code: refuses a dirty tree unless `allow_dirty` (see core.records)."""
+    from splitveil.core.records import stamp_run as stamp
 
     return stamp(allow_dirty=allow_dirty)
 

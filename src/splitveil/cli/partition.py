@@ -161,7 +161,7 @@ def run(
 ) -> None:
     """One partitioned inference through a trusted executor process and an accelerator process over TLS; compares with
     the whole model and shows a tampered and a replayed sealed message refused."""
-    from splitveil.experiments.records import environment, write_json
+    from splitveil.core.records import environment, write_json
     from splitveil.tee.process import run_partitioned
 
     choice = _choice(model, dataset, quick, full, seed)
@@ -202,7 +202,7 @@ def latency(
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
     """Per-cut latency and speed-up over all-in-TEE of the ImageNet MobileNetV2 (real weights), batch 1."""
-    from splitveil.experiments.records import write_json
+    from splitveil.core.records import write_json
     from splitveil.experiments.tee_partition import plot_latency, run_latency
     from splitveil.tee.cost import DEFAULT_ENCLAVE_SLOWDOWN
 
@@ -246,7 +246,7 @@ def lm(
     text attack on every byte the operator's process relayed."""
     import tempfile
 
-    from splitveil.experiments.records import write_json
+    from splitveil.core.records import write_json
     from splitveil.experiments.tee_partition import run_enclave_lm
     from splitveil.plan.plan import parse_cuts
 

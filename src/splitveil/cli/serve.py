@@ -172,7 +172,7 @@ def _is_vision_model(name: str) -> bool:
 def _salted_vision_service(model: str, dataset: str, cut: int, defence: str, salt_layer: int | None, **limits):
     """The cloud part of the salted classifier `attack output --quick` trains (same sizes, same cache entry)."""
     from splitveil.cli.attack_output import _check
-    from splitveil.edge.salted import vision_service
+    from splitveil.protect.salt_client import vision_service
     from splitveil.experiments.output_privacy import OutputAttackSpec, prepare_models
 
     kind = _check(dataset, model, cut, defence, salt_layer, None)

@@ -321,7 +321,7 @@ def evaluate(
     (prompt). Writes slip_weights.json / slip_prompt.json and PNG plots."""
     from splitveil.cli.common import stamp_run
     from splitveil.experiments import slip_eval
-    from splitveil.experiments.records import environment, write_json
+    from splitveil.core.records import environment, write_json
     from splitveil.experiments.text_privacy import EVALUATION_PROMPTS
     from splitveil.protect.slip.trusted import SlipConfig
 

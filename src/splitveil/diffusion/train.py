@@ -160,7 +160,7 @@ def ship(model, directory: Path = SHIPPED_DIR) -> Path:
     and `splitveil.json` with its training record, the command that made it and the code it came from."""
     import shutil
 
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")

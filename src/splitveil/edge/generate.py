@@ -189,7 +189,7 @@ class SplitCausalLM:
             for index, part in enumerate(parts)
         ]
         if defence is not None:  # the uplink leaves the device through the defence
-            from splitveil.protect.cut import DefendedStage
+            from splitveil.edge.defended import DefendedStage
 
             self.stages[0] = DefendedStage(self.stages[0], defence)
             if hasattr(defence, "unapply") and len(self.stages) > 2:
@@ -224,7 +224,8 @@ class SplitCausalLM:
         measurement: every frame then travels sealed to it, and a server that does not prove it gets nothing.
         """
         from splitveil.edge.remote import probe_server
-        from splitveil.models.loading import config_digest, load_causal_lm_parts, load_tokenizer
+        from splitveil.models.loading import config_digest, load_tokenizer
+        from splitveil.plan.parts import load_causal_lm_parts
         from splitveil.transport.network import WebSocketTransport
 
         if (attestation is None) != (expected_measurement is None):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitveil.core import validate
-from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.core.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 
 

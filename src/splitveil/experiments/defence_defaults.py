@@ -84,7 +84,7 @@ def calibrate_one(spec: DefaultsSpec, dataset: str, model: str, *, progress=None
 
 def calibrate_defaults(spec: DefaultsSpec, *, progress=None, on_result=None) -> dict:
     """Every (data set, model) of `spec`: the record (JSON-ready) with each one's ladder and chosen strength."""
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
 
     stamp = environment()
     began = time.perf_counter()
@@ -108,7 +108,7 @@ def plot_defaults(record: dict, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     datasets = list(dict.fromkeys(r["dataset"] for r in record["results"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)

@@ -93,7 +93,7 @@ def plot_quality(summary: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     finite = [r["psnr_vs_unsplit_db"] for r in summary if not isinstance(r["psnr_vs_unsplit_db"], str)]
@@ -120,7 +120,7 @@ def plot_traffic(summary: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
     configs = sorted({(r["placement"], r["split"]) for r in summary}, key=str)
@@ -144,7 +144,7 @@ def plot_leakage(records: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     for r in records:
@@ -165,7 +165,7 @@ def run_diffusion_bench(model_name: str, out: Path, *, quick: bool = False) -> l
     summary and plots under `out`. The caller stamps the run (`stamp_run`) first."""
     from splitveil.diffusion.models import load_diffusion
     from splitveil.experiments.diffusion_quality import sample_quality
-    from splitveil.experiments.records import environment, write_json, write_records
+    from splitveil.core.records import environment, write_json, write_records
 
     env = environment()
     model = load_diffusion(model_name)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from splitveil.core.errors import SplitveilError
-    from splitveil.experiments.records import stamp_run
+    from splitveil.core.records import stamp_run
 
     torch.set_num_threads(1)
     try:

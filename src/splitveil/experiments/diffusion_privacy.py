@@ -71,7 +71,7 @@ def run_diffusion_attack(spec: DiffusionAttackSpec, *, model=None, pictures_out:
     from splitveil.diffusion.models import load_diffusion
     from splitveil.metrics.image import ssim
 
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
 
     stamp = environment()  # the code and machine as the run starts
     model = model or load_diffusion(spec.model, quiet=True)
@@ -168,7 +168,7 @@ def save_panels(panels, prompts: list[str], path: Path, spec: DiffusionAttackSpe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     columns = 1 + len(panels[0][1])
     fig, axes = plt.subplots(2 * len(panels), columns, figsize=(1.1 * columns, 2.3 * len(panels)), squeeze=False)

@@ -236,7 +236,7 @@ def run_image_attack(spec: ImageAttackSpec, *, quiet: bool = True, victim: dict 
     from functools import partial
 
     from splitveil.attack.image import IMAGE_ATTACKS, ImageTarget
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.metrics.image import distance_correlation, mse, psnr, ssim
     from splitveil.metrics.mi_compare import estimate_mutual_information
     from splitveil.plan.plan import SplitPlan, apply
@@ -454,7 +454,7 @@ def _rounded(images: torch.Tensor) -> list:
 def write_image_report(records: list[dict], out_dir, stem: str) -> tuple:
     """Records -> `<stem>.jsonl`, `<stem>_grid.png`, `<stem>_depth.png` and `<stem>.md`; returns the paths."""
     from splitveil.experiments.image_report import mine_intervals, mine_trend, plot_depth, plot_grid
-    from splitveil.experiments.records import write_records
+    from splitveil.core.records import write_records
 
     out_dir, jsonl = write_records(records, out_dir, stem)
     grid, depth = out_dir / f"{stem}_grid.png", out_dir / f"{stem}_depth.png"

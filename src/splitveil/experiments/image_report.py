@@ -45,7 +45,7 @@ def plot_grid(records: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     rows = sorted(records, key=lambda r: (r["attack"], r["split"]))
     originals = np.asarray(rows[0]["examples"]["originals"])  # [k, C, H, W]
@@ -69,7 +69,7 @@ def plot_depth(records: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     for attack in sorted({r["attack"] for r in records}):
@@ -209,7 +209,7 @@ def plot_privacy_utility(records: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     rows = defence_settings(records)
     cuts = sorted({r["split"] for r in rows})
@@ -258,7 +258,7 @@ def plot_defence_grid(records: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     rows = defence_settings(records)
     originals = np.asarray(records[0]["examples"]["originals"])
@@ -302,7 +302,7 @@ def frontier_lines(records: list[dict]) -> list[str]:
 
 def write_defence_report(records: list[dict], out_dir, stem: str) -> tuple:
     """Records of a defence sweep -> `<stem>.jsonl`, `<stem>_utility.png`, `<stem>_grid.png`, `<stem>.md`."""
-    from splitveil.experiments.records import write_records
+    from splitveil.core.records import write_records
 
     out_dir, jsonl = write_records(records, out_dir, stem)
     utility, grid = out_dir / f"{stem}_utility.png", out_dir / f"{stem}_grid.png"

@@ -252,7 +252,7 @@ def evaluation_key(seed: int) -> bytes:
 def run_output_attack(spec: OutputAttackSpec, *, quiet: bool = True, models: dict | None = None) -> dict:
     """Runs every output attack on one salted split and returns its record."""
     from splitveil.attack.output import OUTPUT_ATTACKS, OutputTarget
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.plan.plan import SplitPlan, apply
     from splitveil.protect.salt import SaltKey, decode_labels, predict_salted
     from splitveil.train.classifier import accuracy, predict
@@ -389,7 +389,7 @@ def write_output_report(records: list[dict], out_dir, stem: str) -> tuple:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure, write_records
+    from splitveil.core.records import save_figure, write_records
 
     out_dir, jsonl = write_records(records, out_dir, stem)
     ordered = sorted(records, key=lambda r: (label(r), r["salt_layer"], r["split"], r["spec"].get("seed", 0)))

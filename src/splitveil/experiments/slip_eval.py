@@ -197,7 +197,7 @@ def demo_prompt_line(model_name: str, prompt: str, *, split: tuple[int, int] = (
     from splitveil.metrics.text import token_recovery
     from splitveil.models.loading import load_causal_lm
     from splitveil.protect.slip.trusted import SlipConfig
-    from splitveil.protect.slip.view import read_view_text
+    from splitveil.attack.text.slip_view import read_view_text
 
     config = SlipConfig(mode="fixed", rank=0, layers=split)
     seen = prompt_view(model_name, config, prompt, max_new_tokens=max_new_tokens, chat=chat)
@@ -214,7 +214,8 @@ def prompt_view_attack(model_name: str, config, prompts: list[str], *, max_new_t
     """The prompt deployment with its executor logging every frame; the adaptive attacker on that view, per prompt,
     and the same inversion on the clear inputs (what an unmasked offload would show)."""
     from splitveil.models.loading import load_causal_lm
-    from splitveil.protect.slip.view import adaptive_attack, candidate_ranking_attack, layer_inputs
+    from splitveil.attack.text.slip_view import adaptive_attack, candidate_ranking_attack
+    from splitveil.protect.slip.view import layer_inputs
 
     plain, _ = load_causal_lm(model_name)
     first_layer = config.layers[0]
@@ -250,7 +251,7 @@ def plot_weights(record: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     lm = record.get("residual_perplexity")
@@ -296,7 +297,7 @@ def plot_prompt(record: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     attack = record["view_attack"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))

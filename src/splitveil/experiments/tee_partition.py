@@ -83,7 +83,7 @@ def run_partition(spec: PartitionSpec, *, on_records=None) -> dict:
     """Attacks at every candidate cut, costs, and the chosen cut; one record (JSON-ready)."""
     from splitveil.experiments.image_privacy import run_image_sweep
     from splitveil.train.victims import splits_and_victim
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.tee.channel import SIMULATED
     from splitveil.tee.select import partition_table
 
@@ -130,7 +130,7 @@ def write_partition_report(result: dict, out_dir, stem: str) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure, write_json
+    from splitveil.core.records import save_figure, write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def plot_reconstructions(result: dict, path):
     """Originals and the strongest attack's reconstructions at the cuts around the chosen one (or the deepest)."""
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
     from splitveil.tee.select import strongest_by_cut
 
     strongest = strongest_by_cut(result["attack_records"])
@@ -255,7 +255,7 @@ def run_latency(*, cost: CostModel, accelerator_file=None, repeats: int = 20) ->
 
     import torch
 
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.models.mobilenet import load_mobilenet_v2_imagenet
     from splitveil.tee.channel import SIMULATED
     from splitveil.tee.cost import sealing_seconds
@@ -291,7 +291,7 @@ def plot_latency(result: dict, path) -> object:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for key, label in (("rows_cpu_accelerator", "accelerator = this CPU"), ("rows_gpu_accelerator", "accelerator = GPU")):
@@ -344,7 +344,7 @@ def run_enclave_lm(model: str, cuts: tuple[int, ...], prompt: str, *, max_new_to
     import statistics
 
     from splitveil.edge.generate import GenerationConfig, SplitCausalLM
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
     from splitveil.serve.process import ServerProcess

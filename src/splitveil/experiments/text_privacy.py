@@ -103,7 +103,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     from splitveil.attack.text.attacks import TEXT_ATTACKS, TailReadout
     from splitveil.attack.text.target import TextTarget
     from splitveil.edge.generate import SplitCausalLM
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.models.causal_lm import CausalLMSplittable
     from splitveil.models.loading import load_causal_lm
     from splitveil.plan.plan import SplitPlan
@@ -235,7 +235,7 @@ def plot_recovery_vs_depth(records: list[dict], path) -> None:
 
     import matplotlib
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

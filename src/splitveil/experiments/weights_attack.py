@@ -154,7 +154,7 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     stage."""
     from splitveil.attack.weights import WEIGHTS_ATTACKS, WeightsTarget
     from splitveil.attack.weights.subspace import hindsight_alignment, narrow_alignment, orthonormal
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.metrics.text import model_perplexity
     from splitveil.models.loading import load_causal_lm
     from splitveil.protect.slip.cost import default_rank
@@ -228,7 +228,7 @@ def run_weights_curves(spec: WeightsAttackSpec, attacks: list[str], budgets: lis
     """Extraction curves: every attack of `attacks` at every budget of `budgets` (tokens of the attacker's text), each
     a full `run_weights_attack` (its learning rate swept, stopped on its held-out plateau). Returns the curves'
     record: the runs, and per attack the perplexity after the attack against tokens."""
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
 
     stamp, began, runs = environment(), time.perf_counter(), []
     for attack in attacks:
@@ -259,7 +259,7 @@ def plot_weights_curves(record: dict, path) -> object:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     cnn = "accuracy_original" in record
     x, y, score = ("stolen", "accuracy_after", "accuracy") if cnn else ("train_tokens", "perplexity_after", "perplexity")

@@ -87,7 +87,7 @@ def run_cnn_weights_attack(spec: CnnWeightsSpec, *, progress=None, quiet: bool =
     from splitveil.attack.weights import WEIGHTS_ATTACKS, WeightsTarget
     from splitveil.attack.weights.finetune import classifier_loss
     from splitveil.attack.weights.subspace import hindsight_alignment, narrow_alignment, orthonormal
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.experiments.weights_attack import _alignment, protected_matrices
     from splitveil.protect.slip.decompose import decompose, set_weight_matrix, weight_matrix
     from splitveil.train.classifier import accuracy, predict
@@ -141,7 +141,7 @@ def run_cnn_weights_curves(spec: CnnWeightsSpec, attacks: list[str], budgets: li
                            on_record=None) -> dict:
     """Every attack of `attacks` at every budget of stolen images; returns the curves' record (as
     `run_weights_curves`, with test accuracy in place of perplexity)."""
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
 
     stamp, began, runs = environment(), time.perf_counter(), []
     victim = _victim(spec.model, spec.seed)

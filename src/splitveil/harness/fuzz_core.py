@@ -243,7 +243,7 @@ def plot_fuzz_bench(record: dict, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitveil.experiments.records import save_figure
+    from splitveil.core.records import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(record["per_category"])
@@ -273,7 +273,7 @@ def plot_fuzz_bench(record: dict, path):
 
 
 def save_fuzz_bench(record: dict, out_dir, stem: str):
-    from splitveil.experiments.records import write_json
+    from splitveil.core.records import write_json
 
     out_dir = Path(out_dir)
     return write_json(out_dir / f"{stem}.json", record), plot_fuzz_bench(record, out_dir / f"{stem}.png")

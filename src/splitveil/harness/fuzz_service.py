@@ -601,7 +601,7 @@ def run_fuzz_bench(spec: FuzzBenchSpec, *, progress: Callable[[int, int], None] 
         from splitveil.harness.fuzz_targets import TARGETS
 
         return TARGETS.get(spec.target).run(spec, progress=progress)
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.harness.fuzz_core import Subject, fuzz_subject
     from splitveil.harness.load_service import Bystander
     from splitveil.serve.process import ServerProcess

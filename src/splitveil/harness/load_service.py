@@ -25,7 +25,7 @@ from pathlib import Path
 
 from splitveil.core import validate
 from splitveil.core.errors import ConfigError
-from splitveil.experiments.records import environment, save_figure, write_json
+from splitveil.core.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 
 PROMPTS = (

@@ -64,24 +64,6 @@ class GaussianNoise(CutDefence):
         return hidden + self.strength * rms * noise
 
 
-class DefendedStage:
-    """Wraps a device part: the head's outputs pass through `defence.apply` before they leave the device; the
-    tail's inputs through `defence.unapply` (for defences that change the downlink's coordinates)."""
-
-    def __init__(self, stage, defence: CutDefence, *, incoming: bool = False):
-        self.stage = stage
-        self.defence = defence
-        self.incoming = incoming
-
-    def __call__(self, x):
-        if self.incoming:
-            return self.stage(self.defence.unapply(x))
-        return self.defence.apply(self.stage(x))
-
-    def reset(self) -> None:
-        self.stage.reset()
-
-
 _READS_RESIDUAL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # Linear layers fed by the residual stream
 _WRITES_RESIDUAL = ("o_proj", "down_proj")  # Linear layers that add into the residual stream
 

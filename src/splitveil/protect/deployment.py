@@ -3,7 +3,7 @@ and which attacker knows it.
 
 Every protection splitveil ships is one registered `Deployment` (or a small family generated from one class): the
 text cut defences and SLIP's prompt deployment (`protect/text.py`, `protect/slip/deployment.py`), the enclave trunk
-(`tee/deployment.py`), the image defences (`protect/image/deployment.py`), Salted DNNs (`protect/salt.py`), SLIP's
+(`protect/enclave.py`), the image defences (`protect/image/deployment.py`), Salted DNNs (`protect/salt.py`), SLIP's
 weights deployment and TEE layer partitioning. `DEPLOYMENTS` holds them keyed by modality and name; `splitveil
 protections [--json]` lists it. A deployment class carries its description as class attributes (read without building
 anything); a runnable one (the text deployments) is also instantiated per run and opens one session per prompt.
@@ -25,7 +25,7 @@ from splitveil.plan.plan import Placement
 MODALITIES = ("text", "image", "output", "weights")
 
 #: the modules whose import registers deployments (loaded on the first lookup, so that importing this one is cheap)
-REGISTERING_MODULES = ("splitveil.protect.text", "splitveil.protect.slip.deployment", "splitveil.tee.deployment",
+REGISTERING_MODULES = ("splitveil.protect.text", "splitveil.protect.slip.deployment", "splitveil.protect.enclave",
                        "splitveil.protect.image.deployment", "splitveil.protect.salt")
 
 

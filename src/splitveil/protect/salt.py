@@ -394,7 +394,7 @@ def _register_deployment() -> None:
 
     @DEPLOYMENTS.register
     class SaltDeployment(Deployment):
-        """Salted DNNs (`splitveil serve --defence salt`, `edge/salted.py`): described here."""
+        """Salted DNNs (`splitveil serve --defence salt`, `protect/salt_client.py`): described here."""
 
         name = "salt"
         modality = "output"

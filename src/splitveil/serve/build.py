@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from splitveil.core.errors import ConfigError
-from splitveil.models.loading import cache_root, config_digest, load_causal_lm_parts
+from splitveil.models.loading import cache_root, config_digest
+from splitveil.plan.parts import load_causal_lm_parts
 from splitveil.plan.plan import Placement, apply
 from splitveil.serve.auth import new_token, read_token, write_token
 from splitveil.serve.service import PartService

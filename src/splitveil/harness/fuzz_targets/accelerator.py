@@ -40,7 +40,7 @@ def run(spec, *, progress=None) -> dict:
     from splitveil.harness.fuzz_core import Subject, fuzz_subject, locked
     from splitveil.harness.fuzz_targets.common import CallAsLM
     from splitveil.harness.load_service import Bystander
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.plan.plan import SplitPlan, apply
     from splitveil.tee.executor import AcceleratorLink
     from splitveil.tee.process import AcceleratorProcess, ModelChoice, check_cut, load_model

@@ -402,7 +402,7 @@ def run(spec, *, progress=None) -> dict:
     from splitveil.harness.fuzz_service import load_lm
     from splitveil.harness.fuzz_targets.common import CallAsLM
     from splitveil.harness.load_service import Bystander
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
 
     names = category_names(CATEGORIES, spec.categories)
     # the flood (hundreds of messages in one case) last in each round: a short run still runs every other category

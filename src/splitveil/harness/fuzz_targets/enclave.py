@@ -238,7 +238,7 @@ def run(spec, *, progress=None) -> dict:
     from splitveil.harness.fuzz_service import bystander_prompts, exact_after, load_lm, split_lm
     from splitveil.harness.fuzz_targets.common import children
     from splitveil.harness.load_service import Bystander
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.tee.enclave_lm import EnclaveOperator
     from splitveil.wire.frame import MAX_FRAME_BYTES
 

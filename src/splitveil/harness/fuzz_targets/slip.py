@@ -121,7 +121,7 @@ def run(spec, *, progress=None) -> dict:
     from splitveil.harness.fuzz_core import Subject, fuzz_subject, locked
     from splitveil.harness.fuzz_targets.common import CallAsLM
     from splitveil.harness.load_service import Bystander
-    from splitveil.experiments.records import environment
+    from splitveil.core.records import environment
     from splitveil.protect.slip.executor import save_residual
     from splitveil.protect.slip.runtime import ExecutorProcess, connect_client, protect_registered
     from splitveil.protect.slip.trusted import SlipConfig
