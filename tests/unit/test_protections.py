@@ -30,6 +30,10 @@ def test_every_shipped_protection_is_listed_with_its_parties_trust_and_attacker(
     assert any("SIMULATED" in line for line in enclave["assumptions"])
     assert {p["placement"] for p in enclave["parties"]} == {"edge", "trusted", "cloud"}
     assert {p["placement"] for p in listed["text", "slip"]["parties"]} == {"edge", "executor"}
+    for entry in listed.values():  # every part is run by one of the deployment's parties
+        assert set(entry["placement"]) <= {p["placement"] for p in entry["parties"]}
+    enclave_plan = DEPLOYMENTS.get("enclave", "text").split_plan((2, 28))
+    assert enclave_plan.cuts == (2, 28) and enclave_plan.placement == (Placement.EDGE, Placement.TRUSTED, Placement.EDGE)
 
 
 def test_the_registry_refuses_duplicates_unknown_names_and_deployments_without_parties():

@@ -50,6 +50,8 @@ class Deployment:
         modality: "text", "image", "output" or "weights".
         summary: one sentence on what it protects and how.
         protects: what stays private ("the prompt", "the output", "the model's weights" ...).
+        placement: where each part of the split runs, in order (e.g. edge, trusted, edge: the enclave trunk);
+            `split_plan(cuts)` is the `SplitPlan` with these placements.
         parties: every party, device first.
         assumptions: the trust assumptions the claim rests on (non-collusion, simulated attestation ...).
         attacker: the adaptive attacker that knows this deployment: the command that runs it and the attacks.
@@ -59,6 +61,7 @@ class Deployment:
     modality: ClassVar[str] = "text"
     summary: ClassVar[str] = ""
     protects: ClassVar[str] = ""
+    placement: ClassVar[tuple[Placement, ...]] = (Placement.EDGE, Placement.CLOUD, Placement.EDGE)
     parties: ClassVar[tuple[Party, ...]] = ()
     assumptions: ClassVar[tuple[str, ...]] = ()
     attacker: ClassVar[dict] = {}
@@ -68,8 +71,16 @@ class Deployment:
         """What `splitveil protections --json` prints for this deployment (a running deployment's own details, for
         its records, are `describe()` where it has one)."""
         return {"name": cls.name, "modality": cls.modality, "summary": cls.summary, "protects": cls.protects,
+                "placement": [place.value for place in cls.placement],
                 "parties": [party.to_dict() for party in cls.parties], "assumptions": list(cls.assumptions),
                 "attacker": dict(cls.attacker)}
+
+    @classmethod
+    def split_plan(cls, cuts: tuple[int, ...]):
+        """The `SplitPlan` of this deployment at `cuts`: which party runs which part."""
+        from splitveil.plan.plan import SplitPlan
+
+        return SplitPlan(tuple(cuts), cls.placement)
 
 
 class DeploymentRegistry:

@@ -42,6 +42,7 @@ class EnclaveDeployment(TextDeployment):
     summary = ("the Λ-split's trunk in a trusted executor (`serve --enclave`): the device attests it and seals every "
                "frame to it; the operator's process only relays bytes")
     protects = "the prompt and the answer, from the operator (not from the executor, which is trusted)"
+    placement = (Placement.EDGE, Placement.TRUSTED, Placement.EDGE)
     parties = (device("embeddings, head and tail layers, the LM head, the channel's session keys"),
                Party("enclave", Placement.TRUSTED, "the public trunk (layers A..B-1), its KV cache, the hidden states "
                      "in clear, the channel's session keys", "trusted through attestation of the code and weights it "
@@ -71,8 +72,8 @@ class EnclaveDeployment(TextDeployment):
         self.bytes_up = self.bytes_down = 0
         self.operator = EnclaveOperator(self.model_name, tuple(self.plan.cuts)).__enter__()
         try:
-            self.lm = SplitCausalLM(self.model, self.plan, tokenizer=self.tokenizer, wire=self.wire,
-                                    transport=self.operator.transport())
+            self.lm = SplitCausalLM(self.model, self.split_plan(self.plan.cuts), tokenizer=self.tokenizer,
+                                    wire=self.wire, transport=self.operator.transport())  # the trunk: trusted
         except BaseException:
             self.operator.__exit__(None, None, None)
             raise
@@ -134,6 +135,7 @@ class TeePartitionDeployment(Deployment):
     summary = ("the first p blocks of a CNN in a trusted executor, the rest on an untrusted accelerator; p chosen as "
                "the smallest cut where the strongest reconstruction attack's SSIM falls below tau")
     protects = "the input image, from the accelerator and its operator"
+    placement = (Placement.TRUSTED, Placement.CLOUD)
     parties = (device("the image; seals it to the enclave"),
                Party("enclave", Placement.TRUSTED, "blocks 0..p-1 and the image in clear",
                      "trusted through attestation (SIMULATED)"),

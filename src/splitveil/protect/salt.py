@@ -390,6 +390,7 @@ def predict_salted(model, images: torch.Tensor, salts: torch.Tensor, *, batch_si
 
 
 def _register_deployment() -> None:
+    from splitveil.plan.plan import Placement
     from splitveil.protect.deployment import DEPLOYMENTS, Deployment, device, honest_cloud
 
     @DEPLOYMENTS.register
@@ -401,6 +402,7 @@ def _register_deployment() -> None:
         summary = ("Salted DNNs: a secret per-request salt enters a salt layer on the device, and the model answers "
                    "with the class table[s, y], which only the device can decode")
         protects = "the classifier's output (which class the answer means)"
+        placement = (Placement.EDGE, Placement.CLOUD)
         parties = (device("the input, the salt key (HKDF per request), the salt layer and the edge blocks, the decoding "
                           "table"),
                    honest_cloud("the cloud part of the salted model and the salted logits it computes; knows the "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from splitveil.plan.plan import Placement
 from splitveil.protect.deployment import DEPLOYMENTS, Deployment, device, honest_cloud
 from splitveil.protect.image.base import IMAGE_DEFENCES
 
@@ -13,7 +14,7 @@ def _register_image_defences() -> None:
             continue
         defence = IMAGE_DEFENCES.get(name)
         DEPLOYMENTS.register(type(f"{name.capitalize()}ImageDeployment", (Deployment,), {
-            "__module__": __name__, "name": name, "modality": "image",
+            "__module__": __name__, "name": name, "modality": "image", "placement": (Placement.EDGE, Placement.CLOUD),
             "summary": f"a split CNN with the `{name}` defence at the cut: {defence.description}",
             "protects": "the input image, as far as the strongest reconstruction attack fails",
             "parties": (device("the image and the edge part (blocks before the cut"

@@ -48,6 +48,7 @@ class SlipDeployment(TextDeployment):
     summary = ("SLIP's prompt deployment: the linear layers of layers A..B-1 computed by an untrusted executor on "
                "one-time-masked fixed-point inputs; everything non-linear, the masks and their terms on the device")
     protects = "the prompt and the answer (and, at k > 0, the secure part of the weights)"
+    placement = (Placement.EDGE, Placement.EXECUTOR, Placement.EDGE)  # the trunk's linear maps; the rest stays home
     parties = (device("embeddings, norms, attention, layers outside A..B-1, the LM head, the KV cache, every mask "
                       "and every mask term W r (today it loads every weight to compute them)"),
                Party("executor", Placement.EXECUTOR, cloud_holds,
@@ -161,6 +162,7 @@ class SlipWeightsDeployment(Deployment):
     summary = ("SLIP's weights deployment: each linear weight split W = W_secure (top-k SVD, kept by the trusted side) "
                "+ W_residual (sent to the untrusted executor), inputs masked so the executor learns nothing of them")
     protects = "the model's weights (the secure part of every matrix)"
+    placement = (Placement.TRUSTED, Placement.EXECUTOR)  # per matrix: W_secure trusted, W_residual on the executor
     parties = (Party("secure side", Placement.TRUSTED, "W_secure = U_k S_k V_k^T of every protected matrix (or, "
                      "hardened, a secret rank k + r term), embeddings, norms, the masks", "trusted: the model owner's "
                      "device or enclave"),
