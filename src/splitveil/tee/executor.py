@@ -43,9 +43,8 @@ from splitveil.tee.channel import (
     executor_handshake,
 )
 from splitveil.transport.base import Transport
-from splitveil.transport.session import ClientSession
-from splitveil.wire.frame import (HEADER_FIXED_BYTES, MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame,
-                                  encode_frame, text_frame)
+from splitveil.transport.session import ClientSession, result_bytes
+from splitveil.wire.frame import MAX_FRAME_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame, text_frame
 
 log = logging.getLogger(__name__)
 HELLO_PART, SEALED_PART = 0, 1
@@ -166,11 +165,6 @@ class EnclaveService(SessionService):
 SEAL_OVERHEAD = COUNTER.size + 16  # a sealed message's counter and AES-GCM tag
 
 
-def sealed_reply_bytes(inner_bytes: int) -> int:
-    """The outer RESULT frame that carries a sealed inner reply of at most `inner_bytes`."""
-    return HEADER_FIXED_BYTES + 4 + inner_bytes + SEAL_OVERHEAD
-
-
 class EnclaveClient(ClientSession):
     """The data owner's side: opens a session, verifies the (simulated) quote, seals images, opens the results (a
     `ClientSession`: the quote's reply is bounded by a quote's size, a sealed reply by what its request can produce).
@@ -206,8 +200,14 @@ class EnclaveClient(ClientSession):
         """Sends one uint8 message as the next frame of the session; returns the reply's bytes (at most
         `reply_bytes` of them)."""
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        reply = self.request(data, codec="uint8", part=part, reply_bytes=HEADER_FIXED_BYTES + 4 + reply_bytes)
+        reply = self.request(data, codec="uint8", part=part, reply_bytes=result_bytes((reply_bytes,), "uint8"))
         return reply.tensor.numpy().tobytes()
+
+    def exchange_sealed(self, sealed: bytes, inner_reply_bytes: int | None = None) -> bytes:
+        """Sends one sealed message; returns the opened reply, which may be at most `inner_reply_bytes` long (default:
+        the executor's announced frame limit)."""
+        limit = inner_reply_bytes or int(self.info.get("max_frame_bytes", MAX_FRAME_BYTES))
+        return self.channel.open(self.send_raw(SEALED_PART, sealed, reply_bytes=limit + SEAL_OVERHEAD))
 
     def seal_images(self, images: torch.Tensor) -> bytes:
         return self.channel.seal(encode_frame(Frame(FrameKind.FORWARD, images.float().contiguous())))
@@ -217,8 +217,7 @@ class EnclaveClient(ClientSession):
         `inner_reply_bytes` long (default: the executor's announced frame limit)."""
         self.last_sealed = sealed
         limit = inner_reply_bytes or int(self.info.get("max_frame_bytes", MAX_FRAME_BYTES))
-        result = decode_frame(self.channel.open(self.send_raw(SEALED_PART, sealed, reply_bytes=limit + SEAL_OVERHEAD)),
-                              max_bytes=limit)
+        result = decode_frame(self.exchange_sealed(sealed, limit), max_bytes=limit)
         if result.kind != FrameKind.RESULT or result.tensor is None:
             raise TransportError("the sealed result holds no tensor")
         return result.tensor
@@ -346,9 +345,7 @@ class SealedTransport(Transport):
     def _request(self, frame: bytes) -> bytes:
         if self.client.channel is None:
             self.client.connect()
-        limit = self.max_reply_bytes or int(self.client.info.get("max_frame_bytes", MAX_FRAME_BYTES))
-        sealed = self.client.send_raw(SEALED_PART, self.client.channel.seal(frame), reply_bytes=limit + SEAL_OVERHEAD)
-        return self.client.channel.open(sealed)
+        return self.client.exchange_sealed(self.client.channel.seal(frame), self.max_reply_bytes)
 
     def close(self) -> None:
         self.client.close()
