@@ -178,8 +178,7 @@ def _generate_deployment(name: str, strength: float, *, model: str, prompt: str,
         try:
             result = session.generate(prompt, config, chat=chat)
         finally:
-            if session.lm is not None and session.lm is not getattr(deployment, "lm", None):
-                session.lm.close()
+            session.close()
         protection = {"name": deployment.name, "strength": strength, "cloud_holds": deployment.cloud_holds,
                       "assumptions": list(deployment.assumptions)}
         plan = session.lm.plan

@@ -15,20 +15,10 @@ from __future__ import annotations
 from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import Placement
 from splitveil.protect.deployment import DEPLOYMENTS, PUBLIC_WEIGHTS, Deployment, Party, device, honest_cloud
-from splitveil.protect.text import Observation, TextDeployment, TextSession, heldout_perplexity
+from splitveil.protect.text import DeploymentSession, Observation, TextDeployment, TextSession, heldout_perplexity
 
 SIMULATED_ATTESTATION = ("attestation is SIMULATED: an Ed25519 key in a file stands in for the CPU vendor's, and the "
                          "executor is an ordinary process (no hardware isolation)")
-
-
-class _EnclaveSession(TextSession):
-    def __init__(self, deployment: "EnclaveDeployment"):
-        self.deployment = deployment
-        self.depth = deployment.plan.cuts[0]
-        self.lm = deployment.lm  # the split over the sealed transport: `generate` runs through it
-
-    def observe(self, prompt: str, max_new_tokens: int) -> Observation:
-        return self.deployment.observe(prompt, max_new_tokens)
 
 
 @DEPLOYMENTS.register
@@ -68,8 +58,12 @@ class EnclaveDeployment(TextDeployment):
         from splitveil.edge.generate import SplitCausalLM
         from splitveil.tee.enclave_lm import EnclaveOperator
 
+        from splitveil.models.causal_lm import CausalLMSplittable
+
         self.check(self.strength, tuple(self.plan.cuts))
         self.bytes_up = self.bytes_down = 0
+        public = CausalLMSplittable(self.model)
+        self.clear_head = public.make_part(0, public.boundary(self.plan.cuts[0]))  # the control's head, here
         self.operator = EnclaveOperator(self.model_name, tuple(self.plan.cuts)).__enter__()
         try:
             self.lm = SplitCausalLM(self.model, self.split_plan(self.plan.cuts), tokenizer=self.tokenizer,
@@ -79,13 +73,12 @@ class EnclaveDeployment(TextDeployment):
             raise
 
     def session(self) -> TextSession:
-        return _EnclaveSession(self)
+        return DeploymentSession(self)  # the split over the sealed transport: `generate` runs through it
 
     def observe(self, prompt: str, max_new_tokens: int) -> Observation:
         """One generation through the operator; the view is every byte the operator relayed for it."""
         import torch
 
-        from splitveil.models.causal_lm import CausalLMSplittable
         from splitveil.tee.enclave_lm import observed_as_states
 
         up, down = bytearray(), bytearray()
@@ -98,10 +91,9 @@ class EnclaveDeployment(TextDeployment):
             result = self.lm.generate(prompt, max_new_tokens=max_new_tokens)
         self.bytes_up, self.bytes_down = self.bytes_up + len(up), self.bytes_down + len(down)
         hidden = self.model.config.hidden_size
-        public = CausalLMSplittable(self.model)
-        head = public.make_part(0, public.boundary(self.plan.cuts[0]))
+        self.clear_head.reset()
         with torch.inference_mode():
-            clear = head(torch.tensor([result.prompt_ids]))[0].float()  # the control: what a plain split would send
+            clear = self.clear_head(torch.tensor([result.prompt_ids]))[0].float()  # the control: a plain split's uplink
         return Observation(result.prompt_ids, result.token_ids, observed_as_states(bytes(up), hidden),
                            observed_as_states(bytes(down), hidden), clear_uplink=clear)
 

@@ -6,7 +6,7 @@ Every text protection is one registered `Deployment` of modality "text" (`protec
 - every cut defence of `protect.cut` (`noise`, `permute`, `randcut`): the in-process service behind a loopback
   transport, the device applying the defence (`CutDeployment`);
 - `slip`: SLIP's prompt deployment, a real untrusted executor process (`protect.slip.deployment`);
-- `enclave`: the trunk in a trusted executor behind an operator's relay (`tee.deployment`).
+- `enclave`: the trunk in a trusted executor behind an operator's relay (`protect.enclave`).
 
 `experiments.text_privacy.run_text_attack` opens a deployment once per run and one `session` per prompt (a fresh
 secret each); a session's `observe` generates the answer and returns everything the untrusted party received
@@ -52,6 +52,22 @@ class TextSession:
         if self.lm is None:
             raise ConfigError("this protection generates through its own command (see `splitveil protections`)")
         return self.lm.generate(prompt, config, chat=chat)
+
+    def close(self) -> None:
+        """Releases what this session holds of its own (not what its deployment holds)."""
+
+
+class DeploymentSession(TextSession):
+    """A session of a deployment that runs one split for all its sessions (an executor or an enclave process): it
+    observes and generates through the deployment's own `observe` and `lm` (None where it has no split to lend)."""
+
+    def __init__(self, deployment: "TextDeployment"):
+        self.deployment = deployment
+        self.depth = deployment.plan.cuts[0]
+        self.lm = getattr(deployment, "lm", None)
+
+    def observe(self, prompt: str, max_new_tokens: int, **options) -> Observation:
+        return self.deployment.observe(prompt, max_new_tokens, **options)
 
 
 class TextDeployment(Deployment):
@@ -100,6 +116,9 @@ class _CutSession(TextSession):
 
     def observe(self, prompt: str, max_new_tokens: int) -> Observation:
         return observe(self.lm, prompt, max_new_tokens)
+
+    def close(self) -> None:
+        self.lm.close()  # this session's own split and its session in the in-process service
 
 
 @DEPLOYMENTS.register
@@ -160,7 +179,7 @@ def _register_cut_defences() -> None:
             "name": name, "defence_class": defence, "__module__": __name__,
             "summary": f"the Λ-split with the `{name}` cut defence on the device: {(defence.__doc__ or '').strip().splitlines()[0]}",
             "protects": "the prompt and the answer, as far as the defence's adaptive attacker fails",
-            "parties": (device(f"embeddings, head and tail layers, the LM head, and the defence's per-session secret"),
+            "parties": (device("embeddings, head and tail layers, the LM head, and the defence's per-session secret"),
                         honest_cloud(defence.cloud_holds + ("; that reveals the secret" if defence.reveals_secret else ""))),
             "assumptions": (PUBLIC_WEIGHTS,),
             "attacker": {"command": f"splitveil attack text --defence {name} --strength S",

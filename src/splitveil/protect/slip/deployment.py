@@ -24,16 +24,7 @@ import torch
 from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import Placement
 from splitveil.protect.deployment import DEPLOYMENTS, PUBLIC_WEIGHTS, Deployment, Party, device
-from splitveil.protect.text import Observation, TextDeployment, TextSession, heldout_perplexity
-
-
-class _SlipSession(TextSession):
-    def __init__(self, deployment: "SlipDeployment"):
-        self.deployment = deployment
-        self.depth = deployment.plan.cuts[0]
-
-    def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
-        return self.deployment.observe(prompt, max_new_tokens, chat=chat)
+from splitveil.protect.text import DeploymentSession, Observation, TextDeployment, TextSession, heldout_perplexity
 
 
 @DEPLOYMENTS.register
@@ -90,7 +81,7 @@ class SlipDeployment(TextDeployment):
         self.executor = ExecutorProcess(bundle, "fixed").__enter__()  # last: close() stops it
 
     def session(self) -> TextSession:
-        return _SlipSession(self)
+        return DeploymentSession(self)
 
     def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
         """One session through the executor process; the view is every frame the executor received in it."""
