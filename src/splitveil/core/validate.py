@@ -5,13 +5,26 @@ from __future__ import annotations
 from splitveil.core.errors import ConfigError
 
 
+def _values(spec, name: str):
+    """The value(s) of field `name`: each item of a tuple or list, or the value itself."""
+    value = getattr(spec, name)
+    return value if isinstance(value, (tuple, list)) else (value,)
+
+
 def at_least(spec, minimum: float, *names: str) -> None:
     """Each field in `names` (a number, or a tuple of numbers) is at least `minimum`."""
     for name in names:
-        value = getattr(spec, name)
-        for item in value if isinstance(value, (tuple, list)) else (value,):
+        for item in _values(spec, name):
             if item < minimum:
                 raise ConfigError(f"{name} must be at least {minimum:g}, got {item}")
+
+
+def positive(spec, *names: str) -> None:
+    """Each field in `names` (a number, or a tuple of numbers) is above 0 (durations, periods)."""
+    for name in names:
+        for item in _values(spec, name):
+            if not item > 0:
+                raise ConfigError(f"{name} must be positive, got {item}")
 
 
 def cuts(values) -> None:
@@ -28,7 +41,6 @@ def lambda_cuts(cuts) -> None:
 
 def one_of(spec, name: str, allowed) -> None:
     """Each value of field `name` (a string or a tuple of them) is in `allowed`."""
-    value = getattr(spec, name)
-    for item in value if isinstance(value, (tuple, list)) else (value,):
+    for item in _values(spec, name):
         if item not in allowed:
             raise ConfigError(f"unknown {name} {item!r}; use one of {', '.join(sorted(allowed))}")

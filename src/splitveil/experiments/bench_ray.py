@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitveil.core import validate
-from splitveil.core.errors import ConfigError
 from splitveil.core.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 
@@ -43,8 +42,7 @@ class RayBenchSpec:
         validate.lambda_cuts(self.cuts)
         validate.at_least(self, 1, "replicas", "sessions", "decode_tokens", "repeats")
         validate.at_least(self, 0, "warmup_seconds")
-        if self.seconds <= 0:
-            raise ConfigError(f"seconds must be positive, got {self.seconds}")
+        validate.positive(self, "seconds")
 
 
 def variants(spec: RayBenchSpec) -> list[tuple[str, list[str]]]:

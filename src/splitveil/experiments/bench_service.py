@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitveil.core import validate
-from splitveil.core.errors import ConfigError
 from splitveil.core.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 from splitveil.serve.process import stop_process
@@ -46,8 +45,7 @@ class ServiceBenchSpec:
         validate.lambda_cuts(self.cuts)
         validate.at_least(self, 1, "tokens", "repeats", "rtt_samples", "sessions")
         validate.at_least(self, 0, "warmup_seconds")
-        if self.window_seconds <= 0:
-            raise ConfigError(f"window_seconds must be positive, got {self.window_seconds}")
+        validate.positive(self, "window_seconds")
 
 
 def _note(progress, message: str) -> None:

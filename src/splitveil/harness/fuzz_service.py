@@ -528,9 +528,7 @@ class FuzzBenchSpec:
         TARGETS.get(self.target)
         validate.at_least(self, 1, "messages", "workers", "bystander_tokens")
         validate.at_least(self, 0, "seed")
-        if self.timeout_seconds <= 0 or self.rss_period_seconds <= 0:
-            raise ConfigError(f"timeout_seconds and rss_period_seconds must be positive, got {self.timeout_seconds}, "
-                              f"{self.rss_period_seconds}")
+        validate.positive(self, "timeout_seconds", "rss_period_seconds")
 
 
 def has_tokenizer(name: str) -> bool:

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from splitveil.core import validate
-from splitveil.core.errors import ConfigError
 from splitveil.core.records import environment, save_figure, write_json
 from splitveil.plan.plan import DEFAULT_LM_CUTS
 
@@ -332,9 +331,7 @@ class LoadBenchSpec:
         validate.lambda_cuts(self.cuts)
         validate.at_least(self, 1, "sessions", "decode_tokens", "restart_clients", "restart_tokens", "kill_after_frames")
         validate.at_least(self, 0, "warmup_seconds")
-        if self.seconds <= 0 or self.rss_period_seconds <= 0:
-            raise ConfigError(f"seconds and rss_period_seconds must be positive, got {self.seconds}, "
-                              f"{self.rss_period_seconds}")
+        validate.positive(self, "seconds", "rss_period_seconds")
 
 
 def run_load_bench(spec: LoadBenchSpec, *, progress: Callable[[str, float, float], None] | None = None) -> dict:
