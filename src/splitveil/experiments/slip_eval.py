@@ -77,11 +77,11 @@ def cnn_safety(*, model_name: str = "lenet", ranks: tuple[int, ...] = (0, 1, 2, 
     `attack_rank` with N stolen labelled images (`full`: every protected weight fine-tuned from the residual) against
     the same architecture trained from scratch on them (`scratch`), both tuned and stopped on their held-out plateau
     (`experiments.weights_cnn`; `splitveil attack weights-curves --model lenet` adds the structured attacks)."""
-    from splitveil.experiments.weights_cnn import CnnWeightsSpec, _victim, run_cnn_weights_curves
+    from splitveil.experiments.weights_cnn import CnnWeightsSpec, cnn_victim, run_cnn_weights_curves
     from splitveil.protect.slip.decompose import residual_model_
     from splitveil.train.classifier import accuracy, predict
 
-    victim, splits = _victim(model_name, seed)
+    victim, splits = cnn_victim(model_name, seed)
     test_x, test_y = splits.test.images, splits.test.labels
     victim_accuracy = accuracy(predict(victim, test_x), test_y)
     curve = []

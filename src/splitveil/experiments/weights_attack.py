@@ -153,7 +153,7 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     """Runs the attack of `spec`; returns its record (see the module docstring). `progress(message)` is told each
     stage."""
     from splitveil.attack.weights import WEIGHTS_ATTACKS, WeightsTarget
-    from splitveil.attack.weights.subspace import hindsight_alignment, narrow_alignment, orthonormal
+    from splitveil.attack.weights.subspace import orthonormal
     from splitveil.core.records import environment
     from splitveil.metrics.text import model_perplexity
     from splitveil.models.loading import load_causal_lm
@@ -202,7 +202,7 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
     started = time.perf_counter()
     attack.prepare(progress=lambda done, total: say(f"{spec.attack}: reading {done}/{total} residuals ..."))
     recover_seconds = time.perf_counter() - started
-    structure = _alignment(attack, truths, narrow_alignment, hindsight_alignment)
+    structure = alignment_record(attack, truths)
     say(f"{spec.attack}: fine-tuning {attack.unknowns():,} unknowns on {len(train) * train.shape[1]:,} tokens ...")
     training = attack.fit(train, held_out, spec.finetune, quiet=quiet, report=progress)
     say("perplexity after the attack ...")
@@ -282,9 +282,11 @@ def plot_weights_curves(record: dict, path) -> object:
     return save_figure(fig, path)
 
 
-def _alignment(attack, truths: dict, narrow_alignment, hindsight_alignment) -> dict:
+def alignment_record(attack, truths: dict) -> dict:
     """Per-matrix subspace alignment of what the attack recovered (null-space attack only) with the secret
-    subspaces: the mean, the worst, the mean by matrix kind, what random subspaces score, and the hindsight bound."""
+    subspaces `truths` (name -> (left, right) orthonormal bases): the mean, the worst, the mean by matrix kind, what
+    random subspaces score, and the hindsight bound."""
+    from splitveil.attack.weights.subspace import hindsight_alignment, narrow_alignment
     recovered = getattr(attack, "recovered", None)
     if not recovered:
         return {"subspace_alignment": None}

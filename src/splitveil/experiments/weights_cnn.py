@@ -64,7 +64,7 @@ class CnnWeightsSpec:
         return {**asdict(self), "finetune": self.finetune.to_dict()}
 
 
-def _victim(model_name: str, seed: int):
+def cnn_victim(model_name: str, seed: int):
     from splitveil.data.images import load_dataset, split_dataset
     from splitveil.models.vision_zoo import build_vision_model
     from splitveil.train.classifier import TrainConfig, cached_classifier
@@ -86,16 +86,16 @@ def run_cnn_weights_attack(spec: CnnWeightsSpec, *, progress=None, quiet: bool =
     earlier call skips loading it again."""
     from splitveil.attack.weights import WEIGHTS_ATTACKS, WeightsTarget
     from splitveil.attack.weights.finetune import classifier_loss
-    from splitveil.attack.weights.subspace import hindsight_alignment, narrow_alignment, orthonormal
+    from splitveil.attack.weights.subspace import orthonormal
     from splitveil.core.records import environment
-    from splitveil.experiments.weights_attack import _alignment, protected_matrices
+    from splitveil.experiments.weights_attack import alignment_record, protected_matrices
     from splitveil.protect.slip.decompose import decompose, set_weight_matrix, weight_matrix
     from splitveil.train.classifier import accuracy, predict
 
     say = progress or (lambda message: None)
     attack_class = WEIGHTS_ATTACKS.get(spec.attack)
     began = time.perf_counter()
-    model, splits = victim if victim is not None else _victim(spec.model, spec.seed)
+    model, splits = victim if victim is not None else cnn_victim(spec.model, spec.seed)
     test_x, test_y = splits.test.images, splits.test.labels
     with torch.inference_mode():
         accuracy_original = accuracy(predict(model, test_x), test_y)
@@ -117,7 +117,7 @@ def run_cnn_weights_attack(spec: CnnWeightsSpec, *, progress=None, quiet: bool =
     train, held_out = (images[held:], labels[held:]), (images[:held], labels[:held])
     attack = attack_class(WeightsTarget(residual, secure_ranks), seed=spec.seed)
     attack.prepare()
-    structure = _alignment(attack, truths, narrow_alignment, hindsight_alignment)
+    structure = alignment_record(attack, truths)
     say(f"{spec.attack}: fitting {attack.unknowns():,} unknowns on {len(train[0]):,} stolen images "
         f"({held} held out) ...")
     finetune = replace(spec.finetune, batch=min(spec.finetune.batch, len(train[0])))
@@ -144,7 +144,7 @@ def run_cnn_weights_curves(spec: CnnWeightsSpec, attacks: list[str], budgets: li
     from splitveil.core.records import environment
 
     stamp, began, runs = environment(), time.perf_counter(), []
-    victim = _victim(spec.model, spec.seed)
+    victim = cnn_victim(spec.model, spec.seed)
     for attack in attacks:
         for budget in budgets:
             say = (lambda message, a=attack, b=budget: progress(f"[{a}, {b:,} images] {message}")) if progress else None
