@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 
 from splitveil.core.errors import TransportError
@@ -41,10 +42,46 @@ class Transport(ABC):
         self.stats = TransportStats()
         self.max_reply_bytes: int | None = None
         self.observers: list = []
+        self._pending: deque[bytes] = deque()  # frames `post` sent whose replies `collect` has not read yet
 
     def request(self, frame: bytes) -> bytes:
+        if self._pending:
+            raise TransportError("a request cannot overtake posted requests: collect their replies first")
         self.stats.bytes_up += len(frame)
-        reply = self._request(frame)
+        return self._received(frame, self._request(frame))
+
+    def post(self, frame: bytes) -> None:
+        """Sends `frame` without waiting for its reply; `collect` returns the replies in the order they were posted
+        (one connection answers in order). For transports that can pipeline (`WebSocketTransport`)."""
+        self.stats.bytes_up += len(frame)
+        self._post(frame)
+        self._pending.append(frame)
+
+    def collect(self) -> bytes:
+        """The reply to the oldest posted frame (counted as one round trip)."""
+        if not self._pending:
+            raise TransportError("no posted request is waiting for a reply")
+        frame = self._pending[0]
+        try:
+            reply = self._collect()
+        except TransportError:
+            self._pending.clear()  # the connection's order is lost with it
+            raise
+        self._pending.popleft()
+        return self._received(frame, reply)
+
+    @property
+    def in_flight(self) -> int:
+        """Posted frames whose replies were not collected yet."""
+        return len(self._pending)
+
+    def _post(self, frame: bytes) -> None:
+        raise TransportError(f"{type(self).__name__} cannot pipeline requests")
+
+    def _collect(self) -> bytes:
+        raise TransportError(f"{type(self).__name__} cannot pipeline requests")
+
+    def _received(self, frame: bytes, reply: bytes) -> bytes:
         if self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:
             raise TransportError(f"a reply of {len(reply)} bytes exceeds the {self.max_reply_bytes} bytes this request "
                                  "can produce")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from splitveil.transport.base import Transport
@@ -16,6 +17,13 @@ class LoopbackTransport(Transport):
     def __init__(self, handler: Callable[[bytes], bytes]):
         super().__init__()
         self.handler = handler
+        self._replies: deque[bytes] = deque()
 
     def _request(self, frame: bytes) -> bytes:
         return self.handler(bytes(frame))
+
+    def _post(self, frame: bytes) -> None:  # the handler answers at once; the reply waits for `collect`
+        self._replies.append(self.handler(bytes(frame)))
+
+    def _collect(self) -> bytes:
+        return self._replies.popleft()

@@ -113,25 +113,22 @@ class WebSocketTransport(Transport):
 
     def connect(self) -> None:
         """Connects (TCP, TLS and certificate check, then the WebSocket upgrade with the token)."""
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
-        from websockets.sync.client import connect
+        from splitveil.transport.websocket import ConnectionClosed as Closed
+        from splitveil.transport.websocket import HandshakeRefused, WebSocketClient
 
         self.close()
         sock = self._open_socket()
+        sock.settimeout(self.timeout)
         try:
-            # The socket already speaks TLS: websockets gets a ws:// URI so that it does not wrap it a second time.
-            self._ws = connect(f"ws://{self._host_port()}{self.path}", sock=sock,
-                               additional_headers={"Authorization": f"Bearer {self.token}"}, compression=None,
-                               max_size=self.max_reply_bytes, max_queue=2, open_timeout=self.timeout, close_timeout=2,
-                               proxy=None, legacy=True)
-        except InvalidStatus as error:
-            status = error.response.status_code
-            if status == 401:
+            self._ws = WebSocketClient(sock, host=self._host_port(), path=self.path,
+                                       headers={"Authorization": f"Bearer {self.token}"}, max_size=self.max_reply_bytes)
+        except HandshakeRefused as error:
+            if error.status == 401:
                 raise TransportError(f"{self.url} refused the token (HTTP 401): check --token-file") from None
-            raise TransportError(f"{self.url} refused the connection (HTTP {status})") from None
+            raise TransportError(f"{self.url} refused the connection (HTTP {error.status})") from None
         except ssl.SSLError as error:
             raise TransportError(f"TLS with {self.url} failed: {error.reason or error}") from None
-        except (InvalidHandshake, EOFError) as error:
+        except Closed as error:
             raise ConnectionLost(f"no WebSocket handshake with {self.url}: {error}") from None
         except (OSError, TimeoutError) as error:
             raise ConnectionLost(f"cannot reach {self.url}: {_reason(error)}") from None
@@ -144,35 +141,50 @@ class WebSocketTransport(Transport):
         return f"{host}:{self.port}"
 
     def _request(self, frame: bytes) -> bytes:
-        from websockets.exceptions import ConnectionClosed
-        from websockets.frames import CloseCode
+        self._post(frame)
+        return self._collect()
+
+    def _post(self, frame: bytes) -> None:
+        from splitveil.transport.websocket import ConnectionClosed as Closed
 
         if self._ws is None:
             self.connect()
-        limit = self.max_reply_bytes
-        # Read by the receiving thread when the reply's first byte arrives, i.e. after this request is sent.
-        self._ws.protocol.max_message_size = limit
         try:
             self._ws.send(frame)
-            reply = self._ws.recv(timeout=self.timeout)
-        except ConnectionClosed as error:
+        except Closed as error:
             self._ws = None
-            if error.sent is not None and error.sent.code == CloseCode.MESSAGE_TOO_BIG:
-                raise TransportError(f"{self.url} sent a reply larger than the {limit} bytes this request can "
-                                     "produce; connection closed") from None
             raise ConnectionLost(f"connection to {self.url} lost: {error}") from None
-        except (OSError, EOFError) as error:
+
+    def _collect(self) -> bytes:
+        """The reply to the oldest request sent, at most `max_reply_bytes` long (refused while it arrives)."""
+        from splitveil.transport.websocket import ConnectionClosed as Closed
+        from splitveil.transport.websocket import MessageTooBig
+
+        if self._ws is None:
+            raise ConnectionLost(f"connection to {self.url} lost: no request is waiting for a reply")
+        limit = self.max_reply_bytes
+        try:
+            reply = self._ws.recv(max_size=limit)
+        except MessageTooBig:
+            self._ws = None
+            raise TransportError(f"{self.url} sent a reply larger than the {limit} bytes this request can "
+                                 "produce; connection closed") from None
+        except Closed as error:
             self._ws = None
             raise ConnectionLost(f"connection to {self.url} lost: {error}") from None
         except TimeoutError:
             self.close()
             raise ConnectionLost(f"no reply from {self.url} within {self.timeout:g} s") from None
+        except ssl.SSLError as error:
+            self._ws = None
+            raise ConnectionLost(f"connection to {self.url} lost: {error.reason or error}") from None
         if isinstance(reply, str):
             self.close()
             raise TransportError("the server sent a text message where a frame was expected")
         return reply
 
     def close(self) -> None:
+        self._pending.clear()  # their replies die with the connection
         if self._ws is not None:
             try:
                 self._ws.close()

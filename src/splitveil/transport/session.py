@@ -59,6 +59,16 @@ class ClientSession:
         """Sends `frame`; returns its checked reply: an OK (OPEN, CLOSE) or a RESULT, of `expected_shape` when given.
         The reply may be at most `reply_bytes` long (default: a RESULT of `expected_shape` in the request's codec, or
         an OK or ERROR frame)."""
+        limit = self._reply_limit(frame, expected_shape, reply_bytes)
+        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
+        try:
+            data = self.transport.request(encode_frame(frame))
+        finally:
+            self.transport.max_reply_bytes = previous
+        return self._checked_reply(frame, data, limit, expected_shape)
+
+    @staticmethod
+    def _reply_limit(frame: Frame, expected_shape: tuple[int, ...] | None, reply_bytes: int | None) -> int:
         limit = ERROR_REPLY_BYTES
         if frame.kind == FrameKind.OPEN:
             limit = max(limit, OPEN_REPLY_BYTES)
@@ -66,11 +76,9 @@ class ClientSession:
             limit = max(limit, reply_bytes)
         elif expected_shape is not None:
             limit = max(limit, result_bytes(expected_shape, frame.codec))
-        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
-        try:
-            data = self.transport.request(encode_frame(frame))
-        finally:
-            self.transport.max_reply_bytes = previous
+        return limit
+
+    def _checked_reply(self, frame: Frame, data: bytes, limit: int, expected_shape: tuple[int, ...] | None) -> Frame:
         try:
             reply = decode_frame(data, max_bytes=limit, finite=self.finite_replies)
         except WireError as error:
@@ -130,9 +138,10 @@ class ClientSession:
             if key in info and info[key] != value:
                 raise ConfigError(f"{self.what} runs {key}={info[key]}, this client expects {key}={value}")
 
-    def open(self) -> dict:
-        """Opens a session; returns the server's info."""
-        reply = self._call(Frame(FrameKind.OPEN))
+    def open(self, payload=None) -> dict:
+        """Opens a session; returns the server's info. `payload`: a uint8 tensor the OPEN frame carries (the
+        dealer's seed), None for every other service."""
+        reply = self._call(Frame(FrameKind.OPEN, payload, codec="uint8") if payload is not None else Frame(FrameKind.OPEN))
         info = self.parse_info(reply.message)
         self.check_info(info)
         self.session, self.seq, self.info = reply.session, 0, info
@@ -145,6 +154,25 @@ class ClientSession:
                            expected_shape=expected_shape, reply_bytes=reply_bytes)
         self.seq += 1
         return reply
+
+    def post(self, tensor, *, codec: str) -> Frame:
+        """Sends `tensor` as the session's next FORWARD without waiting for the reply (the transport must pipeline);
+        `collect` returns the checked RESULTs in the order they were posted. Returns the frame sent."""
+        frame = Frame(FrameKind.FORWARD, tensor, codec=codec, session=self.session, seq=self.seq)
+        self.transport.post(encode_frame(frame))
+        self.seq += 1
+        return frame
+
+    def collect(self, frame: Frame, *, expected_shape: tuple[int, ...]) -> Frame:
+        """The checked RESULT of `frame`, the oldest request `post` sent, bounded by `expected_shape` while it
+        arrives."""
+        limit = self._reply_limit(frame, expected_shape, None)
+        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
+        try:
+            data = self.transport.collect()
+        finally:
+            self.transport.max_reply_bytes = previous
+        return self._checked_reply(frame, data, limit, expected_shape)
 
     def close(self) -> None:
         """Closes the session (a lost connection or session is closed either way)."""
