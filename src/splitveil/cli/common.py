@@ -11,6 +11,7 @@ from rich.console import Console
 
 from splitveil.core.errors import ConfigError
 from splitveil.core.runtime import set_threads
+from splitveil.models.loading import LoadFormat
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -72,12 +73,28 @@ def result_stem(kind: str, model: str, cuts, threads: int) -> str:
     return f"{kind}_{Path(model).name}{split}_cpu-{threads}thread"
 
 
-def load_model(name: str, *, quiet: bool = False):
-    """Loads `name` (registered model or local directory) with its tokenizer, with a spinner."""
+LOAD_FORMAT_HELP = ("Where the weights come from. auto: the real model (a shipped model or a local directory). dummy: "
+                    "random weights of a registered shape (llama-1b, llama-8b), generated once and cached, so cost "
+                    "benchmarks can run at sizes where offloading matters; for cost benchmarks only, never for privacy "
+                    "figures.")
+
+
+def load_format_option():
+    """The `--load-format auto|dummy` option of every command that loads a model by name.
+
+    Use it as `load_format: LoadFormat = load_format_option()` and pass the value on to `load_model` (or to
+    `splitveil.models.loading`'s `load_format=` arguments).
+    """
+    return typer.Option(LoadFormat.AUTO, "--load-format", case_sensitive=False, help=LOAD_FORMAT_HELP)
+
+
+def load_model(name: str, *, quiet: bool = False, load_format: str | LoadFormat = LoadFormat.AUTO):
+    """Loads `name` (registered model, local directory or, with `load_format="dummy"`, a dummy shape generated on
+    first use) with its tokenizer, with a spinner."""
     from splitveil.models.loading import load_causal_lm
 
     with status(f"loading {name} ...", quiet=quiet):
-        return load_causal_lm(name)
+        return load_causal_lm(name, load_format=load_format)
 
 
 def print_json(data: dict) -> None:
