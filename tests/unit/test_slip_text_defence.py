@@ -14,9 +14,10 @@ def test_slip_is_a_registered_text_defence_with_its_adaptive_attacker():
     from splitveil.protect.slip.deployment import SlipDeployment
     from splitveil.protect.text import deployment_for
 
-    assert set(CUT_DEFENCES.names()) | {"none", "slip", "enclave"} == set(DEPLOYMENTS.names("text"))
+    assert set(CUT_DEFENCES.names()) | {"none", "slip", "slip-dealer", "enclave"} == set(DEPLOYMENTS.names("text"))
     assert {deployment_for(name) for name in DEPLOYMENTS.names("text")} <= set(ADAPTATIONS)
     assert deployment_for("slip") is SlipDeployment and isinstance(adaptation_for("slip", 0), SlipAdaptation)
+    assert isinstance(adaptation_for("slip-dealer", 0), SlipAdaptation)
     assert deployment_for("noise").defence_class is CUT_DEFENCES.get("noise")
     SlipDeployment.check(0, (2, 28))
     with pytest.raises(ConfigError, match="secure rank"):

@@ -79,7 +79,8 @@ def demo(
         plain_result = SplitCausalLM(hf_model, tokenizer=tokenizer).generate(prompt, chat=True, max_new_tokens=max_new_tokens)
     from splitveil.experiments.slip_text import prompt_deployment_exposure
 
-    with status("the same prompt through SLIP's prompt deployment (executor child process, TLS) ...", quiet=json_output):
+    with status("the same prompt through SLIP's prompt deployment (executor and mask dealer child processes, TLS) ...",
+                quiet=json_output):
         masked = prompt_deployment_exposure(model, prompt, cuts=cuts, max_new_tokens=min(max_new_tokens, SLIP_TOKENS),
                                             model=hf_model, tokenizer=tokenizer)
     up, down = split_result.bytes_per_decode_step
@@ -111,6 +112,11 @@ def demo(
         "same_tokens_as_unsplit": masked["token_ids"] == plain_result.token_ids[: len(masked["token_ids"])],
         "tokens_per_second": masked["decode_tokens_per_second"],
         "round_trips_per_decode_step": masked["round_trips_per_decode_step"],
+        "device_cpu_seconds_per_decode_token": masked["device_cpu_seconds_per_decode_token"],
+        "unsplit_cpu_seconds_per_decode_token": plain_result.cpu_seconds_decode / max(plain_result.decode_tokens, 1),
+        "device_weight_bytes": masked["device_weight_bytes"],
+        "model_weight_bytes": plain_result.weight_bytes_resident,
+        "trust": masked["trust"],
     }
     if json_output:
         print_json(summary)
@@ -133,11 +139,16 @@ def demo(
         f"{summary['unsplit_tokens_per_second']:.1f} tok/s (ratio {summary['speed_ratio']:.3f})")
     slip = summary["prompt_deployment"]
     seen = slip["privacy"]
-    out(f"  prompt deployment (SLIP, `generate --split {cuts[0]},{cuts[1]} --protect prompt`): {slip['offloaded']} "
-        f"in an executor child process over TLS")
+    out(f"  prompt deployment (SLIP with a mask dealer, `generate --split {cuts[0]},{cuts[1]} --protect prompt --dealer "
+        f"local`): {slip['offloaded']} in an executor child process over TLS; a dealer child process deals the masks' terms")
     out(f"  privacy: the executor can read {seen['token_recovery']:.0%} of your prompt's tokens from the "
         f"{seen['frames_received']} frames it received ({seen['attack']}; closest candidate at "
         f"{seen['closest_relative_distance']:.3f} of the row's norm, {seen['seconds']:.0f} s): \"{seen['recovered_user_text']}\"")
+    cpu, local = slip["device_cpu_seconds_per_decode_token"] or float("nan"), slip["unsplit_cpu_seconds_per_decode_token"]
+    out(f"  device's share: {cpu * 1000:.1f} ms of CPU per decode token against {local * 1000:.1f} unsplit here "
+        f"({cpu / local:.2f}x); weights held {slip['device_weight_bytes'] / 2**20:.0f} MiB of the model's "
+        f"{slip['model_weight_bytes'] / 2**20:.0f} MiB ({slip['device_weight_bytes'] / slip['model_weight_bytes']:.0%})")
     out(f"  cost: decode {slip['tokens_per_second'] or 0:.2f} tok/s against {summary['unsplit_tokens_per_second']:.1f} unsplit, "
         f"{slip['round_trips_per_decode_step'] or 0:.0f} round trips per decode step; first {slip['new_tokens']} tokens "
         f"identical to the unsplit model: {'yes' if slip['same_tokens_as_unsplit'] else 'NO'}")
+    out(f"  trust: {slip['trust']}")

@@ -12,6 +12,7 @@ from splitveil.cli.common import (
     attest_option,
     connect_server,
     err_console,
+    load_format_option,
     load_model,
     print_json,
     setup,
@@ -19,6 +20,7 @@ from splitveil.cli.common import (
 )
 from splitveil.cli.slip import PAD_HELP, Protect
 from splitveil.core.errors import ConfigError
+from splitveil.models.loading import LoadFormat
 
 
 class Wire(str, Enum):
@@ -62,6 +64,18 @@ def generate(
     strength: float = typer.Option(0.0, "--strength", min=0.0, help="With --protect noise|permute|randcut: the "
                                    "defence's strength (as in `attack text --defence`)."),
     pad_to: int = typer.Option(None, "--pad-to", min=1, help="With --protect prompt: " + PAD_HELP),
+    dealer: str = typer.Option(None, "--dealer", help="With --protect prompt: who deals the mask terms W r. local: a "
+                               "mask dealer child process (TLS), so this device holds no linear weight of the offloaded "
+                               "layers and computes none of their products; wss://HOST:PORT: a `splitveil slip dealer` "
+                               "server; device (the default): this device loads the weights and computes W r itself. "
+                               "TRUST: the dealer and the executor must not collude (together they unmask every input)."),
+    dealer_token_file: Path = typer.Option(None, "--dealer-token-file", help="The dealer's bearer token file (with "
+                                           "--dealer URL; default: the cache's)."),
+    dealer_ca: Path = typer.Option(None, "--dealer-ca", help="Trust this certificate for --dealer URL."),
+    head: str = typer.Option(None, "--head", help="With --dealer local|URL: masked (default; the LM head is one more "
+                             "masked group through executor and dealer) or device (computed here from the tied "
+                             "embedding)."),
+    load_format: LoadFormat = load_format_option(),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
                                      "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
@@ -72,12 +86,26 @@ def generate(
     if not prompt.strip():
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
     do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
+    config_fields = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                     "top_k": top_k, "top_p": top_p, "seed": seed, "stop": tuple(stop or ())}
+    if (dealer is not None or head is not None) and protect not in (Protect.prompt.value, "slip"):
+        raise ConfigError("--dealer and --head go with --protect prompt")
+    if dealer is not None and dealer != "device":
+        return _generate_dealt(model, prompt=prompt, split=split, dealer=dealer, head=head or "masked", server=server,
+                               token_file=token_file, ca=ca, pin=pin, dealer_token_file=dealer_token_file,
+                               dealer_ca=dealer_ca, pad_to=pad_to or 1, chat=chat, json_output=json_output,
+                               threads=threads, load_format=load_format.value,
+                               config=config_fields)
+    if head is not None:
+        raise ConfigError("--head chooses where the LM head runs with a dealer: give --dealer local or --dealer URL")
+    if dealer_token_file or dealer_ca:
+        raise ConfigError("--dealer-token-file and --dealer-ca go with --dealer URL")
+    if load_format.value != "auto" and (protect is not None or server):
+        raise ConfigError("--load-format dummy runs here: with --protect, only with --dealer local|URL")
     if protect is not None and protect not in (Protect.prompt.value, "slip", Protect.weights.value):
         return _generate_deployment(protect, strength, model=model, prompt=prompt, split=split, server=server,
                                     no_split=no_split, wire=wire, chat=chat, json_output=json_output, threads=threads,
-                                    config_fields={"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                                   "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                                   "seed": seed, "stop": tuple(stop or ())})
+                                    config_fields=config_fields)
     if strength:
         raise ConfigError("--strength goes with --protect noise|permute|randcut")
     if protect is not None:
@@ -112,7 +140,7 @@ def generate(
         runner = connect_server(server, model=model, plan=plan, token_file=token_file, ca=ca, pin=pin, wire=wire.value,
                                 insecure=insecure, attest=attest, attest_key=attest_key, quiet=json_output)
     else:
-        hf_model, tokenizer = load_model(model, quiet=json_output)
+        hf_model, tokenizer = load_model(model, quiet=json_output, load_format=load_format)
         runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
     try:
         result = runner.generate(prompt, config, chat=chat)
@@ -135,6 +163,7 @@ def _report(result, plan, *, wire: str, model: str, json_output: bool, protectio
             "decode_seconds": round(result.decode_seconds, 6),
             "finish_reason": result.finish_reason,
             "prompt_tokens": len(result.prompt_ids),
+            **result.cost_fields(),
             "plan": result.plan,
             "wire": wire,
             "model": model,
@@ -217,3 +246,59 @@ def _generate_protected(model: str, *, prompt: str, split: str, max_new_tokens: 
     summary = run_protected(model, config, protect=Protect.prompt, prompt=prompt, max_new_tokens=max_new_tokens,
                             chat=chat, server=server, token_file=token_file, ca=ca, pin=pin, quiet=json_output)
     print_summary(summary, json_output=json_output)
+
+
+def _generate_dealt(model: str, *, prompt: str, split, dealer: str, head: str, server, token_file, ca, pin,
+                    dealer_token_file, dealer_ca, pad_to: int, chat: bool, json_output: bool, threads: int,
+                    load_format: str, config: dict) -> None:
+    """`generate --protect prompt --dealer local|URL`: SLIP's prompt deployment with a mask dealer; this device holds
+    no linear weight of the offloaded layers (`protect.slip.dealt`)."""
+    from transformers import AutoConfig
+
+    from splitveil.cli.slip import NON_COLLUSION, resolve_config
+    from splitveil.edge.generate import GenerationConfig
+    from splitveil.models.loading import resolve_model_dir
+    from splitveil.protect.slip.dealt import HEADS, DealtDevice
+    from splitveil.serve.auth import read_token
+    from splitveil.serve.build import default_token_file
+
+    if head not in HEADS:
+        raise ConfigError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
+    if dealer != "local" and not dealer.startswith(("wss://", "ws://")):
+        raise ConfigError(f"--dealer takes local, device or a dealer's URL (wss://HOST:PORT), not {dealer!r}")
+    if dealer == "local" and (dealer_token_file or dealer_ca):
+        raise ConfigError("--dealer-token-file and --dealer-ca go with --dealer URL")
+    if not server and (token_file or ca or pin):
+        raise ConfigError("--token-file, --ca and --pin go with --server")
+    if not split:
+        raise ConfigError("--protect prompt offloads the trunk's linear layers masked: give --split A,B")
+    generation = GenerationConfig(**config)
+    setup(threads)
+    model_config = AutoConfig.from_pretrained(resolve_model_dir(model, load_format=load_format))
+    slip_config = resolve_config(model_config, protect=Protect.prompt, rank=None, energy=None, split=split,
+                                 fixed_point=True, repetitions=2, pad_to=pad_to)
+    from dataclasses import replace
+
+    slip_config = replace(slip_config, include_head=head == "masked")
+    executor = (server, read_token(token_file or default_token_file()), ca, pin) if server else None
+    dealer_at = None if dealer == "local" else (dealer, read_token(dealer_token_file or default_token_file()), dealer_ca, None)
+    with DealtDevice(model, slip_config, executor=executor, dealer=dealer_at, load_format=load_format,
+                     status=lambda text: status(text, quiet=json_output)) as device:
+        result, figures = device.generate(prompt, generation, chat=chat)
+    if json_output:
+        print_json({"token_ids": result.token_ids, "text": result.text, "finish_reason": result.finish_reason,
+                    "prompt_tokens": len(result.prompt_ids), "model": model, "protect": "prompt",
+                    "offloaded_layers": list(slip_config.layers), "load_format": load_format,
+                    "bytes_up": result.bytes_up, "bytes_down": result.bytes_down, "round_trips": result.round_trips,
+                    "seconds": round(result.seconds, 6), "prefill_seconds": round(result.prefill_seconds, 6),
+                    "decode_seconds": round(result.decode_seconds, 6), **result.cost_fields(), **figures})
+        return
+    typer.echo(result.text)
+    per_token = result.cpu_seconds_decode / result.decode_tokens if result.decode_tokens else float("nan")
+    err_console.print(
+        f"[dim]slip prompt with a mask dealer ({figures['dealer']}), layers {slip_config.layers[0]}..{slip_config.layers[1] - 1} "
+        f"and the {figures['head']} head offloaded: {len(result.token_ids)} tokens, "
+        f"{result.decode_tokens / result.decode_seconds if result.decode_seconds > 0 else 0:.2f} tok/s decode, "
+        f"device CPU {per_token * 1000:.1f} ms per decode token, device weights {result.weight_bytes_resident / 2**20:.0f} MiB, "
+        f"{figures['round_trips_per_decode_step'] or 0:.0f} executor round trips per step, dealer wait "
+        f"{(figures['dealer_wait_seconds_per_decode_step'] or 0) * 1000:.2f} ms per step; {NON_COLLUSION}[/dim]")

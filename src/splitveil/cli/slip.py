@@ -217,45 +217,100 @@ def serve(
     from splitveil.protect.slip.bundle import check_residual_only
     from splitveil.protect.slip.executor import build_executor_service
     from splitveil.protect.slip.runtime import FrameLog
-    from splitveil.serve.build import tls_for_server, token_for_server
-    from splitveil.serve.server import ServerLimits, SplitServer, serve_until_stopped
-    from splitveil.transport.network import is_loopback
 
     check_residual_only(bundle)  # before anything else: never load a folder that holds W_secure's factors
-    if insecure and not is_loopback(host):
-        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
-    if insecure and (tls_cert or tls_key):
-        raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
-    token, token_path = token_for_server(token_file)
-    ssl_context, cert_path, fingerprint = (None, None, None) if insecure else tls_for_server(tls_cert, tls_key)
+    _check_listen(host, insecure, tls_cert, tls_key)
     setup(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     record = FrameLog(log_frames) if log_frames else None
     service = build_executor_service(bundle, mode=mode.value, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes)
     if record is not None:
         service.observers.append(record.append)  # the server side's one observation hook
-    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=0.0, max_connections=2 * max_sessions)
-    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
-
-    report = ready_writer(ready_fd)
-
-    def ready(srv: SplitServer) -> None:
-        typer.echo(f"splitveil slip serve: {service.info.get('model')} residual of {len(service.shapes)} linear groups, "
-                   f"{mode.value} mode, frames up to {service.max_frame_bytes} bytes")
-        if fingerprint:
-            typer.echo(f"splitveil slip serve: TLS certificate {cert_path} sha256 {fingerprint}")
-        else:
-            typer.echo("splitveil slip serve: WARNING plaintext (--insecure): anyone on this host can read the traffic")
-        typer.echo(f"splitveil slip serve: token file {token_path}")
-        typer.echo(f"splitveil slip serve: listening on {srv.url}")
-        report({"ready": True, "url": srv.url, "port": srv.port, "fingerprint": fingerprint})
-
     try:
-        serve_until_stopped(server, ready, host=host, port=port)
+        _serve("slip serve", service, [f"{service.info.get('model')} residual of {len(service.shapes)} linear groups, "
+                                       f"{mode.value} mode, frames up to {service.max_frame_bytes} bytes"],
+               host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file, insecure=insecure,
+               idle_timeout=idle_timeout, max_sessions=max_sessions, ready_fd=ready_fd)
     finally:
         if record is not None:
             record.close()
-    typer.echo("splitveil slip serve: stopped")
+
+
+def _check_listen(host: str, insecure: bool, tls_cert: Path | None, tls_key: Path | None) -> None:
+    from splitveil.transport.network import is_loopback
+
+    if insecure and not is_loopback(host):
+        raise ConfigError(f"refusing plaintext on the non-loopback address {host}: drop --insecure to use TLS")
+    if insecure and (tls_cert or tls_key):
+        raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
+
+
+def _serve(command: str, service, lines: list[str], *, host: str, port: int, tls_cert, tls_key, token_file,
+           insecure: bool, idle_timeout: float, max_sessions: int, ready_fd: int | None) -> None:
+    """Serves `service` (TLS unless --insecure, bearer token, one session per connection) until stopped, printing
+    `lines` and the address when ready."""
+    from splitveil.serve.build import tls_for_server, token_for_server
+    from splitveil.serve.server import ServerLimits, SplitServer, serve_until_stopped
+
+    token, token_path = token_for_server(token_file)
+    ssl_context, cert_path, fingerprint = (None, None, None) if insecure else tls_for_server(tls_cert, tls_key)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=0.0, max_connections=2 * max_sessions)
+    server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
+    report = ready_writer(ready_fd)
+
+    def ready(srv: SplitServer) -> None:
+        for line in lines:
+            typer.echo(f"splitveil {command}: {line}")
+        if fingerprint:
+            typer.echo(f"splitveil {command}: TLS certificate {cert_path} sha256 {fingerprint}")
+        else:
+            typer.echo(f"splitveil {command}: WARNING plaintext (--insecure): anyone on this host can read the traffic")
+        typer.echo(f"splitveil {command}: token file {token_path}")
+        typer.echo(f"splitveil {command}: listening on {srv.url}")
+        report({"ready": True, "url": srv.url, "port": srv.port, "fingerprint": fingerprint})
+
+    serve_until_stopped(server, ready, host=host, port=port)
+    typer.echo(f"splitveil {command}: stopped")
+
+
+NON_COLLUSION = ("trust assumption: the dealer and the executor do not collude (together they would unmask every "
+                 "input); each alone learns nothing of the prompt")
+
+
+@app.command("dealer")
+def dealer(
+    bundle: Path = typer.Option(..., "--bundle", help="The public-weights bundle (`slip export-bundle --protect prompt "
+                                "--out DIR`, secure rank 0: W itself) the executor serves too."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8445, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one)."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    token_file: Path = typer.Option(None, "--token-file", help="File holding the bearer token (default: the cache's)."),
+    max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Live sessions at most."),
+    max_rows: int = typer.Option(4096, "--max-rows", min=1, help="Rows of one group one request may ask for."),
+    max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=4096, help="Largest frame accepted."),
+    idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+    ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
+) -> None:
+    """SLIP's mask dealer: holds the public weights W and deals the terms W r of the masks r = PRG(seed, group, row)
+    for the rows a device asks for, ahead of use, so that the device holds no linear weight. The device sends each
+    session's seed at OPEN over TLS; the dealer sees nothing that depends on the prompt but its length. Trust
+    assumption: the dealer and the executor do not collude (together they would unmask every input)."""
+    from splitveil.protect.slip.bundle import check_residual_only
+    from splitveil.protect.slip.dealer import build_dealer_service
+
+    check_residual_only(bundle)
+    _check_listen(host, insecure, tls_cert, tls_key)
+    setup(threads)
+    service = build_dealer_service(bundle, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes,
+                                   max_rows_per_request=max_rows)
+    _serve("slip dealer", service, [f"deals mask terms for {service.info.get('model')}'s {len(service.shapes)} linear "
+                                    f"groups (public weights), up to {max_rows} rows per group and request",
+                                    NON_COLLUSION],
+           host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file, insecure=insecure,
+           idle_timeout=idle_timeout, max_sessions=max_sessions, ready_fd=ready_fd)
 
 
 @app.command("export-bundle")

@@ -15,6 +15,7 @@ import torch
 
 from splitveil.core.errors import ConfigError, PlanError
 from splitveil.models.causal_lm import CausalLMSplittable
+from splitveil.models.footprint import peak_rss_bytes, resident_weight_bytes
 from splitveil.plan.plan import Placement, SplitPlan, apply
 from splitveil.serve.service import PartService
 from splitveil.transport.base import Transport
@@ -64,6 +65,23 @@ class GenerationResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each decode step
     decode_bytes_up: int = 0  # of bytes_up, what the decode steps sent (prefill, open and close excluded)
     decode_bytes_down: int = 0
+    cpu_seconds_prefill: float = 0.0  # this process's CPU time (all its threads) during the prefill
+    cpu_seconds_decode: float = 0.0  # ... and during the decode steps (token selection included)
+    peak_rss_bytes: int = 0  # this process's peak resident set size when the generation ended
+    weight_bytes_resident: int = 0  # model weights this process holds (meta parts excluded, tied weights once)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens made by decode steps (the first token comes from the prefill)."""
+        return len(self.step_seconds)
+
+    def cost_fields(self) -> dict:
+        """What the generation cost this process, as every `generate --json` reports it (so any two runs compare)."""
+        return {"decode_tokens": self.decode_tokens, "cpu_seconds_prefill": round(self.cpu_seconds_prefill, 6),
+                "cpu_seconds_decode": round(self.cpu_seconds_decode, 6),
+                "cpu_seconds_per_decode_token": round(self.cpu_seconds_decode / self.decode_tokens, 6)
+                if self.decode_tokens else None,
+                "peak_rss_bytes": self.peak_rss_bytes, "weight_bytes_resident": self.weight_bytes_resident}
 
     @property
     def bytes_per_decode_step(self) -> tuple[float, float]:
@@ -362,9 +380,11 @@ class SplitCausalLM:
         finish = "length"
         text_end = None
         started = time.perf_counter()
+        cpu_started = time.process_time()
         try:
             logits = self.step(torch.tensor([prompt_ids], dtype=torch.long))
             prefill_done = time.perf_counter()
+            cpu_prefill_done = time.process_time()
             after_prefill = self.transport.stats.snapshot() if self.transport is not None else None
             while True:
                 token = select_token(
@@ -392,6 +412,7 @@ class SplitCausalLM:
                 logits = self.step(torch.tensor([[token]], dtype=torch.long))
                 step_seconds.append(time.perf_counter() - step_started)
             finished = time.perf_counter()
+            cpu_finished = time.process_time()
             decoded = self.transport.stats.since(after_prefill) if self.transport is not None else None
         finally:
             self._end()
@@ -417,6 +438,10 @@ class SplitCausalLM:
             step_seconds=step_seconds,
             decode_bytes_up=decoded.bytes_up if decoded else 0,
             decode_bytes_down=decoded.bytes_down if decoded else 0,
+            cpu_seconds_prefill=cpu_prefill_done - cpu_started,
+            cpu_seconds_decode=cpu_finished - cpu_prefill_done,
+            peak_rss_bytes=peak_rss_bytes(),
+            weight_bytes_resident=resident_weight_bytes(self.model),
         )
 
     @torch.inference_mode()

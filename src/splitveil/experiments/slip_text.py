@@ -1,15 +1,16 @@
 """What the demo shows of SLIP's prompt deployment: the adaptive exact attack on its executor's view of one prompt
-(the deployment itself is `protect.slip.deployment.SlipDeployment`, the text protection "slip")."""
+(the deployment itself is `protect.slip.deployment.SlipDealerDeployment`, the text protection "slip-dealer": the
+prompt deployment with a mask dealer)."""
 
 from __future__ import annotations
 
-from splitveil.protect.slip.deployment import SlipDeployment
+from splitveil.protect.slip.deployment import SlipDealerDeployment
 
 
 def prompt_deployment_exposure(model_name: str, prompt: str, *, cuts: tuple[int, int], max_new_tokens: int,
                                chat: bool = True, budget: int = 4096, model=None, tokenizer=None) -> dict:
-    """For the demo: `prompt` through SLIP's prompt deployment (fixed point, k = 0, the executor a child process
-    logging its view), and what the adaptive exact attack reads of the user's text from that view: the same attack
+    """For the demo: `prompt` through SLIP's prompt deployment with a mask dealer (fixed point, k = 0; the executor
+    and the dealer child processes; the executor's view recorded), and what the adaptive exact attack reads of the user's text from that view: the same attack
     and budget as the demo's undefended line (`budget` candidates per position, the chat template's tokens tried
     first), comparing candidates in the space the cloud receives, and stopping after the first round where the
     norm's public weights prove that no token can match (`ExactInversion.output_bound`). Also the answer, its tokens and the decode speed."""
@@ -26,7 +27,7 @@ def prompt_deployment_exposure(model_name: str, prompt: str, *, cuts: tuple[int,
     if model is None:
         model, tokenizer = load_causal_lm(model_name)
     plan = SplitPlan.lambda_split(*cuts)
-    with SlipDeployment(model_name, model, tokenizer, plan, strength=0, wire="fp32") as deployment:
+    with SlipDealerDeployment(model_name, model, tokenizer, plan, strength=0, wire="fp32") as deployment:
         seen = deployment.observe(prompt, max_new_tokens, chat=chat)
         described = deployment.describe()
     public = CausalLMSplittable(model)
@@ -50,4 +51,7 @@ def prompt_deployment_exposure(model_name: str, prompt: str, *, cuts: tuple[int,
         "decode_tokens_per_second": described["decode_tokens_per_second"],
         "round_trips_per_decode_step": described["round_trips_per_decode_step"],
         "frames_received": described["frames_received"],
+        "device_cpu_seconds_per_decode_token": described["device_cpu_seconds_per_decode_token"],
+        "device_weight_bytes": described["weight_bytes_resident"],
+        "trust": described["trust"],
     }

@@ -1,12 +1,115 @@
 """Loading only the parts of a model a process runs: the cloud holds the trunk's weights, the device the head's and
 the tail's, and the rest of the model stays on the meta device (no memory, no data). Here, above `models/`, because
-it needs the plan to know which weights a part holds."""
+it needs the plan to know which weights a part holds.
+
+`partial_causal_lm` builds a model with real weights only where a predicate says so (SLIP's dealt device keeps
+embeddings and norms and no linear weight); `Checkpoint` reads single tensors of a model's safetensors files by
+parameter name (a tied LM head reads the input embedding), so that a matrix can be streamed and dropped.
+"""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 from splitveil.core.errors import ModelNotFoundError
 from splitveil.models.loading import resolve_model_dir
 from splitveil.plan.plan import SplitPlan
+
+
+class Checkpoint:
+    """The tensors of a model folder's safetensors files, by the model's parameter names.
+
+    Args:
+        model_dir: the folder (model.safetensors, or shards with model.safetensors.index.json).
+        model: the model built from its config (meta weights are fine): it names the parameters and says which
+            one is the tied LM head.
+    """
+
+    def __init__(self, model_dir: Path, model):
+        from safetensors import safe_open
+
+        self.model_dir = Path(model_dir)
+        index_file = self.model_dir / "model.safetensors.index.json"
+        if index_file.is_file():
+            self.weight_map = json.loads(index_file.read_text())["weight_map"]
+        else:
+            with safe_open(str(self.model_dir / "model.safetensors"), "pt") as handle:
+                self.weight_map = {key: "model.safetensors" for key in handle.keys()}
+        self._input_name = next((n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight), None)
+        self._output = getattr(model.get_output_embeddings(), "weight", None)
+        self._tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        self._model = model
+
+    def source(self, name: str) -> str:
+        """The checkpoint's name for parameter `name`."""
+        if name not in self.weight_map and self._output is not None and self._tied and name.endswith(".weight") \
+                and self._model.get_parameter(name) is self._output:
+            name = self._input_name  # tied LM head: stored once, as the input embedding
+        if name not in self.weight_map:
+            raise ModelNotFoundError(f"{self.model_dir} has no tensor {name!r}; its checkpoint layout is not supported")
+        return name
+
+    def read(self, names: list[str]) -> dict:
+        """{parameter name: float32 tensor} for `names`, reading each file once."""
+        import torch
+        from safetensors import safe_open
+
+        sources = {name: self.source(name) for name in names}
+        tensors = {}
+        for file_name in sorted({self.weight_map[source] for source in sources.values()}):
+            with safe_open(str(self.model_dir / file_name), "pt") as handle:
+                for name, source in sources.items():
+                    if self.weight_map[source] == file_name:
+                        tensors[name] = handle.get_tensor(source).to(torch.float32)
+        return tensors
+
+
+def empty_causal_lm(name_or_path: str, *, load_format: str = "auto"):
+    """(model with every weight on the meta device, its folder): the structure without the data."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model_dir = resolve_model_dir(name_or_path, load_format=load_format)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"cannot build a causal LM from {model_dir}: {error}") from error
+    return model, model_dir
+
+
+def partial_causal_lm(name_or_path: str, keep: Callable[[str], bool], *, load_format: str = "auto"):
+    """The model with real weights only for the parameters whose names `keep` accepts; the rest stay on the meta
+    device (no memory). Returns (model, its folder)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    model, model_dir = empty_causal_lm(name_or_path, load_format=load_format)
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False) if keep(name)]
+    input_weight = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is input_weight
+    if tied:  # one tensor under two names: load it once, then tie the head to it again
+        input_name = next(n for n, p in model.named_parameters() if p is input_weight)
+        output_names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is input_weight and n != input_name]
+        if any(n in names for n in output_names) and input_name not in names:
+            names.append(input_name)
+        names = [n for n in names if n not in output_names]
+    for name, tensor in Checkpoint(model_dir, model).read(names).items():
+        set_module_tensor_to_device(model, name, "cpu", value=tensor)
+    if tied and model.get_input_embeddings().weight.device.type != "meta" and keep_output(keep, output_names):
+        output.weight = model.get_input_embeddings().weight
+    model.eval()
+    return model, model_dir
+
+
+def keep_output(keep: Callable[[str], bool], output_names: list[str]) -> bool:
+    return any(keep(name) for name in output_names)
 
 
 def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices: tuple[int, ...]):
@@ -16,53 +119,16 @@ def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices:
     Returns:
         (CausalLMSplittable, SplitPlan): the splittable over the partial model and the validated plan.
     """
-    import json as json_module
-
-    import torch
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     from splitveil.models.causal_lm import CausalLMSplittable
 
-    hf_logging.set_verbosity_error()
-    model_dir = resolve_model_dir(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"cannot build a causal LM from {model_dir}: {error}") from error
+    model, _ = empty_causal_lm(name_or_path)
     splittable = CausalLMSplittable(model)
     plan = SplitPlan.from_cuts(tuple(cuts))
     plan.validate(splittable)
     bounds = plan.boundaries(splittable)
     wanted = {id(p) for i in part_indices for m in splittable.modules_for(bounds[i], bounds[i + 1]) for p in m.parameters()}
-    names = [name for name, param in model.named_parameters(remove_duplicate=False) if id(param) in wanted]
-
-    index_file = model_dir / "model.safetensors.index.json"
-    if index_file.is_file():
-        weight_map = json_module.loads(index_file.read_text())["weight_map"]
-    else:
-        with safe_open(str(model_dir / "model.safetensors"), "pt") as handle:
-            weight_map = {key: "model.safetensors" for key in handle.keys()}
-    input_name = next((n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight), None)
-    output_weight = getattr(model.get_output_embeddings(), "weight", None)
-    sources: dict[str, str] = {}
-    for name in names:
-        source = name
-        if source not in weight_map and output_weight is not None and name.endswith(".weight") \
-                and model.get_parameter(name) is output_weight and getattr(config, "tie_word_embeddings", False):
-            source = input_name  # tied LM head: stored once, as the input embedding
-        if source not in weight_map:
-            raise ModelNotFoundError(f"{model_dir} has no tensor {name!r}; its checkpoint layout is not supported")
-        sources[name] = source
-    for file_name in sorted({weight_map[source] for source in sources.values()}):
-        with safe_open(str(model_dir / file_name), "pt") as handle:
-            for name, source in sources.items():
-                if weight_map[source] == file_name:
-                    set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(source).to(torch.float32))
-    model.eval()
+    names = {name for name, param in model.named_parameters(remove_duplicate=False) if id(param) in wanted}
+    model, _ = partial_causal_lm(name_or_path, names.__contains__)
+    splittable = CausalLMSplittable(model)
+    plan.validate(splittable)
     return splittable, plan

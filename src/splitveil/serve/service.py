@@ -81,9 +81,10 @@ class SessionService:
     answers OPEN and CLOSE, checks the session and its owner, hands a FORWARD to `_admit_forward`, and turns any
     error into an ERROR frame; `evict_idle` drops idle sessions.
 
-    Subclasses set `sessions`, `max_frame_bytes`, `_lock`, and give `_open(owner) -> Frame`, `_admit_forward(session,
-    frame) -> work` (work with `session`, `frame` and `released`) and `_run_one(work) -> reply bytes`; `run`, `release`,
-    `handle` and `close_session` here serve services without batching or reservations (`PartService` overrides them).
+    Subclasses set `sessions`, `max_frame_bytes`, `_lock`, and give `_open(owner, frame) -> Frame` (`frame`: the OPEN
+    frame, whose payload a service may read, e.g. the dealer's seed), `_admit_forward(session, frame) -> work` (work
+    with `session`, `frame` and `released`) and `_run_one(work) -> reply bytes`; `run`, `release`, `handle` and
+    `close_session` here serve services without batching or reservations (`PartService` overrides them).
     """
 
     sessions: dict[bytes, SessionState]
@@ -127,7 +128,7 @@ class SessionService:
             if frame.kind == FrameKind.OPEN:
                 if bound_session not in (None, NO_SESSION):
                     raise WireError("this connection already has a session")
-                return None, encode_frame(self._open(owner))
+                return None, encode_frame(self._open(owner, frame))
             session = self._session(frame.session, owner, bound_session)
             if frame.kind == FrameKind.CLOSE:
                 self.close_session(frame.session)
@@ -148,7 +149,7 @@ class SessionService:
             self._log.debug("internal error while admitting a frame", exc_info=True)
             return None, error_reply("internal server error", frame)
 
-    def _open(self, owner: bytes) -> Frame:
+    def _open(self, owner: bytes, frame: Frame | None = None) -> Frame:
         raise NotImplementedError
 
     def _admit_forward(self, session: SessionState, frame: Frame):
@@ -324,7 +325,7 @@ class PartService(SessionService):
             if self._kv_tokens > 0:  # the average over sessions: spare capacity of short ones does not inflate it
                 self._bytes_per_position = self.kv_bytes / self._kv_tokens
 
-    def _open(self, owner: bytes) -> Frame:
+    def _open(self, owner: bytes, frame: Frame | None = None) -> Frame:
         if len(self.sessions) >= self.max_sessions:
             raise WireError(f"the server is full ({self.max_sessions} sessions)")
         if self.max_kv_bytes is not None and self.kv_bytes + self._kv_reserved >= self.max_kv_bytes:

@@ -108,7 +108,7 @@ class EnclaveService(SessionService):
             self.refused += 1
         return work, reply
 
-    def _open(self, owner: bytes) -> Frame:
+    def _open(self, owner: bytes, frame: Frame | None = None) -> Frame:
         if len(self.sessions) >= self.max_sessions:
             raise WireError(f"the trusted executor is full ({self.max_sessions} sessions)")
         session_id = secrets.token_bytes(16)

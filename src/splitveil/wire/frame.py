@@ -147,3 +147,35 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_F
     if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise WireError("tensor holds NaN or Inf")
     return Frame(kind, tensor, codec.name, bytes(session), seq, part, tuple(shape))
+
+
+# -- fast paths for int64 payloads (SLIP's masked products: one frame per linear group and decode step) ----------
+
+INT64_WIRE_ID = 4  # the int64 codec's wire id (`wire.codecs`)
+
+
+def int64_frame(kind: FrameKind, payload: bytes, elements: int, *, session: bytes, seq: int, part: int = 0) -> bytes:
+    """The bytes of a frame carrying a 1-D int64 tensor of `elements` values whose little-endian bytes are
+    `payload` (what `encode_frame` makes of it, without building a tensor)."""
+    if len(payload) != 8 * elements or len(session) != SESSION_BYTES or not 0 <= seq < 2**32:
+        raise WireError("int64 frame: payload, session or sequence number out of range")
+    return _FIXED.pack(MAGIC, WIRE_VERSION, int(kind), INT64_WIRE_ID, 1, part, 0, session, seq) \
+        + struct.pack("<I", elements) + payload
+
+
+def int64_result(data: bytes | bytearray, shape: tuple[int, ...], *, session: bytes, seq: int):
+    """The int64 array of `shape` a RESULT frame carries, when `data` is exactly such a frame for this session and
+    sequence number; None for anything else (the caller then decodes it the general way, for its error)."""
+    import numpy as np
+
+    ndim = len(shape)
+    header = HEADER_FIXED_BYTES + 4 * ndim
+    if len(data) != header + 8 * math.prod(shape):
+        return None
+    magic, version, kind, codec_id, got_ndim, _part, _flags, got_session, got_seq = _FIXED.unpack_from(data, 0)
+    if (magic, version, kind, codec_id, got_ndim, got_seq) != (MAGIC, WIRE_VERSION, FrameKind.RESULT, INT64_WIRE_ID,
+                                                               ndim, seq) or got_session != session:
+        return None
+    if struct.unpack_from(f"<{ndim}I", data, HEADER_FIXED_BYTES) != tuple(shape):
+        return None
+    return np.frombuffer(data, dtype="<i8", offset=header).reshape(shape)

@@ -217,7 +217,7 @@ def adapts(deployment: str):
 
 for _name, _adaptation in (("none", Adaptation), ("noise", NoiseAdaptation), ("permute", PermutationAdaptation),
                            ("randcut", RandomisedCutAdaptation), ("slip", SlipAdaptation),
-                           ("enclave", EnclaveAdaptation)):
+                           ("slip-dealer", SlipAdaptation), ("enclave", EnclaveAdaptation)):
     adapts(_name)(_adaptation)
 
 

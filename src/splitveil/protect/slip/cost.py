@@ -17,6 +17,7 @@ class SlipCost:
     mask_flops: int = 0  # encode, mask, unmask, decode
     local_linear_flops: int = 0  # unprotected linear layers run whole on the trusted side
     other_flops: int = 0  # attention products, norms, activations, rotary, residual adds (analytic count)
+    dealer_flops: int = 0  # r W^T made by a mask dealer (a third party: neither side's work)
     products: int = 0  # masked products sent
     rows: int = 0  # masked rows (positions x groups)
 

@@ -144,6 +144,136 @@ class SlipDeployment(TextDeployment):
             self.executor = None
 
 
+class _DealtGenerator:
+    """`SplitCausalLM.generate` through a `DealtDevice`: one session with executor and dealer per generation."""
+
+    def __init__(self, device):
+        self.device = device
+        self.plan = device.runner.plan
+
+    def generate(self, prompt, config, *, chat: bool = False):
+        return self.device.generate(prompt, config, chat=chat)[0]
+
+
+NON_COLLUSION = ("non-collusion: the mask dealer and the executor do not collude (together they would unmask every "
+                 "input); each alone learns nothing of the prompt but its length")
+
+
+@DEPLOYMENTS.register
+class SlipDealerDeployment(SlipDeployment):
+    """SLIP's prompt deployment with a mask dealer (`protect.slip.dealt`): the device holds no linear weight of the
+    offloaded layers or of the LM head, draws each session's masks from a seed, and takes their terms W r from a
+    dealer process; the executor process computes W (x + r). Every layer's linear maps and the head are offloaded
+    (`--split A,B` as for slip; strength must be 0: the dealer serves the public weights)."""
+
+    name = "slip-dealer"
+    cloud_holds = ("the public weights and every offloaded linear map's input in fixed point, under masks drawn from "
+                   "ChaCha20 keyed by a per-session seed it never sees (computational hiding)")
+    summary = ("SLIP's prompt deployment with a mask dealer: the device keeps embeddings, norms, attention and the "
+               "KV cache and no linear weight; the executor multiplies masked rows, a second server deals the masks' "
+               "terms W r ahead of use")
+    protects = "the prompt and the answer"
+    placement = (Placement.EDGE, Placement.EXECUTOR, Placement.EDGE)
+    parties = (device("embeddings, norms, attention, the KV cache, each session's mask seed and the Freivalds keys (s W "
+                      "of the public weights, computed once); no linear weight of layers A..B-1 or of the LM head"),
+               Party("executor", Placement.EXECUTOR, cloud_holds,
+                     "untrusted, honest-but-curious: keeps every frame it receives, knows the public weights; every "
+                     "unmasked product is checked with Freivalds' test"),
+               Party("dealer", Placement.DEALER, "the public weights, each session's mask seed, and how many rows of "
+                     "each group the device asks for (the prompt's length); nothing derived from the prompt's content",
+                     "untrusted for the prompt; must not collude with the executor; its terms are checked like the "
+                     "executor's replies"))
+    assumptions = (PUBLIC_WEIGHTS, NON_COLLUSION)
+    attacker = {"command": "splitveil attack text --defence slip-dealer", "attacks": ["exact", "learned", "nearest"],
+                "adaptation": "as for slip: the executor's rows read as fixed-point activations after the first "
+                              "offloaded layer's public input norm; the dealer's view (seed, row counts) holds no "
+                              "prompt-dependent frame (tested byte for byte)"}
+
+    @classmethod
+    def check(cls, strength: float, cuts: tuple[int, int]) -> None:
+        if strength != 0:
+            raise ConfigError("slip-dealer deals for the public weights: it has no secure rank (strength 0)")
+        SlipDeployment.check(strength, cuts)
+
+    def __init__(self, model_name: str, model, tokenizer, plan, *, strength: float, wire: str):
+        TextDeployment.__init__(self, model_name, model, tokenizer, plan, strength=strength, wire=wire)
+        if self.wire != "fp32":
+            raise ConfigError("slip-dealer sends ring elements, not hidden states: --wire does not apply (leave it at fp32)")
+        from splitveil.protect.slip.dealt import DealtDevice
+        from splitveil.protect.slip.decompose import causal_lm_groups
+        from splitveil.protect.slip.trusted import SlipConfig
+
+        self.check(self.strength, tuple(self.plan.cuts))
+        self.config = SlipConfig(mode="fixed", rank=0, layers=tuple(self.plan.cuts), include_head=True)
+        clear_groups = causal_lm_groups(self.model, layers=range(*self.plan.cuts), include_head=False)
+        self.first_module = next(modules[0] for group, modules in clear_groups
+                                 if group.in_features == self.model.config.hidden_size)
+        self.runs: list[dict] = []
+        self.frames_received = 0
+        self.dealer_frames = 0
+        self.device = DealtDevice(model_name, self.config).__enter__()  # last: close() stops its processes
+        self.slip = self.device.slip
+        self.encoder = self.device.runner
+        self.lm = _DealtGenerator(self.device)  # what `generate --protect slip-dealer` generates through
+
+    def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
+        """One session; the view is every frame the executor received in it."""
+        from splitveil.edge.generate import GenerationConfig
+        from splitveil.protect.slip.view import layer_inputs, masked_view, uplink_downlink
+
+        prompt_ids = self.encoder.encode_prompt(prompt, chat=chat)
+        frames: list[bytes] = []
+        dealer_before = self.device.dealer_transport.stats.round_trips
+        with self.device.transport.observe(lambda frame, reply: frames.append(frame)):
+            result, figures = self.device.generate(prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens))
+        self.dealer_frames += self.device.dealer_transport.stats.round_trips - dealer_before
+        view = masked_view(frames)
+        self.frames_received += len(view)
+        self.runs.append({"decode_tokens_per_second": result.decode_tokens / result.decode_seconds
+                          if result.decode_tokens and result.decode_seconds > 0 else None,
+                          "cpu_seconds_per_decode_token": result.cpu_seconds_decode / result.decode_tokens
+                          if result.decode_tokens else None,
+                          "round_trips_per_decode_step": figures["round_trips_per_decode_step"]})
+        fixed_point = self.config.fixed_point
+        uplink, downlink = uplink_downlink(view, self.slip.groups, hidden_size=self.model.config.hidden_size,
+                                           mode="fixed", fixed_point=fixed_point)
+        clear = layer_inputs(self.model, torch.tensor([prompt_ids]), self.first_module)[0]
+        scale = 2.0**fixed_point.frac_bits_x
+        clear = torch.round(clear.double() * scale) / scale
+        return Observation(prompt_ids, result.token_ids, uplink.float(), downlink.float(), clear_uplink=clear.float())
+
+    def perplexity(self, token_lists: list[list[int]]) -> float | None:
+        """The protected model's perplexity through the executor and the dealer, every product checked."""
+        return heldout_perplexity(self.device.runner, token_lists)
+
+    def describe(self) -> dict:
+        from splitveil.models.footprint import resident_weight_bytes
+
+        def mean(key):
+            values = [r[key] for r in self.runs if r[key]]
+            return sum(values) / len(values) if values else None
+
+        return {
+            "view": "every frame the executor process received (through the transport's observation hook), one "
+                    "session per prompt; the uplink attacked is layer A's q/k/v input rows, masked, read as activations",
+            "dealer_view": "per session: an OPEN frame with the seed, then row counts per group (the prompt's length "
+                           "and the number of decode steps); no frame derived from the prompt's content",
+            "mode": "fixed", "secure_rank": 0, "offloaded_layers": list(self.plan.cuts), "head": "masked",
+            "frames_received": self.frames_received, "dealer_frames_received": self.dealer_frames,
+            "decode_tokens_per_second": mean("decode_tokens_per_second"),
+            "device_cpu_seconds_per_decode_token": mean("cpu_seconds_per_decode_token"),
+            "round_trips_per_decode_step": mean("round_trips_per_decode_step"),
+            "weight_bytes_resident": resident_weight_bytes(self.slip.model),
+            "trust": NON_COLLUSION,
+        }
+
+    def close(self) -> None:
+        device = getattr(self, "device", None)
+        if device is not None:
+            device.close()
+            self.device = None
+
+
 @DEPLOYMENTS.register
 class SlipWeightsDeployment(Deployment):
     """SLIP's weights deployment (`splitveil slip generate --protect weights`): described here; run by `slip`."""

@@ -133,13 +133,19 @@ def load_residual(folder: Path) -> tuple[ResidualBundle, dict[int, torch.Tensor]
     return bundle, weights
 
 
-def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: FixedPoint) -> dict[int, torch.Tensor]:
-    """The matrices the executor multiplies with: ring-encoded int64 (fixed) or float64 (float)."""
+COMPACT_BYTES = 4 * 2**30  # float64 ring weights beyond this are kept compact (float32, `RingWeight`)
+
+
+def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: FixedPoint) -> dict:
+    """The matrices the executor multiplies with: ring weights (fixed; compact when the model is large) or float64
+    (float). Consumes `weights`: each float32 matrix is dropped once encoded, so that a 1B-parameter model's
+    encoding never holds two copies of it."""
     if mode not in MODES:
         raise ConfigError(f"unknown SLIP mode {mode!r}; use fixed or float")
-    if mode == "fixed":
-        return {gid: fixed_point.encode_w(w) for gid, w in weights.items()}
-    return {gid: w.to(torch.float64) for gid, w in weights.items()}
+    if mode == "float":
+        return {gid: weights.pop(gid).to(torch.float64) for gid in sorted(weights)}
+    compact = 8 * sum(w.numel() for w in weights.values()) > COMPACT_BYTES
+    return {gid: RingWeight(fixed_point.encode_w(weights.pop(gid)), compact=compact) for gid in sorted(weights)}
 
 
 # -- the service -----------------------------------------------------------------------------------------------
@@ -163,13 +169,14 @@ class SlipExecutorService(SessionService):
         if mode not in MODES:
             raise ConfigError(f"unknown SLIP mode {mode!r}; use fixed or float")
         expected = torch.int64 if mode == "fixed" else torch.float64
-        if any(w.dtype != expected or w.dim() != 2 for w in weights.values()):
+        if any(not isinstance(w, RingWeight) and (w.dtype != expected or w.dim() != 2) for w in weights.values()) \
+                or (mode == "float" and any(isinstance(w, RingWeight) for w in weights.values())):
             raise ConfigError(f"the {mode} executor multiplies with {expected} matrices")
         self.shapes = {gid: tuple(w.shape) for gid, w in weights.items()}  # group id -> (m, n)
         self.mode = mode
         # fixed point: exact ring products through float64 limbs (see RingWeight); float: float64 products
-        self._products = {gid: RingWeight(w).matmul if mode == "fixed" else (lambda x, w=w: x @ w.t())
-                          for gid, w in weights.items()}
+        self._products = {gid: (w if isinstance(w, RingWeight) else RingWeight(w)).matmul if mode == "fixed"
+                          else (lambda x, w=w: x @ w.t()) for gid, w in weights.items()}
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
         self.max_rows = max_rows
@@ -188,7 +195,7 @@ class SlipExecutorService(SessionService):
         session.rows += values.shape[0]
         return ExecutorWork(frame.session, session, frame, group_id, values)
 
-    def _open(self, owner: bytes) -> Frame:
+    def _open(self, owner: bytes, frame: Frame | None = None) -> Frame:
         if len(self.sessions) >= self.max_sessions:
             raise WireError(f"the executor is full ({self.max_sessions} sessions)")
         session_id = secrets.token_bytes(16)

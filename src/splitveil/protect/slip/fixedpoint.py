@@ -110,46 +110,69 @@ class RingWeight:
     when that stays below 2^53. The limbs go through one float64 matrix product (stacked as rows, so W is read once),
     each partial product is converted back to int64 and shifted into place; the shifts and sums wrap modulo 2^64,
     which gives the ring product bit for bit. When W is too large for limbs of at least 8 bits, a plain int64
-    matrix product is used (exact too, slower)."""
+    matrix product is used (exact too, slower).
 
-    def __init__(self, weight: torch.Tensor):
+    `compact=True` keeps W in float32 (exact while |W| < 2^24, as for every model we ship) and converts blocks of
+    `COMPACT_ROWS` rows to float64 for each product: half the memory, for the 1B-parameter servers, at the price of
+    the conversions."""
+
+    COMPACT_ROWS = 2048
+
+    def __init__(self, weight: torch.Tensor, *, compact: bool = False):
         if weight.dtype != torch.int64 or weight.dim() != 2:
             raise TypeError("a ring weight is an int64 matrix")
         self.shape = tuple(weight.shape)
         self.largest = int(weight.abs().max()) if weight.numel() else 0
         self.limb_bits = limb_bits_for(self.largest, self.shape[1])
+        self.int64 = self.float64 = self.float32 = None
         if self.limb_bits is None:
             self.int64 = weight
-            self.float64 = None
+        elif compact and self.largest < 2**24:
+            self.float32 = weight.to(torch.float32)  # exact
         else:
-            self.int64 = None
             self.float64 = weight.to(torch.float64)  # exact: |entries| < 2^53
+
+    def _blocks(self):
+        """(row slice, float64 block of W) over W's rows: the whole matrix at once, or compact blocks."""
+        if self.float64 is not None:
+            yield slice(0, self.shape[0]), self.float64
+            return
+        for start in range(0, self.shape[0], self.COMPACT_ROWS):
+            rows = slice(start, min(start + self.COMPACT_ROWS, self.shape[0]))
+            yield rows, self.float32[rows].to(torch.float64)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [P, n] int64 -> x W^T [P, m] int64 (mod 2^64)."""
-        if self.float64 is None:
+        if self.int64 is not None:
             return ring_matmul(x, self.int64)
         bits = self.limb_bits
         count = -(-RING_BITS // bits)
         mask = (1 << bits) - 1
         limbs = torch.stack([(x >> (bits * i)) & mask for i in range(count)])  # [count, P, n], each in [0, 2^bits)
-        partial = (limbs.reshape(-1, x.shape[1]).to(torch.float64) @ self.float64.t()).to(torch.int64)
-        partial = partial.reshape(count, x.shape[0], self.shape[0])
-        out = partial[0].clone()
-        for i in range(1, count):
-            out += partial[i] << (bits * i)  # wraps modulo 2^64
+        flat = limbs.reshape(-1, x.shape[1]).to(torch.float64)
+        out = torch.empty(x.shape[0], self.shape[0], dtype=torch.int64)
+        for rows, block in self._blocks():
+            partial = (flat @ block.t()).to(torch.int64).reshape(count, x.shape[0], -1)
+            part = partial[0].clone()
+            for i in range(1, count):
+                part += partial[i] << (bits * i)  # wraps modulo 2^64
+            out[:, rows] = part
         return out
 
     def left_matmul(self, s: torch.Tensor) -> torch.Tensor:
         """s [t, m] int64 -> s W [t, n] int64 (mod 2^64), by the same limbs (their width chosen for sums over m)."""
-        bits = limb_bits_for(self.largest, self.shape[0]) if self.float64 is not None else None
+        bits = limb_bits_for(self.largest, self.shape[0]) if self.int64 is None else None
         if bits is None:
             return s @ self.to_int64()  # exact int64 product (wraps)
         count = -(-RING_BITS // bits)
         mask = (1 << bits) - 1
         limbs = torch.stack([(s >> (bits * i)) & mask for i in range(count)])  # [count, t, m]
-        partial = (limbs.reshape(-1, s.shape[1]).to(torch.float64) @ self.float64).to(torch.int64)
-        partial = partial.reshape(count, s.shape[0], self.shape[1])
+        flat = limbs.reshape(-1, s.shape[1]).to(torch.float64)
+        total = None
+        for rows, block in self._blocks():  # partial sums over W's rows, each exact; their sum stays below 2^53
+            partial = flat[:, rows] @ block
+            total = partial if total is None else total + partial
+        partial = total.to(torch.int64).reshape(count, s.shape[0], self.shape[1])
         out = partial[0].clone()
         for i in range(1, count):
             out += partial[i] << (bits * i)  # wraps modulo 2^64
@@ -157,11 +180,16 @@ class RingWeight:
 
     def row_norm(self) -> float:
         """max_i ||W_i||_2 over the rows (in ring integers): with ||x||_2 it bounds every |(x W^T)_i|."""
-        weight = self.float64 if self.float64 is not None else self.int64.to(torch.float64)
-        return float(weight.norm(dim=1).max()) if weight.numel() else 0.0
+        if self.int64 is not None:
+            weight = self.int64.to(torch.float64)
+            return float(weight.norm(dim=1).max()) if weight.numel() else 0.0
+        norms = [block.norm(dim=1).max() for _, block in self._blocks() if block.numel()]
+        return float(max(norms)) if norms else 0.0
 
     def to_int64(self) -> torch.Tensor:
-        return self.int64 if self.int64 is not None else self.float64.to(torch.int64)
+        if self.int64 is not None:
+            return self.int64
+        return (self.float64 if self.float64 is not None else self.float32).to(torch.int64)
 
 
 def limb_bits_for(largest: int, n: int) -> int | None:

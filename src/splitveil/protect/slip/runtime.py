@@ -18,11 +18,12 @@ CACHE_VERSION = 1
 MAX_PREFILL_ROWS = 512  # mask pairs per group made before a generation starts
 
 
-def slip_cache_dir(model_name: str, config: SlipConfig) -> Path:
+def slip_cache_dir(model_name: str, config: SlipConfig, *, load_format: str = "auto") -> Path:
     """The model owner's cache of (model, config): the decomposition, and in `residual/` the executor's bundle."""
     from splitveil.models.loading import cache_root, config_digest
 
-    key = {"v": CACHE_VERSION, "model": config_digest(model_name), "rank": config.rank, "energy": config.energy,
+    key = {"v": CACHE_VERSION, "model": config_digest(model_name, load_format=load_format), "rank": config.rank,
+           "energy": config.energy,
            "layers": config.layers, "head": config.include_head,
            **({"mask_rank": config.mask_rank} if config.mask_rank else {})}  # (plain caches keep their key)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -225,6 +226,8 @@ def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *
     return {
         "token_ids": result.token_ids,
         "text": result.text,
+        **result.cost_fields(),
+        "weight_bytes_resident": result.weight_bytes_resident + slip.held_weight_bytes(),
         "prompt_tokens": len(prompt_ids),
         "prompt_rows_seen_by_executor": prompt_rows,
         "finish_reason": result.finish_reason,
@@ -253,3 +256,88 @@ def run_generation(slip: SlipModel, tokenizer, client, transport, prompt: str, *
 def _checks(slip: SlipModel) -> tuple[int, int]:
     """(check vectors used, products checked) so far, over every group."""
     return (sum(r.check.vectors_used for r in slip.runtimes), sum(r.check.products for r in slip.runtimes))
+
+
+@dataclass
+class DealerProcess(ChildServer):
+    """`splitveil slip dealer` as a child process on 127.0.0.1 with a fresh certificate and token."""
+
+    bundle: Path
+    startup_timeout: float = 180.0
+    prefix = "splitveil-dealer-"
+    log_name = "dealer.log"
+    what = "the SLIP mask dealer"
+
+    def _command_args(self) -> tuple[list[str], list[str]]:
+        return ["slip", "dealer", "--bundle", str(self.bundle)], []
+
+    def __enter__(self) -> "DealerProcess":
+        return super().__enter__()
+
+
+def ensure_bundle(model_name: str, config: SlipConfig, *, load_format: str = "auto") -> Path:
+    """The public-weights bundle (secure rank 0: W_residual is W) of (model, config) in the owner's cache, written
+    in a child process when missing: a device that holds no linear weight must never load them, not even once to
+    write the servers' bundle."""
+    import subprocess
+    import sys
+
+    from splitveil.core.errors import ConfigError
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR
+
+    if config.rank or config.energy:
+        raise ConfigError("a dealer deals for the public weights: the bundle has secure rank 0")
+    bundle = slip_cache_dir(model_name, config, load_format=load_format) / RESIDUAL_DIR
+    if all((bundle / name).is_file() for name in ("manifest.json", "residual.safetensors")):
+        return bundle
+    code = ("import sys, json; from splitveil.protect.slip.runtime import write_public_bundle; "
+            "c = json.loads(sys.argv[2]); write_public_bundle(sys.argv[1], tuple(c['layers']), c['include_head'], "
+            "c['load_format'])")
+    done = subprocess.run([sys.executable, "-c", code, model_name, json.dumps(
+        {"layers": list(config.layers), "include_head": config.include_head, "load_format": load_format})],
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise ConfigError(f"could not write the public-weights bundle of {model_name}: {lines[-1] if lines else done.returncode}")
+    return bundle
+
+
+def write_public_bundle(model_name: str, layers: tuple[int, int], include_head: bool, load_format: str = "auto") -> Path:
+    """Writes the bundle of the public weights of `layers` (and the LM head) into the owner's cache: each group's
+    matrices read from the checkpoint (no model is built with its weights), W_residual = W."""
+    import shutil
+
+    import torch
+
+    from splitveil.plan.parts import Checkpoint, empty_causal_lm
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR
+    from splitveil.protect.slip.decompose import causal_lm_groups
+    from splitveil.protect.slip.executor import save_residual
+
+    config = SlipConfig(mode="fixed", rank=0, layers=layers, include_head=include_head)
+    folder = slip_cache_dir(model_name, config, load_format=load_format) / RESIDUAL_DIR
+    model, model_dir = empty_causal_lm(model_name, load_format=load_format)
+    found = causal_lm_groups(model, layers=range(*layers), include_head=include_head)
+    names = {id(module): name for name, module in model.named_modules()}
+    checkpoint = Checkpoint(model_dir, model)
+    weights = {}
+    for group, modules in found:
+        members = [f"{names[id(module)]}.weight" for module in modules]
+        tensors = checkpoint.read(members)
+        weights[group.group_id] = torch.cat([tensors[name] for name in members]) if len(members) > 1 else tensors[members[0]]
+    partial = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_residual(partial, [group for group, _ in found], weights, model=model_name, fixed_point=config.fixed_point)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _publish(partial, folder)
+    return folder
+
+
+def connect_dealer(url: str, *, token: str, widths: list[tuple[int, int]], residual_sha256: str,
+                   ca_file: Path | None = None, pin_sha256: str | None = None):
+    """A `DealerClient` over TLS WebSockets to the dealer at `url`, checking it deals for the same weights."""
+    from splitveil.protect.slip.dealer import DealerClient
+    from splitveil.transport.network import WebSocketTransport
+
+    transport = WebSocketTransport(url, token=token, ca_file=ca_file, pin_sha256=pin_sha256)
+    return DealerClient(transport, widths=widths, expect={"residual_sha256": residual_sha256}), transport

@@ -97,7 +97,59 @@ class SlipConfig:
         return data
 
 
-class GroupRuntime:
+class SharedInputGroup:
+    """One linear group on the trusted side, as the model calls it: each member module asks for its output, and one
+    masked product (`compute`, the subclass's) serves every member called on the same tensor (q, k, v; gate, up).
+    Subclasses set `group`, `slices` (each member's columns of the product), `config` and `client`."""
+
+    group: LinearGroup
+    slices: list[slice]
+    config: SlipConfig
+    client: object | None
+    _cached: tuple | None = None  # (input tensor, member outputs, members still to collect)
+    _session: object | None = None  # the client session this group's check vectors were drawn for
+    _session_products: int = 0  # products of this group in that session
+
+    def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Member `member`'s output for input x [..., n]."""
+        cached = self._cached
+        if cached is not None and cached[0] is x and member in cached[2]:
+            cached[2].discard(member)
+            if not cached[2]:
+                self._cached = None
+            return cached[1][member]
+        y = self.compute(x.reshape(-1, x.shape[-1]))
+        outputs = [y[:, part].reshape(*x.shape[:-1], -1) for part in self.slices]
+        rest = set(range(len(self.slices))) - {member}
+        self._cached = (x, outputs, rest) if rest else None
+        return outputs[member]
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_session(self) -> None:
+        """The client opened a new session: draw fresh check vectors."""
+        raise NotImplementedError
+
+    def padded_rows(self, rows: int, *, first: bool) -> int:
+        """Rows sent for a product of `rows` rows (`SlipConfig.pad_to`: the session's first product and every
+        multi-row product are padded)."""
+        pad = self.config.pad_to
+        return -(-rows // pad) * pad if pad > 1 and (rows > 1 or first) else rows
+
+    def _begin_product(self, rows: int) -> int:
+        """Fresh check vectors when the client is in a new session; the rows to send."""
+        if self.client is None:
+            raise ConfigError("this SLIP model is not connected to an executor; call attach() or use reference()")
+        session = self.client.session_key()  # opens a session if none is open
+        if session is not self._session:
+            self.new_session()
+            self._session, self._session_products = session, 0
+        self._session_products += 1
+        return self.padded_rows(rows, first=self._session_products == 1)
+
+
+class GroupRuntime(SharedInputGroup):
     """The trusted side of one linear group: secure factors, mask pool, Freivalds check, connection."""
 
     def __init__(self, group: LinearGroup, parts: list[Decomposition], biases: list[torch.Tensor | None],
@@ -133,24 +185,6 @@ class GroupRuntime:
         del encoded
         self.client = None  # SlipClient, once connected
         self.clear = False  # compute in the clear (the reference)
-        self._cached: tuple | None = None  # (input tensor, member outputs, members still to collect)
-        self._session = None  # the client session the check vectors were drawn for
-        self._session_products = 0  # products of this group in that session
-
-    def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """Member `member`'s output for input x [..., n]; one masked product serves every member of the group when
-        they are called on the same tensor (q, k, v; gate, up)."""
-        cached = self._cached
-        if cached is not None and cached[0] is x and member in cached[2]:
-            cached[2].discard(member)
-            if not cached[2]:
-                self._cached = None
-            return cached[1][member]
-        y = self.compute(x.reshape(-1, x.shape[-1]))
-        outputs = [y[:, part].reshape(*x.shape[:-1], -1) for part in self.slices]
-        rest = set(range(len(self.slices))) - {member}
-        self._cached = (x, outputs, rest) if rest else None
-        return outputs[member]
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """x [P, n] float32 -> y [P, m] float32 = W x + b, the residual part through the executor."""
@@ -179,19 +213,8 @@ class GroupRuntime:
             self.cost.untrusted_flops += 2 * rows * m * n
         return y
 
-    def _begin_product(self, rows: int) -> int:
-        """Fresh check vectors when the client is in a new session; the rows to send (`SlipConfig.pad_to`)."""
-        if self.client is None:
-            raise ConfigError("this SLIP model is not connected to an executor; call attach() or use reference()")
-        session = self.client.session_key()  # opens a session if none is open
-        if session is not self._session:
-            self.check.new_session()
-            self._session, self._session_products = session, 0
-        self._session_products += 1
-        pad = self.config.pad_to
-        if pad > 1 and (rows > 1 or self._session_products == 1):
-            return -(-rows // pad) * pad
-        return rows
+    def new_session(self) -> None:
+        self.check.new_session()
 
     def _masked(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """x [P, n] (ring elements or float64) -> W_residual x [P, m] through the executor, checked: Freivalds on
@@ -242,7 +265,8 @@ class SlipLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = self.runtime.group
-        return f"{self.name}: group {group.group_id}, member {self.member}, rank {self.runtime.rights[self.member].shape[0]}"
+        rights = getattr(self.runtime, "rights", None)
+        return f"{self.name}: group {group.group_id}, member {self.member}, rank {rights[self.member].shape[0] if rights else 0}"
 
 
 class ProtectedGroups:
@@ -260,6 +284,17 @@ class ProtectedGroups:
         """The matrices an executor multiplies with (exactly the ones the masks were dealt with)."""
         return {runtime.group.group_id: runtime.ring_weight.to_int64() if runtime.ring_weight is not None else runtime.weight
                 for runtime in self.runtimes}
+
+    def held_weight_bytes(self) -> int:
+        """Bytes of weight matrices the groups hold besides the model's parameters (the ring encodings or float64
+        copies of W_residual the masks are dealt with, the secure factors): model weights this process holds too."""
+        total = 0
+        for runtime in self.runtimes:
+            ring = runtime.ring_weight
+            matrices = [ring.int64, ring.float64, ring.float32] if ring is not None else [runtime.weight]
+            matrices += [*runtime.lefts, *runtime.rights]
+            total += sum(t.numel() * t.element_size() for t in matrices if t is not None)
+        return total
 
     def fill_pools(self, rows: int) -> float:
         """Precomputes `rows` mask pairs and the next session's check vectors for every group (offline); returns the
