@@ -57,7 +57,7 @@ class DealerBenchSpec:
     timeout: float = 3600.0
 
     def __post_init__(self):
-        at_least(1, max_new_tokens=self.max_new_tokens, pairs=self.pairs)
+        at_least(self, 1, "max_new_tokens", "pairs")
         if not self.cases:
             raise ConfigError("give at least one configuration")
 
