@@ -73,8 +73,8 @@ def raw_server(tls_files):
 
 def test_the_websocket_client_answers_pings_and_reassembles_fragments(raw_server, tls_files):
     def handler(connection):
-        for message in connection:
-            connection.ping(b"are you there")
+        for count, message in enumerate(connection):
+            connection.ping(b"are you there %d" % count)
             connection.send([message[:3], message[3:], b"!"])  # one message in three fragments
 
     transport = WebSocketTransport(raw_server(handler), token=tls_files["token"], ca_file=tls_files["cert"], timeout=10)

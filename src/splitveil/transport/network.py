@@ -155,6 +155,11 @@ class WebSocketTransport(Transport):
             self._ws = None
             raise ConnectionLost(f"connection to {self.url} lost: {error}") from None
 
+    def reply_ready(self) -> bool:
+        """Whether the oldest posted request's reply has begun to arrive (collecting it would not wait for the
+        server)."""
+        return self._ws is not None and self._ws.readable()
+
     def _collect(self) -> bytes:
         """The reply to the oldest request sent, at most `max_reply_bytes` long (refused while it arrives)."""
         from splitveil.transport.websocket import ConnectionClosed as Closed

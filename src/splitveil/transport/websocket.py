@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import select
 import socket
 import struct
 
@@ -179,6 +180,16 @@ class WebSocketClient:
         while have < count:
             have += self._receive_into(view[have:])
         return data
+
+    def readable(self) -> bool:
+        """Whether a read would find data at once (a reply, or a ping, already here)."""
+        if self._buffer or (hasattr(self.sock, "pending") and self.sock.pending()):
+            return True
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
 
     def _read_frame(self, limit: int | None) -> tuple[bool, int, bytes]:
         first, second = self._read_exactly(2)

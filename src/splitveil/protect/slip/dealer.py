@@ -297,6 +297,9 @@ class DealerClient(ClientSession):
         `ahead` decode windows requested beyond it."""
         if self.session == NO_SESSION:
             self.open()
+        ready = getattr(self.transport, "reply_ready", None)
+        while self._in_flight and ready is not None and ready():
+            self._receive()  # read terms as they arrive: the connection stays read (pings answered) between uses
         counts = []
         for group_id, need in enumerate(rows):
             have = self._requested[group_id] - self.rows_used(group_id)  # asked for, not handed out yet
