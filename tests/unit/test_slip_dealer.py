@@ -228,3 +228,15 @@ def test_the_dealer_refuses_a_request_that_would_overrun_a_reply():
     reply = _ask(service, session, 0, [[0, 100], [0, 0]])
     assert reply.kind == FrameKind.ERROR and "bytes" in reply.message
     assert service.sessions[session].next_rows == [0, 0]  # nothing was dealt
+
+
+def test_sampling_stop_strings_and_chat_work_as_in_every_generate(smollm):
+    full, tokenizer = smollm
+    config = SlipConfig(mode="fixed", rank=0, layers=(0, 2), include_head=True)
+    slip, client = _device(config, _cloud_weights(full, config))
+    dealt = SplitCausalLM(slip.model, None, tokenizer=tokenizer, transport=client.transport)
+    plain = SplitCausalLM(full, None, tokenizer=tokenizer)
+    sampled = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9, seed=7, eos_token_ids=())
+    assert dealt.generate(PROMPT, sampled, chat=True).token_ids == plain.generate(PROMPT, sampled, chat=True).token_ids
+    stopped = dealt.generate("Count: 1, 2, 3,", GenerationConfig(max_new_tokens=16, stop=(" 6",), eos_token_ids=()))
+    assert stopped.finish_reason == "stop" and " 6" not in stopped.text
