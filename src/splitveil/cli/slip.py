@@ -193,6 +193,37 @@ def print_summary(summary: dict, *, json_output: bool) -> None:
            if summary.get("freivalds_soundness_bits") is not None else "") + "[/dim]")
 
 
+# -- the options `slip serve` and `slip dealer` share (both are TLS servers with a bearer token) ----------------
+
+
+def _tls_cert_option():
+    return typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one).")
+
+
+def _tls_key_option():
+    return typer.Option(None, "--tls-key", help="PEM private key for --tls-cert.")
+
+
+def _token_file_option():
+    return typer.Option(None, "--token-file", help="File holding the bearer token (default: the cache's).")
+
+
+def _max_sessions_option():
+    return typer.Option(16, "--max-sessions", min=1, help="Live sessions at most.")
+
+
+def _max_frame_bytes_option():
+    return typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=4096, help="Largest frame accepted.")
+
+
+def _idle_timeout_option():
+    return typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted.")
+
+
+def _insecure_option():
+    return typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only).")
+
+
 @app.command("serve")
 def serve(
     bundle: Path = typer.Option(..., "--bundle", help="The residual-only bundle folder that `slip export-bundle --out "
@@ -202,14 +233,14 @@ def serve(
                               "check is tolerance-based); must match the trusted side."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8444, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
-    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one)."),
-    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
-    token_file: Path = typer.Option(None, "--token-file", help="File holding the bearer token (default: the cache's)."),
+    tls_cert: Path = _tls_cert_option(),
+    tls_key: Path = _tls_key_option(),
+    token_file: Path = _token_file_option(),
     log_frames: Path = typer.Option(None, "--log-frames", help="Record every frame received into this file."),
-    max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Live sessions at most."),
-    max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=4096, help="Largest frame accepted."),
-    idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
+    max_sessions: int = _max_sessions_option(),
+    max_frame_bytes: int = _max_frame_bytes_option(),
+    idle_timeout: float = _idle_timeout_option(),
+    insecure: bool = _insecure_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
     ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
@@ -283,14 +314,14 @@ def dealer(
                                 "--out DIR`, secure rank 0: W itself) the executor serves too."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8445, "--port", min=0, max=65535, help="Port to listen on (0 = any free port, printed)."),
-    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (default: a self-signed localhost one)."),
-    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
-    token_file: Path = typer.Option(None, "--token-file", help="File holding the bearer token (default: the cache's)."),
-    max_sessions: int = typer.Option(16, "--max-sessions", min=1, help="Live sessions at most."),
+    tls_cert: Path = _tls_cert_option(),
+    tls_key: Path = _tls_key_option(),
+    token_file: Path = _token_file_option(),
+    max_sessions: int = _max_sessions_option(),
     max_rows: int = typer.Option(4096, "--max-rows", min=1, help="Rows of one group one request may ask for."),
-    max_frame_bytes: int = typer.Option(MAX_FRAME_BYTES, "--max-frame-bytes", min=4096, help="Largest frame accepted."),
-    idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plaintext WebSockets, no TLS (loopback testing only)."),
+    max_frame_bytes: int = _max_frame_bytes_option(),
+    idle_timeout: float = _idle_timeout_option(),
+    insecure: bool = _insecure_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
     ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
