@@ -105,7 +105,8 @@ def demo(
     }
     summary["speed_ratio"] = summary["split_tokens_per_second"] / summary["unsplit_tokens_per_second"]
     summary["prompt_deployment"] = {
-        "offloaded": f"the linear layers of layers {cuts[0]}..{cuts[1] - 1}, on one-time-masked fixed-point inputs (k = 0)",
+        "offloaded": f"the linear layers of layers {cuts[0]}..{cuts[1] - 1} and the LM head, on fixed-point inputs masked "
+                     f"with ChaCha20 from a per-session seed (k = 0)",
         "privacy": {key: masked[key] for key in ("attack", "token_recovery", "recovered_user_text",
                                                  "closest_relative_distance", "seconds", "frames_received")},
         "new_tokens": len(masked["token_ids"]),
