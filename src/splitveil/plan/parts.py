@@ -102,14 +102,10 @@ def partial_causal_lm(name_or_path: str, keep: Callable[[str], bool], *, load_fo
         names = [n for n in names if n not in output_names]
     for name, tensor in Checkpoint(model_dir, model).read(names).items():
         set_module_tensor_to_device(model, name, "cpu", value=tensor)
-    if tied and model.get_input_embeddings().weight.device.type != "meta" and keep_output(keep, output_names):
+    if tied and model.get_input_embeddings().weight.device.type != "meta" and any(map(keep, output_names)):
         output.weight = model.get_input_embeddings().weight
     model.eval()
     return model, model_dir
-
-
-def keep_output(keep: Callable[[str], bool], output_names: list[str]) -> bool:
-    return any(keep(name) for name in output_names)
 
 
 def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices: tuple[int, ...]):

@@ -151,7 +151,7 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_F
 
 # -- fast paths for int64 payloads (SLIP's masked products: one frame per linear group and decode step) ----------
 
-INT64_WIRE_ID = 4  # the int64 codec's wire id (`wire.codecs`)
+INT64_WIRE_ID = get_codec("int64").wire_id
 
 
 def int64_frame(kind: FrameKind, payload: bytes, elements: int, *, session: bytes, seq: int, part: int = 0) -> bytes:

@@ -25,6 +25,11 @@ RESIDUAL_DIR = "residual"  # the bundle's folder inside the owner's cache
 BUNDLE_FILES = ("manifest.json", "residual.safetensors")
 
 
+def has_bundle(folder: Path) -> bool:
+    """Whether `folder` holds a finished bundle's files (what the owner's cache checks before making one)."""
+    return all((Path(folder) / name).is_file() for name in BUNDLE_FILES)
+
+
 def check_residual_only(folder: Path) -> None:
     """Raises ConfigError (one line) unless `folder` holds exactly a residual bundle and nothing of W_secure."""
     folder = Path(folder)

@@ -245,7 +245,6 @@ class DealerClient(ClientSession):
         self._buffered = [0] * len(widths)  # rows in those blocks
         self._in_flight: list[tuple[Frame, list[tuple[int, int]]]] = []
         self.wait_seconds = 0.0  # blocked reading the dealer's replies
-        self.rows_taken = 0
 
     def check_info(self, info: dict) -> None:
         if not info.get("dealer"):
@@ -302,24 +301,26 @@ class DealerClient(ClientSession):
             self._receive()  # read terms as they arrive: the connection stays read (pings answered) between uses
         counts = []
         for group_id, need in enumerate(rows):
-            have = self._requested[group_id] - self.rows_used(group_id)  # asked for, not handed out yet
+            have = self._outstanding(group_id)
             short = need + self.ahead * self.window - have if need else 0
             counts.append(short if have < need or short >= self.window else 0)  # whole windows while decoding
         if any(counts):
             self._ask(counts)
 
-    def rows_used(self, group_id: int) -> int:
-        """Rows of a group handed out so far (requested, minus in flight, minus buffered)."""
-        in_flight = sum(spans[group_id][1] for _, spans in self._in_flight)
-        return self._requested[group_id] - in_flight - self._buffered[group_id]
+    def _outstanding(self, group_id: int) -> int:
+        """Rows of a group asked for and not handed out yet: in flight or received."""
+        return sum(spans[group_id][1] for _, spans in self._in_flight) + self._buffered[group_id]
+
+    def _reply_size(self, spans: list[tuple[int, int]]) -> int:
+        """Ring elements in the reply to a request for `spans`."""
+        return sum(count * self.widths[group_id][1] for group_id, (_, count) in enumerate(spans))
 
     def _receive(self) -> None:
         import time
 
         frame, spans = self._in_flight[0]
-        total = sum(count * self.widths[g][1] for g, (_, count) in enumerate(spans))
         started = time.perf_counter()
-        reply = self.collect(frame, expected_shape=(total,))
+        reply = self.collect(frame, expected_shape=(self._reply_size(spans),))
         self.wait_seconds += time.perf_counter() - started
         self._in_flight.pop(0)
         terms = reply.tensor.numpy()
@@ -340,7 +341,6 @@ class DealerClient(ClientSession):
             r, u = buffer[0]
             buffer[0] = (r[rows:], u[rows:])
             self._buffered[group_id] -= rows
-            self.rows_taken += rows
             return r[:rows], u[:rows]
         while self._buffered[group_id] < rows:
             if not self._in_flight:
@@ -361,7 +361,6 @@ class DealerClient(ClientSession):
                 buffer[0] = (r[want:], u[want:])
                 got += want
         self._buffered[group_id] -= rows
-        self.rows_taken += rows
         if len(blocks) == 1:
             return blocks[0]
         return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
@@ -371,7 +370,7 @@ class DealerClient(ClientSession):
         try:
             while self._in_flight and self.session != NO_SESSION:
                 frame, spans = self._in_flight.pop(0)
-                self.collect(frame, expected_shape=(sum(c * self.widths[g][1] for g, (_, c) in enumerate(spans)),))
+                self.collect(frame, expected_shape=(self._reply_size(spans),))
         except TransportError:
             self._in_flight = []
         super().close()

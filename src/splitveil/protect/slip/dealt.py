@@ -18,6 +18,8 @@ logits' sampling) runs on the device, as in the plain prompt deployment.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -32,13 +34,22 @@ from splitveil.protect.slip.trusted import PREPARED_BITS_PER_VECTOR, SharedInput
 HEADS = ("masked", "device")
 
 
-def ring_range(encoded: np.ndarray, keys: GroupKeys) -> int:
-    """R: a bound on every entry of encoded [P, n] W^T in ring integers (Cauchy-Schwarz: max_p ||x_p||_2 times
-    max_i ||W_i||_2, with a relative margin for the float64 arithmetic)."""
+def ring_ranges(encoded: np.ndarray, runtimes: list["DealtGroup"]) -> list[int]:
+    """R per group: a bound on every entry of encoded[g] [P, n] W_g^T in ring integers (Cauchy-Schwarz: max_p
+    ||x_p||_2 times max_i ||W_i||_2, with a relative margin for the float64 arithmetic), for the groups `runtimes`
+    and their ring-encoded inputs [G, P, n]. Raises FixedPointOverflow when a product could leave the ring's signed
+    range (its decoded value would wrap)."""
     if encoded.size == 0:
-        return 0
+        return [0] * len(runtimes)
     values = encoded.astype(np.float64)
-    return int(float(np.sqrt(np.einsum("ij,ij->i", values, values).max())) * keys.row_norm * (1 + 1e-9)) + 1
+    norms = np.sqrt((values * values).sum(axis=2).max(axis=1))
+    bounds = [int(float(norm) * runtime.keys.row_norm * (1 + 1e-9)) + 1 for norm, runtime in zip(norms, runtimes)]
+    for bound, runtime in zip(bounds, runtimes):
+        if bound >= 2**63 - 1:
+            raise FixedPointOverflow(f"linear group {runtime.group.group_id}: a product could reach "
+                                     f"{bound * runtime.scale_y:.3g}, beyond the fixed-point range; use fewer "
+                                     f"fractional bits")
+    return bounds
 
 
 class DealtGroup(SharedInputGroup):
@@ -101,10 +112,7 @@ class DealtGroup(SharedInputGroup):
 
     def check_one(self, encoded: np.ndarray, product: np.ndarray) -> tuple[int, int, str | None]:
         """Checks one product on its own: (its range R, the vectors used, what failed or None)."""
-        bound = ring_range(encoded, self.keys)
-        if bound >= 2**63 - 1:
-            raise FixedPointOverflow(f"linear group {self.group.group_id}: a product could reach "
-                                     f"{bound * self.scale_y:.3g}, beyond the fixed-point range; use fewer fractional bits")
+        (bound,) = ring_ranges(encoded[None], [self])
         vectors = self.count(bound)
         if not self.session_keys.passes(product, encoded, vectors):
             return bound, vectors, "failed the Freivalds check"
@@ -236,13 +244,7 @@ class DealtSlipModel:
     def _verify_class(self, shape: tuple[int, int], runtimes: list["DealtGroup"]) -> None:
         encoded = np.stack([runtime.pending[0][0] for runtime in runtimes])  # [G, P, n]
         products = np.stack([runtime.pending[0][1] for runtime in runtimes])  # [G, P, m]
-        values = encoded.astype(np.float64)
-        norms = np.sqrt((values * values).sum(axis=2).max(axis=1))
-        bounds = [int(float(norm) * runtime.keys.row_norm * (1 + 1e-9)) + 1 for norm, runtime in zip(norms, runtimes)]
-        for bound, runtime in zip(bounds, runtimes):
-            if bound >= 2**63 - 1:
-                raise FixedPointOverflow(f"linear group {runtime.group.group_id}: a product could reach "
-                                         f"{bound * runtime.scale_y:.3g}, beyond the fixed-point range")
+        bounds = ring_ranges(encoded, runtimes)
         vectors = max(runtime.vectors_for(bound) for runtime, bound in zip(runtimes, bounds))
         s, sw = self._stack(shape, runtimes, vectors)
         passed = (products @ s.transpose(0, 2, 1) == encoded @ sw.transpose(0, 2, 1)).all(axis=(1, 2))  # wraps mod 2^64
@@ -315,7 +317,7 @@ class DealtDevice:
         self.dealer_at = dealer
         self.load_format = load_format
         self.window = window
-        self.status = status or (lambda text: __import__("contextlib").nullcontext())
+        self.status = status or (lambda text: contextlib.nullcontext())
         self._closers: list = []
 
     def __enter__(self) -> "DealtDevice":

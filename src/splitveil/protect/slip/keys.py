@@ -28,7 +28,6 @@ import torch
 
 from splitveil.protect.slip.decompose import LinearGroup
 from splitveil.protect.slip.fixedpoint import FixedPoint, RingWeight, uniform_ring
-from splitveil.protect.slip.freivalds import product_range, vectors_needed
 
 BASE_VECTORS = 8
 KEYS_VERSION = 1
@@ -112,13 +111,6 @@ class SessionKeys:
         self.keys = keys
         self.s = coefficients @ keys.s  # [t, m], wraps mod 2^64
         self.sw = coefficients @ keys.sw  # [t, n]
-
-    def range_of(self, encoded: np.ndarray) -> int:
-        """R: a bound on every entry of the true product for ring-encoded inputs [P, n] (`freivalds.product_range`)."""
-        return product_range(torch.from_numpy(encoded), self.keys.row_norm, self.keys.largest)
-
-    def vectors(self, bound: int, soundness_bits: int, least: int) -> int:
-        return vectors_needed(soundness_bits, bound, least=least)
 
     def ensure(self, vectors: int) -> None:
         """Draws more vectors for this session when it has fewer than `vectors`."""

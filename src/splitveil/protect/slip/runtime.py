@@ -38,7 +38,7 @@ def protect_registered(model_name: str, config: SlipConfig, *, generator=None, w
         the cache folder itself, which holds the decomposition), seconds spent decomposing (0 when cached)).
     """
     from splitveil.models.loading import load_causal_lm
-    from splitveil.protect.slip.bundle import RESIDUAL_DIR, load_decompositions, save_decompositions
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR, has_bundle, load_decompositions, save_decompositions
     from splitveil.protect.slip.decompose import causal_lm_groups
 
     model, tokenizer = load_causal_lm(model_name, with_tokenizer=with_tokenizer)
@@ -55,7 +55,7 @@ def protect_registered(model_name: str, config: SlipConfig, *, generator=None, w
         _write_residual(partial / RESIDUAL_DIR, slip, model_name)
         _publish(partial, folder)
     bundle = folder / RESIDUAL_DIR
-    if not all((bundle / name).is_file() for name in ("manifest.json", "residual.safetensors")):
+    if not has_bundle(bundle):
         # a cache made before the bundle had a folder of its own
         partial = folder / f"{RESIDUAL_DIR}.tmp{os.getpid()}"
         _write_residual(partial, slip, model_name)
@@ -65,10 +65,10 @@ def protect_registered(model_name: str, config: SlipConfig, *, generator=None, w
 
 def cached_bundle(model_name: str, config: SlipConfig) -> Path:
     """The residual-only bundle folder of (model, config) in the owner's cache, made (decomposing once) if missing."""
-    from splitveil.protect.slip.bundle import RESIDUAL_DIR
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR, has_bundle
 
     bundle = slip_cache_dir(model_name, config) / RESIDUAL_DIR
-    if not all((bundle / name).is_file() for name in ("manifest.json", "residual.safetensors")):
+    if not has_bundle(bundle):
         bundle = protect_registered(model_name, config, with_tokenizer=False)[2]
     return bundle
 
@@ -283,12 +283,12 @@ def ensure_bundle(model_name: str, config: SlipConfig, *, load_format: str = "au
     import sys
 
     from splitveil.core.errors import ConfigError
-    from splitveil.protect.slip.bundle import RESIDUAL_DIR
+    from splitveil.protect.slip.bundle import RESIDUAL_DIR, has_bundle
 
     if config.rank or config.energy:
         raise ConfigError("a dealer deals for the public weights: the bundle has secure rank 0")
     bundle = slip_cache_dir(model_name, config, load_format=load_format) / RESIDUAL_DIR
-    if all((bundle / name).is_file() for name in ("manifest.json", "residual.safetensors")):
+    if has_bundle(bundle):
         return bundle
     code = ("import sys, json; from splitveil.protect.slip.runtime import write_public_bundle; "
             "c = json.loads(sys.argv[2]); write_public_bundle(sys.argv[1], tuple(c['layers']), c['include_head'], "
