@@ -10,6 +10,7 @@ from splitveil.cli import partition
 from splitveil.cli import attack_diffusion, attack_image, attack_output, attack_weights, bench_hardening  # noqa: F401
 from splitveil.cli.protections import protections
 from splitveil.cli.generate_image import generate_image
+from splitveil.cli.link import link
 
 app = typer.Typer(
     name="splitveil",
@@ -27,6 +28,7 @@ app.command("serve")(serve.serve)
 app.command("edge")(edge.edge)
 app.command("demo")(demo.demo)
 app.command("protections")(protections)
+app.command("link")(link)
 app.add_typer(bench.app, name="bench")
 app.add_typer(attack.app, name="attack")
 app.add_typer(slip.app, name="slip")

@@ -76,6 +76,14 @@ def generate(
                              "masked group through executor and dealer) or device (computed here from the tied "
                              "embedding)."),
     load_format: LoadFormat = load_format_option(),
+    speculate: str = typer.Option("off", "--speculate", help="Speculative decoding: draft tokens on this device and "
+                                  "verify them in one pass through the split (one round trip for several tokens; the "
+                                  "rejected positions are rolled back). prompt-lookup: copy what followed the last "
+                                  "words earlier in the prompt or answer (summaries, rewrites); self: this device's head "
+                                  "and tail with the trunk skipped; off. Greedy output is unchanged; sampled output "
+                                  "keeps its distribution."),
+    draft_tokens: int = typer.Option(6, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
+                                     "pass verifies (adapted down when drafts are rejected)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
                                      "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
@@ -87,7 +95,8 @@ def generate(
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
     do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
     config_fields = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                     "top_k": top_k, "top_p": top_p, "seed": seed, "stop": tuple(stop or ())}
+                     "top_k": top_k, "top_p": top_p, "seed": seed, "stop": tuple(stop or ()), "speculate": speculate,
+                     "draft_tokens": draft_tokens}
     if (dealer is not None or head is not None) and protect not in (Protect.prompt.value, "slip"):
         raise ConfigError("--dealer and --head go with --protect prompt")
     if dealer is not None and dealer != "device":
@@ -110,6 +119,8 @@ def generate(
         raise ConfigError("--strength goes with --protect noise|permute|randcut")
     if protect is not None:
         protect = Protect.prompt if protect == "slip" else Protect(protect)
+        if speculate != "off":
+            raise ConfigError("--speculate with --protect prompt needs the mask dealer: add --dealer local (or a URL)")
         _check_protect(protect, split=split, no_split=no_split, wire=wire, sampling=do_sample or seed is not None,
                        stop=bool(stop), insecure=insecure, server=server, trust=bool(token_file or ca or pin))
         _generate_protected(model, prompt=prompt, split=split, max_new_tokens=max_new_tokens, chat=chat, server=server,
@@ -131,10 +142,7 @@ def generate(
     plan = SplitPlan.unsplit() if no_split else (SplitPlan.from_cuts(parse_cuts(split)) if split else None)
     from splitveil.edge.generate import GenerationConfig, SplitCausalLM
 
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, stop=tuple(stop or ()),
-    )
+    config = GenerationConfig(**config_fields)
     setup(threads)
     if server:
         runner = connect_server(server, model=model, plan=plan, token_file=token_file, ca=ca, pin=pin, wire=wire.value,
@@ -158,6 +166,8 @@ def _report(result, plan, *, wire: str, model: str, json_output: bool, protectio
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
             "round_trips": result.round_trips,
+            "round_trips_per_token": round(result.round_trips / max(len(result.token_ids), 1), 4),
+            "speculation": result.speculation,
             "seconds": round(result.seconds, 6),
             "prefill_seconds": round(result.prefill_seconds, 6),
             "decode_seconds": round(result.decode_seconds, 6),
@@ -177,6 +187,10 @@ def _report(result, plan, *, wire: str, model: str, json_output: bool, protectio
         f"plan {plan.describe()}, wire {wire}, up {result.bytes_up} B, down {result.bytes_down} B "
         f"({result.bytes_up / steps:.0f} / {result.bytes_down / steps:.0f} B per token), {result.round_trips} round trips[/dim]"
     )
+    if result.speculation:
+        spec = result.speculation
+        err_console.print(f"[dim]speculation {spec['drafter']}: {spec['accepted']} of {spec['drafted']} drafted tokens "
+                          f"accepted, {spec['tokens_per_pass']} tokens per pass over {spec['passes']} passes[/dim]")
     if protection:
         err_console.print(f"[dim]protection {protection['name']} (strength {protection['strength']:g}): the cloud holds "
                           f"{protection['cloud_holds']}; {'; '.join(protection['assumptions'])}[/dim]")
@@ -290,7 +304,8 @@ def _generate_dealt(model: str, *, prompt: str, split, dealer: str, head: str, s
                     "prompt_tokens": len(result.prompt_ids), "model": model, "protect": "prompt",
                     "offloaded_layers": list(slip_config.layers), "load_format": load_format,
                     "bytes_up": result.bytes_up, "bytes_down": result.bytes_down, "round_trips": result.round_trips,
-                    "seconds": round(result.seconds, 6), "prefill_seconds": round(result.prefill_seconds, 6),
+                    "round_trips_per_token": round(result.round_trips / max(len(result.token_ids), 1), 4),
+                    "speculation": result.speculation, "seconds": round(result.seconds, 6), "prefill_seconds": round(result.prefill_seconds, 6),
                     "decode_seconds": round(result.decode_seconds, 6), **result.cost_fields(), **figures})
         return
     typer.echo(result.text)

@@ -21,6 +21,7 @@ from splitveil.serve.service import PartService
 from splitveil.transport.base import Transport
 from splitveil.transport.loopback import LoopbackTransport
 from splitveil.edge.sampling import select_token
+from splitveil.edge.speculative import Sampling
 from splitveil.wire.codecs import FLOAT_CODECS
 from splitveil.edge.remote import RemoteStage
 
@@ -37,6 +38,8 @@ class GenerationConfig:
     seed: int | None = None  # sampling seed (None = nondeterministic)
     eos_token_ids: tuple[int, ...] | None = None  # None = the model's own end-of-sequence tokens
     stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
+    speculate: str = "off"  # a drafter (edge.speculative.DRAFTERS: prompt-lookup, self) or "off"
+    draft_tokens: int = 6  # the most drafted tokens one verification pass checks
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -47,6 +50,12 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.speculate != "off":
+            from splitveil.edge.speculative import DRAFTERS
+
+            DRAFTERS.get(self.speculate)  # a ConfigError naming the drafters there are
+        if not 1 <= self.draft_tokens <= 64:
+            raise ConfigError(f"draft_tokens must be between 1 and 64, got {self.draft_tokens}")
 
 
 @dataclass
@@ -69,11 +78,12 @@ class GenerationResult:
     cpu_seconds_decode: float = 0.0  # ... and during the decode steps (token selection included)
     peak_rss_bytes: int = 0  # this process's peak resident set size when the generation ended
     weight_bytes_resident: int = 0  # model weights this process holds (meta parts excluded, tied weights once)
+    speculation: dict | None = None  # with --speculate: drafter, passes, drafted and accepted tokens, tokens per pass
 
     @property
     def decode_tokens(self) -> int:
-        """Tokens made by decode steps (the first token comes from the prefill)."""
-        return len(self.step_seconds)
+        """Tokens made by decode steps (the first token comes from the prefill; a speculative pass makes several)."""
+        return max(len(self.token_ids) - 1, 0)
 
     def cost_fields(self) -> dict:
         """What the generation cost this process, as every `generate --json` reports it (so any two runs compare)."""
@@ -139,15 +149,30 @@ class _Monolithic:
 
     def __init__(self, model):
         self.model = model
+        self.last_logits_only = True
 
     def reset(self) -> None:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
 
+    @property
+    def positions(self) -> int:
+        return self.cache.get_seq_length()
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` positions of the KV cache (speculative decoding's rollback)."""
+        if not 0 <= length <= self.positions:
+            raise ConfigError(f"cannot keep {length} of {self.positions} positions")
+        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise ConfigError("this model has sliding-window layers, whose cache cannot roll back")
+        if length < self.positions:
+            self.cache.crop(length - self.positions)  # transformers' crop takes the (negative) positions to drop
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        output = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1 if self.last_logits_only else 0)
         return output.logits
 
 
@@ -300,12 +325,42 @@ class SplitCausalLM:
             if isinstance(stage, RemoteStage):
                 stage.close()
 
-    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Runs new positions [1, T] through every stage; returns the next-token logits [V]."""
+    def step(self, input_ids: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
+        """Runs new positions [1, T] through every stage; returns the next-token logits [V] (with `all_positions`:
+        [T, V], the logits after every new position, which the last stage must then run on this device)."""
         x = input_ids
-        for stage in self.stages:
+        for stage in self.stages[:-1]:
             x = stage(x)
-        return x[0, -1]
+        last = self.stages[-1]
+        if not all_positions:
+            return last(x)[0, -1]
+        if isinstance(last, RemoteStage):
+            raise ConfigError("verifying drafts needs every position's logits: the LM head must run on this device")
+        part = getattr(last, "stage", last)  # a defended stage wraps the part
+        keep, part.last_logits_only = part.last_logits_only, False
+        try:
+            return last(x)[0]
+        finally:
+            part.last_logits_only = keep
+
+    def truncate(self, length: int) -> None:
+        """Rolls every stage back to its first `length` positions (a remote one with the next forward)."""
+        for stage in self.stages:
+            stage.truncate(length)
+
+    def _check_speculation(self) -> None:
+        """Raises a ConfigError when this split cannot verify drafts (no logits at every position here, a cut
+        defence, or caches that cannot roll back)."""
+        from splitveil.edge.defended import DefendedStage
+
+        if any(isinstance(stage, DefendedStage) for stage in self.stages):
+            raise ConfigError("speculative decoding does not run with a cut defence yet; use --speculate off")
+        if isinstance(self.stages[-1], RemoteStage):
+            raise ConfigError("speculative decoding needs the LM head on this device (a Λ-split, or the unsplit "
+                              "model); this plan runs it remotely")
+        if not self.splittable.can_roll_back:
+            raise ConfigError("this model has sliding-window or linear-attention layers, whose caches cannot roll "
+                              "back rejected drafts; use --speculate off")
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
@@ -374,11 +429,33 @@ class SplitCausalLM:
         stops = StopStrings(self.tokenizer, config.stop) if any(config.stop) else None
         stats_before = self.transport.stats.snapshot() if self.transport is not None else None
 
+        speculation = None
+        if config.speculate != "off":
+            self._check_speculation()
+
         self._begin()
         generated: list[int] = []
         step_seconds: list[float] = []
         finish = "length"
         text_end = None
+
+        def emit(token: int) -> bool:
+            """Appends a generated token; True when the generation ends with it."""
+            nonlocal finish, text_end
+            generated.append(token)
+            if on_token is not None:
+                on_token(generated)
+            if token in eos_ids:
+                finish = "eos"
+                return True
+            if stops is not None:
+                text_end = stops.find(generated)
+                if text_end is not None:
+                    finish = "stop"
+                    return True
+            return len(generated) >= config.max_new_tokens
+
+        sampling = Sampling(config.do_sample, config.temperature, config.top_k, config.top_p, generator)
         started = time.perf_counter()
         cpu_started = time.process_time()
         try:
@@ -386,31 +463,17 @@ class SplitCausalLM:
             prefill_done = time.perf_counter()
             cpu_prefill_done = time.process_time()
             after_prefill = self.transport.stats.snapshot() if self.transport is not None else None
-            while True:
-                token = select_token(
-                    logits,
-                    do_sample=config.do_sample,
-                    temperature=config.temperature,
-                    top_k=config.top_k,
-                    top_p=config.top_p,
-                    generator=generator,
-                )
-                generated.append(token)
-                if on_token is not None:
-                    on_token(generated)
-                if token in eos_ids:
-                    finish = "eos"
-                    break
-                if stops is not None:
-                    text_end = stops.find(generated)
-                    if text_end is not None:
-                        finish = "stop"
-                        break
-                if len(generated) >= config.max_new_tokens:
-                    break
-                step_started = time.perf_counter()
-                logits = self.step(torch.tensor([[token]], dtype=torch.long))
-                step_seconds.append(time.perf_counter() - step_started)
+            token = select_token(logits, do_sample=config.do_sample, temperature=config.temperature,
+                                 top_k=config.top_k, top_p=config.top_p, generator=generator)
+            if config.speculate == "off":
+                while not emit(token):
+                    step_started = time.perf_counter()
+                    logits = self.step(torch.tensor([[token]], dtype=torch.long))
+                    step_seconds.append(time.perf_counter() - step_started)
+                    token = select_token(logits, do_sample=config.do_sample, temperature=config.temperature,
+                                         top_k=config.top_k, top_p=config.top_p, generator=generator)
+            else:
+                speculation = self._speculate(prompt_ids, token, generated, emit, config, sampling, step_seconds)
             finished = time.perf_counter()
             cpu_finished = time.process_time()
             decoded = self.transport.stats.since(after_prefill) if self.transport is not None else None
@@ -442,7 +505,49 @@ class SplitCausalLM:
             cpu_seconds_decode=cpu_finished - cpu_prefill_done,
             peak_rss_bytes=peak_rss_bytes(),
             weight_bytes_resident=resident_weight_bytes(self.model),
+            speculation=speculation.to_dict(len(generated)) if speculation is not None else None,
         )
+
+    def _speculate(self, prompt_ids: list[int], token: int, generated: list[int], emit, config: GenerationConfig,
+                   sampling, step_seconds: list[float]):
+        """The decode loop with drafts (see `edge.speculative`): each pass sends the last token and the drafts through
+        the split at once, keeps what the model agrees with plus one token of its own, and rolls back the rest."""
+        from splitveil.edge.speculative import DraftLength, SpeculationStats, accept, make_drafter
+
+        drafter = make_drafter(config.speculate, self)
+        length = DraftLength(config.draft_tokens)
+        stats = SpeculationStats(config.speculate, config.draft_tokens)
+        try:
+            done = emit(token)
+            while not done:
+                context = prompt_ids + generated
+                held = len(context) - 1  # positions every stage holds: all but the newest token
+                count = length.next(config.max_new_tokens - len(generated))
+                drafts, q = drafter.draft(context, count, sampling) if count else ([], None)
+                step_started = time.perf_counter()
+                if drafts:
+                    logits = self.step(torch.tensor([[token, *drafts]], dtype=torch.long), all_positions=True)
+                    new = accept(logits, drafts, q, sampling)
+                    if len(new) <= len(drafts):  # a draft was rejected: its position and those after it go
+                        self.truncate(held + len(new))
+                else:
+                    logits = self.step(torch.tensor([[token]], dtype=torch.long))
+                    new = [select_token(logits, do_sample=sampling.do_sample, temperature=sampling.temperature,
+                                        top_k=sampling.top_k, top_p=sampling.top_p, generator=sampling.generator)]
+                step_seconds.append(time.perf_counter() - step_started)
+                stats.passes += 1
+                if drafts:
+                    stats.passes_with_drafts += 1
+                    stats.drafted += len(drafts)
+                    stats.accepted += len(new) - 1
+                length.update(len(drafts), len(new) - 1)
+                for token in new:
+                    done = emit(token)
+                    if done:
+                        break
+        finally:
+            drafter.close()
+        return stats
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ class RemoteStage(ClientSession):
         self.keep_replies = False  # keep what the remote part returned too (to show what the server could read)
         self.replies: list[torch.Tensor] = []
         self.recoveries = 0
+        self.pending_truncate: int | None = None  # a rollback the next forward sends first (pipelined with it)
 
     echoes_part = True
 
@@ -86,7 +87,28 @@ class RemoteStage(ClientSession):
     def open(self) -> dict:
         info = super().open()
         self.history, self.replies = [], []
+        self.pending_truncate = None
         return info
+
+    @property
+    def positions(self) -> int:
+        """Positions the remote part holds in this session (what a replay would send)."""
+        return sum(h.shape[1] for h in self.history)
+
+    def truncate(self, length: int) -> None:
+        """Rolls the remote part back to its first `length` positions (speculative decoding's rejected positions).
+
+        Lazy: the TRUNCATE frame goes out with the next forward, posted just before it on the same connection, so a
+        rollback costs no round trip of its own. The history (what a replay sends) is cut at once."""
+        held = self.positions
+        if not 0 <= length <= held:
+            raise ConfigError(f"cannot keep {length} positions of a remote part that holds {held}")
+        if length == held:
+            return
+        self.history = [torch.cat(self.history, dim=1)[:, :length]] if length else []
+        if self.keep_replies and self.replies and not self.ends_model:  # what the server returned, for those positions
+            self.replies = [torch.cat(self.replies, dim=1)[:, :length]] if length else []
+        self.pending_truncate = length
 
     @property
     def max_positions(self) -> int:
@@ -98,7 +120,21 @@ class RemoteStage(ClientSession):
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
-        for chunk in torch.split(hidden, self.max_positions, dim=1):
+        chunks = list(torch.split(hidden, self.max_positions, dim=1))
+        if self.pending_truncate is not None:
+            length, self.pending_truncate = self.pending_truncate, None
+            keep = torch.tensor([length], dtype=torch.int64)
+            if self.transport.can_pipeline:  # TRUNCATE and the first chunk leave together: one round trip for both
+                truncate = self.post(keep, codec="int64", kind=FrameKind.TRUNCATE, part=self.part_index)
+                chunk = chunks.pop(0)
+                first = self.post(chunk, codec=self.codec, part=self.part_index)
+                self.collect(truncate, expected_shape=None, overlapped=True)
+                outputs.append(self.collect(first, expected_shape=self.expected_output_shape(tuple(chunk.shape))).tensor)
+            else:
+                self._call(Frame(FrameKind.TRUNCATE, keep, codec="int64", session=self.session, seq=self.seq,
+                                 part=self.part_index))
+                self.seq += 1
+        for chunk in chunks:
             outputs.append(self.request(chunk, codec=self.codec, part=self.part_index,
                                         expected_shape=self.expected_output_shape(tuple(chunk.shape))).tensor)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -31,6 +31,11 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
+def token_probabilities(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sampling draws from: softmax after temperature, top-k and top-p (logits [..., V])."""
+    return top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p).softmax(-1)
+
+
 def select_token(
     logits: torch.Tensor,  # [V]
     *,
@@ -44,6 +49,5 @@ def select_token(
     logits = logits.float()
     if not do_sample:
         return int(torch.argmax(logits))
-    logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
-    probs = logits.softmax(-1)
+    probs = token_probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -144,6 +144,13 @@ class CausalLMSplittable(Splittable):
         return self.base._modules[self.layers_attr]
 
     @property
+    def can_roll_back(self) -> bool:
+        """Whether every layer's cache can drop its last positions (full attention only; speculative decoding)."""
+        from splitveil.models.kv_cache import BufferedLayer
+
+        return all(type(layer) is BufferedLayer for layer in _new_cache(self, 0, self.num_blocks).layers)
+
+    @property
     def final_norm(self) -> nn.Module:
         return self.base._modules[self.norm_attr]
 
@@ -256,6 +263,19 @@ class CausalLMPart(Part):
     def state_bytes(self) -> int:
         """Bytes of memory this part's KV cache keeps alive (its own buffers, spare capacity included)."""
         return self.cache.state_bytes() if self.cache is not None else 0
+
+    @property
+    def positions(self) -> int:
+        return self.seq_len
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` positions of the KV cache (ConfigError when out of range, or for layers that
+        cannot roll back: sliding-window, linear attention); the part then continues at position `length`."""
+        if not 0 <= length <= self.seq_len:
+            raise ConfigError(f"cannot keep {length} positions of a part that holds {self.seq_len}")
+        if self.cache is not None:
+            self.cache.truncate(length)
+        self.seq_len = length
 
     def clone(self) -> "CausalLMPart":
         return CausalLMPart(self.owner, self.start, self.end, last_logits_only=self.last_logits_only)

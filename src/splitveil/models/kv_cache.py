@@ -121,6 +121,14 @@ class BufferedLayer(DynamicLayer):
             setattr(self, name, new)
         self._start, self._end = 0, kept
 
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` positions (the rest of the buffers becomes spare capacity)."""
+        if not 0 <= length <= self.get_seq_length():
+            raise ConfigError(f"cannot keep {length} of {self.get_seq_length()} positions")
+        if self.is_initialized:
+            self._end = self._start + length
+        self.cumulative_length = length
+
     # -- sizes -------------------------------------------------------------------------------------------------
 
     def get_seq_length(self) -> int:
@@ -166,6 +174,9 @@ class BufferedSlidingLayer(BufferedLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a sliding-window part cache cannot be cropped")
 
+    def truncate(self, length: int) -> None:
+        raise ConfigError("a sliding-window layer keeps only its last positions: it cannot roll back")
+
 
 def _buffered(layer):
     """The buffered equivalent of a transformers cache layer; layers of other kinds are kept as they are."""
@@ -204,6 +215,15 @@ class PartCache(DynamicCache):
             else:
                 total += _storage_bytes(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
         return total
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` positions of every layer (ConfigError, and nothing changed, when a layer
+        cannot: sliding-window and linear-attention layers)."""
+        for layer in self.layers:
+            if type(layer) is not BufferedLayer:
+                raise ConfigError(f"a {type(layer).__name__} cannot roll back: this part's cache cannot be truncated")
+        for layer in self.layers:
+            layer.truncate(length)
 
     def forked(self, batch: int) -> "PartCache":
         """A cache holding this one's content repeated `batch` times (for candidate continuations), own memory."""

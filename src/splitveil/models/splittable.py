@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from splitveil.core.errors import ConfigError
+
 
 class Part(ABC):
     """A contiguous range of segments that runs on its own and keeps its own state."""
@@ -35,6 +37,17 @@ class Part(ABC):
         A server counts this against its memory budget, so it must include every byte the state keeps alive.
         """
         return 0
+
+    @property
+    def positions(self) -> int:
+        """Positions this part's state holds (0 for a stateless part)."""
+        return 0
+
+    def truncate(self, length: int) -> None:
+        """Keeps the state of the first `length` positions only (speculative decoding rolls back the positions it
+        rejected). A part that cannot raises ConfigError; a stateless part has nothing to roll back."""
+        if self.positions:
+            raise ConfigError(f"{type(self).__name__} cannot roll back its state")
 
     @abstractmethod
     def clone(self) -> "Part":

@@ -279,7 +279,7 @@ class RelayService:
                     log.debug("rerouted a frame: %d reroutes so far, longest %.3f s", self.reroutes, self.longest_reroute)
                 if work.opening and len(reply) >= HEADER_FIXED_BYTES and reply[3] == FrameKind.OK:
                     self.sessions[work.session_id] = time.monotonic()
-                elif reply[3:4] == bytes([FrameKind.OK]) and not work.opening:  # CLOSE answered
+                elif reply[3:4] == bytes([FrameKind.OK]) and work.data[3:4] == bytes([FrameKind.CLOSE]):  # CLOSE answered
                     self.sessions.pop(work.session_id, None)
                 return reply
             if status == FULL:  # Ray placed the new session by stale counts: draw a new id, so it is placed again

@@ -136,7 +136,8 @@ class SplitServer:
         session_id: bytes | None = None
         try:
             async for message in websocket:
-                is_open = isinstance(message, bytes) and len(message) > 3 and message[3] == FrameKind.OPEN
+                kind_sent = message[3] if isinstance(message, bytes) and len(message) > 3 else None
+                is_open, is_close = kind_sent == FrameKind.OPEN, kind_sent == FrameKind.CLOSE
                 if isinstance(message, str):
                     await websocket.send(encode_frame(error_frame("frames must be binary messages")))
                     break
@@ -152,7 +153,7 @@ class SplitServer:
                     if is_open:  # this connection now owns the new session
                         session_id = bytes(reply[8:24])
                         self.connections[session_id] = websocket
-                    else:  # CLOSE of its own session (the only one it may close)
+                    elif is_close:  # CLOSE of its own session (the only one it may close); a TRUNCATE keeps it
                         self.connections.pop(session_id, None)
                         session_id = None
         except ConnectionClosed:

@@ -133,6 +133,11 @@ class SessionService:
             if frame.kind == FrameKind.CLOSE:
                 self.close_session(frame.session)
                 return None, encode_frame(Frame(FrameKind.OK, session=frame.session, seq=frame.seq))
+            if frame.kind == FrameKind.TRUNCATE:
+                self._truncate(session, frame)
+                session.next_seq += 1
+                session.last_active = time.monotonic()
+                return None, encode_frame(Frame(FrameKind.OK, session=frame.session, seq=frame.seq))
             if frame.kind != FrameKind.FORWARD:
                 raise WireError(f"a client may not send {frame.kind.name} frames")
             work = self._admit_forward(session, frame)  # checks the frame and counts it against the limits
@@ -157,6 +162,10 @@ class SessionService:
 
     def _run_one(self, work) -> bytes:
         raise NotImplementedError
+
+    def _truncate(self, session: SessionState, frame: Frame) -> None:
+        """Rolls a session's state back (TRUNCATE); a service without per-position state refuses it."""
+        raise WireError("this server keeps no positions to roll back")
 
     def _failure_message(self, error: Exception) -> str:
         """What the client is told when computing its frame failed (nothing internal by default)."""
@@ -352,6 +361,34 @@ class PartService(SessionService):
             raise WireError(f"batch of {tensor.shape[0]} exceeds the limit of {self.max_batch}")
         if session.tokens + self._positions(frame) > self.max_tokens:
             raise WireError(f"the session would exceed its limit of {self.max_tokens} positions (rows x positions)")
+
+    def _truncate(self, session: Session, frame: Frame) -> None:
+        """TRUNCATE: part `frame.part` of the session keeps its first N positions (N: the int64 [1] payload), for
+        speculative decoding's rejected positions. Checked first, so a refused frame changes nothing: the sequence
+        number, the part, the payload, N <= the positions held, and no FORWARD of the session waiting for compute
+        (the compute thread may be using its caches; a client waits for its replies before rolling back)."""
+        if frame.seq != session.next_seq:
+            raise WireError(f"frame out of order: expected sequence number {session.next_seq}, got {frame.seq}")
+        part = session.parts.get(frame.part)
+        if part is None:
+            raise WireError(f"this server does not run part {frame.part}")
+        if frame.part in self.input_shapes:
+            raise WireError(f"part {frame.part} keeps no positions to roll back")
+        tensor = frame.tensor
+        if tensor is None or frame.codec != "int64" or tuple(tensor.shape) != (1,):
+            raise WireError("a truncate frame carries one int64: the positions to keep")
+        length = int(tensor[0])
+        if not 0 <= length <= part.positions:
+            raise WireError(f"cannot keep {length} positions: part {frame.part} of this session holds {part.positions}")
+        with self._lock:
+            if session.in_flight:
+                raise WireError("cannot roll back while a forward of this session waits for compute")
+        rows = max(1, session.tokens // max(1, sum(p.positions for p in session.parts.values())))  # batch rows
+        try:
+            part.truncate(length)
+        except SplitveilError as error:
+            raise WireError(error.message) from None
+        session.tokens = rows * sum(p.positions for p in session.parts.values())
 
     def _positions(self, frame: Frame) -> int:
         """What a FORWARD counts against the limits: rows x positions of hidden states, or rows of shaped inputs."""

@@ -57,8 +57,14 @@ class Transport(ABC):
         self._post(frame)
         self._pending.append(frame)
 
-    def collect(self) -> bytes:
-        """The reply to the oldest posted frame (counted as one round trip)."""
+    @property
+    def can_pipeline(self) -> bool:
+        """Whether `post` / `collect` work here (a backend that implements `_post`)."""
+        return type(self)._post is not Transport._post
+
+    def collect(self, *, overlapped: bool = False) -> bytes:
+        """The reply to the oldest posted frame, counted as one round trip unless `overlapped` (its wait overlapped
+        a later posted request's: e.g. a TRUNCATE posted just before a FORWARD costs no round trip of its own)."""
         if not self._pending:
             raise TransportError("no posted request is waiting for a reply")
         frame = self._pending[0]
@@ -68,7 +74,7 @@ class Transport(ABC):
             self._pending.clear()  # the connection's order is lost with it
             raise
         self._pending.popleft()
-        return self._received(frame, reply)
+        return self._received(frame, reply, overlapped=overlapped)
 
     @property
     def in_flight(self) -> int:
@@ -81,12 +87,12 @@ class Transport(ABC):
     def _collect(self) -> bytes:
         raise TransportError(f"{type(self).__name__} cannot pipeline requests")
 
-    def _received(self, frame: bytes, reply: bytes) -> bytes:
+    def _received(self, frame: bytes, reply: bytes, *, overlapped: bool = False) -> bytes:
         if self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:
             raise TransportError(f"a reply of {len(reply)} bytes exceeds the {self.max_reply_bytes} bytes this request "
                                  "can produce")
         self.stats.bytes_down += len(reply)
-        self.stats.round_trips += 1
+        self.stats.round_trips += 0 if overlapped else 1
         for observer in self.observers:
             observer(frame, reply)
         return reply

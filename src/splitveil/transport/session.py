@@ -155,21 +155,21 @@ class ClientSession:
         self.seq += 1
         return reply
 
-    def post(self, tensor, *, codec: str) -> Frame:
-        """Sends `tensor` as the session's next FORWARD without waiting for the reply (the transport must pipeline);
-        `collect` returns the checked RESULTs in the order they were posted. Returns the frame sent."""
-        frame = Frame(FrameKind.FORWARD, tensor, codec=codec, session=self.session, seq=self.seq)
+    def post(self, tensor, *, codec: str, kind: FrameKind = FrameKind.FORWARD, part: int = 0) -> Frame:
+        """Sends `tensor` as the session's next FORWARD (or `kind`) without waiting for the reply (the transport must
+        pipeline); `collect` returns the checked replies in the order they were posted. Returns the frame sent."""
+        frame = Frame(kind, tensor, codec=codec, session=self.session, seq=self.seq, part=part)
         self.transport.post(encode_frame(frame))
         self.seq += 1
         return frame
 
-    def collect(self, frame: Frame, *, expected_shape: tuple[int, ...]) -> Frame:
-        """The checked RESULT of `frame`, the oldest request `post` sent, bounded by `expected_shape` while it
-        arrives."""
+    def collect(self, frame: Frame, *, expected_shape: tuple[int, ...] | None, overlapped: bool = False) -> Frame:
+        """The checked reply of `frame`, the oldest request `post` sent, bounded by `expected_shape` while it
+        arrives (None: an OK or ERROR frame)."""
         limit = self._reply_limit(frame, expected_shape, None)
         previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
         try:
-            data = self.transport.collect()
+            data = self.transport.collect(overlapped=overlapped)
         finally:
             self.transport.max_reply_bytes = previous
         return self._checked_reply(frame, data, limit, expected_shape)

@@ -47,6 +47,7 @@ class FrameKind(IntEnum):
     CLOSE = 4  # client -> server: end the session
     ERROR = 5  # server -> client: payload is a UTF-8 message (uint8 codec)
     OK = 6  # server -> client: acknowledgement without a tensor
+    TRUNCATE = 7  # client -> server: keep the first N positions of a part's state (payload: int64 [1] = N); reply OK
 
 
 @dataclass(frozen=True)

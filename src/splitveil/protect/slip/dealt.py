@@ -396,9 +396,9 @@ class DealtDevice:
         steps: list[tuple[float, int]] = []  # per forward: (seconds blocked on the dealer, executor round trips)
         forward = self.runner.step
 
-        def counted(input_ids):
+        def counted(input_ids, **options):
             waited, trips = self.dealer.wait_seconds, self.transport.stats.round_trips
-            logits = forward(input_ids)
+            logits = forward(input_ids, **options)
             steps.append((self.dealer.wait_seconds - waited, self.transport.stats.round_trips - trips))
             return logits
 

@@ -1,0 +1,247 @@
+"""Speculative decoding across a split: draft on the device, verify k positions in one pass through the split.
+
+Every decode step of a split costs one round trip to the cloud (SLIP's masked deployment: one per offloaded linear
+group). A *drafter* on the device guesses the next k tokens; the device then sends the last token and the k drafts
+through the split as one k+1-position forward (one round trip; SLIP: one masked pass per group), reads the logits at
+every position from its own tail, and keeps the longest prefix of drafts the model agrees with plus one token of
+its own. The positions it rejected are rolled back in every part (the cloud's by a TRUNCATE frame, sent with the
+next forward). Greedy output is the model's own greedy output; sampled output has the distribution of sequential
+sampling (the speculative sampling rule: accept a draft x with probability min(1, p(x) / q(x)), otherwise sample
+from the normalised max(0, p - q)), where p is the model's distribution after temperature, top-k and top-p and q
+the drafter's.
+
+Drafters (`DRAFTERS`): `prompt-lookup` (the continuation of the latest earlier occurrence of the last n tokens in
+the prompt and the answer so far; deterministic, q is one-hot), `self` (the device's own head and tail with the
+trunk skipped: no weights beyond what the device holds). `DraftLength` adapts k to how many drafts are accepted and
+backs off (drafts nothing for a while) when acceptance is low, so a prompt the drafter cannot predict costs little.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from splitveil.core.errors import ConfigError
+from splitveil.core.registry import Registry
+from splitveil.edge.sampling import token_probabilities
+
+DRAFTERS: Registry = Registry("drafter")
+SPECULATE_CHOICES = ("off", "prompt-lookup", "self")
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen: greedy, or sampled from the processed distribution with `generator`."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return token_probabilities(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+class Drafter(ABC):
+    """Guesses the next tokens on the device."""
+
+    name = "drafter"
+
+    @abstractmethod
+    def draft(self, context: list[int], count: int, sampling: Sampling) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `count` tokens that may follow `context` (prompt and answer so far), and the distribution each was
+        drawn from ([n, V]), or None when the drafts are deterministic (q one-hot on each draft)."""
+
+    def close(self) -> None:
+        """Releases what the drafter holds (its caches)."""
+
+
+@DRAFTERS.register("prompt-lookup")
+class PromptLookup(Drafter):
+    """The tokens that followed the latest earlier occurrence of the context's last n tokens (n = `max_ngram` down
+    to `min_ngram`): answers that copy from the prompt (summaries, rewrites, code edits) are drafted for free."""
+
+    name = "prompt-lookup"
+
+    def __init__(self, lm=None, *, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def draft(self, context: list[int], count: int, sampling: Sampling) -> tuple[list[int], None]:
+        length = len(context)
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            tail = context[length - n :]
+            for start in range(length - n - 1, -1, -1):  # latest occurrence first
+                if context[start : start + n] == tail:
+                    follow = context[start + n : start + n + count]
+                    if follow:
+                        return follow, None
+        return [], None
+
+
+@DRAFTERS.register("self")
+class SelfDraft(Drafter):
+    """The device's own head and tail with the trunk skipped (a Λ-split's edge parts, own KV caches): drafts cost
+    the device a few layers per token and no weight beyond its own. Cheap, but weak on a model whose trunk does most
+    of the work: `DraftLength` backs off when its drafts are rejected."""
+
+    name = "self"
+
+    def __init__(self, lm):
+        from splitveil.models.splittable import Part
+
+        stages = lm.stages
+        if len(stages) != 3 or not isinstance(stages[0], Part) or not isinstance(stages[-1], Part):
+            raise ConfigError("--speculate self needs a Λ-split with head and tail on this device (two cuts); use "
+                              "--speculate prompt-lookup")
+        self.head, self.tail = stages[0].clone(), stages[-1].clone()
+        self.tail.last_logits_only = True
+        self.fed: list[int] = []  # tokens whose positions the drafter's caches hold
+
+    @torch.inference_mode()
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        logits = self.tail(self.head(torch.tensor([tokens], dtype=torch.long)))
+        self.fed += tokens
+        return logits[0, -1]
+
+    def draft(self, context: list[int], count: int, sampling: Sampling) -> tuple[list[int], torch.Tensor | None]:
+        common = 0
+        for a, b in zip(self.fed, context[:-1]):  # the last context token is fed again: its logits are needed
+            if a != b:
+                break
+            common += 1
+        if common < len(self.fed):
+            self.head.truncate(common)
+            self.tail.truncate(common)
+            self.fed = self.fed[:common]
+        logits = self._feed(context[common:])
+        drafts, dists = [], []
+        for index in range(count):
+            if sampling.do_sample:
+                probs = sampling.probabilities(logits)
+                token = int(torch.multinomial(probs, 1, generator=sampling.generator))
+                dists.append(probs)
+            else:
+                token = int(torch.argmax(logits.float()))
+            drafts.append(token)
+            if index + 1 < count:
+                logits = self._feed([token])
+        return drafts, (torch.stack(dists) if dists else None)
+
+    def close(self) -> None:
+        self.head.reset()
+        self.tail.reset()
+        self.fed = []
+
+
+def make_drafter(name: str, lm) -> Drafter:
+    return DRAFTERS.get(name)(lm)
+
+
+def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, sampling: Sampling) -> list[int]:
+    """The tokens one verification pass yields: the accepted drafts, then one token of the model's own.
+
+    Args:
+        logits: [k + 1, V]: row i is the model's next-token logits after the pass's i-th position (the last
+            committed token, then each draft).
+        drafts: the k drafts.
+        q: [k, V] the distribution each draft was drawn from, or None for deterministic drafts (one-hot).
+        sampling: greedy, or the sampling settings and generator.
+
+    Greedy: drafts are accepted while they equal the model's argmax, and the argmax at the first mismatch (or after
+    the last draft) is the extra token, so the output is the model's greedy output. Sampling: the speculative
+    sampling rule, whose output has the model's distribution whatever q is.
+    """
+    out: list[int] = []
+    for index, draft in enumerate(drafts):
+        row = logits[index].float()
+        if not sampling.do_sample:
+            token = int(torch.argmax(row))
+            out.append(token)
+            if token != draft:
+                return out
+            continue
+        p = sampling.probabilities(row)
+        q_row = None if q is None else q[index].float()
+        q_draft = 1.0 if q_row is None else float(q_row[draft])
+        ratio = float(p[draft]) / q_draft if q_draft > 0 else 0.0
+        if float(torch.rand((), generator=sampling.generator)) < min(1.0, ratio):
+            out.append(draft)
+            continue
+        residual = p.clone()
+        if q_row is None:
+            residual[draft] = 0.0
+        else:
+            residual = (residual - q_row).clamp_min(0.0)
+        total = float(residual.sum())
+        residual = residual / total if total > 0 else p
+        out.append(int(torch.multinomial(residual, 1, generator=sampling.generator)))
+        return out
+    last = logits[len(drafts)].float()
+    if sampling.do_sample:
+        out.append(int(torch.multinomial(sampling.probabilities(last), 1, generator=sampling.generator)))
+    else:
+        out.append(int(torch.argmax(last)))
+    return out
+
+
+@dataclass
+class DraftLength:
+    """How many tokens to draft next: grows while every draft is accepted, shrinks when some are rejected, and
+    pauses drafting (a plain one-token step) for a while when the recent acceptance rate is low, doubling the pause
+    each time it stays low."""
+
+    limit: int  # the most drafts per pass (--draft-tokens)
+    low_rate: float = 0.25  # accepted / drafted over the recent passes, below which drafting pauses
+    window: int = 6  # passes with drafts that make "recent"
+    current: int = 0
+    pause: int = 0  # steps left without drafting
+    next_pause: int = 4
+    recent: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not 1 <= self.limit <= 64:
+            raise ConfigError(f"--draft-tokens must be between 1 and 64, got {self.limit}")
+        self.current = self.limit
+
+    def next(self, room: int) -> int:
+        """Drafts for the next pass, with `room` tokens still allowed (a pass yields at most drafts + 1)."""
+        if self.pause > 0:
+            self.pause -= 1
+            return 0
+        return max(0, min(self.current, room - 1))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.current = min(self.limit, self.current + 2) if accepted == drafted else max(1, accepted + 1)
+        self.recent = (self.recent + [(drafted, accepted)])[-self.window :]
+        drafted_recent = sum(d for d, _ in self.recent)
+        if drafted_recent >= self.window and sum(a for _, a in self.recent) < self.low_rate * drafted_recent:
+            self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, 64)
+            self.recent = []
+        elif accepted >= max(1, drafted // 2):
+            self.next_pause = 4
+
+
+@dataclass
+class SpeculationStats:
+    """What `--json` reports of speculative decoding."""
+
+    drafter: str
+    draft_tokens: int
+    passes: int = 0  # forward passes after the prefill (each one round trip per remote party)
+    passes_with_drafts: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def to_dict(self, generated: int) -> dict:
+        decode_tokens = max(generated - 1, 0)
+        return {"drafter": self.drafter, "draft_tokens": self.draft_tokens, "passes": self.passes,
+                "passes_with_drafts": self.passes_with_drafts, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None,
+                "tokens_per_pass": round(decode_tokens / self.passes, 4) if self.passes else None}
