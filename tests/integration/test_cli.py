@@ -40,6 +40,13 @@ def expect_one_line_error(args: list[str], expected: str, capsys) -> None:
         (["generate", "--split", "2,28"], "--prompt"),
         (["generate", "--model", "/", "--split", "2,28", "--prompt", "hi"], "not a Hugging Face model directory"),
         (["generate", "--split", "2,28", "--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        (["generate", "--split", "2,28", "--prompt", "hi", "--speculate", "oracle"], "unknown drafter 'oracle'"),
+        (["generate", "--split", "2,28", "--prompt", "hi", "--draft-tokens", "0"], "--draft-tokens"),
+        (["generate", "--split", "2,28", "--prompt", "hi", "--protect", "prompt", "--speculate", "prompt-lookup"],
+         "add --dealer local"),
+        (["link", "--listen", "nowhere", "--to", "127.0.0.1:1"], "--listen must be HOST:PORT"),
+        (["link", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:1", "--rtt", "10", "--jitter", "9"], "--jitter"),
+        (["link", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:1", "--bw", "0"], "--bw"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, expected, capsys):
@@ -65,6 +72,21 @@ def test_cut_out_of_range_for_the_real_model():
     proc = run_cli("generate", "--split", "2,31", "--prompt", "hi")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["splitveil: error: cut 31 is out of range: this model has 30 blocks, cuts go from 0 to 30"]
+
+
+@pytest.mark.model
+def test_speculative_generation_of_the_real_model_equals_sequential():
+    """A copy-heavy chat prompt through the Λ-split: prompt lookup accepts drafts, and the tokens do not change."""
+    prompt = ("Repeat this sentence exactly: The museum opens at nine in the morning and closes at six in the "
+              "evening, every day but Monday.")
+    args = ["--split", "2,28", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json"]
+    runs = {mode: run_cli("generate", *args, "--speculate", mode) for mode in ("off", "prompt-lookup")}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr
+    off, fast = (json.loads(runs[m].stdout.strip().splitlines()[-1]) for m in ("off", "prompt-lookup"))
+    assert fast["token_ids"] == off["token_ids"]
+    assert fast["speculation"]["accepted"] > 0 and off["speculation"] is None
+    assert fast["round_trips"] < off["round_trips"]
 
 
 @pytest.mark.model

@@ -232,3 +232,54 @@ def dealer(
                        f"{'yes' if summary['same_tokens'] else 'NO'}")
     json_path, png_path = save_dealer_bench(record, out)
     typer.echo(f"wrote {json_path} and {png_path} (trust assumption: the dealer and the executor do not collude)")
+
+
+@app.command("link")
+def link(
+    deployments: str = typer.Option("split,slip", "--deployments", help="split (the plain Λ-split against `splitveil "
+                                    "serve`) and/or slip (SLIP's prompt deployment with its executor and mask dealer)."),
+    rtts: str = typer.Option("0,20,80,150", "--rtts", help="Round-trip times swept at the first bandwidth (ms)."),
+    bandwidths: str = typer.Option("1000,50,10", "--bandwidths", help="Bandwidths (Mbit/s): the first for the RTT "
+                                   "sweep, the rest swept at 80 ms."),
+    slip_rtts: str = typer.Option("0,20,80", "--slip-rtts", help="RTTs for slip (about 105 round trips a pass: each "
+                                  "80 ms condition takes minutes)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1, help="Tokens per generation (split)."),
+    slip_max_new_tokens: int = typer.Option(16, "--slip-max-new-tokens", min=1, help="Tokens per generation (slip)."),
+    speculate: str = typer.Option("prompt-lookup", "--speculate", help="The drafter compared with sequential "
+                                  "decoding: prompt-lookup or self."),
+    draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="The most drafts a pass verifies."),
+    pairs: int = typer.Option(1, "--pairs", min=1, help="Alternating (sequential, speculative) repeats per prompt."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
+) -> None:
+    """Tokens per second over an emulated network (`splitveil link` in process): sequential against speculative
+    decoding, across RTTs and bandwidths, on three kinds of prompt (chat, summary, rewrite), for the plain Λ-split
+    and SLIP's prompt deployment. Trust assumption (slip): the dealer and the executor do not collude."""
+    from splitveil.cli.common import name_list
+    from splitveil.core.errors import ConfigError
+    from splitveil.experiments.link_bench import LinkBenchSpec, run_link_bench, save_link_bench
+
+    if speculate == "off":
+        raise ConfigError("--speculate names the drafter compared with sequential decoding: prompt-lookup or self")
+    spec = LinkBenchSpec(deployments=tuple(name_list(deployments)), rtts=tuple(int_list(rtts, "--rtts", "RTTs in ms")),
+                         bandwidths=tuple(int_list(bandwidths, "--bandwidths", "bandwidths in Mbit/s")),
+                         slip_rtts=tuple(int_list(slip_rtts, "--slip-rtts", "RTTs in ms")),
+                         max_new_tokens=max_new_tokens, slip_max_new_tokens=slip_max_new_tokens, drafter=speculate,
+                         draft_tokens=draft_tokens, pairs=pairs)
+    from splitveil.edge.generate import GenerationConfig
+
+    GenerationConfig(speculate=speculate)  # an unknown drafter: one line, before anything starts
+    stamp_run(allow_dirty)
+    with err_console.status("benchmarking ...") as spinner:
+        record = run_link_bench(spec, progress=lambda message: spinner.update(message))
+    for row in record["rows"]:
+        typer.echo(f"{row['deployment']}, {row['rtt_ms']:g} ms, {row['bandwidth_mbit']:g} Mbit/s, {row['prompt']}: "
+                   f"sequential {row['sequential_tokens_per_second']:.2f} tok/s, speculative "
+                   f"{row['speculative_tokens_per_second']:.2f} ({row['speedup']:.2f}x, {row['tokens_per_pass']:.2f} "
+                   f"tokens per pass), tokens identical: {'yes' if row['same_tokens'] else 'NO'}")
+    for deployment, target in record["targets"].items():
+        typer.echo(f"target at 80 ms ({deployment}): summary/rewrite >= 1.5x: "
+                   f"{'met' if target['copy_prompts_met'] else 'NOT met'}; chat >= 1.0x: "
+                   f"{'met' if target['chat_met'] else 'NOT met'} ({target['speedups']})")
+    json_path, png_path = save_link_bench(record, out)
+    typer.echo(f"wrote {json_path} and {png_path}")

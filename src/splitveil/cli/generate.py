@@ -82,7 +82,7 @@ def generate(
                                   "words earlier in the prompt or answer (summaries, rewrites); self: this device's head "
                                   "and tail with the trunk skipped; off. Greedy output is unchanged; sampled output "
                                   "keeps its distribution."),
-    draft_tokens: int = typer.Option(6, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
+    draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
                                      "pass verifies (adapted down when drafts are rejected)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
                                      "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),

@@ -39,7 +39,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None = the model's own end-of-sequence tokens
     stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
     speculate: str = "off"  # a drafter (edge.speculative.DRAFTERS: prompt-lookup, self) or "off"
-    draft_tokens: int = 6  # the most drafted tokens one verification pass checks
+    draft_tokens: int = 3  # the most drafted tokens one verification pass checks (see DraftLength on the default)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -174,6 +174,29 @@ class _Monolithic:
         output = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1 if self.last_logits_only else 0)
         return output.logits
+
+
+class RowLogits:
+    """The logits after each of T positions, computed from the final-normed hidden states when first read: the first
+    row alone (a verification pass whose first draft is rejected reads no other), then every other row in one
+    product (the LM head is the device's largest matrix: each product reads all of it)."""
+
+    def __init__(self, hidden: torch.Tensor, head):
+        self.hidden, self.head = hidden, head
+        self.rows: torch.Tensor | None = None  # rows [0, computed)
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @torch.inference_mode()
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if self.rows is None:
+            self.rows = self.head(self.hidden[:1])
+        if index >= self.rows.shape[0]:
+            self.rows = torch.cat([self.rows, self.head(self.hidden[self.rows.shape[0] :])])
+        return self.rows[index]
 
 
 class SplitCausalLM:
@@ -337,6 +360,12 @@ class SplitCausalLM:
         if isinstance(last, RemoteStage):
             raise ConfigError("verifying drafts needs every position's logits: the LM head must run on this device")
         part = getattr(last, "stage", last)  # a defended stage wraps the part
+        if hasattr(part, "defer_head"):  # a tail part: the LM head runs on the rows the verification reads
+            part.defer_head = True
+            try:
+                return RowLogits(last(x)[0], self.splittable.logits)
+            finally:
+                part.defer_head = False
         keep, part.last_logits_only = part.last_logits_only, False
         try:
             return last(x)[0]

@@ -210,6 +210,7 @@ class CausalLMPart(Part):
         self.first_layer = max(start - 1, 0)
         self.num_layers = min(end - 1, owner.num_blocks) - self.first_layer
         self.last_logits_only = last_logits_only
+        self.defer_head = False  # a head part returns its final-normed hidden states; the caller applies `logits`
         self._view, self._inject = self._make_view()
         self._ragged = None  # (view, inject) for batched decode steps, built on first use
         self.cache = None
@@ -333,7 +334,7 @@ class CausalLMPart(Part):
                     self._inject.incoming = None
             hidden = output.last_hidden_state
         self.seq_len += length
-        if not self.has_head:
+        if not self.has_head or self.defer_head:
             return hidden
         if self.last_logits_only:
             hidden = hidden[:, -1:]

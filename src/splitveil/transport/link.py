@@ -74,10 +74,14 @@ def parse_address(text: str, option: str) -> tuple[str, int]:
 class _Direction:
     """One direction of one connection: a link with its own queue, bandwidth clock and order."""
 
-    def __init__(self, spec: LinkSpec, rng: random.Random, loop: asyncio.AbstractEventLoop):
-        self.spec, self.rng, self.loop = spec, rng, loop
+    def __init__(self, link: "Link", loop: asyncio.AbstractEventLoop):
+        self.link, self.rng, self.loop = link, link.rng, loop
         self.link_free = 0.0  # when the link has sent everything queued so far
         self.last_arrival = 0.0
+
+    @property
+    def spec(self) -> LinkSpec:
+        return self.link.spec  # read per chunk: a benchmark may change the link between runs
 
     def arrival(self, size: int) -> float:
         now = self.loop.time()
@@ -104,8 +108,8 @@ class _Connection:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.tasks = [
-            asyncio.create_task(self._pump(self.client_reader, self.server_writer, _Direction(self.link.spec, self.link.rng, loop))),
-            asyncio.create_task(self._pump(self.server_reader, self.client_writer, _Direction(self.link.spec, self.link.rng, loop))),
+            asyncio.create_task(self._pump(self.client_reader, self.server_writer, _Direction(self.link, loop))),
+            asyncio.create_task(self._pump(self.server_reader, self.client_writer, _Direction(self.link, loop))),
         ]
         try:
             await asyncio.gather(*self.tasks)
@@ -173,7 +177,9 @@ class Link:
     """The emulator: listens on `listen` and forwards each connection to `target` through `spec`.
 
     In process: `with Link(spec, target) as link:` runs it on a thread of its own (its own event loop); `link.port`
-    is where clients connect. `serve_forever` runs it on the caller's loop (the `splitveil link` command).
+    is where clients connect; assigning `link.spec` changes the delay and bandwidth of the connections already made
+    (a benchmark sweeps conditions over one connection; `reset_after` counts are fixed at a connection's start).
+    `serve_forever` runs it on the caller's loop (the `splitveil link` command).
     """
 
     def __init__(self, spec: LinkSpec, target: tuple[str, int], *, listen: tuple[str, int] = ("127.0.0.1", 0)):

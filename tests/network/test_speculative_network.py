@@ -1,0 +1,35 @@
+"""Speculative decoding against a real TLS server behind the link emulator: delay, jitter and a reset in the middle
+of a generation, and the tokens are still those of sequential decoding (the rolled-back session is replayed)."""
+
+import pytest
+
+from splitveil.transport.link import Link, LinkSpec
+
+pytestmark = pytest.mark.network
+
+PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]
+
+
+def test_speculation_over_a_jittery_link_that_resets_is_exact(make_server, client):
+    server = make_server()
+    sequential = client(server).generate(PROMPT, max_new_tokens=24)
+    spec = LinkSpec(rtt_ms=6.0, jitter_ms=2.0, reset_after=6_000, seed=3)
+    with Link(spec, ("127.0.0.1", server.port)) as link:
+        lm = client(server, recover_seconds=20.0, url=f"wss://127.0.0.1:{link.port}")
+        fast = lm.generate(PROMPT, max_new_tokens=24, speculate="prompt-lookup", draft_tokens=4)
+        recoveries = sum(getattr(stage, "recoveries", 0) for stage in lm.stages)
+        assert link.resets_done == 1
+    assert recoveries == 1
+    assert fast.token_ids == sequential.token_ids
+    assert fast.speculation["drafted"] > 0
+
+
+def test_a_rollback_costs_no_round_trip_of_its_own(make_server, client):
+    server = make_server()
+    lm = client(server)
+    sequential = lm.generate(PROMPT, max_new_tokens=16)
+    fast = lm.generate(PROMPT, max_new_tokens=16, speculate="self", draft_tokens=3)
+    assert fast.token_ids == sequential.token_ids
+    # one round trip per pass (open and close aside), however many passes rolled back
+    assert fast.round_trips == fast.speculation["passes"] + 1 + 2
+    assert sequential.round_trips == sequential.decode_tokens + 1 + 2
