@@ -144,7 +144,7 @@ def test_text_completion_with_stop_string_streaming_and_not(client, reference):
     assert streamed == expected.text
 
 
-def test_concurrent_requests_are_served_one_at_a_time_exactly(client, reference):
+def test_concurrent_requests_are_served_at_once_exactly(client, reference):
     questions = ["What is 2+2?", "Say hello.", "Name a fruit."]
     expected = [reference(q, chat=True, max_new_tokens=8).token_ids for q in questions]
     got: dict[int, list[int]] = {}

@@ -33,3 +33,26 @@ def test_a_rollback_costs_no_round_trip_of_its_own(make_server, client):
     # one round trip per pass (open and close aside), however many passes rolled back
     assert fast.round_trips == fast.speculation["passes"] + 1 + 2
     assert sequential.round_trips == sequential.decode_tokens + 1 + 2
+
+
+def test_a_connected_split_forks_onto_a_session_of_its_own(make_server, client):
+    """What the OpenAI edge's lanes are: a fork over the same weights with its own TLS connection and session."""
+    import threading
+
+    server = make_server()
+    lm = client(server)
+    fork = lm.fork()
+    try:
+        assert fork.transport is not lm.transport and fork.splittable is lm.splittable
+        expected = {i: lm.generate([5, 6, 7, i], max_new_tokens=12).token_ids for i in range(2)}
+        got = {}
+        threads = [threading.Thread(target=lambda i=i, r=r: got.__setitem__(i, r.generate([5, 6, 7, i],
+                                                                                           max_new_tokens=12).token_ids))
+                   for i, r in enumerate([lm, fork])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert got == expected
+    finally:
+        fork.close()

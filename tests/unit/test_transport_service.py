@@ -575,14 +575,14 @@ class _CachePart(_SpyPart):
     def __init__(self, calls, bytes_per_position=1000):
         super().__init__(calls)
         self.bytes_per_position = bytes_per_position
-        self.positions = 0
+        self.seen = 0
 
     def forward(self, x):
-        self.positions += x.shape[0] * x.shape[1]
+        self.seen += x.shape[0] * x.shape[1]
         return super().forward(x)
 
     def state_bytes(self):
-        return self.positions * self.bytes_per_position
+        return self.seen * self.bytes_per_position
 
     def clone(self):
         return _CachePart(self.calls, self.bytes_per_position)

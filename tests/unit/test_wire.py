@@ -330,7 +330,7 @@ def test_rejects_unsupported_version(version):
         decode_frame(raw_frame(version=version))
 
 
-@pytest.mark.parametrize("kind", [0, 7, 200])
+@pytest.mark.parametrize("kind", [0, 8, 200])
 def test_rejects_unknown_kind(kind):
     with pytest.raises(WireError, match=f"unknown frame kind {kind}"):
         decode_frame(raw_frame(kind=kind))

@@ -283,3 +283,29 @@ def link(
                    f"{'met' if target['chat_met'] else 'NOT met'} ({target['speedups']})")
     json_path, png_path = save_link_bench(record, out)
     typer.echo(f"wrote {json_path} and {png_path}")
+
+
+@app.command("edge")
+def edge(
+    streams: str = typer.Option("1,8,32", "--streams", help="Concurrent streams to measure (comma-separated)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens each streamed completion asks for."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
+) -> None:
+    """Concurrent streams through the OpenAI edge (`splitveil edge --server`, in front of `splitveil serve`), with the
+    official `openai` client, streaming: total and per-stream tokens per second and time to first token."""
+    from splitveil.experiments.edge_bench import EdgeBenchSpec, run_edge_bench, save_edge_bench
+
+    spec = EdgeBenchSpec(streams=tuple(int_list(streams, "--streams", "stream counts like 1,8,32")), max_tokens=max_tokens)
+    stamp_run(allow_dirty)
+    with err_console.status("benchmarking ...") as spinner:
+        record = run_edge_bench(spec, progress=lambda message: spinner.update(message))
+    for row in record["rows"]:
+        typer.echo(f"{row['streams']} stream(s): {row['total_tokens_per_second']:.1f} tok/s in total "
+                   f"({row['total_speedup_over_one_stream']:.2f}x one stream), {row['per_stream_tokens_per_second_median']:.2f} "
+                   f"per stream, time to first token {row['ttft_seconds_median']:.2f} s (median)")
+    if record["target"]["total_speedup"] is not None:
+        typer.echo(f"target (8 streams >= 3x one stream's total): {'met' if record['target']['met'] else 'NOT met'} "
+                   f"({record['target']['total_speedup']:.2f}x)")
+    json_path, png_path = save_edge_bench(record, out)
+    typer.echo(f"wrote {json_path} and {png_path}")

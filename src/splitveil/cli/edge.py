@@ -35,7 +35,7 @@ def edge(
     max_request_bytes: int = typer.Option(None, "--max-request-bytes", min=1024, help="Largest request body (default "
                                           "1 MiB); larger ones get 413 and are read no further."),
     max_pending: int = typer.Option(None, "--max-pending", min=1, help="Requests waiting or running at once (default "
-                                    "32; generations run one at a time); more get 429."),
+                                    "32; --concurrency of them generate at once, the rest wait); more get 429."),
     body_timeout: float = typer.Option(None, "--body-timeout", min=0.1, help="Seconds a client may take to send a "
                                        "request body (default 30); slower ones get 408."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="New tokens when a request gives no max_tokens."),
@@ -47,9 +47,18 @@ def edge(
     insecure: bool = typer.Option(False, "--insecure", help="Allow a plaintext ws:// --server beyond loopback."),
     attest: str = attest_option(),
     attest_key: Path = attest_key_option(),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, max=256, help="Requests generating at once, each with "
+                                    "its own trunk session and connection (opened when first needed); later requests "
+                                    "wait for a free one. The trunk server batches their decode steps."),
+    speculate: str = typer.Option("off", "--speculate", help="Speculative decoding for every request: prompt-lookup "
+                                  "(copies from the prompt), self (head and tail with the trunk skipped) or off; "
+                                  "greedy output unchanged, sampled output keeps its distribution."),
+    draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
+                                     "pass verifies."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
 ) -> None:
-    """Serve the OpenAI chat and completions API on this device, through the split (requests are served one at a time).
+    """Serve the OpenAI chat and completions API on this device, through the split (--concurrency requests at once,
+    each with its own trunk session; the trunk server batches their decode steps).
 
     Requests need the API key (printed at start, or in --api-key-file) and a Host header naming this edge."""
     import ipaddress
@@ -73,6 +82,9 @@ def edge(
     if no_auth and not is_loopback(host):
         raise ConfigError(f"refusing --no-auth on the non-loopback address {host}: anyone who reaches it could use the "
                           "API (drop --no-auth: a key is made and printed)")
+    from splitveil.edge.generate import GenerationConfig
+
+    GenerationConfig(speculate=speculate, draft_tokens=draft_tokens)  # an unknown drafter: one line, nothing started
     allowed_extra = tuple(_allow_host_entry(name) for name in allow_host or ())
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -92,12 +104,15 @@ def edge(
     else:
         hf_model, tokenizer = load_model(model)
         lm = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
+    if speculate != "off":
+        lm.check_speculation()
     bound, bound_port = listener.getsockname()[:2]
     limits = {name: value for name, value in (("max_request_bytes", max_request_bytes), ("max_pending", max_pending),
                                               ("body_timeout", body_timeout)) if value is not None}  # else EdgeSettings' defaults
     settings = EdgeSettings(
         model_name=Path(model).name if Path(model).is_dir() else model, default_max_tokens=max_tokens,
-        api_key=api_key, threads=threads, **limits,
+        api_key=api_key, threads=threads, concurrency=concurrency, speculate=speculate,
+        draft_tokens=draft_tokens, **limits,
         allowed_hosts=(host_entry(bound, bound_port), host_entry("localhost", bound_port), *allowed_extra),
         any_ip_host=ipaddress.ip_address(bound).is_unspecified)
     serve_api(lm, listener, settings, trunk=server or "in-process", key_line=key_line)
@@ -152,7 +167,7 @@ def serve_api(lm, listener, settings, *, trunk: str, key_line: str | None) -> No
     typer.echo(f"splitveil edge: {settings.model_name} split {','.join(map(str, lm.plan.cuts))}, trunk {trunk}, "
                f"wire {lm.wire}")
     typer.echo(key_line or "splitveil edge: WARNING no API key (--no-auth): any process on this machine can use it")
-    typer.echo(f"splitveil edge: OpenAI API on http://{shown}:{port}/v1 (requests are served one at a time)")
+    typer.echo(f"splitveil edge: OpenAI API on http://{shown}:{port}/v1 ({settings.concurrency} requests at once)")
     err_console.print("[dim]press Ctrl-C to stop[/dim]")
     try:
         server.run(sockets=[listener])

@@ -8,6 +8,7 @@ every part keeps the KV cache of its own layers.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -243,7 +244,7 @@ class SplitCausalLM:
                 info={"cuts": list(self.plan.cuts)},
                 max_tokens=getattr(self.splittable.config, "max_position_embeddings", None) or 8192,
             )
-            transport = LoopbackTransport(self.service.handle)
+            transport = LoopbackTransport(self._locked_handler())
         self.transport = transport
         expect = {"cuts": list(self.plan.cuts), "hidden_size": self.splittable.hidden_size}
         vocab_size = int(self.splittable.lm_head.weight.shape[0])
@@ -327,6 +328,43 @@ class SplitCausalLM:
             transport.close()
             raise
 
+    def _locked_handler(self):
+        """The in-process service's `handle`, one frame at a time whichever generator (fork) sends it."""
+        lock = self._service_lock = getattr(self, "_service_lock", None) or threading.Lock()
+        service = self.service
+
+        def handle(frame: bytes) -> bytes:
+            with lock:
+                return service.handle(frame)
+
+        return handle
+
+    def fork(self) -> "SplitCausalLM":
+        """Another generator over the same weights, for a concurrent generation: its own edge parts (own KV caches)
+        and its own session with the remote parts, over a new connection to the same server (same trust, same
+        checks) or, in process, through the same service (its frames one at a time: the service is not
+        thread-safe). A sealed (attested) connection cannot be forked."""
+        from splitveil.edge.defended import DefendedStage
+        from splitveil.transport.network import WebSocketTransport
+
+        if any(isinstance(stage, DefendedStage) for stage in self.stages):
+            raise ConfigError("a split with a cut defence serves one generation at a time (its secrets are per session)")
+        if self.service is not None:
+            transport = LoopbackTransport(self._locked_handler())
+        elif isinstance(self.transport, WebSocketTransport):
+            transport = self.transport.another()
+            transport.connect()
+        elif self.transport is None:
+            transport = None
+        else:
+            raise ConfigError(f"a split over a {type(self.transport).__name__} serves one generation at a time")
+        fork = SplitCausalLM(self.splittable, self.plan, tokenizer=self.tokenizer, wire=self.wire, transport=transport)
+        fork.service, fork._service_lock = self.service, getattr(self, "_service_lock", None)
+        for mine, theirs in zip(self.stages, fork.stages):
+            if isinstance(mine, RemoteStage) and isinstance(theirs, RemoteStage):
+                theirs.recover_seconds, theirs.expect = mine.recover_seconds, dict(mine.expect)
+        return fork
+
     def close(self) -> None:
         """Ends any remote session and closes the transport."""
         self._end()
@@ -377,7 +415,7 @@ class SplitCausalLM:
         for stage in self.stages:
             stage.truncate(length)
 
-    def _check_speculation(self) -> None:
+    def check_speculation(self) -> None:
         """Raises a ConfigError when this split cannot verify drafts (no logits at every position here, a cut
         defence, or caches that cannot roll back)."""
         from splitveil.edge.defended import DefendedStage
@@ -460,7 +498,7 @@ class SplitCausalLM:
 
         speculation = None
         if config.speculate != "off":
-            self._check_speculation()
+            self.check_speculation()
 
         self._begin()
         generated: list[int] = []

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP front of the device: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
-One `SplitCausalLM` serves every request (head and tail here, the trunk on a server or in-process). Its stages
-hold one generation's state (the head's and tail's KV caches, one remote session per stage), so generations are
-**serialized**: requests wait for an asyncio lock in arrival order, and each generation runs on one worker thread
-while the event loop keeps answering. A streaming client that disconnects ends its generation at the next token.
+Up to `EdgeSettings.concurrency` requests generate at once, each on a lane of its own: a fork of the split
+(`SplitCausalLM.fork`: the same weights, its own head and tail KV caches, its own trunk session on its own
+connection), on a worker thread, while the event loop keeps answering. The trunk server batches the lanes' decode
+steps. Further requests wait for a free lane in arrival order. A streaming client that disconnects ends its
+generation at the next token. With the trunk in process (`--local`) the lanes share one service, one frame at a
+time (no batching); an attested (sealed) trunk connection has one lane.
 
 Before a request's body is read, `guard.RequestGuard` checks its Host header, its API key, its size and the number
 of requests in flight (`EdgeSettings`); the `splitveil edge` command makes a random key unless told `--no-auth`.
@@ -13,7 +15,9 @@ Responses follow the OpenAI shapes; `usage` counts prompt and generated tokens, 
 """
 
 import asyncio
+import contextlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 
 from splitveil.core.errors import ConfigError, SplitveilError, TransportError
 from splitveil.edge.openai.schemas import APIError, ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger(__name__)
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time
 
@@ -48,10 +54,18 @@ class EdgeSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413, read no further than this
     max_pending: int = DEFAULT_MAX_PENDING  # requests in flight (and bodies being read) beyond this get 429
     body_timeout: float = 30.0  # seconds a client may take to send its body (408 after)
+    concurrency: int = 8  # generations at once, each with its own trunk session (requests beyond wait for a lane)
+    speculate: str = "off"  # speculative decoding for every request (edge.speculative: prompt-lookup, self, off)
+    draft_tokens: int = 3
 
 
 class EdgeEngine:
-    """Runs generations of one `SplitCausalLM`, one at a time, on a worker thread."""
+    """Runs generations of a `SplitCausalLM` on worker threads, up to `settings.concurrency` at once.
+
+    Each concurrent generation has its own lane: a fork of the split (`SplitCausalLM.fork`: the same weights, its own
+    edge KV caches and its own trunk session on its own connection), made when first needed and kept for later
+    requests. The trunk server batches the lanes' decode steps as it batches any sessions'. More requests than lanes
+    wait for a free one (the guard's `max_pending` bounds how many may wait)."""
 
     def __init__(self, lm, settings: EdgeSettings):
         if lm.tokenizer is None:
@@ -60,11 +74,39 @@ class EdgeEngine:
         self.tokenizer = lm.tokenizer
         self.settings = settings
         self.context = int(getattr(lm.splittable.config, "max_position_embeddings", 0) or 8192)
-        self.lock = asyncio.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitveil-edge",
+        self.lanes: list = [lm]  # every lane made so far (closed at shutdown)
+        self.free: asyncio.Queue | None = None  # lanes not generating (made on first use, on the serving loop)
+        self.making = 0  # lanes being made
+        self.executor = ThreadPoolExecutor(max_workers=settings.concurrency + 1, thread_name_prefix="splitveil-edge",
                                            initializer=_set_threads, initargs=(settings.threads,))
         self.created = int(time.time())
         self.stopping = threading.Event()  # set on shutdown: a running generation ends at its next token
+
+    @contextlib.asynccontextmanager
+    async def lane(self):
+        """A lane to generate on: a free one, else a new fork while there are fewer than `concurrency`, else the next
+        one freed."""
+        if self.free is None:
+            self.free = asyncio.Queue()
+            self.free.put_nowait(self.lm)
+        if self.free.empty() and len(self.lanes) + self.making < self.settings.concurrency:
+            self.making += 1
+            try:
+                fork = await asyncio.get_running_loop().run_in_executor(self.executor, self.lm.fork)
+            except Exception as error:  # noqa: BLE001 - a lane that cannot be made: wait for an existing one
+                log.warning("could not open another trunk session (%s); requests share the %d open",
+                            " ".join(str(error).split())[:200], len(self.lanes))
+                fork = None
+            finally:
+                self.making -= 1
+            if fork is not None:
+                self.lanes.append(fork)
+                self.free.put_nowait(fork)
+        lm = await self.free.get()
+        try:
+            yield lm
+        finally:
+            self.free.put_nowait(lm)
 
     def _check_stop(self, generated: list[int]) -> None:
         if self.stopping.is_set():
@@ -109,15 +151,16 @@ class EdgeEngine:
         top_p = 1.0 if request.top_p is None else request.top_p
         sample = temperature > 0
         return GenerationConfig(max_new_tokens=budget, do_sample=sample, temperature=temperature if sample else 1.0,
-                                top_p=top_p if sample else 1.0, seed=request.seed, stop=request.stop_strings)
+                                top_p=top_p if sample else 1.0, seed=request.seed, stop=request.stop_strings,
+                                speculate=self.settings.speculate, draft_tokens=self.settings.draft_tokens)
 
     # -- generation ------------------------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], config):
-        async with self.lock:
+        async with self.lane() as lm:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, lambda: self.lm.generate(prompt_ids, config,
-                                                                                       on_token=self._check_stop))
+            return await loop.run_in_executor(self.executor, lambda: lm.generate(prompt_ids, config,
+                                                                                  on_token=self._check_stop))
 
     async def stream(self, prompt_ids: list[int], config):
         """Yields ("text", delta) while generating, then ("done", GenerationResult); ("error", APIError) on failure."""
@@ -130,8 +173,8 @@ class EdgeEngine:
                 raise _Cancelled()
             loop.call_soon_threadsafe(queue.put_nowait, list(generated))
 
-        async with self.lock:
-            job = loop.run_in_executor(self.executor, lambda: self.lm.generate(prompt_ids, config, on_token=on_token))
+        async with self.lane() as lm:
+            job = loop.run_in_executor(self.executor, lambda: lm.generate(prompt_ids, config, on_token=on_token))
             job.add_done_callback(lambda _: queue.put_nowait(None))
             sent = ""
             try:
@@ -159,7 +202,8 @@ class EdgeEngine:
         """Ends a running generation at its next token, then closes the split's remote sessions and transport."""
         self.stopping.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
-        self.lm.close()
+        for lm in self.lanes:
+            lm.close()
 
 
 def settled_text(tokenizer, generated: list[int], stop: tuple[str, ...]) -> str:
