@@ -221,6 +221,7 @@ class SplitCausalLM:
         self.wire = wire
         self.plan = plan if plan is not None else SplitPlan.unsplit()
         self.service: PartService | None = None
+        self.head_batcher = None  # a LogitsBatcher shared with forks (the edge's lanes), or None
         if not self.plan.cuts:
             self.stages: list = [_Monolithic(self.model)]
             self.transport = transport
@@ -358,7 +359,14 @@ class SplitCausalLM:
             transport = None
         else:
             raise ConfigError(f"a split over a {type(self.transport).__name__} serves one generation at a time")
+        from splitveil.models.splittable import Part
+
+        if self.head_batcher is None and isinstance(self.stages[-1], Part):  # the lanes' LM heads, in one product
+            from splitveil.edge.head_batch import LogitsBatcher
+
+            self.head_batcher = LogitsBatcher(self.splittable.logits)
         fork = SplitCausalLM(self.splittable, self.plan, tokenizer=self.tokenizer, wire=self.wire, transport=transport)
+        fork.head_batcher = self.head_batcher
         fork.service, fork._service_lock = self.service, getattr(self, "_service_lock", None)
         for mine, theirs in zip(self.stages, fork.stages):
             if isinstance(mine, RemoteStage) and isinstance(theirs, RemoteStage):
@@ -393,17 +401,24 @@ class SplitCausalLM:
         for stage in self.stages[:-1]:
             x = stage(x)
         last = self.stages[-1]
-        if not all_positions:
+        batcher = self.head_batcher
+        if not all_positions and batcher is None:
             return last(x)[0, -1]
         if isinstance(last, RemoteStage):
+            if not all_positions:
+                return last(x)[0, -1]
             raise ConfigError("verifying drafts needs every position's logits: the LM head must run on this device")
         part = getattr(last, "stage", last)  # a defended stage wraps the part
-        if hasattr(part, "defer_head"):  # a tail part: the LM head runs on the rows the verification reads
+        if hasattr(part, "defer_head"):  # a tail part: the LM head runs on the rows read (batched across lanes)
             part.defer_head = True
             try:
-                return RowLogits(last(x)[0], self.splittable.logits)
+                hidden = last(x)[0]
             finally:
                 part.defer_head = False
+            head = batcher or self.splittable.logits
+            return head(hidden[-1:])[0] if not all_positions else RowLogits(hidden, head)
+        if not all_positions:
+            return last(x)[0, -1]
         keep, part.last_logits_only = part.last_logits_only, False
         try:
             return last(x)[0]
@@ -496,10 +511,20 @@ class SplitCausalLM:
         stops = StopStrings(self.tokenizer, config.stop) if any(config.stop) else None
         stats_before = self.transport.stats.snapshot() if self.transport is not None else None
 
-        speculation = None
         if config.speculate != "off":
             self.check_speculation()
 
+        if self.head_batcher is not None:
+            self.head_batcher.enter()
+        try:
+            return self._generate(prompt_ids, config, on_token=on_token, generator=generator,
+                                  eos_ids=eos_ids, stops=stops, stats_before=stats_before)
+        finally:
+            if self.head_batcher is not None:
+                self.head_batcher.leave()
+
+    def _generate(self, prompt_ids, config, *, on_token, generator, eos_ids, stops, stats_before):
+        speculation = None
         self._begin()
         generated: list[int] = []
         step_seconds: list[float] = []
