@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -202,7 +203,7 @@ def bad_header(rng, t):
     elif which == "version":
         fields["version"] = rng.choice([0, 2, 255, rng.randint(2, 255)])
     elif which == "kind":
-        fields["kind"] = rng.choice([0, FrameKind.RESULT, FrameKind.ERROR, FrameKind.OK, 7, rng.randint(7, 255)])
+        fields["kind"] = rng.choice([0, FrameKind.RESULT, FrameKind.ERROR, FrameKind.OK, 8, rng.randint(8, 255)])
     elif which == "codec":
         fields["codec"] = rng.choice([0, 4, 5, 6, rng.randint(6, 255)])
     elif which == "part":
@@ -232,6 +233,29 @@ def text_message(rng, t):
 @_register("second_open", "yes")
 def second_open(rng, t):
     return [raw_frame(kind=FrameKind.OPEN, part=0)] * rng.randint(1, 2)
+
+
+@_register("bad_truncate", "yes")
+def bad_truncate(rng, t):
+    """TRUNCATE frames that must be refused: beyond any session's positions, negative, a float or a longer payload,
+    no payload, a part the server does not run, another session or a sequence number out of order."""
+    which = rng.choice(["beyond", "negative", "codec", "shape", "empty", "part", "session", "seq"])
+    length = {"beyond": rng.randint(2**31, 2**62), "negative": -rng.randint(1, 2**62)}.get(which, 0)
+    fields = {"kind": FrameKind.TRUNCATE, "session": t.session, "seq": t.seq, "part": t.part, "codec": 4,
+              "shape": (1,), "payload": struct.pack("<q", length)}
+    if which == "codec":
+        fields.update(codec=1, payload=struct.pack("<f", 1.0))
+    elif which == "shape":
+        fields.update(shape=(2,), payload=struct.pack("<2q", 0, 0))
+    elif which == "empty":
+        fields.update(shape=(), payload=b"")
+    elif which == "part":
+        fields["part"] = (t.part + rng.randint(1, 200)) % 256
+    elif which == "session":
+        fields["session"] = t.foreign or rng.randbytes(16)
+    elif which == "seq":
+        fields["seq"] = t.seq + rng.randint(1, 1000)
+    return [raw_frame(**fields)]
 
 
 @_register("no_session", "no")

@@ -47,6 +47,8 @@ class ServerLimits:
     max_queue: int = 1024  # pending work items (all connections) before new ones are refused
     max_connections: int = 128  # open WebSocket connections at most; more are refused at the upgrade (HTTP 503)
     connection_queue: int = 2  # received messages one connection may buffer before the server stops reading it
+    ping_interval: float = 20.0  # seconds between the server's keepalive pings on each connection
+    ping_timeout: float = 60.0  # seconds a ping may wait for its pong before the connection is closed
 
 
 def take_round(steps: deque, chunks: deque) -> list:
@@ -245,7 +247,8 @@ class SplitServer:
         max_message = self.service.max_frame_bytes * 2  # larger frames still get our ERROR frame below this
         async with serve(self._connection, self.host, self.port, ssl=self.ssl_context, process_request=self._authorize,
                          compression=None, max_size=max_message, max_queue=self.limits.connection_queue,
-                         ping_interval=20, ping_timeout=60) as server:
+                         ping_interval=self.limits.ping_interval,
+                         ping_timeout=self.limits.ping_timeout) as server:
             self.sockets = list(server.sockets)
             self.port = server.sockets[0].getsockname()[1]
             tasks = [asyncio.create_task(self._scheduler()), asyncio.create_task(self._evictor())]

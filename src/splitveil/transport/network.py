@@ -14,6 +14,9 @@ import hmac
 import ipaddress
 import socket
 import ssl
+import threading
+import time
+import weakref
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +25,37 @@ from splitveil.transport.base import Transport
 from splitveil.transport.tls import client_context, fingerprint_der, normalise_pin
 
 DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply larger than this is refused while it arrives (callers narrow it)
+
+
+class _Keepalive:
+    """Answers the server's pings on idle connections. A `WebSocketTransport` reads (and so answers pings) only
+    while it waits for a reply; one that waits on something else for longer than the server's ping timeout (SLIP's
+    dealer connection while the device spends its buffered mask terms over a slow link) would be closed. Every
+    `period` seconds one daemon thread polls each connection not in use (`WebSocketClient.poll`)."""
+
+    def __init__(self, period: float = 5.0):
+        self.period = period
+        self.transports: weakref.WeakSet = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, transport: "WebSocketTransport") -> None:
+        with self.lock:
+            self.transports.add(transport)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="splitveil-keepalive", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period)
+            with self.lock:
+                transports = list(self.transports)
+            for transport in transports:
+                transport.keep_alive()
+
+
+_KEEPALIVE = _Keepalive()
 
 
 class ConnectionLost(TransportError):
@@ -81,6 +115,7 @@ class WebSocketTransport(Transport):
         self.pin = normalise_pin(pin_sha256) if pin_sha256 else None
         self.ssl_context = client_context(ca_file=ca_file, pin_sha256=self.pin) if parsed.scheme == "wss" else None
         self._ws = None
+        self._in_use = threading.Lock()  # held while a request uses the connection (the keepalive thread skips it)
 
     def _open_socket(self) -> socket.socket:
         """TCP, then TLS with the certificate checked; nothing of HTTP has been sent when this returns."""
@@ -143,10 +178,23 @@ class WebSocketTransport(Transport):
         finally:
             if self._ws is None:
                 sock.close()
+        _KEEPALIVE.add(self)
 
     def _host_port(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def keep_alive(self) -> None:
+        """Answers pings that arrived while this connection sat idle (called by the keepalive thread)."""
+        if not self._in_use.acquire(blocking=False):
+            return
+        try:
+            if self._ws is not None and not self._ws.closed:
+                self._ws.poll()
+        except Exception:  # noqa: BLE001 - a dead connection shows itself to the next request
+            pass
+        finally:
+            self._in_use.release()
 
     def _request(self, frame: bytes) -> bytes:
         self._post(frame)
@@ -158,7 +206,8 @@ class WebSocketTransport(Transport):
         if self._ws is None:
             self.connect()
         try:
-            self._ws.send(frame)
+            with self._in_use:
+                self._ws.send(frame)
         except Closed as error:
             self._ws = None
             raise ConnectionLost(f"connection to {self.url} lost: {error}") from None
@@ -166,7 +215,8 @@ class WebSocketTransport(Transport):
     def reply_ready(self) -> bool:
         """Whether the oldest posted request's reply has begun to arrive (collecting it would not wait for the
         server)."""
-        return self._ws is not None and self._ws.readable()
+        with self._in_use:
+            return self._ws is not None and self._ws.readable()
 
     def _collect(self) -> bytes:
         """The reply to the oldest request sent, at most `max_reply_bytes` long (refused while it arrives)."""
@@ -177,7 +227,8 @@ class WebSocketTransport(Transport):
             raise ConnectionLost(f"connection to {self.url} lost: no request is waiting for a reply")
         limit = self.max_reply_bytes
         try:
-            reply = self._ws.recv(max_size=limit)
+            with self._in_use:
+                reply = self._ws.recv(max_size=limit)
         except MessageTooBig:
             self._ws = None
             raise TransportError(f"{self.url} sent a reply larger than the {limit} bytes this request can "

@@ -92,6 +92,7 @@ class WebSocketClient:
         self.max_size = max_size
         self.closed = False
         self._buffer = bytearray()  # bytes read past the handshake
+        self._stashed: list[tuple[bool, int, bytes]] = []  # message frames `poll` read before `recv` asked for them
         self._handshake(host, path, headers or {})
 
     # -- handshake ---------------------------------------------------------------------------------------------
@@ -191,7 +192,22 @@ class WebSocketClient:
             return False
         return bool(ready)
 
-    def _read_frame(self, limit: int | None) -> tuple[bool, int, bytes]:
+    def poll(self) -> None:
+        """Answers the pings that have arrived, without waiting: what keeps an idle connection alive (the server
+        closes one whose pings go unanswered). A message frame read on the way is kept for the next `recv`."""
+        while not self.closed and self.readable():
+            fin, opcode, payload = self._read_frame(self.max_size, stashed=False)
+            if opcode == OP_PING:
+                self._send_frame(OP_PONG, bytes(payload))
+            elif opcode != OP_PONG:
+                self._stashed.append((fin, opcode, payload))
+
+    def _read_frame(self, limit: int | None, *, stashed: bool = True) -> tuple[bool, int, bytes]:
+        if stashed and self._stashed:
+            fin, opcode, payload = self._stashed.pop(0)
+            if opcode < OP_CLOSE and limit is not None and len(payload) > limit:
+                self._fail(CLOSE_TOO_BIG, f"a message of {len(payload)} bytes exceeds the limit of {limit}", MessageTooBig)
+            return fin, opcode, payload
         first, second = self._read_exactly(2)
         fin, opcode, masked, length = bool(first & 0x80), first & 0x0F, bool(second & 0x80), second & 0x7F
         if first & 0x70:
