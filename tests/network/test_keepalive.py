@@ -36,3 +36,24 @@ def test_without_the_keepalive_the_server_drops_it(make_server, client, monkeypa
     monkeypatch.setattr(network, "_KEEPALIVE", Nothing())
     with pytest.raises(network.ConnectionLost):
         idle_then_generate(make_server, client)
+
+
+def test_polling_leaves_a_reply_for_the_request_that_waits_for_it(make_server, tls_files):
+    """The keepalive answers pings only: a reply that arrived meanwhile (larger than the connection's opening limit)
+    stays for `collect`, checked against its own request's bound."""
+    import torch
+
+    from splitveil.transport.network import WebSocketTransport
+    from splitveil.transport.session import ClientSession
+
+    server = make_server(limits=FAST_PINGS)
+    transport = WebSocketTransport(server.url, token=tls_files["token"], ca_file=tls_files["cert"])
+    session = ClientSession(transport)
+    session.open()  # connects lazily, under the OPEN reply's 64 KiB bound
+    hidden = torch.randn(1, 600, 32)  # a 76.8 KB reply
+    frame = session.post(hidden, codec="fp32", part=1)
+    time.sleep(1.5)  # the reply and some pings arrive
+    transport.keep_alive()
+    reply = session.collect(frame, expected_shape=(1, 600, 32))
+    assert reply.tensor.shape == (1, 600, 32)
+    transport.close()

@@ -11,6 +11,7 @@ token, like every other HTTP byte, only ever goes to the server the user chose t
 from __future__ import annotations
 
 import hmac
+import logging
 import ipaddress
 import socket
 import ssl
@@ -24,6 +25,7 @@ from splitveil.core.errors import ConfigError, TransportError
 from splitveil.transport.base import Transport
 from splitveil.transport.tls import client_context, fingerprint_der, normalise_pin
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply larger than this is refused while it arrives (callers narrow it)
 
 
@@ -191,8 +193,8 @@ class WebSocketTransport(Transport):
         try:
             if self._ws is not None and not self._ws.closed:
                 self._ws.poll()
-        except Exception:  # noqa: BLE001 - a dead connection shows itself to the next request
-            pass
+        except Exception as error:  # noqa: BLE001 - a dead connection shows itself to the next request
+            log.info("keepalive poll of %s failed: %s: %s", self.url, type(error).__name__, error)
         finally:
             self._in_use.release()
 

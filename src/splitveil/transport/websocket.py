@@ -92,7 +92,6 @@ class WebSocketClient:
         self.max_size = max_size
         self.closed = False
         self._buffer = bytearray()  # bytes read past the handshake
-        self._stashed: list[tuple[bool, int, bytes]] = []  # message frames `poll` read before `recv` asked for them
         self._handshake(host, path, headers or {})
 
     # -- handshake ---------------------------------------------------------------------------------------------
@@ -193,21 +192,25 @@ class WebSocketClient:
         return bool(ready)
 
     def poll(self) -> None:
-        """Answers the pings that have arrived, without waiting: what keeps an idle connection alive (the server
-        closes one whose pings go unanswered). A message frame read on the way is kept for the next `recv`."""
+        """Answers the pings that have arrived, without waiting for a message: what keeps an idle connection alive
+        (the server closes one whose pings go unanswered). Stops at the first other frame, which stays unread for
+        `recv` (a message, whose limit applies when it is read; a close, whose reason `recv` reports)."""
         while not self.closed and self.readable():
-            fin, opcode, payload = self._read_frame(self.max_size, stashed=False)
+            if self._peek(2)[0] & 0x0F not in (OP_PING, OP_PONG):  # a message, or the server's close with its reason
+                return
+            _, opcode, payload = self._read_frame(None)
             if opcode == OP_PING:
                 self._send_frame(OP_PONG, bytes(payload))
-            elif opcode != OP_PONG:
-                self._stashed.append((fin, opcode, payload))
 
-    def _read_frame(self, limit: int | None, *, stashed: bool = True) -> tuple[bool, int, bytes]:
-        if stashed and self._stashed:
-            fin, opcode, payload = self._stashed.pop(0)
-            if opcode < OP_CLOSE and limit is not None and len(payload) > limit:
-                self._fail(CLOSE_TOO_BIG, f"a message of {len(payload)} bytes exceeds the limit of {limit}", MessageTooBig)
-            return fin, opcode, payload
+    def _peek(self, count: int) -> bytes:
+        """The next `count` bytes (a few), left in the buffer."""
+        chunk = bytearray(READ_AHEAD)
+        while len(self._buffer) < count:
+            got = self._receive_into(memoryview(chunk))
+            self._buffer += memoryview(chunk)[:got]
+        return bytes(self._buffer[:count])
+
+    def _read_frame(self, limit: int | None) -> tuple[bool, int, bytes]:
         first, second = self._read_exactly(2)
         fin, opcode, masked, length = bool(first & 0x80), first & 0x0F, bool(second & 0x80), second & 0x7F
         if first & 0x70:
