@@ -112,7 +112,7 @@ class Operator:
 def test_the_attested_client_refuses_a_patched_executor(model_dir, patched_trees, tmp_path):
     expected = expected_trunk_measurement(str(model_dir), CUTS)  # from this machine's own code and weights
     with Operator(tmp_path, model_dir, patched_trees["ours"]) as operator:
-        with pytest.raises(SealError, match="measures .* not the expected"):
+        with pytest.raises(SealError, match="measurement is .* not the expected"):
             operator.connect(model_dir, expected)
 
 

@@ -237,7 +237,7 @@ class ClientHandshake:
         if not self.attestation.verify(quote.signature, message):
             raise SealError("attestation refused: the quote's signature does not verify with the trusted key")
         if not hmac.compare_digest(quote.measurement, self.expected):
-            raise SealError(f"attestation refused: the executor measures {quote.measurement.hex()[:16]}..., "
+            raise SealError(f"attestation refused: the executor's measurement is {quote.measurement.hex()[:16]}..., "
                             f"not the expected {self.expected.hex()[:16]}... (other code or weights)")
         shared = self._key.exchange(x25519_public.from_public_bytes(quote.public))
         send, receive = _session_keys(shared, message)
