@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -175,6 +176,16 @@ class _Monolithic:
         output = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1 if self.last_logits_only else 0)
         return output.logits
+
+
+@contextmanager
+def _every_position(part):
+    """While inside, `part` (which holds the LM head) returns the logits of every position, not only the last."""
+    keep, part.last_logits_only = part.last_logits_only, False
+    try:
+        yield part
+    finally:
+        part.last_logits_only = keep
 
 
 class RowLogits:
@@ -419,11 +430,8 @@ class SplitCausalLM:
             return head(hidden[-1:])[0] if not all_positions else RowLogits(hidden, head)
         if not all_positions:
             return last(x)[0, -1]
-        keep, part.last_logits_only = part.last_logits_only, False
-        try:
+        with _every_position(part):
             return last(x)[0]
-        finally:
-            part.last_logits_only = keep
 
     def truncate(self, length: int) -> None:
         """Rolls every stage back to its first `length` positions (a remote one with the next forward)."""
@@ -660,10 +668,7 @@ class SplitCausalLM:
             if isinstance(last, RemoteStage):
                 return torch.cat([last(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
             part = getattr(last, "stage", last)  # a defended stage wraps the part
-            keep, part.last_logits_only = part.last_logits_only, False
-            try:
+            with _every_position(part):
                 return last(x)
-            finally:
-                part.last_logits_only = keep
         finally:
             self._end()
