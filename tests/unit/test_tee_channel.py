@@ -45,7 +45,7 @@ def test_sealed_bytes_hide_the_plaintext(key):
 
 
 def test_wrong_measurement_is_refused(key):
-    with pytest.raises(SealError, match="measures"):
+    with pytest.raises(SealError, match="measurement is"):
         pair(key, b"a" * 32, expected=b"b" * 32)
 
 
