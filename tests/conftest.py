@@ -34,3 +34,13 @@ def _no_stamped_run(monkeypatch):
     from splitveil.core.records import RUN_STATE_VARIABLE
 
     monkeypatch.delenv(RUN_STATE_VARIABLE, raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device (`pytest -m gpu` here)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

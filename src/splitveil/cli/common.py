@@ -88,13 +88,36 @@ def load_format_option():
     return typer.Option(LoadFormat.AUTO, "--load-format", case_sensitive=False, help=LOAD_FORMAT_HELP)
 
 
-def load_model(name: str, *, quiet: bool = False, load_format: str | LoadFormat = LoadFormat.AUTO):
+def device_option():
+    """`--device cpu|cuda|cuda:N|auto` of every command that runs a model part (`models/precision.py`)."""
+    from splitveil.models.precision import DEVICE_HELP
+
+    return typer.Option("cpu", "--device", help=DEVICE_HELP)
+
+
+def dtype_option():
+    """`--dtype float32|bfloat16|float16` of every command that runs a model part (`models/precision.py`)."""
+    from splitveil.models.precision import DTYPE_HELP
+
+    return typer.Option("float32", "--dtype", help=DTYPE_HELP)
+
+
+def check_precision(device: str, dtype: str) -> None:
+    """Validates --device and --dtype before anything loads (one-line ConfigError, exit 2)."""
+    from splitveil.models.precision import torch_device, torch_dtype
+
+    torch_dtype(dtype)
+    torch_device(device)
+
+
+def load_model(name: str, *, quiet: bool = False, load_format: str | LoadFormat = LoadFormat.AUTO,
+               dtype: str = "float32", device: str = "cpu"):
     """Loads `name` (registered model, local directory or, with `load_format="dummy"`, a dummy shape generated on
-    first use) with its tokenizer, with a spinner."""
+    first use) with its tokenizer, in `dtype` on `device`, with a spinner."""
     from splitveil.models.loading import load_causal_lm
 
     with status(f"loading {name} ...", quiet=quiet):
-        return load_causal_lm(name, load_format=load_format)
+        return load_causal_lm(name, load_format=load_format, dtype=dtype, device=device)
 
 
 def print_json(data: dict) -> None:
@@ -103,7 +126,8 @@ def print_json(data: dict) -> None:
 
 
 def connect_server(server: str, *, model: str, plan, token_file, ca, pin, wire: str, insecure: bool,
-                   attest: str | None, attest_key, quiet: bool = False):
+                   attest: str | None, attest_key, quiet: bool = False, load_format: str = "auto",
+                   dtype: str = "float32", device: str = "cpu"):
     """The client side of a split served at `server` (`generate --server`, `edge --server`): reads the token, and
     with `--attest` computes (or takes the pinned) expected measurement before anything is sent."""
     from splitveil.edge.generate import SplitCausalLM
@@ -120,7 +144,8 @@ def connect_server(server: str, *, model: str, plan, token_file, ca, pin, wire: 
     with status(f"connecting to {server} ...", quiet=quiet):
         return SplitCausalLM.connect(server, token=token, model=model, plan=plan, ca_file=ca, pin_sha256=pin,
                                      wire=wire, insecure=insecure, attestation=attestation,
-                                     expected_measurement=expected)
+                                     expected_measurement=expected, load_format=load_format, dtype=dtype,
+                                     device=device)
 
 
 def attest_option():

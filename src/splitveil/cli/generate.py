@@ -10,7 +10,10 @@ import typer
 from splitveil.cli.common import (
     attest_key_option,
     attest_option,
+    check_precision,
     connect_server,
+    device_option,
+    dtype_option,
     err_console,
     load_format_option,
     load_model,
@@ -76,6 +79,8 @@ def generate(
                              "masked group through executor and dealer) or device (computed here from the tied "
                              "embedding)."),
     load_format: LoadFormat = load_format_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
     speculate: str = typer.Option("off", "--speculate", help="Speculative decoding: draft tokens on this device and "
                                   "verify them in one pass through the split (one round trip for several tokens; the "
                                   "rejected positions are rolled back). prompt-lookup: copy what followed the last "
@@ -93,6 +98,10 @@ def generate(
 
     if not prompt.strip():
         raise ConfigError("the prompt is empty: pass --prompt 'some text'")
+    check_precision(device, dtype)
+    if protect is not None and (dtype != "float32" or device != "cpu"):
+        raise ConfigError("--protect runs this device's side in float32 on the CPU: drop --dtype/--device (a SLIP "
+                          "executor or dealer takes its own: `splitveil slip serve|dealer --device --dtype`)")
     do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
     config_fields = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                      "top_k": top_k, "top_p": top_p, "seed": seed, "stop": tuple(stop or ()), "speculate": speculate,
@@ -109,8 +118,8 @@ def generate(
         raise ConfigError("--head chooses where the LM head runs with a dealer: give --dealer local or --dealer URL")
     if dealer_token_file or dealer_ca:
         raise ConfigError("--dealer-token-file and --dealer-ca go with --dealer URL")
-    if load_format.value != "auto" and (protect is not None or server):
-        raise ConfigError("--load-format dummy runs here: with --protect, only with --dealer local|URL")
+    if load_format.value != "auto" and protect is not None:
+        raise ConfigError("--load-format dummy with --protect runs only with --dealer local|URL")
     if protect is not None and protect not in (Protect.prompt.value, "slip", Protect.weights.value):
         return _generate_deployment(protect, strength, model=model, prompt=prompt, split=split, server=server,
                                     no_split=no_split, wire=wire, chat=chat, json_output=json_output, threads=threads,
@@ -146,18 +155,22 @@ def generate(
     setup(threads)
     if server:
         runner = connect_server(server, model=model, plan=plan, token_file=token_file, ca=ca, pin=pin, wire=wire.value,
-                                insecure=insecure, attest=attest, attest_key=attest_key, quiet=json_output)
+                                insecure=insecure, attest=attest, attest_key=attest_key, quiet=json_output,
+                                load_format=load_format.value, dtype=dtype, device=device)
     else:
-        hf_model, tokenizer = load_model(model, quiet=json_output, load_format=load_format)
+        hf_model, tokenizer = load_model(model, quiet=json_output, load_format=load_format, dtype=dtype, device=device)
         runner = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
     try:
         result = runner.generate(prompt, config, chat=chat)
     finally:
         runner.close()
-    _report(result, runner.plan, wire=wire.value, model=model, json_output=json_output)
+    _report(result, runner.plan, wire=wire.value, model=model, json_output=json_output,
+            precision={"dtype": dtype, "device": device, "load_format": load_format.value,
+                       "server_precision": runner.server_info() if server else None})
 
 
-def _report(result, plan, *, wire: str, model: str, json_output: bool, protection: dict | None = None) -> None:
+def _report(result, plan, *, wire: str, model: str, json_output: bool, protection: dict | None = None,
+            precision: dict | None = None) -> None:
     """Prints the generation: the text and a summary line, or one JSON object."""
     if json_output:
         print_json({
@@ -177,6 +190,7 @@ def _report(result, plan, *, wire: str, model: str, json_output: bool, protectio
             "plan": result.plan,
             "wire": wire,
             "model": model,
+            **(precision or {}),
             **({"protection": protection} if protection else {}),
         })
         return

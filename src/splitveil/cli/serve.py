@@ -7,8 +7,16 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import err_console, setup
+from splitveil.cli.common import (
+    check_precision,
+    device_option,
+    dtype_option,
+    err_console,
+    load_format_option,
+    setup,
+)
 from splitveil.core.errors import ConfigError
+from splitveil.models.loading import LoadFormat
 from splitveil.plan.plan import DEFAULT_LM_SPLIT
 from splitveil.serve.worker import READY_FD_HELP, ready_writer
 from splitveil.transport.network import is_loopback
@@ -56,6 +64,9 @@ def serve(
                                          "file (PEM); created (mode 0600, public half beside it as FILE.pub) when it "
                                          "does not exist, so a client can be pointed at the same path with --attest-key."),
     observe: Path = typer.Option(None, "--observe", help="With --enclave: record every byte this process relays."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    load_format: LoadFormat = load_format_option(),
     ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
     """Serve the trunk of a Λ-split over TLS WebSockets: many sessions, each with its own KV cache."""
@@ -64,6 +75,13 @@ def serve(
     from splitveil.serve.server import ServerLimits, SplitServer
 
     cuts = parse_cuts(split)
+    check_precision(device, dtype)
+    plain_lm = not enclave and not _is_vision_model(model) and not _is_diffusion_model(model)
+    if not plain_lm and (device != "cpu" or dtype != "float32" or load_format != LoadFormat.AUTO):
+        raise ConfigError("--device, --dtype and --load-format serve an LM trunk (not --enclave, a vision or a "
+                          "diffusion model)")
+    if ray and device != "cpu":
+        raise ConfigError("--ray replicas run on the CPU (Ray gives them no GPU here): drop --device, or drop --ray")
     if not enclave and (attestation_key or observe):
         raise ConfigError("--attestation-key and --observe go with --enclave")
     if insecure and not is_loopback(host):  # every serving path, the enclave relay included
@@ -99,6 +117,7 @@ def serve(
         _serve_on_ray(model, cuts, replicas or 2, max_sessions=max_sessions, max_tokens=max_tokens, max_kv_mb=max_kv_mb,
                       max_frame_bytes=max_frame_bytes, no_batch=no_batch, batch_window_ms=batch_window_ms,
                       idle_timeout=idle_timeout, threads=threads, max_connections=max_connections, token=token,
+                      dtype=dtype, load_format=load_format.value,
                       token_path=token_path, ssl_context=ssl_context, cert_path=cert_path, fingerprint=fingerprint,
                       host=host, port=port, report=ready_writer(ready_fd))
         typer.echo("splitveil serve: stopped")
@@ -113,7 +132,8 @@ def serve(
                                              max_frame_bytes=max_frame_bytes)
         else:
             service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
-                                          max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb)
+                                          max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb,
+                                          load_format=load_format.value, dtype=dtype, device=device)
     limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000,
                           max_connections=max_connections or 2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
@@ -121,7 +141,8 @@ def serve(
 
     def ready(srv: SplitServer) -> None:
         parts = ", ".join(f"part {i} ({p.name})" for i, p in service.parts.items())
-        typer.echo(f"splitveil serve: {model} {parts}, {sum(1 for _ in service.parts.values())} part(s) loaded")
+        where = f" in {service.info['dtype']} on {service.info['device']}" if "dtype" in service.info else ""
+        typer.echo(f"splitveil serve: {model} {parts}, {sum(1 for _ in service.parts.values())} part(s) loaded{where}")
         if fingerprint:
             typer.echo(f"splitveil serve: TLS certificate {cert_path} sha256 {fingerprint}")
         else:
@@ -139,7 +160,8 @@ def serve(
 
 
 def _serve_on_ray(model: str, cuts, replicas: int, *, max_sessions: int, max_tokens, max_kv_mb, max_frame_bytes: int,
-                  no_batch: bool, batch_window_ms: float, idle_timeout: float, threads: int, max_connections, **ingress):
+                  no_batch: bool, batch_window_ms: float, idle_timeout: float, threads: int, max_connections,
+                  dtype: str, load_format: str, **ingress):
     """`serve --ray`: the same limits, per replica (`ReplicaSettings.for_replicas` splits the KV budget's default
     among the replicas)."""
     from splitveil.serve.ray_serve import RayOptions, ReplicaSettings, serve_on_ray
@@ -150,7 +172,8 @@ def _serve_on_ray(model: str, cuts, replicas: int, *, max_sessions: int, max_tok
     settings = ReplicaSettings(model=model, cuts=tuple(cuts), max_sessions=max_sessions, max_tokens=max_tokens,
                                max_kv_mb=max_kv_mb,
                                max_frame_bytes=max_frame_bytes, batch_steps=not no_batch,
-                               batch_window=batch_window_ms / 1000, idle_timeout=idle_timeout, threads=threads)
+                               batch_window=batch_window_ms / 1000, idle_timeout=idle_timeout, threads=threads,
+                               dtype=dtype, load_format=load_format)
     limits = ServerLimits(idle_timeout=idle_timeout, max_connections=max_connections or 2 * max_sessions * replicas)
     serve_on_ray(settings, RayOptions(replicas=replicas), limits=limits, announce=typer.echo, **ingress)
 

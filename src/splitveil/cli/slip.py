@@ -11,8 +11,12 @@ import typer
 
 from splitveil.cli.common import err_console, print_json, setup, status
 from splitveil.core.errors import ConfigError
+from splitveil.models.precision import torch_device
 from splitveil.serve.worker import READY_FD_HELP, ready_writer
 from splitveil.wire.frame import MAX_FRAME_BYTES
+
+RING_DEVICE_HELP = ("Where the products run: cpu (default), cuda, cuda:N or auto. They stay exact ring arithmetic "
+                    "(int64 values split into float64 limbs) on any device, so there is no --dtype here.")
 
 app = typer.Typer(help="SLIP: each linear layer split into a small secret part and a residual computed elsewhere on "
                        "one-time-masked inputs (protects the weights, or the prompt).", no_args_is_help=True)
@@ -242,6 +246,7 @@ def serve(
     idle_timeout: float = _idle_timeout_option(),
     insecure: bool = _insecure_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+    device: str = typer.Option("cpu", "--device", help=RING_DEVICE_HELP),
     ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
     """The untrusted executor: multiplies masked inputs by W_residual, over TLS with a bearer token."""
@@ -251,14 +256,17 @@ def serve(
 
     check_residual_only(bundle)  # before anything else: never load a folder that holds W_secure's factors
     _check_listen(host, insecure, tls_cert, tls_key)
+    torch_device(device)
     setup(threads)
     record = FrameLog(log_frames) if log_frames else None
-    service = build_executor_service(bundle, mode=mode.value, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes)
+    service = build_executor_service(bundle, mode=mode.value, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes,
+                                     device=device)
     if record is not None:
         service.observers.append(record.append)  # the server side's one observation hook
     try:
         _serve("slip serve", service, [f"{service.info.get('model')} residual of {len(service.shapes)} linear groups, "
-                                       f"{mode.value} mode, frames up to {service.max_frame_bytes} bytes"],
+                                       f"{mode.value} mode on {service.info['device']}, frames up to "
+                                       f"{service.max_frame_bytes} bytes"],
                host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file, insecure=insecure,
                idle_timeout=idle_timeout, max_sessions=max_sessions, ready_fd=ready_fd)
     finally:
@@ -323,6 +331,7 @@ def dealer(
     idle_timeout: float = _idle_timeout_option(),
     insecure: bool = _insecure_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
+    device: str = typer.Option("cpu", "--device", help=RING_DEVICE_HELP),
     ready_fd: int = typer.Option(None, "--ready-fd", min=0, help=READY_FD_HELP),
 ) -> None:
     """SLIP's mask dealer: holds the public weights W and deals the terms W r of the masks r = PRG(seed, group, row)
@@ -334,11 +343,13 @@ def dealer(
 
     check_residual_only(bundle)
     _check_listen(host, insecure, tls_cert, tls_key)
+    torch_device(device)
     setup(threads)
     service = build_dealer_service(bundle, max_sessions=max_sessions, max_frame_bytes=max_frame_bytes,
-                                   max_rows_per_request=max_rows)
+                                   max_rows_per_request=max_rows, device=device)
     _serve("slip dealer", service, [f"deals mask terms for {service.info.get('model')}'s {len(service.shapes)} linear "
-                                    f"groups (public weights), up to {max_rows} rows per group and request",
+                                    f"groups (public weights) on {service.info['device']}, up to {max_rows} rows per "
+                                    f"group and request",
                                     NON_COLLUSION],
            host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file, insecure=insecure,
            idle_timeout=idle_timeout, max_sessions=max_sessions, ready_fd=ready_fd)

@@ -173,9 +173,9 @@ class _Monolithic:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+        output = self.model(input_ids=input_ids.to(self.model.device), past_key_values=self.cache, use_cache=True,
                             logits_to_keep=1 if self.last_logits_only else 0)
-        return output.logits
+        return output.logits.float()  # as a split's tail returns them (exact from bf16 and fp16)
 
 
 @contextmanager
@@ -291,6 +291,9 @@ class SplitCausalLM:
         insecure: bool = False,
         attestation=None,
         expected_measurement: bytes | None = None,
+        load_format: str = "auto",
+        dtype: str = "float32",
+        device: str = "cpu",
     ) -> "SplitCausalLM":
         """A split LM whose cloud parts run on the server at `url` (wss://host:port).
 
@@ -301,6 +304,7 @@ class SplitCausalLM:
         With `attestation` (the trusted attestation key's public half, an `AttestationKey`) and
         `expected_measurement`, the server must be a trusted executor (`serve --enclave`) that proves that
         measurement: every frame then travels sealed to it, and a server that does not prove it gets nothing.
+        `dtype` and `device` place this device's parts (the server chose its own; the wire converts at the cuts).
         """
         from splitveil.edge.remote import probe_server
         from splitveil.models.loading import config_digest, load_tokenizer
@@ -328,13 +332,15 @@ class SplitCausalLM:
                     raise ConfigError(f"{url} did not say which cuts it serves; give the plan (--split)")
                 plan = SplitPlan.from_cuts(tuple(cuts))
             edge = tuple(i for i, place in enumerate(plan.placement) if place == Placement.EDGE)
-            splittable, plan = load_causal_lm_parts(model, plan.cuts, edge)
-            lm = cls(splittable, plan, tokenizer=load_tokenizer(model) if tokenizer == "auto" else tokenizer, wire=wire,
-                     transport=transport)
+            splittable, plan = load_causal_lm_parts(model, plan.cuts, edge, load_format=load_format, dtype=dtype,
+                                                    device=device)
+            if tokenizer == "auto":
+                tokenizer = load_tokenizer(model, load_format=load_format)
+            lm = cls(splittable, plan, tokenizer=tokenizer, wire=wire, transport=transport)
             for stage in lm.stages:
                 if isinstance(stage, RemoteStage):
                     stage.recover_seconds = recover_seconds
-                    stage.expect["model_config_sha256"] = config_digest(model)
+                    stage.expect["model_config_sha256"] = config_digest(model, load_format=load_format)
             return lm
         except BaseException:
             transport.close()
@@ -383,6 +389,15 @@ class SplitCausalLM:
             if isinstance(mine, RemoteStage) and isinstance(theirs, RemoteStage):
                 theirs.recover_seconds, theirs.expect = mine.recover_seconds, dict(mine.expect)
         return fork
+
+    def server_info(self) -> dict:
+        """The precision the remote parts said they run in at OPEN (`dtype`, `device`; empty before a session or
+        for a server that does not say)."""
+        for stage in self.stages:
+            info = getattr(stage, "info", None) if isinstance(stage, RemoteStage) else None
+            if info:
+                return {key: info[key] for key in ("dtype", "device") if key in info}
+        return {}
 
     def close(self) -> None:
         """Ends any remote session and closes the transport."""

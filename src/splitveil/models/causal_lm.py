@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from splitveil.core.errors import ConfigError
+from splitveil.models.precision import module_placement
 from splitveil.models.splittable import Part, Splittable
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks", "block", "decoder_layers")
@@ -185,11 +186,12 @@ class CausalLMSplittable(Splittable):
         return CausalLMPart(self, start, end)
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """LM head on final-normed hidden states [B, T, H] -> logits [B, T, V] (with the family's soft cap)."""
-        logits = self.lm_head(normed_hidden)
+        """LM head on final-normed hidden states [B, T, H] -> logits [B, T, V] (with the family's soft cap), in
+        float32 whatever the weights' dtype (as transformers returns them; a bf16 value converts exactly)."""
+        logits = self.lm_head(normed_hidden.to(self.lm_head.weight.dtype))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits.float()
 
 
 class CausalLMPart(Part):
@@ -211,6 +213,8 @@ class CausalLMPart(Part):
         self.num_layers = min(end - 1, owner.num_blocks) - self.first_layer
         self.last_logits_only = last_logits_only
         self.defer_head = False  # a head part returns its final-normed hidden states; the caller applies `logits`
+        # where this part's weights live and their dtype: what it casts its input to (the wire decodes float32)
+        self.device, self.dtype = module_placement(owner.modules_for(start, end))
         self._view, self._inject = self._make_view()
         self._ragged = None  # (view, inject) for batched decode steps, built on first use
         self.cache = None
@@ -295,7 +299,7 @@ class CausalLMPart(Part):
             raise ConfigError("fork_forward needs a head part: it starts at the embedding and ends before the LM head")
         batch = inputs_embeds.shape[0]
         fork = self.cache.forked(batch) if self.cache is not None else None  # normal tensors, usable by autograd
-        position_ids = torch.full((batch, 1), self.seq_len, dtype=torch.long)
+        position_ids = torch.full((batch, 1), self.seq_len, dtype=torch.long, device=inputs_embeds.device)
         output = self._view(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=fork,
                             use_cache=fork is not None)
         return output.last_hidden_state
@@ -312,6 +316,7 @@ class CausalLMPart(Part):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length = x.shape[0], x.shape[1]
+        x = x.to(self.device) if self.has_embed else x.to(device=self.device, dtype=self.dtype)
         if self._view is None:  # a part holding only the head
             hidden = self.owner.final_norm(x)
         else:
@@ -369,7 +374,8 @@ def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> tor
     register_ragged_attention()
     step_cache = StepCache([p.cache for p in parts], first.owner.config._attn_implementation)
     view, inject = first._ragged_view()
-    position_ids = torch.tensor([p.seq_len for p in parts], dtype=torch.long).unsqueeze(1)  # [B, 1]: own positions
+    hidden = hidden.to(device=first.device, dtype=first.dtype)
+    position_ids = torch.tensor([p.seq_len for p in parts], dtype=torch.long, device=first.device).unsqueeze(1)
     inject.incoming = hidden
     try:
         output = view(inputs_embeds=hidden, position_ids=position_ids, past_key_values=step_cache, use_cache=True)
@@ -408,12 +414,14 @@ def _check_batchable(parts: list[CausalLMPart], hidden: torch.Tensor) -> None:
 
 def _agrees_with_single_steps(parts: list[CausalLMPart], hidden: torch.Tensor, batched: torch.Tensor) -> bool:
     """Whether `batched` (a batched step's output) equals single steps of every part, run on copies of their caches
-    (float tolerance, relative to the output's scale)."""
+    (float tolerance relative to the output's scale: 1e-4 in float32, 8 units in the last place in bf16 and fp16,
+    whose kernels for one row and for B rows may round differently)."""
+    tolerance = max(1e-4, 8 * torch.finfo(batched.dtype).eps)
     for row, part in enumerate(parts):
         probe = part.clone()
         probe.cache, probe.seq_len = part.cache.forked(1), part.seq_len
         single = probe(hidden[row : row + 1])
         scale = max(1.0, float(single.abs().max()))
-        if not torch.allclose(batched[row : row + 1], single, rtol=1e-4, atol=1e-4 * scale):
+        if not torch.allclose(batched[row : row + 1], single, rtol=tolerance, atol=tolerance * scale):
             return False
     return True

@@ -177,27 +177,34 @@ def resolve_model_dir(name_or_path: str, *, load_format: str | LoadFormat = "aut
     )
 
 
-def load_causal_lm(name_or_path: str, *, with_tokenizer: bool = True, load_format: str | LoadFormat = "auto"):
-    """Loads a causal LM in fp32, eval mode, from a registered name or a local directory.
+def load_causal_lm(name_or_path: str, *, with_tokenizer: bool = True, load_format: str | LoadFormat = "auto",
+                   dtype: str = "float32", device: str = "cpu"):
+    """Loads a causal LM, eval mode, from a registered name or a local directory.
 
     Args:
         load_format: "auto" (real weights) or "dummy" (a registered dummy shape's random weights, generated on
             first use; for cost figures only). See `resolve_model_dir`.
+        dtype: the weights' precision (float32, bfloat16, float16; see `splitveil.models.precision`).
+        device: cpu, cuda, cuda:N or auto.
 
     Returns:
         (model, tokenizer); tokenizer is None when `with_tokenizer` is False.
     """
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our CLI shows its own progress; keep stderr for what matters
     hf_logging.set_verbosity_error()
+    from splitveil.models.precision import torch_device, torch_dtype
+
+    weights_dtype, target = torch_dtype(dtype), torch_device(device)
     model_dir = resolve_model_dir(name_or_path, load_format=load_format)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype)
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load a causal LM from {model_dir}: {error}") from error
+    if target.type != "cpu":
+        model.to(target)
     model.eval()
     return model, (_tokenizer_in(model_dir) if with_tokenizer else None)
 

@@ -51,45 +51,53 @@ class Checkpoint:
             raise ModelNotFoundError(f"{self.model_dir} has no tensor {name!r}; its checkpoint layout is not supported")
         return name
 
-    def read(self, names: list[str]) -> dict:
-        """{parameter name: float32 tensor} for `names`, reading each file once."""
+    def read(self, names: list[str], dtype=None) -> dict:
+        """{parameter name: tensor in `dtype` (default float32)} for `names`, reading each file once."""
         import torch
         from safetensors import safe_open
 
+        dtype = dtype or torch.float32
         sources = {name: self.source(name) for name in names}
         tensors = {}
         for file_name in sorted({self.weight_map[source] for source in sources.values()}):
             with safe_open(str(self.model_dir / file_name), "pt") as handle:
                 for name, source in sources.items():
                     if self.weight_map[source] == file_name:
-                        tensors[name] = handle.get_tensor(source).to(torch.float32)
+                        tensors[name] = handle.get_tensor(source).to(dtype)
         return tensors
 
 
-def empty_causal_lm(name_or_path: str, *, load_format: str = "auto"):
-    """(model with every weight on the meta device, its folder): the structure without the data."""
-    import torch
+def empty_causal_lm(name_or_path: str, *, load_format: str = "auto", dtype: str = "float32"):
+    """(model with every weight on the meta device, its folder): the structure without the data (built in `dtype`,
+    so that the buffers it computes at construction are those the model loaded in that dtype has)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from splitveil.models.precision import torch_dtype
+
     hf_logging.set_verbosity_error()
+    weights_dtype = torch_dtype(dtype)
     model_dir = resolve_model_dir(name_or_path, load_format=load_format)
     try:
         config = AutoConfig.from_pretrained(model_dir)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=weights_dtype)
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot build a causal LM from {model_dir}: {error}") from error
     return model, model_dir
 
 
-def partial_causal_lm(name_or_path: str, keep: Callable[[str], bool], *, load_format: str = "auto"):
-    """The model with real weights only for the parameters whose names `keep` accepts; the rest stay on the meta
-    device (no memory). Returns (model, its folder)."""
+def partial_causal_lm(name_or_path: str, keep: Callable[[str], bool], *, load_format: str = "auto",
+                      dtype: str = "float32", device: str = "cpu"):
+    """The model with real weights only for the parameters whose names `keep` accepts, in `dtype` on `device`; the
+    rest stay on the meta device (no memory). Returns (model, its folder)."""
     from accelerate.utils import set_module_tensor_to_device
 
-    model, model_dir = empty_causal_lm(name_or_path, load_format=load_format)
+    from splitveil.models.precision import move_buffers, torch_device, torch_dtype
+
+    weights_dtype, target = torch_dtype(dtype), torch_device(device)
+    model, model_dir = empty_causal_lm(name_or_path, load_format=load_format, dtype=dtype)
     names = [name for name, _ in model.named_parameters(remove_duplicate=False) if keep(name)]
     input_weight = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
@@ -100,31 +108,34 @@ def partial_causal_lm(name_or_path: str, keep: Callable[[str], bool], *, load_fo
         if any(n in names for n in output_names) and input_name not in names:
             names.append(input_name)
         names = [n for n in names if n not in output_names]
-    for name, tensor in Checkpoint(model_dir, model).read(names).items():
-        set_module_tensor_to_device(model, name, "cpu", value=tensor)
+    for name, tensor in Checkpoint(model_dir, model).read(names, weights_dtype).items():
+        set_module_tensor_to_device(model, name, target, value=tensor)
+    move_buffers(model, target)
     if tied and model.get_input_embeddings().weight.device.type != "meta" and any(map(keep, output_names)):
         output.weight = model.get_input_embeddings().weight
     model.eval()
     return model, model_dir
 
 
-def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices: tuple[int, ...]):
-    """Builds the model with real weights only in the given parts of the plan with `cuts`; the rest stay on the
-    meta device (no memory, no data). A cloud process uses this to hold only the trunk's weights.
+def load_causal_lm_parts(name_or_path: str, cuts: tuple[int, ...], part_indices: tuple[int, ...], *,
+                         load_format: str = "auto", dtype: str = "float32", device: str = "cpu"):
+    """Builds the model with real weights only in the given parts of the plan with `cuts` (in `dtype`, on
+    `device`); the rest stay on the meta device (no memory, no data). A cloud process uses this to hold only the
+    trunk's weights.
 
     Returns:
         (CausalLMSplittable, SplitPlan): the splittable over the partial model and the validated plan.
     """
     from splitveil.models.causal_lm import CausalLMSplittable
 
-    model, _ = empty_causal_lm(name_or_path)
+    model, _ = empty_causal_lm(name_or_path, load_format=load_format)
     splittable = CausalLMSplittable(model)
     plan = SplitPlan.from_cuts(tuple(cuts))
     plan.validate(splittable)
     bounds = plan.boundaries(splittable)
     wanted = {id(p) for i in part_indices for m in splittable.modules_for(bounds[i], bounds[i + 1]) for p in m.parameters()}
     names = {name for name, param in model.named_parameters(remove_duplicate=False) if id(param) in wanted}
-    model, _ = partial_causal_lm(name_or_path, names.__contains__)
+    model, _ = partial_causal_lm(name_or_path, names.__contains__, load_format=load_format, dtype=dtype, device=device)
     splittable = CausalLMSplittable(model)
     plan.validate(splittable)
     return splittable, plan

@@ -31,17 +31,21 @@ def default_max_kv_mb() -> int:
 
 def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int = 64, max_tokens: int | None = None,
                         max_frame_bytes: int = MAX_FRAME_BYTES, max_batch: int = 8, batch_steps: bool = True,
-                        max_kv_mb: float | None = None) -> PartService:
-    """Loads the weights of the cloud parts of the plan with `cuts` (and nothing else) and serves them.
+                        max_kv_mb: float | None = None, load_format: str = "auto", dtype: str = "float32",
+                        device: str = "cpu") -> PartService:
+    """Loads the weights of the cloud parts of the plan with `cuts` (and nothing else), in `dtype` on `device`, and
+    serves them.
 
-    `max_kv_mb` bounds the KV caches of all sessions together (default: `default_max_kv_mb()`)."""
+    `max_kv_mb` bounds the KV caches of all sessions together (default: `default_max_kv_mb()`; on a GPU, half of
+    its free memory once the weights are loaded)."""
+    from splitveil.models.precision import dtype_name
     from splitveil.plan.plan import SplitPlan
 
     plan = SplitPlan.from_cuts(cuts)
     cloud = tuple(i for i, place in enumerate(plan.placement) if place == Placement.CLOUD)
     if not cloud:
         raise ConfigError("this plan has no cloud part to serve; give --split A,B")
-    splittable, plan = load_causal_lm_parts(model, cuts, cloud)
+    splittable, plan = load_causal_lm_parts(model, cuts, cloud, load_format=load_format, dtype=dtype, device=device)
     smallest = splittable.hidden_size * 4 + 40  # one fp32 position and its header
     if max_frame_bytes < smallest:
         raise ConfigError(f"--max-frame-bytes {max_frame_bytes} cannot carry one position of this model; use at least {smallest}")
@@ -50,8 +54,14 @@ def build_cloud_service(model: str, cuts: tuple[int, ...], *, max_sessions: int 
         part.last_logits_only = True
     _warm_up(parts, cloud, splittable.hidden_size)
     context = getattr(splittable.config, "max_position_embeddings", None) or 8192
-    info = {"model": model, "model_config_sha256": config_digest(model), "cuts": list(plan.cuts),
-            "placement": [p.value for p in plan.placement]}
+    served = parts[cloud[0]]
+    if max_kv_mb is None and served.device.type == "cuda":  # the caches live in GPU memory: half of what is left
+        import torch
+
+        max_kv_mb = max(1, torch.cuda.mem_get_info(served.device)[0] // 2 // 2**20)
+    info = {"model": model, "model_config_sha256": config_digest(model, load_format=load_format),
+            "cuts": list(plan.cuts), "placement": [p.value for p in plan.placement],
+            "dtype": dtype_name(served.dtype), "device": str(served.device)}
     return PartService({i: parts[i] for i in cloud}, hidden_size=splittable.hidden_size, info=info,
                        max_sessions=max_sessions, max_tokens=min(max_tokens or context, context),
                        max_frame_bytes=max_frame_bytes, max_batch=max_batch, batch_steps=batch_steps,
@@ -68,6 +78,8 @@ def _warm_up(parts, cloud: tuple[int, ...], hidden_size: int) -> None:
         scratch = parts[index].clone()
         scratch(torch.zeros(1, 4, hidden_size))
         scratch(torch.zeros(1, 1, hidden_size))
+        if scratch.device.type == "cuda":
+            torch.cuda.synchronize(scratch.device)
 
 
 def default_token_file() -> Path:

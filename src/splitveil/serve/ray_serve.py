@@ -61,6 +61,8 @@ class ReplicaSettings:
     batch_window: float = 0.002  # seconds a round waits for more steps when other sessions are open
     idle_timeout: float = 300.0
     threads: int = 1
+    dtype: str = "float32"  # the trunk's weights (replicas run on the CPU: Ray gives them no GPU here)
+    load_format: str = "auto"
 
     def for_replicas(self, replicas: int) -> "ReplicaSettings":
         """These settings with the KV budget each of `replicas` replicas gets: as given, or (None) half the machine's
@@ -148,7 +150,7 @@ class TrunkReplica:
         s = self.settings
         self.service = build_cloud_service(s.model, s.cuts, max_sessions=s.max_sessions, max_tokens=s.max_tokens,
                                            max_frame_bytes=s.max_frame_bytes, batch_steps=s.batch_steps,
-                                           max_kv_mb=s.max_kv_mb)
+                                           max_kv_mb=s.max_kv_mb, dtype=s.dtype, load_format=s.load_format)
         self.rounds = ComputeRounds(self.service, self.settings, on_evict=lambda sid: self._forget(sid.hex()))
 
     @serve.multiplexed(max_num_models_per_replica=-1)  # sessions are bounded by the PartService, not by eviction

@@ -1,7 +1,8 @@
 """Tensor codecs: how a tensor's elements travel. Pure functions of (tensor) -> bytes and (bytes, shape) -> tensor.
 
 Every codec has a one-byte wire id (in the frame header), an element size and the dtype it restores to.
-Float codecs decode to float32, the dtype parts compute in; `int64` carries token ids; `uint8` carries raw bytes
+Float codecs decode to float32 (a part casts what it receives to its own dtype and device, `models/precision.py`);
+a bf16 or fp16 tensor encodes exactly on a float32 wire; `int64` carries token ids; `uint8` carries raw bytes
 (error messages).
 """
 
@@ -32,6 +33,8 @@ class Codec:
     def encode(self, tensor: torch.Tensor) -> bytes:
         """Tensor -> raw little-endian bytes of its elements (C order)."""
         tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype in (torch.bfloat16, torch.float16) and self.name != "bf16":
+            tensor = tensor.float()  # numpy has no bfloat16; a float32 or float16 wire holds these values as they are
         if self.name == "bf16":  # numpy has no bfloat16: ship the 16 raw bits
             return tensor.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
         return tensor.numpy().astype(self.wire_dtype, copy=False).tobytes()

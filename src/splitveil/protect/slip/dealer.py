@@ -134,6 +134,7 @@ class DealerService(SessionService):
         self.max_reply_bytes = max_reply_bytes
         self.tamper = tamper
         self.info = {**(info or {}), "dealer": True, "groups": len(self.shapes),
+                     "device": str(getattr(weights.get(0), "device", "cpu")),
                      "max_rows_per_request": max_rows_per_request, "max_reply_bytes": max_reply_bytes}
         self.sessions: dict[bytes, DealerSession] = {}
         self.rows_dealt = 0
@@ -200,7 +201,7 @@ class DealerService(SessionService):
                                   seq=work.frame.seq))
 
 
-def build_dealer_service(folder: Path, **limits) -> DealerService:
+def build_dealer_service(folder: Path, *, device: str = "cpu", **limits) -> DealerService:
     """The dealer for the public-weights bundle in `folder` (the residual bundle at secure rank 0, where W_residual is
     W): what `splitveil slip dealer` runs. The device checks the bundle's digest at OPEN, and every unmasked product
     against the public weights (`dealt.py`), so terms dealt from any other matrices are caught."""
@@ -209,7 +210,7 @@ def build_dealer_service(folder: Path, **limits) -> DealerService:
 
     check_residual_only(folder)
     bundle, weights = load_residual(folder)
-    return DealerService(executor_weights(weights, "fixed", bundle.fixed_point),
+    return DealerService(executor_weights(weights, "fixed", bundle.fixed_point, device=device),
                          info={"model": bundle.model, "residual_sha256": bundle.sha256}, **limits)
 
 

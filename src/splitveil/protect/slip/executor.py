@@ -136,16 +136,20 @@ def load_residual(folder: Path) -> tuple[ResidualBundle, dict[int, torch.Tensor]
 COMPACT_BYTES = 4 * 2**30  # float64 ring weights beyond this are kept compact (float32, `RingWeight`)
 
 
-def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: FixedPoint) -> dict:
+def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: FixedPoint, *, device: str = "cpu") -> dict:
     """The matrices the executor multiplies with: ring weights (fixed; compact when the model is large) or float64
-    (float). Consumes `weights`: each float32 matrix is dropped once encoded, so that a 1B-parameter model's
-    encoding never holds two copies of it."""
+    (float), held on `device` (cpu, cuda, cuda:N, auto). Consumes `weights`: each float32 matrix is dropped once
+    encoded, so that a 1B-parameter model's encoding never holds two copies of it."""
+    from splitveil.models.precision import torch_device
+
     if mode not in MODES:
         raise ConfigError(f"unknown SLIP mode {mode!r}; use fixed or float")
+    target = torch_device(device)
     if mode == "float":
-        return {gid: weights.pop(gid).to(torch.float64) for gid in sorted(weights)}
+        return {gid: weights.pop(gid).to(target, torch.float64) for gid in sorted(weights)}
     compact = 8 * sum(w.numel() for w in weights.values()) > COMPACT_BYTES
-    return {gid: RingWeight(fixed_point.encode_w(weights.pop(gid)), compact=compact) for gid in sorted(weights)}
+    return {gid: RingWeight(fixed_point.encode_w(weights.pop(gid)), compact=compact, device=target)
+            for gid in sorted(weights)}
 
 
 # -- the service -----------------------------------------------------------------------------------------------
@@ -176,13 +180,13 @@ class SlipExecutorService(SessionService):
         self.mode = mode
         # fixed point: exact ring products through float64 limbs (see RingWeight); float: float64 products
         self._products = {gid: (w if isinstance(w, RingWeight) else RingWeight(w)).matmul if mode == "fixed"
-                          else (lambda x, w=w: x @ w.t()) for gid, w in weights.items()}
+                          else (lambda x, w=w: (x.to(w.device) @ w.t()).cpu()) for gid, w in weights.items()}
         self.max_frame_bytes = max_frame_bytes
         self.max_sessions = max_sessions
         self.max_rows = max_rows
         self.tamper = tamper
         self.info = {**(info or {}), "slip": True, "mode": mode, "groups": len(self.shapes),
-                     "max_frame_bytes": max_frame_bytes}
+                     "max_frame_bytes": max_frame_bytes, "device": str(_device_of(weights))}
         self.sessions: dict[bytes, ExecutorSession] = {}
         self.rows_computed = 0
         self.macs = 0  # multiply-accumulates done (the untrusted side's work)
@@ -244,12 +248,18 @@ class SlipExecutorService(SessionService):
         return encode_frame(Frame(FrameKind.RESULT, output.contiguous(), codec="int64", session=work.session_id, seq=work.frame.seq))
 
 
-def build_executor_service(folder: Path, *, mode: str, **limits) -> SlipExecutorService:
+def _device_of(weights: dict) -> torch.device:
+    """Where the products of an executor's or dealer's matrices run (the first matrix's device)."""
+    first = next(iter(weights.values()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def build_executor_service(folder: Path, *, mode: str, device: str = "cpu", **limits) -> SlipExecutorService:
     """The executor for the residual bundle in `folder` (what `splitveil slip serve` runs). A folder that holds
     anything besides the residual bundle (the owner's cache, with the decomposition) is refused."""
     from splitveil.protect.slip.bundle import check_residual_only
 
     check_residual_only(folder)
     bundle, weights = load_residual(folder)
-    return SlipExecutorService(executor_weights(weights, mode, bundle.fixed_point), mode=mode,
+    return SlipExecutorService(executor_weights(weights, mode, bundle.fixed_point, device=device), mode=mode,
                                info={"model": bundle.model, "residual_sha256": bundle.sha256}, **limits)

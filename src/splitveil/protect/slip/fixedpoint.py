@@ -114,23 +114,28 @@ class RingWeight:
 
     `compact=True` keeps W in float32 (exact while |W| < 2^24, as for every model we ship) and converts blocks of
     `COMPACT_ROWS` rows to float64 for each product: half the memory, for the 1B-parameter servers, at the price of
-    the conversions."""
+    the conversions.
+
+    `device` holds the matrix there and runs the limb products there (a GPU's float64 products are exact as on the
+    CPU: the limbs keep every sum below 2^53); inputs move to it, products come back to the CPU. The plain int64
+    product (matrices too large for limbs) stays on the CPU, where torch has it."""
 
     COMPACT_ROWS = 2048
 
-    def __init__(self, weight: torch.Tensor, *, compact: bool = False):
+    def __init__(self, weight: torch.Tensor, *, compact: bool = False, device=None):
         if weight.dtype != torch.int64 or weight.dim() != 2:
             raise TypeError("a ring weight is an int64 matrix")
         self.shape = tuple(weight.shape)
         self.largest = int(weight.abs().max()) if weight.numel() else 0
         self.limb_bits = limb_bits_for(self.largest, self.shape[1])
+        self.device = torch.device(device or "cpu") if self.limb_bits is not None else torch.device("cpu")
         self.int64 = self.float64 = self.float32 = None
         if self.limb_bits is None:
             self.int64 = weight
         elif compact and self.largest < 2**24:
-            self.float32 = weight.to(torch.float32)  # exact
+            self.float32 = weight.to(self.device, torch.float32)  # exact
         else:
-            self.float64 = weight.to(torch.float64)  # exact: |entries| < 2^53
+            self.float64 = weight.to(self.device, torch.float64)  # exact: |entries| < 2^53
 
     def _blocks(self):
         """(row slice, float64 block of W) over W's rows: the whole matrix at once, or compact blocks."""
@@ -148,16 +153,17 @@ class RingWeight:
         bits = self.limb_bits
         count = -(-RING_BITS // bits)
         mask = (1 << bits) - 1
+        x = x.to(self.device)
         limbs = torch.stack([(x >> (bits * i)) & mask for i in range(count)])  # [count, P, n], each in [0, 2^bits)
         flat = limbs.reshape(-1, x.shape[1]).to(torch.float64)
-        out = torch.empty(x.shape[0], self.shape[0], dtype=torch.int64)
+        out = torch.empty(x.shape[0], self.shape[0], dtype=torch.int64, device=self.device)
         for rows, block in self._blocks():
             partial = (flat @ block.t()).to(torch.int64).reshape(count, x.shape[0], -1)
             part = partial[0].clone()
             for i in range(1, count):
                 part += partial[i] << (bits * i)  # wraps modulo 2^64
             out[:, rows] = part
-        return out
+        return out.cpu()
 
     def left_matmul(self, s: torch.Tensor) -> torch.Tensor:
         """s [t, m] int64 -> s W [t, n] int64 (mod 2^64), by the same limbs (their width chosen for sums over m)."""
@@ -166,6 +172,7 @@ class RingWeight:
             return s @ self.to_int64()  # exact int64 product (wraps)
         count = -(-RING_BITS // bits)
         mask = (1 << bits) - 1
+        s = s.to(self.device)
         limbs = torch.stack([(s >> (bits * i)) & mask for i in range(count)])  # [count, t, m]
         flat = limbs.reshape(-1, s.shape[1]).to(torch.float64)
         total = None
@@ -176,7 +183,7 @@ class RingWeight:
         out = partial[0].clone()
         for i in range(1, count):
             out += partial[i] << (bits * i)  # wraps modulo 2^64
-        return out
+        return out.cpu()
 
     def row_norm(self) -> float:
         """max_i ||W_i||_2 over the rows (in ring integers): with ||x||_2 it bounds every |(x W^T)_i|."""
@@ -189,7 +196,7 @@ class RingWeight:
     def to_int64(self) -> torch.Tensor:
         if self.int64 is not None:
             return self.int64
-        return (self.float64 if self.float64 is not None else self.float32).to(torch.int64)
+        return (self.float64 if self.float64 is not None else self.float32).to("cpu", torch.int64)
 
 
 def limb_bits_for(largest: int, n: int) -> int | None:
