@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.common import allow_dirty_option, err_console, int_list, result_stem, setup, stamp_run
+from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import DEFAULT_LM_SPLIT
 
 app = typer.Typer(help="Benchmarks: ratios measured in one run, written as JSON + PNG under benchmarks/results/.",
@@ -308,4 +309,73 @@ def edge(
         typer.echo(f"target (8 streams >= 3x one stream's total): {'met' if record['target']['met'] else 'NOT met'} "
                    f"({record['target']['total_speedup']:.2f}x)")
     json_path, png_path = save_edge_bench(record, out)
+    typer.echo(f"wrote {json_path} and {png_path}")
+
+
+@app.command("gpu")
+def gpu(
+    model: str = typer.Option("llama-1b", "--model", "-m", help="A dummy shape (llama-1b, llama-8b) with --load-format "
+                              "dummy, or a real model with --load-format auto."),
+    load_format: str = typer.Option("dummy", "--load-format", help="dummy (random weights; cost figures only) or auto."),
+    split: str = typer.Option("2,14", "--split", "-s", help="Λ cuts A,B: the trunk is layers A..B-1."),
+    device: str = typer.Option("cuda", "--device", help="cuda (default), cuda:N, auto, or cpu for the CPU figures."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16."),
+    sessions: str = typer.Option("1,16,64", "--sessions", help="Session counts of the batched trunk steps."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=2, help="Tokens per batch-1 generation."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="Prompt length of the batch-1 decode (the "
+                                      "prefill measurement uses 4x)."),
+    context: int = typer.Option(256, "--context", min=1, help="Positions each session holds before the timed steps."),
+    steps: int = typer.Option(32, "--steps", min=1, help="Timed trunk steps per repeat."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Repeats per measurement (medians reported)."),
+    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
+    allow_dirty: bool = allow_dirty_option(),
+    threads: int = typer.Option(1, "--threads", help="Torch CPU threads."),
+) -> None:
+    """The cloud's side on an accelerator: our split's batch-1 decode against transformers' generate on the same
+    device and dtype, batched trunk steps at 1/16/64 sessions, prefill, SLIP's masked products against the plain
+    product, and KV memory per session. Without a CUDA GPU it says so and stops (exit 0); --device cpu measures
+    the same on the CPU."""
+    import torch
+
+    from splitveil.experiments.gpu_bench import GpuBenchSpec, check_spec, run_gpu_bench, save_gpu_bench
+    from splitveil.models.precision import torch_dtype
+    from splitveil.plan.plan import parse_cuts
+
+    torch_dtype(dtype)
+    if device.strip().lower().startswith("cuda") and not torch.cuda.is_available():
+        typer.echo("bench gpu: skipped: this machine has no CUDA GPU (torch sees none). Run benchmarks/device/run.sh "
+                   "on a GPU machine, or pass --device cpu for the CPU figures.")
+        return
+    cuts = parse_cuts(split)
+    if len(cuts) != 2:
+        raise ConfigError("bench gpu measures a Λ-split: give --split A,B")
+    spec = GpuBenchSpec(model=model, load_format=load_format, cuts=cuts, device=device, dtype=dtype,
+                        sessions=tuple(int_list(sessions, "--sessions", "session counts like 1,16,64")),
+                        decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, context=context, steps=steps,
+                        repeats=repeats)
+    check_spec(spec)
+    stamp_run(allow_dirty)
+    setup(threads)
+    with err_console.status("benchmarking ...") as spinner:
+        record = run_gpu_bench(spec, progress=lambda message: spinner.update(message))
+    decode, verdict = record["decode_batch1"], record["verdict"]
+    typer.echo(f"{record['device_name']}, {record['dtype']}, {model}: decode at batch 1 {decode['ours_median']:.1f} "
+               f"tok/s (ours) vs {decode['transformers_median']:.1f} (transformers generate): {decode['ratio']:.2f}x "
+               f"(target >= 0.9: {'met' if verdict['batch1_met'] else 'NOT met'}); tokens identical: "
+               f"{decode['tokens_identical']}")
+    for row in record["trunk_steps"]:
+        typer.echo(f"  trunk, {row['sessions']:>3} session(s): {row['steps_per_second']:.1f} steps/s in all")
+    if verdict["sessions64_vs_one"] is not None:
+        typer.echo(f"  64 sessions / 1: {verdict['sessions64_vs_one']:.1f}x (target >= 10: "
+                   f"{'met' if verdict['sessions64_met'] else 'NOT met'})")
+    typer.echo(f"  prefill of {record['prefill']['prompt_tokens']} tokens: {record['prefill']['ratio']:.2f}x transformers")
+    for row in record["masked_products"]:
+        typer.echo(f"  SLIP masked product, {row['positions']} position(s) of {row['shape'][0]}x{row['shape'][1]}: "
+                   f"{row['masked_rows_per_second']:.1f} rows/s, plain {record['dtype']} {row['plain_rows_per_second']:.1f} "
+                   f"({row['plain_over_masked']:.1f}x faster)")
+    memory = record["memory_per_session"]
+    typer.echo(f"  KV memory per session at {memory['context']} positions: {memory['kv_bytes_per_session'] / 2**20:.1f} MiB")
+    slug = "".join(c if c.isalnum() else "-" for c in record["device_name"].lower()).strip("-")
+    stem = f"gpu_{Path(model).name}_split-{cuts[0]}-{cuts[1]}_{slug}_{record['dtype']}"
+    json_path, png_path = save_gpu_bench(record, out, stem)
     typer.echo(f"wrote {json_path} and {png_path}")
