@@ -53,18 +53,21 @@ class Checkpoint:
 
     def read(self, names: list[str], dtype=None) -> dict:
         """{parameter name: tensor in `dtype` (default float32)} for `names`, reading each file once."""
+        return dict(self.stream(names, dtype))
+
+    def stream(self, names: list[str], dtype=None):
+        """Yields (parameter name, tensor in `dtype`, default float32) for `names`, one tensor at a time (each file
+        opened once), so that a caller who places each tensor as it comes never holds a second copy of the weights."""
         import torch
         from safetensors import safe_open
 
         dtype = dtype or torch.float32
         sources = {name: self.source(name) for name in names}
-        tensors = {}
         for file_name in sorted({self.weight_map[source] for source in sources.values()}):
             with safe_open(str(self.model_dir / file_name), "pt") as handle:
                 for name, source in sources.items():
                     if self.weight_map[source] == file_name:
-                        tensors[name] = handle.get_tensor(source).to(dtype)
-        return tensors
+                        yield name, handle.get_tensor(source).to(dtype)
 
 
 def empty_causal_lm(name_or_path: str, *, load_format: str = "auto", dtype: str = "float32"):
@@ -108,7 +111,7 @@ def partial_causal_lm(name_or_path: str, keep: Callable[[str], bool], *, load_fo
         if any(n in names for n in output_names) and input_name not in names:
             names.append(input_name)
         names = [n for n in names if n not in output_names]
-    for name, tensor in Checkpoint(model_dir, model).read(names, weights_dtype).items():
+    for name, tensor in Checkpoint(model_dir, model).stream(names, weights_dtype):
         set_module_tensor_to_device(model, name, target, value=tensor)
     move_buffers(model, target)
     if tied and model.get_input_embeddings().weight.device.type != "meta" and any(map(keep, output_names)):
