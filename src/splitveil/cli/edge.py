@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import attest_key_option, attest_option, connect_server, err_console, load_model, setup
+from splitveil.cli.common import (
+    attest_key_option,
+    attest_option,
+    check_precision,
+    connect_server,
+    device_option,
+    dtype_option,
+    err_console,
+    load_model,
+    setup,
+)
 from splitveil.cli.generate import Wire
 from splitveil.core.errors import ConfigError
 from splitveil.transport.network import is_loopback
@@ -56,6 +66,8 @@ def edge(
     draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
                                      "pass verifies."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
 ) -> None:
     """Serve the OpenAI chat and completions API on this device, through the split (--concurrency requests at once,
     each with its own trunk session; the trunk server batches their decode steps).
@@ -68,6 +80,7 @@ def edge(
     from splitveil.edge.openai.guard import host_entry
     from splitveil.plan.plan import SplitPlan, parse_cuts
 
+    check_precision(device, dtype)
     if bool(server) == local:
         raise ConfigError("give either --server URL (trunk on a splitveil server) or --local (trunk in this process)")
     if local and (token_file or ca or pin or insecure or attest or attest_key):
@@ -100,9 +113,9 @@ def edge(
 
     if server:
         lm = connect_server(server, model=model, plan=plan, token_file=token_file, ca=ca, pin=pin, wire=wire.value,
-                            insecure=insecure, attest=attest, attest_key=attest_key)
+                            insecure=insecure, attest=attest, attest_key=attest_key, dtype=dtype, device=device)
     else:
-        hf_model, tokenizer = load_model(model)
+        hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         lm = SplitCausalLM(hf_model, plan, tokenizer=tokenizer, wire=wire.value)
     if speculate != "off":
         lm.check_speculation()
