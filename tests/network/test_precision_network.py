@@ -61,3 +61,33 @@ def test_a_float32_device_uses_a_bf16_trunk(bf16_trunk, serve_service, tls_files
     finally:
         lm.close()
     assert len(mixed) == 8 and mixed[0] in first.values()
+
+
+def test_serve_and_generate_commands_in_bf16_with_dummy_weights(tls_files, tmp_path):
+    """`serve --load-format dummy --dtype bfloat16` (its own process) and `generate --server ... --dtype bfloat16`:
+    the tiny dummy Llama's tokens equal `generate --no-split` in bf16, and the JSON names both sides' precision."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import free_port, start_serve_process
+
+    port = free_port()
+    server = start_serve_process(["--model", "llama-tiny", "--load-format", "dummy", "--split", "1,2", "--dtype",
+                                  "bfloat16", "--insecure", "--token-file", str(tls_files["token_file"])], port)
+    common = ["--model", "llama-tiny", "--load-format", "dummy", "--dtype", "bfloat16", "--prompt", "hello there",
+              "--max-new-tokens", "12", "--json"]
+    try:
+        runs = {}
+        for name, extra in (("unsplit", ["--no-split"]), ("served", ["--server", f"ws://127.0.0.1:{port}",
+                                                                     "--token-file", str(tls_files["token_file"])])):
+            proc = subprocess.run([sys.executable, "-m", "splitveil.cli.main", "generate", *common, *extra],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            runs[name] = json.loads(proc.stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert runs["served"]["token_ids"] == runs["unsplit"]["token_ids"] and len(runs["served"]["token_ids"]) == 12
+    assert runs["served"]["dtype"] == "bfloat16" and runs["served"]["server_precision"] == {"dtype": "bfloat16",
+                                                                                            "device": "cpu"}
