@@ -64,11 +64,14 @@ def test_batched_steps_equal_single_steps_and_unsplit_tokens(tiny_models, family
         torch.testing.assert_close(b_parts[2](b_parts[1](b_parts[0](prompt))), logits, rtol=0, atol=0)
         tokens.append([int(logits[0, -1].argmax())])
     for _ in range(STEPS):
-        heads = [parts[0](torch.tensor([[t[-1]]])) for parts, t in zip(batched, tokens)]
-        trunk_out = forward_batched_step([parts[1] for parts in batched], torch.cat(heads))
+        ids = torch.tensor([[t[-1]] for t in tokens])  # the device's heads (lanes) take token ids, batched too
+        heads = forward_batched_step([parts[0] for parts in batched], ids)
+        trunk_out = forward_batched_step([parts[1] for parts in batched], heads)
         logits = forward_batched_step([parts[2] for parts in batched], trunk_out)
         for row, (parts, t) in enumerate(zip(single, tokens)):
-            single_trunk = parts[1](parts[0](torch.tensor([[t[-1]]])))
+            single_head = parts[0](torch.tensor([[t[-1]]]))
+            torch.testing.assert_close(heads[row : row + 1], single_head, rtol=1e-4, atol=1e-4)
+            single_trunk = parts[1](single_head)
             # float32 sums in another order (one padded attention call for the batch, per-row kernels): within 1e-4
             # (1.7e-5 measured on this CPU for padded Llama); the tokens below must be identical
             torch.testing.assert_close(trunk_out[row : row + 1], single_trunk, rtol=1e-4, atol=1e-4)
@@ -163,12 +166,12 @@ def test_a_failed_batched_step_changes_no_session(tiny_models):
 def test_batched_steps_refuse_mismatched_parts(tiny_models):
     splittable = CausalLMSplittable(tiny_models["llama"])
     head, trunk, _ = apply(splittable, SplitPlan.from_cuts((1, 3)))
-    with pytest.raises(ConfigError, match="after the embedding"):
+    with pytest.raises(ConfigError, match="holding the embedding takes \\[B, 1\\] token ids"):
         forward_batched_step([head, head.clone()], torch.randn(2, 1, 32))
     other = apply(splittable, SplitPlan.from_cuts((1, 2)))[1]
     with pytest.raises(ConfigError, match="same model and segments"):
         forward_batched_step([trunk, other], torch.randn(2, 1, 32))
-    with pytest.raises(ConfigError, match=r"\[2, 1, hidden\]"):
+    with pytest.raises(ConfigError, match=r"\[2, 1, \.\.\.\] inputs"):
         forward_batched_step([trunk, trunk.clone()], torch.randn(2, 3, 32))
 
 

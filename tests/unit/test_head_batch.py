@@ -66,3 +66,31 @@ def test_a_failed_product_reaches_every_caller():
     batcher = LogitsBatcher(broken)
     with pytest.raises(RuntimeError, match="boom"):
         batcher(torch.ones(1, 8))
+
+
+def test_lanes_decode_steps_run_batched_and_each_lane_gets_its_own_tokens():
+    """Four forks of a tiny split generating at once: their head and tail steps run as batched steps (batches of
+    more than one lane happen), and every lane's tokens equal that prompt generated alone."""
+    from splitveil.edge.generate import SplitCausalLM
+    from splitveil.models.tiny import tiny_causal_lm
+    from splitveil.plan.plan import SplitPlan
+
+    lm = SplitCausalLM(tiny_causal_lm("llama"), SplitPlan.from_cuts((1, 3)))
+    lanes = [lm, *(lm.fork() for _ in range(3))]
+    for batcher in lm.lane_steps:
+        batcher.window = 0.1  # long enough that the lanes' steps meet on this loaded machine
+    prompts = [[5, 6, 7, i, 9 + i][: 3 + i % 3] for i in range(4)]
+    results = {}
+
+    def run(index):
+        results[index] = lanes[index].generate(prompts[index], max_new_tokens=10).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    head_steps, tail_steps = lm.lane_steps
+    assert head_steps.rows > head_steps.batches and tail_steps.rows > tail_steps.batches  # some batches held 2+ lanes
+    for index, prompt in enumerate(prompts):
+        assert results[index] == SplitCausalLM(lm.splittable, lm.plan).generate(prompt, max_new_tokens=10).token_ids

@@ -233,6 +233,7 @@ class SplitCausalLM:
         self.plan = plan if plan is not None else SplitPlan.unsplit()
         self.service: PartService | None = None
         self.head_batcher = None  # a LogitsBatcher shared with forks (the edge's lanes), or None
+        self.lane_steps = None  # (head, tail) StepBatchers shared with forks, or None
         if not self.plan.cuts:
             self.stages: list = [_Monolithic(self.model)]
             self.transport = transport
@@ -379,11 +380,14 @@ class SplitCausalLM:
         from splitveil.models.splittable import Part
 
         if self.head_batcher is None and isinstance(self.stages[-1], Part):  # the lanes' LM heads, in one product
-            from splitveil.edge.head_batch import LogitsBatcher
+            from splitveil.edge.head_batch import Lanes, LogitsBatcher, StepBatcher
 
-            self.head_batcher = LogitsBatcher(self.splittable.logits)
+            lanes = Lanes()
+            self.head_batcher = LogitsBatcher(self.splittable.logits, lanes=lanes)
+            # the lanes' decode steps through this device's head and tail parts, each a batched step
+            self.lane_steps = (StepBatcher(lanes=lanes), StepBatcher(lanes=lanes))
         fork = SplitCausalLM(self.splittable, self.plan, tokenizer=self.tokenizer, wire=self.wire, transport=transport)
-        fork.head_batcher = self.head_batcher
+        fork.head_batcher, fork.lane_steps = self.head_batcher, self.lane_steps
         fork.service, fork._service_lock = self.service, getattr(self, "_service_lock", None)
         for mine, theirs in zip(self.stages, fork.stages):
             if isinstance(mine, RemoteStage) and isinstance(theirs, RemoteStage):
@@ -424,9 +428,12 @@ class SplitCausalLM:
         """Runs new positions [1, T] through every stage; returns the next-token logits [V] (with `all_positions`:
         [T, V], the logits after every new position, which the last stage must then run on this device)."""
         x = input_ids
-        for stage in self.stages[:-1]:
-            x = stage(x)
+        lanes = self.lane_steps if input_ids.shape[1] == 1 and not all_positions else None  # a lane's decode step
+        for index, stage in enumerate(self.stages[:-1]):
+            x = lanes[0](stage, x) if lanes is not None and index == 0 else stage(x)
         last = self.stages[-1]
+        if lanes is not None and getattr(last, "has_head", False):  # tail layers and LM head, batched across lanes
+            return lanes[1](last, x)[0, -1]
         batcher = self.head_batcher
         if not all_positions and batcher is None:
             return last(x)[0, -1]

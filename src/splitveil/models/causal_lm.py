@@ -350,7 +350,8 @@ class CausalLMPart(Part):
 def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> torch.Tensor:
     """One decode step of several sessions through the same layers in one forward.
 
-    Each part (one per session, same segments, no embedding) keeps its own KV cache of its own length. Everything
+    Each part (one per session, same segments) keeps its own KV cache of its own length; parts that hold the
+    embedding take token ids (a device's head parts, one per concurrent generation), the others hidden states. Everything
     but attention runs once for the batch; attention runs per session on that session's own cache, into which
     the step appends in place (`kv_cache.StepCache`): no cache is copied into a batch tensor, no memory is shared
     between sessions, and each row sees exactly what a single step of its session would (no padding, no mask).
@@ -362,7 +363,7 @@ def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> tor
 
     Args:
         parts: the sessions' parts, all over the same owner and segments, each holding layers.
-        hidden: [B, 1, H] hidden states, row i for parts[i].
+        hidden: [B, 1, H] hidden states, row i for parts[i] ([B, 1] token ids for parts holding the embedding).
 
     Returns:
         [B, 1, H] hidden states, or [B, 1, V] logits when the parts hold the head.
@@ -374,13 +375,17 @@ def forward_batched_step(parts: list[CausalLMPart], hidden: torch.Tensor) -> tor
     register_ragged_attention()
     step_cache = StepCache([p.cache for p in parts], first.owner.config._attn_implementation)
     view, inject = first._ragged_view()
-    hidden = hidden.to(device=first.device, dtype=first.dtype)
     position_ids = torch.tensor([p.seq_len for p in parts], dtype=torch.long, device=first.device).unsqueeze(1)
-    inject.incoming = hidden
-    try:
-        output = view(inputs_embeds=hidden, position_ids=position_ids, past_key_values=step_cache, use_cache=True)
-    finally:
-        inject.incoming = None
+    if first.has_embed:  # token ids through the model's own embedding, as a single step of such a part runs them
+        hidden = hidden.to(first.device)
+        output = view(input_ids=hidden, position_ids=position_ids, past_key_values=step_cache, use_cache=True)
+    else:
+        hidden = hidden.to(device=first.device, dtype=first.dtype)
+        inject.incoming = hidden
+        try:
+            output = view(inputs_embeds=hidden, position_ids=position_ids, past_key_values=step_cache, use_cache=True)
+        finally:
+            inject.incoming = None
     out = output.last_hidden_state
     result = first.owner.logits(out) if first.has_head else out
     key = (first.start, first.end)
@@ -399,12 +404,14 @@ _BATCHABLE_LAYER_TYPES = {"full_attention", "sliding_attention"}
 def _check_batchable(parts: list[CausalLMPart], hidden: torch.Tensor) -> None:
     """Raises a ConfigError unless `parts` can run one batched step on `hidden`."""
     first = parts[0]
-    if first.has_embed or first._view is None:
-        raise ConfigError("batched steps need parts that start after the embedding and hold layers")
+    if first._view is None or not first.num_layers:
+        raise ConfigError("batched steps need parts that hold layers")
+    if first.has_embed and (hidden.dtype != torch.long or hidden.dim() != 2):
+        raise ConfigError("a batched step of parts holding the embedding takes [B, 1] token ids")
     if any(p.owner is not first.owner or (p.start, p.end) != (first.start, first.end) for p in parts):
         raise ConfigError("batched steps need parts over the same model and segments")
     if hidden.shape[0] != len(parts) or hidden.shape[1] != 1:
-        raise ConfigError(f"a batched step takes [{len(parts)}, 1, hidden] states, got {list(hidden.shape)}")
+        raise ConfigError(f"a batched step takes [{len(parts)}, 1, ...] inputs, got {list(hidden.shape)}")
     other_types = set(getattr(first._view.config, "layer_types", None) or ()) - _BATCHABLE_LAYER_TYPES
     if other_types:
         raise ConfigError(f"batched steps run full and sliding-window attention, not {', '.join(sorted(other_types))}")
@@ -416,7 +423,7 @@ def _agrees_with_single_steps(parts: list[CausalLMPart], hidden: torch.Tensor, b
     """Whether `batched` (a batched step's output) equals single steps of every part, run on copies of their caches
     (float tolerance relative to the output's scale: 1e-4 in float32, 8 units in the last place in bf16 and fp16,
     whose kernels for one row and for B rows may round differently)."""
-    tolerance = max(1e-4, 8 * torch.finfo(batched.dtype).eps)
+    tolerance = max(1e-4, 8 * torch.finfo(parts[0].dtype).eps)
     for row, part in enumerate(parts):
         probe = part.clone()
         probe.cache, probe.seq_len = part.cache.forked(1), part.seq_len
