@@ -319,3 +319,41 @@ def test_a_text_target_that_lacks_a_part_is_refused(observed_split):
         TailReadout(TextTarget(splittable, head_end=2))
     with pytest.raises(ConfigError, match="a text attack needs a TextTarget or a causal-LM part"):
         ExactInversion(object())
+
+
+def test_a_query_process_ends_when_its_parent_is_killed():
+    """A killed attack run leaves no query process behind, even when another process still holds the write end of
+    its stdin (here a forked child of the parent, as a fork-started worker pool's process does)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time, torch; from splitveil.attack.base import SealedQuery; "
+            "q = SealedQuery(torch.nn.Linear(2, 2)); "
+            "import os; holder = os.fork(); "
+            "(time.sleep(60), os._exit(0)) if holder == 0 else None; "
+            "print(q._process.pid, holder, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child, holder = map(int, parent.stdout.readline().split())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            with open(f"/proc/{child}/stat") as stat:
+                if stat.read().split(")")[1].split()[0] == "Z":  # exited, not yet reaped by init
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"query process {child} outlived its killed parent")
+    finally:
+        parent.kill()
+        try:
+            os.kill(holder, signal.SIGKILL)
+        except (NameError, ProcessLookupError):
+            pass
