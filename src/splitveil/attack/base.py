@@ -215,8 +215,10 @@ def _serve_queries() -> None:  # the child process: `python -c ... THREADS`, mod
 
     import torch
 
+    from splitveil.core.runtime import exit_with_parent
+
     torch.set_num_threads(int(sys.argv[1]))
-    _exit_with_parent()
+    exit_with_parent()
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the replies
     try:
@@ -236,23 +238,6 @@ def _serve_queries() -> None:  # the child process: `python -c ... THREADS`, mod
         except Exception as error:  # noqa: BLE001
             reply = f"{type(error).__name__}: {error}"
         _send(sink, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _exit_with_parent(interval: float = 1.0) -> None:
-    """Ends this process once the process that started it is gone: a query process whose parent was killed would
-    otherwise wait on its stdin forever when another process still holds the pipe's other end."""
-    import os
-    import threading
-    import time
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="splitveil-parent-watch", daemon=True).start()
 
 
 def _stop_queries(process) -> None:

@@ -29,3 +29,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """Ends this process once the process that started it is gone (checked every `interval` seconds on a daemon
+    thread). A worker or helper process whose parent was killed would otherwise run on: a pool worker finishes its
+    long task first, and a process reading a pipe waits forever while a forked sibling still holds its other end."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="splitveil-parent-watch", daemon=True).start()
+
+
+def init_worker(num_threads: int = 1) -> None:
+    """A worker process's initializer: its torch threads, and an exit when its parent is gone."""
+    set_threads(num_threads)
+    exit_with_parent()

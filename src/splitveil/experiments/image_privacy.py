@@ -410,7 +410,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    from splitveil.core.runtime import set_threads
+    from splitveil.core.runtime import init_worker
 
     defences = defences or [(spec.defence, spec.strength)]
     victim = prepare_victim(spec)
@@ -438,7 +438,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
         for unit in units:
             collect(sweep_cut(unit, attacks, victim))
         return records
-    with ProcessPoolExecutor(min(jobs, len(units)), mp_context=get_context("spawn"), initializer=set_threads,
+    with ProcessPoolExecutor(min(jobs, len(units)), mp_context=get_context("spawn"), initializer=init_worker,
                              initargs=(1,)) as pool:
         futures = [pool.submit(sweep_cut, unit, attacks) for unit in sorted(units, key=lambda u: -u.split)]
         for future in as_completed(futures):
