@@ -79,8 +79,12 @@ def test_measured_rtt_matches_the_asked_one(rtt_ms):
             sock.close()
     finally:
         server.close()
-    measured = statistics.median(rtts) * 1000
-    assert abs(measured - rtt_ms) <= 0.05 * rtt_ms, f"asked {rtt_ms} ms, measured {measured:.2f} ms"
+    # the fastest exchange: what the emulator adds plus loopback's fraction of a millisecond. A loaded machine (CI
+    # beside a training run) only ever adds delay, by waking the emulator's timers late, so the median can drift
+    # up while the emulator is exact; an emulator that adds too little or too much still fails here
+    measured = min(rtts) * 1000
+    assert abs(measured - rtt_ms) <= 0.05 * rtt_ms, \
+        f"asked {rtt_ms} ms, measured {measured:.2f} ms (median {statistics.median(rtts) * 1000:.2f})"
 
 
 def test_measured_throughput_matches_the_asked_bandwidth():
