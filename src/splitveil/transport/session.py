@@ -16,7 +16,7 @@ import math
 
 from splitveil.core.errors import TransportError, WireError
 from splitveil.wire.codecs import get_codec
-from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
+from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, Frame, FrameKind, decode_frame, encode_frame, int64_result
 
 OPEN_REPLY_BYTES = HEADER_FIXED_BYTES + 4 + 65536  # an OK frame with the server's JSON info (text frames cap at 64 KiB)
 ERROR_REPLY_BYTES = HEADER_FIXED_BYTES + 4 + 4096  # an ERROR frame (messages cap at 4 KiB)
@@ -173,6 +173,19 @@ class ClientSession:
         finally:
             self.transport.max_reply_bytes = previous
         return self._checked_reply(frame, data, limit, expected_shape)
+
+    def collect_int64(self, frame: Frame, shape: tuple[int, ...]):
+        """`collect` for a reply that must be an int64 tensor of `shape`: a numpy array viewing the received bytes
+        (no decode copy: mask terms come in megabytes per decode step). Anything else is checked the general way,
+        which raises with what it is."""
+        limit = self._reply_limit(frame, shape, None)
+        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
+        try:
+            data = self.transport.collect()
+        finally:
+            self.transport.max_reply_bytes = previous
+        array = int64_result(data, shape, session=frame.session, seq=frame.seq)
+        return array if array is not None else self._checked_reply(frame, data, limit, shape).tensor.numpy()
 
     def close(self) -> None:
         """Closes the session (a lost connection or session is closed either way)."""
