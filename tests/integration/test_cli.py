@@ -161,6 +161,7 @@ def test_help_explains_every_command():
         (["generate", "--server", "wss://127.0.0.1:1", "--no-split", "--prompt", "hi"], "--no-split runs the unsplit model here"),
         (["generate", "--server", "wss://127.0.0.1:9", "--prompt", "hi", "--token-file", "TOKEN", "--pin", "abc"], "bad certificate pin"),
         (["bench", "service", "--sessions", "1,x"], "bad --sessions"),
+        (["bench", "edge", "--streams", "8"], "--streams must include 1"),
     ],
 )
 def test_bad_serve_and_client_input_exits_2_with_one_line(args, expected, capsys, tmp_path):

@@ -40,6 +40,8 @@ class EdgeBenchSpec:
         at_least(self, 1, "max_tokens")
         if not self.streams or any(n < 1 for n in self.streams):
             raise ConfigError("streams must be positive counts of concurrent streams")
+        if 1 not in self.streams:
+            raise ConfigError("--streams must include 1: every figure is compared with one stream's")
 
 
 class EdgeProcess:
