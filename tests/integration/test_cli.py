@@ -162,6 +162,7 @@ def test_help_explains_every_command():
         (["generate", "--server", "wss://127.0.0.1:9", "--prompt", "hi", "--token-file", "TOKEN", "--pin", "abc"], "bad certificate pin"),
         (["bench", "service", "--sessions", "1,x"], "bad --sessions"),
         (["bench", "edge", "--streams", "8"], "--streams must include 1"),
+        (["bench", "edge", "--rounds", "0"], "--rounds"),
     ],
 )
 def test_bad_serve_and_client_input_exits_2_with_one_line(args, expected, capsys, tmp_path):

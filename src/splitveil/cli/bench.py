@@ -290,6 +290,8 @@ def link(
 def edge(
     streams: str = typer.Option("1,8,32", "--streams", help="Concurrent streams to measure (comma-separated)."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens each streamed completion asks for."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Measured rounds per level (levels alternating); each "
+                               "level reports its median round."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
     allow_dirty: bool = allow_dirty_option(),
 ) -> None:
@@ -297,14 +299,16 @@ def edge(
     official `openai` client, streaming: total and per-stream tokens per second and time to first token."""
     from splitveil.experiments.edge_bench import EdgeBenchSpec, run_edge_bench, save_edge_bench
 
-    spec = EdgeBenchSpec(streams=tuple(int_list(streams, "--streams", "stream counts like 1,8,32")), max_tokens=max_tokens)
+    spec = EdgeBenchSpec(streams=tuple(int_list(streams, "--streams", "stream counts like 1,8,32")), max_tokens=max_tokens,
+                         rounds=rounds)
     stamp_run(allow_dirty)
     with err_console.status("benchmarking ...") as spinner:
         record = run_edge_bench(spec, progress=lambda message: spinner.update(message))
     for row in record["rows"]:
         typer.echo(f"{row['streams']} stream(s): {row['total_tokens_per_second']:.1f} tok/s in total "
                    f"({row['total_speedup_over_one_stream']:.2f}x one stream), {row['per_stream_tokens_per_second_median']:.2f} "
-                   f"per stream, time to first token {row['ttft_seconds_median']:.2f} s (median)")
+                   f"per stream, time to first token {row['ttft_seconds_median']:.2f} s (median); rounds: "
+                   f"{', '.join(f'{x:.1f}' for x in row['rounds_total_tokens_per_second'])} tok/s")
     if record["target"]["total_speedup"] is not None:
         typer.echo(f"target (8 streams >= 3x one stream's total): {'met' if record['target']['met'] else 'NOT met'} "
                    f"({record['target']['total_speedup']:.2f}x)")
