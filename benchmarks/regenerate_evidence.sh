@@ -10,7 +10,7 @@
 #   defaults    SiftFunnel's strength per data set and model within 3 points (--write-defaults)   ~60 min
 #   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       hours
 #   depth       attack strength against cut depth, VGG (--quick)                                 ~1-2 h
-#   tee         TEE cut selection with converged attacks and rMLE: VGG, ResNet, MobileNet         ~15 min each
+#   tee         TEE cut selection, converged attacks and rMLE: VGG, ResNet, MobileNet  2-3 CPU-hours each
 #   salted      Salted DNNs, standard and salted trained alike (--quick)                         ~1 h
 #   diffusion   diffusion leakage without hindsight (bench diffusion)                             ~20 min
 #   weights-cnn SLIP extraction curves on LeNet and VGG (stolen images), plain and hardened split  ~1 h
