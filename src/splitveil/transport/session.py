@@ -166,26 +166,27 @@ class ClientSession:
     def collect(self, frame: Frame, *, expected_shape: tuple[int, ...] | None, overlapped: bool = False) -> Frame:
         """The checked reply of `frame`, the oldest request `post` sent, bounded by `expected_shape` while it
         arrives (None: an OK or ERROR frame)."""
-        limit = self._reply_limit(frame, expected_shape, None)
-        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
-        try:
-            data = self.transport.collect(overlapped=overlapped)
-        finally:
-            self.transport.max_reply_bytes = previous
+        data, limit = self._collect_bytes(frame, expected_shape, overlapped=overlapped)
         return self._checked_reply(frame, data, limit, expected_shape)
 
     def collect_int64(self, frame: Frame, shape: tuple[int, ...]):
         """`collect` for a reply that must be an int64 tensor of `shape`: a numpy array viewing the received bytes
         (no decode copy: mask terms come in megabytes per decode step). Anything else is checked the general way,
         which raises with what it is."""
-        limit = self._reply_limit(frame, shape, None)
-        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
-        try:
-            data = self.transport.collect()
-        finally:
-            self.transport.max_reply_bytes = previous
+        data, limit = self._collect_bytes(frame, shape)
         array = int64_result(data, shape, session=frame.session, seq=frame.seq)
         return array if array is not None else self._checked_reply(frame, data, limit, shape).tensor.numpy()
+
+    def _collect_bytes(self, frame: Frame, expected_shape: tuple[int, ...] | None, *,
+                       overlapped: bool = False) -> tuple[bytes, int]:
+        """The raw reply of `frame` (the oldest posted request), refused while it arrives past the size `frame` can
+        get back; and that size."""
+        limit = self._reply_limit(frame, expected_shape, None)
+        previous, self.transport.max_reply_bytes = self.transport.max_reply_bytes, limit
+        try:
+            return self.transport.collect(overlapped=overlapped), limit
+        finally:
+            self.transport.max_reply_bytes = previous
 
     def close(self) -> None:
         """Closes the session (a lost connection or session is closed either way)."""
