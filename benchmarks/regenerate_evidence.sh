@@ -6,7 +6,8 @@
 #   bash benchmarks/regenerate_evidence.sh [STEP ...]      # no STEP: all of them, in this order
 #
 # Times are for this project's 2-core CPU machine, one job at a time; victims and diffusion weights come from the
-# training cache when present. Steps:
+# training cache when present. The long sweeps (frontier, depth, tee) pass --resume: a run that was stopped goes on
+# from the attack units it finished, when rerun from the same commit. Steps:
 #   defaults    SiftFunnel's strength per data set and model within 3 points (--write-defaults)   ~60 min
 #   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       hours
 #   depth       attack strength against cut depth, VGG (--quick)                                 ~1-2 h
@@ -27,16 +28,16 @@ step_defaults() {
 step_frontier() {
   for model in vgg resnet; do
     $SV attack image-sweep --dataset fashion-mnist --model "$model" --splits 2 --attacks inverse,rmle,shadow,cgan \
-      --defences none,siftfunnel:0.5,siftfunnel,noise,dropout,nopeek,cem,vib --frontier --quick --jobs 2 --out "$OUT"
+      --defences none,siftfunnel:0.5,siftfunnel,noise,dropout,nopeek,cem,vib --frontier --quick --jobs 2 --resume --out "$OUT"
   done
 }
 step_depth() {
   $SV attack image-sweep --dataset fashion-mnist --model vgg --splits 1,2,3,4,5 --attacks inverse,rmle,shadow,cgan \
-    --quick --jobs 2 --out "$OUT"
+    --quick --jobs 2 --resume --out "$OUT"
 }
 step_tee() {
   for model in vgg resnet mobilenet; do
-    $SV partition --dataset fashion-mnist --model "$model" --quick --out "$OUT"
+    $SV partition --dataset fashion-mnist --model "$model" --quick --resume --out "$OUT"
   done
 }
 step_salted() {

@@ -165,6 +165,43 @@ def test_sweep_in_worker_processes_gives_the_records_of_one_process():
     assert all(r["attacker_epochs"] == 3 and r["attacker_converged"] is False for r in serial)  # the cap is recorded
 
 
+def test_a_stopped_sweep_resumes_from_the_units_it_finished(monkeypatch, tmp_path):
+    """Finished units are kept per commit; `resume` reads them back (marked resumed) and runs only the missing ones;
+    a damaged file is run again; results of uncommitted code are never kept."""
+    import json
+
+    from splitveil.attack.training import StopRule
+    from splitveil.core.records import RUN_STATE_VARIABLE
+    from splitveil.experiments import image_privacy
+    from splitveil.experiments.image_privacy import ImageAttackSpec, run_image_sweep
+
+    monkeypatch.setattr("splitveil.models.loading.cache_root", lambda: tmp_path)
+    monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "a" * 40, "git_dirty": False}))
+    spec = ImageAttackSpec.quick(dataset="digits", model="lenet", samples=20, mine_repeats=1, mi_pairs=300,
+                                 mine_steps=100, attacker=StopRule(max_epochs=2))
+    first = run_image_sweep(spec, [1, 2], ["inverse"], jobs=1)
+    kept = sorted((tmp_path / "sweep-units").glob("*.json"))
+    assert len(kept) == 2 and not any(r.get("resumed") for r in first)
+
+    ran = []
+    real = image_privacy.sweep_cut
+    monkeypatch.setattr(image_privacy, "sweep_cut", lambda unit, *a, **k: ran.append(unit.split) or real(unit, *a, **k))
+    again = run_image_sweep(spec, [1, 2], ["inverse"], jobs=1, resume=True)
+    assert ran == [] and all(r["resumed"] for r in again)
+    assert [(r["split"], r["ssim"]) for r in again] == [(r["split"], r["ssim"]) for r in first]
+
+    damaged = next(path for path in kept if json.loads(path.read_text())[0]["split"] == 2)
+    damaged.write_text("{not json")
+    partial = run_image_sweep(spec, [1, 2], ["inverse"], jobs=1, resume=True)
+    assert ran == [2] and [r.get("resumed", False) for r in partial] == [True, False]
+    assert json.loads(damaged.read_text())[0]["split"] == 2  # the rerun unit is kept again
+    run_image_sweep(spec, [1], ["inverse"], jobs=1)  # without resume every unit runs again
+    assert ran == [2, 1]
+
+    monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "b" * 40, "git_dirty": True}))
+    assert image_privacy.unit_path(spec, ["inverse"]) is None  # uncommitted code: nothing kept, nothing reused
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_file(), reason="Fashion-MNIST is not installed (run `make data`)")
 def test_inverse_network_on_vgg_fashion_mnist_split_1_reconstructs_well(capsys):

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
+from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, resume_option,
+                                  setup, stamp_run)
 from splitveil.core.errors import ConfigError
 
 DEFAULT_OUT = Path("benchmarks/results")
@@ -171,6 +172,7 @@ def image_sweep(
                                   "baseline at SiftFunnel's accuracy (interpolated) and plots each frontier."),
     mi_seeds: int = typer.Option(None, "--mi-seeds", min=1, help=MI_SEEDS_HELP),
     mi_pairs: int = typer.Option(None, "--mi-pairs", min=100, help=MI_PAIRS_HELP),
+    resume: bool = resume_option(),
 ) -> None:
     """Every attack at every cut: SSIM, PSNR, recon accuracy and MINE against split depth (or against each defence,
     or along each defence's frontier), with a report."""
@@ -216,7 +218,7 @@ def image_sweep(
             write(records, out, stem)  # after every unit: a long sweep keeps what it has measured
 
         records = run_image_sweep(spec, cuts, names, jobs=jobs, on_records=report, defences=chosen, frontier=frontier,
-                                  progress=spinner.update)
+                                  progress=spinner.update, resume=resume)
     typer.echo(f"{len(records)} runs in {time.perf_counter() - began:.0f} s ({jobs} process(es))")
     if not chosen:
         typer.echo(f"split accuracy {records[0]['accuracy']:.3f} (= unsplit {records[0]['accuracy_unsplit']:.3f})")

@@ -41,6 +41,16 @@ def allow_dirty_option():
     return typer.Option(False, "--allow-dirty", help=ALLOW_DIRTY_HELP)
 
 
+RESUME_HELP = ("Go on where an earlier run of the same commit and settings stopped: the attack units it finished "
+               "(kept under the splitveil cache, clean commits only) are read back, their records marked resumed, "
+               "and only the rest run. Without it every unit runs again.")
+
+
+def resume_option():
+    """The `--resume` option of the long attack sweeps (`attack image-sweep`, `partition`)."""
+    return typer.Option(False, "--resume", help=RESUME_HELP)
+
+
 def stamp_run(allow_dirty: bool) -> dict:
     """Ties the run's records to the code: refuses a dirty tree unless `allow_dirty` (see core.records)."""
     from splitveil.core.records import stamp_run as stamp

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
+from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, resume_option,
+                                  setup, stamp_run)
 from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import DEFAULT_LM_SPLIT
 from splitveil.tee.select import DEFAULT_ATTACKS
@@ -65,6 +66,7 @@ def partition(
     jobs: int = typer.Option(None, "--jobs", "-j", help="Attack worker processes (default: one per CPU core)."),
     allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
+    resume: bool = resume_option(),
 ) -> None:
     """Choose the cut: attacks at every candidate cut, the smallest cut whose strongest attack is below tau (or none,
     said plainly, with the tau each cut would need), the speed-up over all-in-TEE."""
@@ -100,7 +102,7 @@ def partition(
                          quick=quick, seed=seed, jobs=jobs, cost=cost)
     began = time.perf_counter()
     with err_console.status(f"{', '.join(names)} at {len(chosen_cuts)} cut(s) of {model} ({dataset}), {jobs} process(es) ..."):
-        result = run_partition(spec)
+        result = run_partition(spec, resume=resume)
     if out is not None:
         stem = f"tee-partition_{dataset}_{model}{'_quick' if quick else ''}"
         paths = write_partition_report(result, out, stem)

@@ -342,6 +342,61 @@ def sweep_cut(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = N
     return [run_image_attack(replace(spec, attack=name), victim=victim, mine_cache=mine_cache) for name in attacks]
 
 
+def unit_path(spec: ImageAttackSpec, attacks: list[str]):
+    """Where one sweep unit's records are kept for `--resume`: a file under the splitveil cache named by the unit's
+    settings, its attacks, the run's commit and the torch version; None when the run's code is not a clean commit
+    (results of uncommitted code are never reused)."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    from splitveil.core.records import run_git_state
+    from splitveil.models.loading import cache_root
+
+    state = run_git_state()
+    if state.get("git_dirty") is not False or state.get("git_sha") in (None, "unknown"):
+        return None
+    key = json.dumps({"unit": asdict(spec), "attacks": list(attacks), "git_sha": state["git_sha"],
+                      "torch": metadata.version("torch")}, sort_keys=True, default=str)
+    return cache_root() / "sweep-units" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def kept_unit(spec: ImageAttackSpec, attacks: list[str]) -> list | None:
+    """The records an earlier run of the same commit and settings kept for this unit (`run_unit`), each marked
+    `"resumed": true`; None when there are none (or the file is damaged: the unit then runs again)."""
+    import json
+
+    path = unit_path(spec, attacks)
+    if path is None or not path.is_file():
+        return None
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(records, list) or not records:
+        return None
+    return [{**record, "resumed": True} for record in records]
+
+
+def run_unit(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = None) -> list:
+    """`sweep_cut`, keeping its records under the cache (clean commits only) so that a long sweep that was stopped
+    can go on where it was (`kept_unit`, `--resume`)."""
+    import json
+    import os
+
+    records = sweep_cut(spec, attacks, victim)
+    path = unit_path(spec, attacks)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(records))
+            partial.replace(path)
+        except OSError:
+            pass  # keeping units is a convenience: a read-only cache only loses --resume
+    return records
+
+
 def resolve_defences(defences, spec: ImageAttackSpec | None = None) -> list[tuple[str, float]]:
     """[(name, strength or None)] -> [(name, strength)] with each default strength filled in (calibrated for
     `spec`'s data set and model where a calibration exists)."""
@@ -397,7 +452,8 @@ def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dic
 
 
 def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], *, jobs: int = 1,
-                    on_records=None, defences=None, frontier: bool = False, progress=None) -> list[dict]:
+                    on_records=None, defences=None, frontier: bool = False, progress=None,
+                    resume: bool = False) -> list[dict]:
     """Every attack at every cut (and against every defence of `defences`, [(name, strength or None)], when given);
     records sorted by (defence as listed, strength, attack, cut).
 
@@ -405,7 +461,8 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
     each (cut, defence) unit trains (or loads) its defended victim. With `frontier`, each baseline given without a
     strength is swept (`frontier_units`) and every record carries the sweep's `frontier`. With `jobs` > 1 the units
     run in that many worker processes of one torch thread each, the deepest cut first; `on_records(records_so_far)`
-    is called whenever a unit finishes (a long sweep can write what it has).
+    is called whenever a unit finishes (a long sweep can write what it has). Each finished unit is kept (`run_unit`);
+    with `resume`, units an earlier run of the same commit and settings finished are read back instead of run.
     """
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
@@ -434,13 +491,20 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
         if on_records is not None:
             on_records(records)
 
-    if jobs <= 1 or len(units) == 1:
-        for unit in units:
-            collect(sweep_cut(unit, attacks, victim))
+    pending = []
+    for unit in units:
+        kept = kept_unit(unit, attacks) if resume else None
+        if kept is None:
+            pending.append(unit)
+        else:
+            collect(kept)
+    if jobs <= 1 or len(pending) <= 1:
+        for unit in pending:
+            collect(run_unit(unit, attacks, victim))
         return records
-    with ProcessPoolExecutor(min(jobs, len(units)), mp_context=get_context("spawn"), initializer=init_worker,
+    with ProcessPoolExecutor(min(jobs, len(pending)), mp_context=get_context("spawn"), initializer=init_worker,
                              initargs=(1,)) as pool:
-        futures = [pool.submit(sweep_cut, unit, attacks) for unit in sorted(units, key=lambda u: -u.split)]
+        futures = [pool.submit(run_unit, unit, attacks) for unit in sorted(pending, key=lambda u: -u.split)]
         for future in as_completed(futures):
             collect(future.result())
     return records

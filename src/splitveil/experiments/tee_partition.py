@@ -79,8 +79,9 @@ def measure_costs(spec: PartitionSpec, victim, images, cuts: list[int]) -> dict:
             "input_bytes": batch.numel() * 4, "output_bytes": logits.numel() * 4, "costs": costs}
 
 
-def run_partition(spec: PartitionSpec, *, on_records=None) -> dict:
-    """Attacks at every candidate cut, costs, and the chosen cut; one record (JSON-ready)."""
+def run_partition(spec: PartitionSpec, *, on_records=None, resume: bool = False) -> dict:
+    """Attacks at every candidate cut, costs, and the chosen cut; one record (JSON-ready). With `resume`, cuts an
+    earlier run of the same commit and settings finished are read back (`run_image_sweep`)."""
     from splitveil.experiments.image_privacy import run_image_sweep
     from splitveil.train.victims import splits_and_victim
     from splitveil.core.records import environment
@@ -92,7 +93,8 @@ def run_partition(spec: PartitionSpec, *, on_records=None) -> dict:
     attack_spec = spec.attack_spec()
     splits, victim, _ = splits_and_victim(attack_spec)
     cuts = list(spec.cuts) or list(range(1, victim.num_blocks + 1))
-    records = run_image_sweep(attack_spec, cuts, list(spec.attacks), jobs=spec.jobs, on_records=on_records)
+    records = run_image_sweep(attack_spec, cuts, list(spec.attacks), jobs=spec.jobs, on_records=on_records,
+                              resume=resume)
     attack_seconds = time.perf_counter() - began
     victim.eval()
     costs = measure_costs(spec, victim, splits.test.images, cuts)
