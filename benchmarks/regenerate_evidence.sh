@@ -6,8 +6,8 @@
 #   bash benchmarks/regenerate_evidence.sh [STEP ...]      # no STEP: all of them, in this order
 #
 # Times are for this project's 2-core CPU machine, one job at a time; victims and diffusion weights come from the
-# training cache when present. The long sweeps (frontier, depth, tee) pass --resume: a run that was stopped goes on
-# from the attack units it finished, when rerun from the same commit. Steps:
+# training cache when present. The long steps pass --resume: a run that was stopped goes on from the units it finished
+# (sweep cuts, extraction runs) when rerun from the same commit. Steps:
 #   defaults    SiftFunnel's strength per data set and model within 3 points (--write-defaults)   ~60 min
 #   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       hours
 #   depth       attack strength against cut depth, VGG (--quick)                                 ~1-2 h
@@ -48,15 +48,15 @@ step_diffusion() {
 }
 step_weights-cnn() {
   for model in lenet vgg; do
-    $SV attack weights-curves --model "$model" --out "$OUT"
-    $SV attack weights-curves --model "$model" --hardened --out "$OUT"
+    $SV attack weights-curves --model "$model" --resume --out "$OUT"
+    $SV attack weights-curves --model "$model" --hardened --resume --out "$OUT"
   done
 }
 step_weights() {
   $SV attack weights-curves --model smollm2-135m --attacks nullspace,lowrank,full,scratch \
-    --budgets 12800,51200,102400 --out "$OUT"
+    --budgets 12800,51200,102400 --resume --out "$OUT"
   $SV attack weights-curves --model smollm2-135m --attacks nullspace,lowrank,full,scratch \
-    --budgets 12800,51200,102400 --hardened --out "$OUT"
+    --budgets 12800,51200,102400 --hardened --resume --out "$OUT"
 }
 step_service() {
   $SV bench load --out "$OUT"

@@ -174,6 +174,7 @@ def test_a_stopped_sweep_resumes_from_the_units_it_finished(monkeypatch, tmp_pat
     from splitveil.core.records import RUN_STATE_VARIABLE
     from splitveil.experiments import image_privacy
     from splitveil.experiments.image_privacy import ImageAttackSpec, run_image_sweep
+    from splitveil.experiments.units import unit_path
 
     monkeypatch.setattr("splitveil.models.loading.cache_root", lambda: tmp_path)
     monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "a" * 40, "git_dirty": False}))
@@ -199,7 +200,7 @@ def test_a_stopped_sweep_resumes_from_the_units_it_finished(monkeypatch, tmp_pat
     assert ran == [2, 1]
 
     monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "b" * 40, "git_dirty": True}))
-    assert image_privacy.unit_path(spec, ["inverse"]) is None  # uncommitted code: nothing kept, nothing reused
+    assert unit_path("image-sweep", {"unit": 1}) is None  # uncommitted code: nothing kept, nothing reused
 
 
 @pytest.mark.slow

@@ -186,12 +186,18 @@ def test_the_curves_cli_refuses_bad_flags_with_one_line(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_extraction_curves_run_every_attack_at_every_budget_on_a_real_model_folder(tmp_path):
+def test_extraction_curves_run_every_attack_at_every_budget_on_a_real_model_folder(tmp_path, monkeypatch):
     """A tiny Llama with a character tokenizer saved as a model folder: the curves' runs split it, attack it and
-    score it as on SmolLM2, each budget with its own text."""
+    score it as on SmolLM2, each budget with its own text; a resumed run reads every finished run back."""
+    import json
+
+    from splitveil.core.records import RUN_STATE_VARIABLE
+    from splitveil.experiments import weights_attack
     from splitveil.experiments.weights_attack import WeightsAttackSpec, plot_weights_curves, run_weights_curves
     from splitveil.models.tiny import save_tiny_with_tokenizer
 
+    monkeypatch.setattr("splitveil.models.loading.cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "c" * 40, "git_dirty": False}))
     save_tiny_with_tokenizer(tmp_path / "tiny")
     spec = WeightsAttackSpec.for_run(quick=True, model=str(tmp_path / "tiny"), rank=2)
     record = run_weights_curves(spec, ["nullspace", "scratch"], [640, 1280])
@@ -203,6 +209,10 @@ def test_extraction_curves_run_every_attack_at_every_budget_on_a_real_model_fold
     assert record["curves"]["scratch"][0]["unknowns"] > record["curves"]["nullspace"][0]["unknowns"]
     assert record["perplexity_original"] > 0 and record["perplexity_residual"] > 0  # (a random tiny model: no order)
     assert plot_weights_curves(record, tmp_path / "curves.png").stat().st_size > 1000
+
+    monkeypatch.setattr(weights_attack, "run_weights_attack", lambda *a, **k: pytest.fail("a finished run ran again"))
+    resumed = run_weights_curves(spec, ["nullspace", "scratch"], [640, 1280], resume=True)
+    assert all(r["resumed"] for r in resumed["runs"]) and resumed["curves"] == record["curves"]
 
 
 def test_slip_config_mask_rank_hardens_the_deployment_it_builds():
@@ -294,9 +304,16 @@ def test_the_curves_cli_refuses_cnn_budgets_outside_the_attackers_images(capsys,
 def test_cnn_extraction_curves_on_fashion_mnist_lenet(tmp_path, monkeypatch):
     """The real path on LeNet (the victim trained once, then cached): every attack starts from a residual that
     classifies near chance and the null-space attack reads its subspaces exactly; with stolen images every attack
-    beats the residual-only model."""
+    beats the residual-only model; a resumed run reads every finished run back."""
+    import json
+
+    from splitveil.core.records import RUN_STATE_VARIABLE
+    from splitveil.experiments import weights_cnn
     from splitveil.experiments.weights_attack import plot_weights_curves
     from splitveil.experiments.weights_cnn import CnnWeightsSpec, run_cnn_weights_curves
+
+    monkeypatch.setattr("splitveil.models.loading.cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "d" * 40, "git_dirty": False}))
 
     spec = CnnWeightsSpec(model="lenet", finetune=FineTuneSpec(batch=32, learning_rates=(1e-2, 1e-1), sweep_steps=10,
                                                                steps_per_round=20, stop=StopRule(max_epochs=6, patience=2)))
@@ -309,3 +326,7 @@ def test_cnn_extraction_curves_on_fashion_mnist_lenet(tmp_path, monkeypatch):
     assert all(r["accuracy_after"] > record["accuracy_residual"] + 0.1 for r in record["runs"])
     assert all("attacker_converged" in r and r["attacker_epochs"] >= 1 for r in record["runs"])
     assert plot_weights_curves(record, tmp_path / "curves.png").stat().st_size > 1000
+
+    monkeypatch.setattr(weights_cnn, "run_cnn_weights_attack", lambda *a, **k: pytest.fail("a finished run ran again"))
+    resumed = run_cnn_weights_curves(spec, ["nullspace", "scratch"], [50, 200], resume=True)
+    assert all(r["resumed"] for r in resumed["runs"]) and resumed["curves"] == record["curves"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import allow_dirty_option, err_console, print_json, setup
+from splitveil.cli.common import allow_dirty_option, err_console, print_json, resume_option, setup
 from splitveil.core.errors import ConfigError
 
 
@@ -122,6 +122,7 @@ def weights_curves(
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the record (JSON) and its plot."),
     allow_dirty: bool = allow_dirty_option(),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
+    resume: bool = resume_option(),
 ) -> None:
     """Extraction curves on SLIP's residual: held-out perplexity against the thief's tokens of public text, for each
     attack, each run tuned (learning rate swept) and stopped on its plateau; a JSON record and a plot. Long: each run
@@ -159,7 +160,8 @@ def weights_curves(
         spec = WeightsAttackSpec.for_run(model=model, rank=rank, hardened=hardened, mask_rank=mask_rank, seed=seed)
         run = run_weights_curves
     with err_console.status(f"{len(names) * len(sizes)} weights-attack runs on {model} ...") as spinner:
-        record = run(spec, names, sorted(sizes), progress=spinner.update, on_record=lambda r: typer.echo(_summary(r)))
+        record = run(spec, names, sorted(sizes), progress=spinner.update, on_record=lambda r: typer.echo(_summary(r)),
+                     resume=resume)
     stem = f"weights-curves_{Path(model).name}{'_hardened' if hardened else ''}"
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(out / f"{stem}.json", record), plot_weights_curves(record, out / f"{stem}.png")]

@@ -41,7 +41,7 @@ def allow_dirty_option():
     return typer.Option(False, "--allow-dirty", help=ALLOW_DIRTY_HELP)
 
 
-RESUME_HELP = ("Go on where an earlier run of the same commit and settings stopped: the attack units it finished "
+RESUME_HELP = ("Go on where an earlier run of the same commit and settings stopped: the units it finished "
                "(kept under the splitveil cache, clean commits only) are read back, their records marked resumed, "
                "and only the rest run. Without it every unit runs again.")
 

@@ -342,58 +342,17 @@ def sweep_cut(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = N
     return [run_image_attack(replace(spec, attack=name), victim=victim, mine_cache=mine_cache) for name in attacks]
 
 
-def unit_path(spec: ImageAttackSpec, attacks: list[str]):
-    """Where one sweep unit's records are kept for `--resume`: a file under the splitveil cache named by the unit's
-    settings, its attacks, the run's commit and the torch version; None when the run's code is not a clean commit
-    (results of uncommitted code are never reused)."""
-    import hashlib
-    import json
-    from importlib import metadata
-
-    from splitveil.core.records import run_git_state
-    from splitveil.models.loading import cache_root
-
-    state = run_git_state()
-    if state.get("git_dirty") is not False or state.get("git_sha") in (None, "unknown"):
-        return None
-    key = json.dumps({"unit": asdict(spec), "attacks": list(attacks), "git_sha": state["git_sha"],
-                      "torch": metadata.version("torch")}, sort_keys=True, default=str)
-    return cache_root() / "sweep-units" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-
-def kept_unit(spec: ImageAttackSpec, attacks: list[str]) -> list | None:
-    """The records an earlier run of the same commit and settings kept for this unit (`run_unit`), each marked
-    `"resumed": true`; None when there are none (or the file is damaged: the unit then runs again)."""
-    import json
-
-    path = unit_path(spec, attacks)
-    if path is None or not path.is_file():
-        return None
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(records, list) or not records:
-        return None
-    return [{**record, "resumed": True} for record in records]
+def _unit_settings(spec: ImageAttackSpec, attacks: list[str]) -> dict:
+    return {"unit": asdict(spec), "attacks": list(attacks)}
 
 
 def run_unit(spec: ImageAttackSpec, attacks: list[str], victim: dict | None = None) -> list:
-    """`sweep_cut`, keeping its records under the cache (clean commits only) so that a long sweep that was stopped
-    can go on where it was (`kept_unit`, `--resume`)."""
-    import json
-    import os
+    """`sweep_cut`, its records kept (`experiments.units`) so that a long sweep that was stopped can go on where it
+    was (`run_image_sweep(resume=True)`)."""
+    from splitveil.experiments.units import keep_unit
 
     records = sweep_cut(spec, attacks, victim)
-    path = unit_path(spec, attacks)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(json.dumps(records))
-            partial.replace(path)
-        except OSError:
-            pass  # keeping units is a convenience: a read-only cache only loses --resume
+    keep_unit("image-sweep", _unit_settings(spec, attacks), records)
     return records
 
 
@@ -468,6 +427,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
     from multiprocessing import get_context
 
     from splitveil.core.runtime import init_worker
+    from splitveil.experiments.units import kept_unit
 
     defences = defences or [(spec.defence, spec.strength)]
     victim = prepare_victim(spec)
@@ -493,7 +453,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
 
     pending = []
     for unit in units:
-        kept = kept_unit(unit, attacks) if resume else None
+        kept = kept_unit("image-sweep", _unit_settings(unit, attacks)) if resume else None
         if kept is None:
             pending.append(unit)
         else:

@@ -224,18 +224,26 @@ def run_weights_attack(spec: WeightsAttackSpec, *, progress=None, quiet: bool = 
 
 
 def run_weights_curves(spec: WeightsAttackSpec, attacks: list[str], budgets: list[int], *, progress=None,
-                       on_record=None) -> dict:
+                       on_record=None, resume: bool = False) -> dict:
     """Extraction curves: every attack of `attacks` at every budget of `budgets` (tokens of the attacker's text), each
     a full `run_weights_attack` (its learning rate swept, stopped on its held-out plateau). Returns the curves'
-    record: the runs, and per attack the perplexity after the attack against tokens."""
+    record: the runs, and per attack the perplexity after the attack against tokens. Each run is kept
+    (`experiments.units`); with `resume`, runs an earlier run of the same commit finished are read back."""
     from splitveil.core.records import environment
+    from splitveil.experiments.units import keep_unit, kept_unit
 
     stamp, began, runs = environment(), time.perf_counter(), []
     for attack in attacks:
         for budget in budgets:
             say = (lambda message, a=attack, b=budget: progress(f"[{a}, {b:,} tokens] {message}")) if progress else None
-            record = run_weights_attack(replace(spec, attack=attack, train_tokens=budget), progress=say)
-            record.pop("environment", None)
+            unit = replace(spec, attack=attack, train_tokens=budget)
+            kept = kept_unit("weights-attack", unit.to_dict()) if resume else None
+            if kept is not None:
+                record = kept[0]
+            else:
+                record = run_weights_attack(unit, progress=say)
+                record.pop("environment", None)
+                keep_unit("weights-attack", unit.to_dict(), [record])
             runs.append(record)
             if on_record is not None:
                 on_record(record)
