@@ -13,6 +13,9 @@
 #   depth       attack strength against cut depth, VGG (--quick)                                 ~1-2 h
 #   tee         TEE cut selection, converged attacks and rMLE: VGG, ResNet, MobileNet  2-3 CPU-hours each
 #   salted      Salted DNNs, standard and salted trained alike (--quick)                         ~1 h
+#   salted-full Salted DNNs at full size (VGG, fashion-mnist), trained alike, converged readers    ~1 h
+#   salted-motions  Salted DNNs on BasicMotions: seeds 0-2, fc and perm salts, adversarial training  ~30 min
+#   text        text privacy against head depth and per-position defences, readouts converged    ~2 h
 #   diffusion   diffusion leakage without hindsight (bench diffusion)                             ~20 min
 #   weights-cnn SLIP extraction curves on LeNet and VGG (stolen images), plain and hardened split  ~1 h
 #   weights     SLIP extraction curves on SmolLM2, plain and hardened split                       many hours
@@ -43,6 +46,27 @@ step_tee() {
 step_salted() {
   $SV attack output-sweep --dataset fashion-mnist --model vgg --salt-layers 0,1,2,3,4 --defence salt --quick --out "$OUT"
 }
+step_salted-full() {
+  $SV attack output-sweep --dataset fashion-mnist --model vgg --salt-layers 0,1,2,3,4 --defence salt --out "$OUT"
+}
+step_salted-motions() {
+  for seed in 0 1 2; do
+    $SV attack output-sweep --dataset basic-motions --defence salt --seed "$seed" --out "$OUT"
+  done
+  $SV attack output-sweep --dataset basic-motions --defence salt:fc --out "$OUT"
+  $SV attack output-sweep --dataset basic-motions --defence salt:perm --out "$OUT"
+  $SV attack output-sweep --dataset basic-motions --defence salt --adversary-weight 1 --out "$OUT"
+}
+step_text() {
+  $SV attack text-sweep --attacks nearest --depths 0,1,2,4,8,15 --out "$OUT"
+  $SV attack text-sweep --attacks exact --depths 1,2,4,8 --out "$OUT" --append
+  $SV attack text-sweep --attacks exact --ranker learned --depths 15 --out "$OUT" --append
+  $SV attack text-sweep --attacks exact --wire fp16 --depths 1,2,4,8 --out "$OUT" --append
+  $SV attack text-sweep --attacks exact --wire fp16 --ranker learned --depths 15 --out "$OUT" --append
+  $SV attack text-sweep --attacks learned --depths 1,2,4,8,15 --out "$OUT" --append
+  $SV attack text-sweep --attacks exact,learned --depths "" --defences permute:1,randcut:2,noise:0.1,noise:0.5,noise:1 \
+    --out "$OUT" --append
+}
 step_diffusion() {
   $SV bench diffusion --out "$OUT"
 }
@@ -64,9 +88,9 @@ step_service() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted diffusion weights-cnn weights service)
+[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted salted-full salted-motions text diffusion weights-cnn weights service)
 for step in "${steps[@]}"; do
-  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth tee salted diffusion weights-cnn weights service" >&2; exit 2; }
+  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth tee salted salted-full salted-motions text diffusion weights-cnn weights service" >&2; exit 2; }
   echo "== $step ($(date -u +%H:%M:%S))"
   "step_$step"
 done
