@@ -88,3 +88,23 @@ def test_partition_command_prints_the_verdict_and_json_null(monkeypatch, capsys)
 def test_required_tau_is_the_boundary_of_qualifying(tau):
     table = partition_table(NO_CUT, costs([1, 2, 3]), tau)
     assert all(row["qualifies"] == (tau > row["required_tau"]) for row in table["cuts"])
+
+
+def test_markdown_report_gives_every_cut_its_attacks_the_verdict_and_the_attackers_training():
+    from splitveil.experiments.tee_partition import partition_markdown
+    from splitveil.tee.channel import SIMULATED
+
+    records = [{**r, "attacker_epochs": 40 if r["attack"] != "rmle" else None, "attacker_converged": r["split"] != 2}
+               for r in NO_CUT]
+    records = [{k: v for k, v in r.items() if not (k == "attacker_epochs" and v is None)} for r in records]
+    result = {"model": "vgg", "dataset": "fashion-mnist", "attestation": SIMULATED, "accuracy": 0.81,
+              "attack_seconds": 600.0, "attack_records": records, "spec": {"quick": True, "cost": CostModel().to_dict()},
+              "environment": {"git_sha": "f" * 40, "git_dirty": False, "timestamp": "2026-12-07T00:00:00+00:00"},
+              **partition_table(records, costs([1, 2, 3]), 0.66)}
+    text = partition_markdown(result)
+    assert SIMULATED in text and "(--quick)" in text and "ffffffffffff" in text
+    assert f"**{result['verdict']}**" in text and "no cut qualifies at tau 0.66" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3
+    assert rows[0].startswith("| 1 | 0.970 | - | 1.000 | rmle (white box) | 1.000 |")
+    assert rows[1].endswith("| inverse 40* |") and rows[2].endswith("| inverse 40, cgan 40 |")  # * = stopped by the cap

@@ -122,9 +122,50 @@ def summary(result: dict) -> dict:
             "attacker_training": training, "attackers_converged": all(t["attacker_converged"] for t in training)}
 
 
+def partition_markdown(result: dict) -> str:
+    """The report a reader (or the docs) quotes: provenance and trust assumption, the verdict, and per cut the SSIM of
+    every attack, the strongest, the tau the cut would need, MINE, the speed-up, and how long each learned attacker
+    trained (epochs, * = stopped by the cap before its held-out loss plateaued)."""
+    env = result.get("environment", {})
+    attacks = result["attacks"]
+    training: dict = {}
+    resumed = False
+    for record in result["attack_records"]:
+        resumed = resumed or bool(record.get("resumed"))
+        if "attacker_epochs" in record:
+            mark = "" if record["attacker_converged"] else "*"
+            training.setdefault(int(record["split"]), []).append(f"{record['attack']} {record['attacker_epochs']}{mark}")
+    spec = result["spec"]
+    lines = [
+        f"# TEE cut selection: {result['model']} on {result['dataset']}{' (--quick)' if spec.get('quick') else ''}",
+        "",
+        f"Attestation: {result['attestation']}. Commit {str(env.get('git_sha'))[:12]}"
+        f"{' (uncommitted changes)' if env.get('git_dirty') else ''}, {env.get('timestamp', '?')}"
+        f"{'; some cuts resumed from an earlier run of the same commit' if resumed else ''}. "
+        f"Victim accuracy {result['accuracy']:.3f}. Enclave slow-down x{spec['cost']['enclave_slowdown']:g}, "
+        f"accelerator x{spec['cost']['accelerator_speedup']:g}. Attack time {result['attack_seconds'] / 60:.0f} min.",
+        "",
+        f"**{result['verdict']}**",
+        "",
+        "| cut | " + " | ".join(f"{a} SSIM" for a in attacks) + " | strongest | needs tau > | MINE (nats) | speed-up vs all-in-TEE "
+        "| attacker epochs |",
+        "|---" * (len(attacks) + 6) + "|",
+    ]
+    for row in result["cuts"]:
+        cells = [f"{row['ssim_by_attack'][a]:.3f}" if a in row["ssim_by_attack"] else "-" for a in attacks]
+        mine = f"{row['mine']:.2f}" if isinstance(row.get("mine"), (int, float)) else "-"
+        kind = "white box" if row["white_box"] else "black box"
+        lines.append(f"| {row['cut']} | " + " | ".join(cells) + f" | {row['attack']} ({kind}) | {row['required_tau']:.3f} "
+                     f"| {mine} | {row['speedup_vs_all_tee']:.2f}x | {', '.join(training.get(row['cut'], [])) or '-'} |")
+    lines += ["", f"tau = {result['tau']:g}: the chosen cut is the smallest whose strongest attack scores below it. "
+              "* after an epoch count: the cap stopped that attacker before its held-out loss plateaued.", ""]
+    return "\n".join(lines)
+
+
 def write_partition_report(result: dict, out_dir, stem: str) -> list:
-    """`<stem>.json` (the record), `<stem>.png` (SSIM per attack and speed-up against the cut, tau, the chosen cut)
-    and `<stem>_recon.png` (originals and the strongest attack's reconstructions at p-1, p, p+1)."""
+    """`<stem>.json` (the record), `<stem>.md` (`partition_markdown`), `<stem>.png` (SSIM per attack and speed-up
+    against the cut, tau, the chosen cut) and `<stem>_recon.png` (originals and the strongest attack's
+    reconstructions at p-1, p, p+1)."""
     from pathlib import Path
 
     import matplotlib
@@ -141,6 +182,9 @@ def write_partition_report(result: dict, out_dir, stem: str) -> list:
     record = {**result, "attack_records": [r if int(r["split"]) in kept else {k: v for k, v in r.items() if k != "examples"}
                                            for r in result["attack_records"]]}
     paths = [write_json(out_dir / f"{stem}.json", record)]
+    markdown = out_dir / f"{stem}.md"
+    markdown.write_text(partition_markdown(result))
+    paths.append(markdown)
     rows, chosen, tau = result["cuts"], result["chosen_cut"], result["tau"]
     cuts = [r["cut"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4))
