@@ -67,15 +67,20 @@ def test_partition_command_prints_the_verdict_and_json_null(monkeypatch, capsys)
     from splitveil.cli.main import main
     from splitveil.experiments import tee_partition
 
-    def fake_run(spec, **_):
+    def fake_run(spec, on_records=None, **_):
         assert spec.attacks == DEFAULT_ATTACKS and spec.cuts == (1, 2, 3)
+        on_records([{**NO_CUT[0], "attacker_epochs": 3, "attacker_converged": False}])
+        on_records([{**NO_CUT[0], "attacker_epochs": 3, "attacker_converged": False}, {**NO_CUT[1], "resumed": True}])
         table = partition_table(NO_CUT, costs([1, 2, 3]), spec.tau)
         return {**table, "spec": spec.to_dict(), "attestation": "SIMULATED", "attack_records": NO_CUT,
                 "accuracy": 0.9, "model": spec.model, "dataset": spec.dataset}
 
     monkeypatch.setattr(tee_partition, "run_partition", fake_run)
     assert main(["partition", "--dataset", "digits", "--model", "lenet", "--cuts", "1,2,3", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    out = json.loads(printed.out.strip().splitlines()[-1])
+    progress = [line for line in printed.err.splitlines() if line.startswith("cut ")]
+    assert progress == ["cut 1 cgan: SSIM 0.970, 3 epochs (stopped by the cap)", "cut 1 rmle: SSIM 1.000 (resumed)"]
     assert out["chosen_cut"] is None and out["verdict"].startswith("no cut qualifies")
     assert [c["required_tau"] for c in out["cuts"]] == [1.0, 0.744, 0.705] and out["cuts"][0]["white_box"]
     assert main(["partition", "--dataset", "digits", "--model", "lenet", "--cuts", "1,2,3"]) == 0

@@ -100,9 +100,25 @@ def partition(
     jobs = min(jobs or len(os.sched_getaffinity(0)), len(chosen_cuts))
     spec = PartitionSpec(dataset=dataset, model=model, tau=tau, attacks=tuple(names), cuts=tuple(sorted(set(chosen_cuts))),
                          quick=quick, seed=seed, jobs=jobs, cost=cost)
-    began = time.perf_counter()
-    with err_console.status(f"{', '.join(names)} at {len(chosen_cuts)} cut(s) of {model} ({dataset}), {jobs} process(es) ..."):
-        result = run_partition(spec, resume=resume)
+    began, done = time.perf_counter(), set()
+    with err_console.status(f"{', '.join(names)} at {len(chosen_cuts)} cut(s) of {model} ({dataset}), {jobs} process(es) "
+                            "(converged attackers: hours on a CPU) ...") as spinner:
+        def report(records: list[dict]) -> None:  # a line per finished attack on stderr (stdout stays --json's)
+            for record in records:
+                key = (record["split"], record["attack"])
+                if key in done:
+                    continue
+                done.add(key)
+                trained = ""
+                if "attacker_epochs" in record:
+                    trained = f", {record['attacker_epochs']} epochs" + ("" if record["attacker_converged"]
+                                                                         else " (stopped by the cap)")
+                err_console.print(f"cut {record['split']} {record['attack']}: SSIM {record['ssim']:.3f}{trained}"
+                                  f"{' (resumed)' if record.get('resumed') else ''}", highlight=False)
+            cuts_done = len({record["split"] for record in records})
+            spinner.update(f"{cuts_done} of {len(chosen_cuts)} cut(s) done, {time.perf_counter() - began:.0f} s ...")
+
+        result = run_partition(spec, resume=resume, on_records=report)
     if out is not None:
         stem = f"tee-partition_{dataset}_{model}{'_quick' if quick else ''}"
         paths = write_partition_report(result, out, stem)
