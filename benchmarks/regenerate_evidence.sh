@@ -22,7 +22,10 @@
 #   service     the load and batched-decode records                                               ~10 min
 set -euo pipefail
 SV="${SV:-.venv/bin/splitveil}"
-OUT="${OUT:-benchmarks/results}"
+# Records go to an ignored folder, not straight over the tracked ones: a rewritten tracked record would make the tree
+# dirty, and every later step (and a --resume of this one) would then refuse to run. Copy them into
+# benchmarks/results/ and commit when the steps are done.
+OUT="${OUT:-build/evidence}"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 
 step_defaults() {
@@ -94,3 +97,4 @@ for step in "${steps[@]}"; do
   echo "== $step ($(date -u +%H:%M:%S))"
   "step_$step"
 done
+echo "records in $OUT: copy them into benchmarks/results/ and commit"
