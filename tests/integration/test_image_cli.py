@@ -189,6 +189,8 @@ def test_a_stopped_sweep_resumes_from_the_units_it_finished(monkeypatch, tmp_pat
     monkeypatch.setattr(image_privacy, "sweep_cut", lambda unit, *a, **k: ran.append(unit.split) or real(unit, *a, **k))
     again = run_image_sweep(spec, [1, 2], ["inverse"], jobs=1, resume=True)
     assert ran == [] and all(r["resumed"] for r in again)
+    from splitveil.cli.attack_image import _summary
+    assert "(resumed" in _summary(again[0]) and "(resumed" not in _summary(first[0])  # the sweep's line says so
     assert [(r["split"], r["ssim"]) for r in again] == [(r["split"], r["ssim"]) for r in first]
 
     damaged = next(path for path in kept if json.loads(path.read_text())[0]["split"] == 2)

@@ -78,7 +78,7 @@ def _summary(record: dict) -> str:
     return (f"{record['attack']:7s} split {record['split']} ({'x'.join(map(str, record['feature_shape']))}): "
             f"SSIM {record['ssim']:.3f}, PSNR {record['psnr']:.2f} dB, MSE {record['mse']:.4f}, "
             f"recon accuracy {record['recon_accuracy']:.3f}, MINE {record['mine']:.2f} nats, dCor² {record['dcor']:.3f}"
-            + trained)
+            + trained + (" (resumed: kept by an earlier run of this commit)" if record.get("resumed") else ""))
 
 
 MI_SEEDS_HELP = ("Seeds per mutual-information estimator (MINE, InfoNCE, k-NN; default 3): records give each one's "
