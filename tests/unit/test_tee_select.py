@@ -63,20 +63,26 @@ def test_no_cut_qualifies_record_says_so_and_gives_each_cuts_tau():
     assert partition_table(NO_CUT, costs([1, 2, 3]), 0.706)["chosen_cut"] == 3
 
 
-def test_partition_command_prints_the_verdict_and_json_null(monkeypatch, capsys):
+def test_partition_command_prints_the_verdict_and_json_null(monkeypatch, capsys, tmp_path):
     from splitveil.cli.main import main
     from splitveil.experiments import tee_partition
+
+    partial, seen = tmp_path / "tee-partition_digits_lenet.partial.jsonl", []
 
     def fake_run(spec, on_records=None, **_):
         assert spec.attacks == DEFAULT_ATTACKS and spec.cuts == (1, 2, 3)
         on_records([{**NO_CUT[0], "attacker_epochs": 3, "attacker_converged": False}])
         on_records([{**NO_CUT[0], "attacker_epochs": 3, "attacker_converged": False}, {**NO_CUT[1], "resumed": True}])
+        seen.append(len(partial.read_text().splitlines()) if partial.exists() else 0)  # measured so far, while it runs
         table = partition_table(NO_CUT, costs([1, 2, 3]), spec.tau)
         return {**table, "spec": spec.to_dict(), "attestation": "SIMULATED", "attack_records": NO_CUT,
                 "accuracy": 0.9, "model": spec.model, "dataset": spec.dataset}
 
     monkeypatch.setattr(tee_partition, "run_partition", fake_run)
-    assert main(["partition", "--dataset", "digits", "--model", "lenet", "--cuts", "1,2,3", "--json"]) == 0
+    monkeypatch.setattr(tee_partition, "write_partition_report", lambda result, out, stem: [out / f"{stem}.json"])
+    assert main(["partition", "--dataset", "digits", "--model", "lenet", "--cuts", "1,2,3", "--json", "--out",
+                 str(tmp_path), "--allow-dirty"]) == 0
+    assert seen == [2] and not partial.exists()  # the whole record replaces it
     printed = capsys.readouterr()
     out = json.loads(printed.out.strip().splitlines()[-1])
     progress = [line for line in printed.err.splitlines() if line.startswith("cut ")]

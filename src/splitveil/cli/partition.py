@@ -72,6 +72,7 @@ def partition(
     said plainly, with the tau each cut would need), the speed-up over all-in-TEE."""
     if ctx.invoked_subcommand is not None:
         return
+    from splitveil.core.records import write_records
     from splitveil.experiments.tee_partition import PartitionSpec, run_partition, summary, write_partition_report
     from splitveil.plan.plan import check_block_cut
     from splitveil.tee.cost import DEFAULT_ENCLAVE_SLOWDOWN
@@ -101,6 +102,7 @@ def partition(
     spec = PartitionSpec(dataset=dataset, model=model, tau=tau, attacks=tuple(names), cuts=tuple(sorted(set(chosen_cuts))),
                          quick=quick, seed=seed, jobs=jobs, cost=cost)
     began, done = time.perf_counter(), set()
+    stem = f"tee-partition_{dataset}_{model}{'_quick' if quick else ''}"
     with err_console.status(f"{', '.join(names)} at {len(chosen_cuts)} cut(s) of {model} ({dataset}), {jobs} process(es) "
                             "(converged attackers: hours on a CPU) ...") as spinner:
         def report(records: list[dict]) -> None:  # a line per finished attack on stderr (stdout stays --json's)
@@ -117,11 +119,13 @@ def partition(
                                   f"{' (resumed)' if record.get('resumed') else ''}", highlight=False)
             cuts_done = len({record["split"] for record in records})
             spinner.update(f"{cuts_done} of {len(chosen_cuts)} cut(s) done, {time.perf_counter() - began:.0f} s ...")
+            if out is not None:  # what is measured so far, readable while the run goes on (removed at the end)
+                write_records(records, out, f"{stem}.partial")
 
         result = run_partition(spec, resume=resume, on_records=report)
     if out is not None:
-        stem = f"tee-partition_{dataset}_{model}{'_quick' if quick else ''}"
         paths = write_partition_report(result, out, stem)
+        (out / f"{stem}.partial.jsonl").unlink(missing_ok=True)
         err_console.print("wrote " + ", ".join(str(p) for p in paths))
     if json_output:
         print_json(summary(result))
