@@ -47,7 +47,7 @@ RESUME_HELP = ("Go on where an earlier run of the same commit and settings stopp
 
 
 def resume_option():
-    """The `--resume` option of the long attack sweeps (`attack image-sweep`, `partition`)."""
+    """The `--resume` option of the long runs (`attack image-sweep`, `partition`, `attack weights-curves`)."""
     return typer.Option(False, "--resume", help=RESUME_HELP)
 
 

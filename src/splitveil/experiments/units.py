@@ -56,3 +56,15 @@ def keep_unit(kind: str, settings: dict, records: list[dict]) -> None:
         partial.replace(path)
     except OSError:
         pass
+
+
+def kept_or_run(kind: str, settings: dict, run, *, resume: bool) -> dict:
+    """A one-record unit (an extraction run): read back with `resume` when kept, else `run()`, its record kept
+    without its per-run `environment` (the curves' record carries one)."""
+    kept = kept_unit(kind, settings) if resume else None
+    if kept is not None:
+        return kept[0]
+    record = run()
+    record.pop("environment", None)
+    keep_unit(kind, settings, [record])
+    return record

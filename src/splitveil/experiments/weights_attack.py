@@ -230,20 +230,15 @@ def run_weights_curves(spec: WeightsAttackSpec, attacks: list[str], budgets: lis
     record: the runs, and per attack the perplexity after the attack against tokens. Each run is kept
     (`experiments.units`); with `resume`, runs an earlier run of the same commit finished are read back."""
     from splitveil.core.records import environment
-    from splitveil.experiments.units import keep_unit, kept_unit
+    from splitveil.experiments.units import kept_or_run
 
     stamp, began, runs = environment(), time.perf_counter(), []
     for attack in attacks:
         for budget in budgets:
             say = (lambda message, a=attack, b=budget: progress(f"[{a}, {b:,} tokens] {message}")) if progress else None
             unit = replace(spec, attack=attack, train_tokens=budget)
-            kept = kept_unit("weights-attack", unit.to_dict()) if resume else None
-            if kept is not None:
-                record = kept[0]
-            else:
-                record = run_weights_attack(unit, progress=say)
-                record.pop("environment", None)
-                keep_unit("weights-attack", unit.to_dict(), [record])
+            record = kept_or_run("weights-attack", unit.to_dict(), lambda: run_weights_attack(unit, progress=say),
+                                 resume=resume)
             runs.append(record)
             if on_record is not None:
                 on_record(record)

@@ -142,7 +142,7 @@ def run_cnn_weights_curves(spec: CnnWeightsSpec, attacks: list[str], budgets: li
     """Every attack of `attacks` at every budget of stolen images; returns the curves' record (as
     `run_weights_curves`, with test accuracy in place of perplexity, and `resume` alike)."""
     from splitveil.core.records import environment
-    from splitveil.experiments.units import keep_unit, kept_unit
+    from splitveil.experiments.units import kept_or_run
 
     stamp, began, runs = environment(), time.perf_counter(), []
     victim = cnn_victim(spec.model, spec.seed)
@@ -150,13 +150,8 @@ def run_cnn_weights_curves(spec: CnnWeightsSpec, attacks: list[str], budgets: li
         for budget in budgets:
             say = (lambda message, a=attack, b=budget: progress(f"[{a}, {b:,} images] {message}")) if progress else None
             unit = replace(spec, attack=attack, stolen=budget)
-            kept = kept_unit("weights-attack-cnn", unit.to_dict()) if resume else None
-            if kept is not None:
-                record = kept[0]
-            else:
-                record = run_cnn_weights_attack(unit, progress=say, victim=victim)
-                record.pop("environment", None)
-                keep_unit("weights-attack-cnn", unit.to_dict(), [record])
+            record = kept_or_run("weights-attack-cnn", unit.to_dict(),
+                                 lambda: run_cnn_weights_attack(unit, progress=say, victim=victim), resume=resume)
             runs.append(record)
             if on_record is not None:
                 on_record(record)
