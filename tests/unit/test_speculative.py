@@ -1,4 +1,4 @@
-"""Speculative decoding across the split: drafters, the acceptance rule, the draft-length controller, rollback of
+"""Speculative decoding across the split: drafters, the acceptance rule, the draft policy, rollback of
 every kind of stage, and the end-to-end promise: greedy output unchanged, sampled output with the distribution of
 sequential sampling (checked against the exact distribution, computed by enumeration on a tiny model)."""
 
@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from splitveil.core.errors import ConfigError
 from splitveil.edge.generate import GenerationConfig, SplitCausalLM
 from splitveil.edge.sampling import token_probabilities
-from splitveil.edge.speculative import DraftLength, PromptLookup, Sampling, accept
+from splitveil.edge.speculative import DraftPolicy, PromptLookup, Sampling, accept
 from splitveil.models.tiny import tiny_causal_lm
 from splitveil.plan.plan import SplitPlan
 
@@ -85,20 +85,33 @@ def test_sampled_acceptance_has_the_models_distribution(drafter_q):
 
 # -- the draft length ----------------------------------------------------------------------------------------------
 
-def test_draft_length_grows_shrinks_and_backs_off():
-    length = DraftLength(6)
-    assert length.next(100) == 6
-    length.update(6, 2)
-    assert length.next(100) == 3  # what was accepted, plus one
-    length.update(3, 3)
-    assert length.next(100) == 5
-    assert length.next(3) == 2  # never more than the room left, minus the model's own token
-    for _ in range(3):  # low acceptance: drafting pauses for a few steps
-        length.update(4, 0)
-    assert [length.next(100) for _ in range(4)] == [0, 0, 0, 0]
-    assert length.next(100) > 0
+def test_draft_policy_drafts_while_drafts_pay_and_stops_when_they_do_not():
+    policy = DraftPolicy(6)
+    assert policy.budget(100) == 6 and policy.budget(3) == 2  # a pass yields its drafts plus the model's token
+    assert policy.choose(6, "ngram-3") > 0  # nothing measured yet: an even chance of acceptance is worth a few
+    for _ in range(20):  # one source's drafts are all rejected, the other's all accepted
+        policy.update("ngram-1", 2, 0, 0.12)
+        policy.update("ngram-3", 3, 3, 0.12)
+        policy.update("ngram-3", 0, 0, 0.10)
+    assert policy.choose(6, "ngram-1") == 0  # backs off: at 1 in 22 a position costs more than it saves
+    assert policy.choose(6, "ngram-3") == 6  # every draft accepted, a position costs 7% of a step: draft them all
+    assert policy.choose(2, "ngram-3") == 2  # never more than the drafter found
     with pytest.raises(ConfigError, match="draft-tokens"):
-        DraftLength(0)
+        DraftPolicy(0)
+
+
+def test_draft_policy_drafts_more_over_a_slow_link():
+    """Same acceptance (one draft in two): where a round trip dominates a pass, drafting pays; where each verified
+    position costs nearly a whole step (a compute-bound cloud on loopback), it does not."""
+    def chosen(plain_seconds, per_position_seconds):
+        policy = DraftPolicy(8)
+        for _ in range(10):
+            policy.update("ngram-2", 2, 1, plain_seconds + 2 * per_position_seconds)
+            policy.update("ngram-2", 0, 0, plain_seconds)
+        return policy.choose(8, "ngram-2")
+
+    assert chosen(0.160, 0.005) >= 3  # 80 ms link: positions nearly free
+    assert chosen(0.010, 0.010) == 0  # loopback, compute-bound: a position costs a step
 
 
 # -- rollback of each kind of stage --------------------------------------------------------------------------------

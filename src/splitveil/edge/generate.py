@@ -41,7 +41,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None = the model's own end-of-sequence tokens
     stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
     speculate: str = "off"  # a drafter (edge.speculative.DRAFTERS: prompt-lookup, self) or "off"
-    draft_tokens: int = 3  # the most drafted tokens one verification pass checks (see DraftLength on the default)
+    draft_tokens: int = 3  # the most drafted tokens one verification pass checks (see docs/service.md on the default)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -634,18 +634,22 @@ class SplitCausalLM:
                    sampling, step_seconds: list[float]):
         """The decode loop with drafts (see `edge.speculative`): each pass sends the last token and the drafts through
         the split at once, keeps what the model agrees with plus one token of its own, and rolls back the rest."""
-        from splitveil.edge.speculative import DraftLength, SpeculationStats, accept, make_drafter
+        from splitveil.edge.speculative import DraftPolicy, SpeculationStats, accept, make_drafter
 
         drafter = make_drafter(config.speculate, self)
-        length = DraftLength(config.draft_tokens)
+        policy = DraftPolicy(config.draft_tokens)
         stats = SpeculationStats(config.speculate, config.draft_tokens)
         try:
             done = emit(token)
             while not done:
                 context = prompt_ids + generated
                 held = len(context) - 1  # positions every stage holds: all but the newest token
-                count = length.next(config.max_new_tokens - len(generated))
-                drafts, q = drafter.draft(context, count, sampling) if count else ([], None)
+                budget = policy.budget(config.max_new_tokens - len(generated))
+                if drafter.costly:  # set the count first: every draft costs work
+                    budget = policy.choose(budget, drafter.source)
+                drafts, q = drafter.draft(context, budget, sampling) if budget else ([], None)
+                keep = policy.choose(len(drafts), drafter.source)
+                drafts, q = drafts[:keep], (q[:keep] if q is not None else None)
                 step_started = time.perf_counter()
                 if drafts:
                     logits = self.step(torch.tensor([[token, *drafts]], dtype=torch.long), all_positions=True)
@@ -662,7 +666,7 @@ class SplitCausalLM:
                     stats.passes_with_drafts += 1
                     stats.drafted += len(drafts)
                     stats.accepted += len(new) - 1
-                length.update(len(drafts), len(new) - 1)
+                policy.update(drafter.source, len(drafts), len(new) - 1, step_seconds[-1])
                 for token in new:
                     done = emit(token)
                     if done:

@@ -12,8 +12,9 @@ the drafter's.
 
 Drafters (`DRAFTERS`): `prompt-lookup` (the continuation of the latest earlier occurrence of the last n tokens in
 the prompt and the answer so far; deterministic, q is one-hot), `self` (the device's own head and tail with the
-trunk skipped: no weights beyond what the device holds). `DraftLength` adapts k to how many drafts are accepted and
-backs off (drafts nothing for a while) when acceptance is low, so a prompt the drafter cannot predict costs little.
+trunk skipped: no weights beyond what the device holds). `DraftPolicy` sets k per pass from the measured
+acceptance of each drafting source and the measured cost of a pass: it drafts more over a slow link and nothing
+when drafts do not pay, so a prompt the drafter cannot predict costs little.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Drafter(ABC):
     """Guesses the next tokens on the device."""
 
     name = "drafter"
+    #: True when drafting costs real work (the policy then sets the count before drafting, not after)
+    costly = False
+    #: what the latest drafts came from (acceptance is tracked per source: prompt lookup's match length)
+    source: str = "drafter"
 
     @abstractmethod
     def draft(self, context: list[int], count: int, sampling: Sampling) -> tuple[list[int], torch.Tensor | None]:
@@ -79,6 +84,7 @@ class PromptLookup(Drafter):
                 if context[start : start + n] == tail:
                     follow = context[start + n : start + n + count]
                     if follow:
+                        self.source = f"ngram-{n}"
                         return follow, None
         return [], None
 
@@ -87,9 +93,11 @@ class PromptLookup(Drafter):
 class SelfDraft(Drafter):
     """The device's own head and tail with the trunk skipped (a Λ-split's edge parts, own KV caches): drafts cost
     the device a few layers per token and no weight beyond its own. Cheap, but weak on a model whose trunk does most
-    of the work: `DraftLength` backs off when its drafts are rejected."""
+    of the work: `DraftPolicy` stops drafting when its drafts are rejected."""
 
     name = "self"
+    costly = True
+    source = "self"
 
     def __init__(self, lm):
         from splitveil.models.splittable import Part
@@ -190,42 +198,79 @@ def accept(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, samp
 
 
 @dataclass
-class DraftLength:
-    """How many tokens to draft next: grows while every draft is accepted, shrinks when some are rejected, and
-    pauses drafting (a plain one-token step) for a while when the recent acceptance rate is low, doubling the pause
-    each time it stays low."""
+class DraftPolicy:
+    """How many drafts the next pass verifies: the count that maximises the expected tokens per second of the pass.
+
+    A pass with k drafts yields 1 + a tokens, where a is how many drafts the model accepts; with a per-draft
+    acceptance rate alpha (each draft accepted given the ones before it were), the expected yield is
+    1 + alpha + ... + alpha^k. It costs t(k) seconds: one round trip per remote party plus the compute of k + 1
+    positions. The policy picks k = argmax yield(k) / t(k), so it drafts more when the network is slow (a round
+    trip is dear, a verified position cheap) and stops drafting when drafts are rarely accepted (on a 2-core CPU with
+    loopback, a draft must be accepted about one time in five to pay).
+
+    Both factors are measured as decoding goes: alpha per drafting *source* (prompt lookup's match length, or the
+    self drafter), from a Beta(1, 1) prior; t(k) from the passes' own wall time (a moving average per k; a straight
+    line through those for counts not tried yet; before two counts are seen, `prior_slope` of a plain step per
+    position, the CPU figure, which a faster cloud or a slower link then corrects).
+    """
 
     limit: int  # the most drafts per pass (--draft-tokens)
-    low_rate: float = 0.25  # accepted / drafted over the recent passes, below which drafting pauses
-    window: int = 6  # passes with drafts that make "recent"
-    current: int = 0
-    pause: int = 0  # steps left without drafting
-    next_pause: int = 4
-    recent: list[tuple[int, int]] = field(default_factory=list)
+    prior_slope: float = 0.14  # a position's cost as a fraction of a plain step, until measured
+    smoothing: float = 0.3  # weight of a new pass in the moving average of its count's wall time
+    acceptance: dict = field(default_factory=dict)  # source -> [accepted, tried]
+    seconds: dict = field(default_factory=dict)  # drafts in a pass -> moving average of its wall time
 
     def __post_init__(self):
         if not 1 <= self.limit <= 64:
             raise ConfigError(f"--draft-tokens must be between 1 and 64, got {self.limit}")
-        self.current = self.limit
 
-    def next(self, room: int) -> int:
-        """Drafts for the next pass, with `room` tokens still allowed (a pass yields at most drafts + 1)."""
-        if self.pause > 0:
-            self.pause -= 1
-            return 0
-        return max(0, min(self.current, room - 1))
+    def budget(self, room: int) -> int:
+        """The most drafts the next pass may carry with `room` tokens still allowed (a pass yields drafts + 1)."""
+        return max(0, min(self.limit, room - 1))
 
-    def update(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
-            return
-        self.current = min(self.limit, self.current + 2) if accepted == drafted else max(1, accepted + 1)
-        self.recent = (self.recent + [(drafted, accepted)])[-self.window :]
-        drafted_recent = sum(d for d, _ in self.recent)
-        if drafted_recent >= self.window and sum(a for _, a in self.recent) < self.low_rate * drafted_recent:
-            self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, 64)
-            self.recent = []
-        elif accepted >= max(1, drafted // 2):
-            self.next_pause = 4
+    def rate(self, source) -> float:
+        accepted, tried = self.acceptance.get(source, (0, 0))
+        return (accepted + 1) / (tried + 2)
+
+    def pass_seconds(self, drafts: int) -> float:
+        """The expected wall time of a pass with `drafts` drafts (relative units before any pass is measured)."""
+        if drafts in self.seconds:
+            return self.seconds[drafts]
+        points = sorted(self.seconds.items())
+        if len(points) >= 2:
+            n = len(points)
+            mean_k = sum(k for k, _ in points) / n
+            mean_t = sum(t for _, t in points) / n
+            spread = sum((k - mean_k) ** 2 for k, _ in points)
+            slope = max(0.0, sum((k - mean_k) * (t - mean_t) for k, t in points) / spread)
+            return max(mean_t + slope * (drafts - mean_k), 1e-6)
+        if points:
+            known, t = points[0]
+            base = t / (1 + self.prior_slope * known)
+        else:
+            base = 1.0
+        return base * (1 + self.prior_slope * drafts)
+
+    def choose(self, available: int, source) -> int:
+        """How many of `available` drafts from `source` the next pass should carry."""
+        alpha = self.rate(source)
+        best, best_rate = 0, 1.0 / self.pass_seconds(0)
+        expected = 1.0
+        for k in range(1, available + 1):
+            expected += alpha**k
+            rate = expected / self.pass_seconds(k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def update(self, source, drafted: int, accepted: int, seconds: float) -> None:
+        """Records a pass: its drafts (from `source`), how many the model accepted, and its wall time."""
+        previous = self.seconds.get(drafted)
+        self.seconds[drafted] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+        if drafted:
+            got, tried = self.acceptance.get(source, (0, 0))
+            # each draft is a trial given the ones before it were accepted: the first rejected one ends the pass
+            self.acceptance[source] = (got + accepted, tried + min(accepted + 1, drafted))
 
 
 @dataclass
