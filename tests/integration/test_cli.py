@@ -81,17 +81,22 @@ def test_cut_out_of_range_for_the_real_model():
 
 @pytest.mark.model
 def test_speculative_generation_of_the_real_model_equals_sequential():
-    """A copy-heavy chat prompt through the Λ-split: prompt lookup accepts drafts, and the tokens do not change."""
+    """A copy-heavy chat prompt through the Λ-split: prompt lookup accepts drafts, and the tokens do not change
+    (`--draft-policy fixed`: every pass verifies the drafts found, whatever the timing of this machine)."""
     prompt = ("Repeat this sentence exactly: The museum opens at nine in the morning and closes at six in the "
               "evening, every day but Monday.")
     args = ["--split", "2,28", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json"]
-    runs = {mode: run_cli("generate", *args, "--speculate", mode) for mode in ("off", "prompt-lookup")}
+    runs = {mode: run_cli("generate", *args, "--speculate", mode, "--draft-policy", "fixed")
+            for mode in ("off", "prompt-lookup")}
     for proc in runs.values():
         assert proc.returncode == 0, proc.stderr
     off, fast = (json.loads(runs[m].stdout.strip().splitlines()[-1]) for m in ("off", "prompt-lookup"))
     assert fast["token_ids"] == off["token_ids"]
     assert fast["speculation"]["accepted"] > 0 and off["speculation"] is None
     assert fast["round_trips"] < off["round_trips"]
+    by_source = fast["speculation"]["acceptance_by_source"]  # prompt lookup's match lengths
+    assert set(by_source) <= {"ngram-1", "ngram-2", "ngram-3"}
+    assert sum(s["accepted"] for s in by_source.values()) == fast["speculation"]["accepted"]
 
 
 @pytest.mark.model

@@ -16,7 +16,8 @@ def test_speculation_over_a_jittery_link_that_resets_is_exact(make_server, clien
     spec = LinkSpec(rtt_ms=6.0, jitter_ms=2.0, reset_after=6_000, seed=3)
     with Link(spec, ("127.0.0.1", server.port)) as link:
         lm = client(server, recover_seconds=20.0, url=f"wss://127.0.0.1:{link.port}")
-        fast = lm.generate(PROMPT, max_new_tokens=24, speculate="prompt-lookup", draft_tokens=4)
+        fast = lm.generate(PROMPT, max_new_tokens=24, speculate="prompt-lookup", draft_tokens=4,
+                          draft_policy="fixed")
         recoveries = sum(getattr(stage, "recoveries", 0) for stage in lm.stages)
         assert link.resets_done == 1
     assert recoveries == 1
@@ -28,7 +29,7 @@ def test_a_rollback_costs_no_round_trip_of_its_own(make_server, client):
     server = make_server()
     lm = client(server)
     sequential = lm.generate(PROMPT, max_new_tokens=16)
-    fast = lm.generate(PROMPT, max_new_tokens=16, speculate="self", draft_tokens=3)
+    fast = lm.generate(PROMPT, max_new_tokens=16, speculate="self", draft_tokens=3, draft_policy="fixed")
     assert fast.token_ids == sequential.token_ids
     # one round trip per pass (open and close aside), however many passes rolled back
     assert fast.round_trips == fast.speculation["passes"] + 1 + 2

@@ -48,6 +48,8 @@ def test_unknown_drafter_and_bad_draft_length_are_refused():
         GenerationConfig(speculate="oracle")
     with pytest.raises(ConfigError, match="draft_tokens"):
         GenerationConfig(speculate="prompt-lookup", draft_tokens=0)
+    with pytest.raises(ConfigError, match="adaptive or fixed"):
+        GenerationConfig(speculate="prompt-lookup", draft_policy="greedy")
 
 
 # -- the acceptance rule -------------------------------------------------------------------------------------------
@@ -162,12 +164,13 @@ def test_speculation_is_refused_where_it_cannot_hold(tiny):
 REPEATING = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]
 
 
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
 @pytest.mark.parametrize("cuts, drafter", [(None, "prompt-lookup"), ((1, 3), "prompt-lookup"), ((1, 3), "self")])
-def test_greedy_speculation_equals_sequential_decoding(tiny, cuts, drafter):
+def test_greedy_speculation_equals_sequential_decoding(tiny, cuts, drafter, policy):
     lm = SplitCausalLM(tiny, SplitPlan.from_cuts(cuts) if cuts else None)
     for prompt in (REPEATING, [3, 50, 4, 60, 9]):
         sequential = lm.generate(prompt, max_new_tokens=24)
-        fast = lm.generate(prompt, max_new_tokens=24, speculate=drafter, draft_tokens=4)
+        fast = lm.generate(prompt, max_new_tokens=24, speculate=drafter, draft_tokens=4, draft_policy=policy)
         assert fast.token_ids == sequential.token_ids
         assert fast.speculation["passes"] <= sequential.decode_tokens
         assert fast.decode_tokens == len(fast.token_ids) - 1
@@ -178,7 +181,8 @@ def test_speculation_stops_at_eos_and_max_tokens_like_sequential_decoding(tiny):
     sequential = lm.generate(REPEATING, max_new_tokens=20)
     eos = sequential.token_ids[7]
     ended = lm.generate(REPEATING, max_new_tokens=20, eos_token_ids=(eos,))
-    fast = lm.generate(REPEATING, max_new_tokens=20, eos_token_ids=(eos,), speculate="prompt-lookup")
+    fast = lm.generate(REPEATING, max_new_tokens=20, eos_token_ids=(eos,), speculate="prompt-lookup",
+                       draft_policy="fixed")
     assert fast.token_ids == ended.token_ids and fast.finish_reason == ended.finish_reason == "eos"
     assert len(lm.generate(REPEATING, max_new_tokens=5, speculate="prompt-lookup").token_ids) == 5
 
@@ -214,7 +218,7 @@ def test_sampled_speculation_has_the_distribution_of_sequential_sampling(tiny, d
     drafted = 0
     for seed in range(runs):
         result = lm.generate(prompt, max_new_tokens=3, eos_token_ids=(), seed=seed, speculate=drafter, draft_tokens=2,
-                             **settings)
+                             draft_policy="fixed", **settings)
         counts[tuple(result.token_ids[1:])] += 1
         drafted += result.speculation["drafted"]
     assert drafted > runs // 4  # drafts were really verified (often)

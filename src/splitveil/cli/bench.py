@@ -249,6 +249,8 @@ def link(
     speculate: str = typer.Option("prompt-lookup", "--speculate", help="The drafter compared with sequential "
                                   "decoding: prompt-lookup or self."),
     draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="The most drafts a pass verifies."),
+    draft_policy: str = typer.Option("adaptive", "--draft-policy", help="adaptive (as many drafts as pay, measured) "
+                                     "or fixed (every draft found, up to --draft-tokens)."),
     pairs: int = typer.Option(1, "--pairs", min=1, help="Alternating (sequential, speculative) repeats per prompt."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
     allow_dirty: bool = allow_dirty_option(),
@@ -266,10 +268,10 @@ def link(
                          bandwidths=tuple(int_list(bandwidths, "--bandwidths", "bandwidths in Mbit/s")),
                          slip_rtts=tuple(int_list(slip_rtts, "--slip-rtts", "RTTs in ms")),
                          max_new_tokens=max_new_tokens, slip_max_new_tokens=slip_max_new_tokens, drafter=speculate,
-                         draft_tokens=draft_tokens, pairs=pairs)
+                         draft_tokens=draft_tokens, draft_policy=draft_policy, pairs=pairs)
     from splitveil.edge.generate import GenerationConfig
 
-    GenerationConfig(speculate=speculate)  # an unknown drafter: one line, before anything starts
+    GenerationConfig(speculate=speculate, draft_policy=draft_policy)  # bad names: one line, before anything starts
     stamp_run(allow_dirty)
     with err_console.status("benchmarking ...") as spinner:
         record = run_link_bench(spec, progress=lambda message: spinner.update(message))

@@ -65,6 +65,8 @@ def edge(
                                   "greedy output unchanged, sampled output keeps its distribution."),
     draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
                                      "pass verifies."),
+    draft_policy: str = typer.Option("adaptive", "--draft-policy", help="With --speculate: adaptive (as many drafts "
+                                     "as pay, measured) or fixed (every draft found, up to --draft-tokens)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
     device: str = device_option(),
     dtype: str = dtype_option(),
@@ -97,7 +99,7 @@ def edge(
                           "API (drop --no-auth: a key is made and printed)")
     from splitveil.edge.generate import GenerationConfig
 
-    GenerationConfig(speculate=speculate, draft_tokens=draft_tokens)  # an unknown drafter: one line, nothing started
+    GenerationConfig(speculate=speculate, draft_tokens=draft_tokens, draft_policy=draft_policy)  # an unknown drafter: one line, nothing started
     allowed_extra = tuple(_allow_host_entry(name) for name in allow_host or ())
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,7 +127,7 @@ def edge(
     settings = EdgeSettings(
         model_name=Path(model).name if Path(model).is_dir() else model, default_max_tokens=max_tokens,
         api_key=api_key, threads=threads, concurrency=concurrency, speculate=speculate,
-        draft_tokens=draft_tokens, **limits,
+        draft_tokens=draft_tokens, draft_policy=draft_policy, **limits,
         allowed_hosts=(host_entry(bound, bound_port), host_entry("localhost", bound_port), *allowed_extra),
         any_ip_host=ipaddress.ip_address(bound).is_unspecified)
     serve_api(lm, listener, settings, trunk=server or "in-process", key_line=key_line)

@@ -88,7 +88,11 @@ def generate(
                                   "and tail with the trunk skipped; off. Greedy output is unchanged; sampled output "
                                   "keeps its distribution."),
     draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, max=64, help="With --speculate: the most tokens one "
-                                     "pass verifies (adapted down when drafts are rejected)."),
+                                     "pass verifies."),
+    draft_policy: str = typer.Option("adaptive", "--draft-policy", help="With --speculate: adaptive drafts as many "
+                                     "tokens as pay, from the measured acceptance and the measured cost of a pass (more "
+                                     "over a slow link, none when drafts are rejected); fixed drafts every token found, "
+                                     "up to --draft-tokens."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: token_ids, text, bytes_up, bytes_down, "
                                      "round_trips, seconds (with --protect: the fields of `slip generate --json`)."),
     threads: int = typer.Option(1, "--threads", help="Torch threads (1 is fastest on a shared 2-core machine)."),
@@ -105,7 +109,7 @@ def generate(
     do_sample = sample or temperature != 1.0 or top_p < 1.0 or top_k > 0
     config_fields = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                      "top_k": top_k, "top_p": top_p, "seed": seed, "stop": tuple(stop or ()), "speculate": speculate,
-                     "draft_tokens": draft_tokens}
+                     "draft_tokens": draft_tokens, "draft_policy": draft_policy}
     if (dealer is not None or head is not None) and protect not in (Protect.prompt.value, "slip"):
         raise ConfigError("--dealer and --head go with --protect prompt")
     if dealer is not None and dealer != "device":

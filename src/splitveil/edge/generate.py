@@ -28,6 +28,9 @@ from splitveil.wire.codecs import FLOAT_CODECS
 from splitveil.edge.remote import RemoteStage
 
 
+DRAFT_POLICIES = ("adaptive", "fixed")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """What `generate` does; mirrors the transformers arguments that matter for split inference."""
@@ -42,6 +45,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
     speculate: str = "off"  # a drafter (edge.speculative.DRAFTERS: prompt-lookup, self) or "off"
     draft_tokens: int = 3  # the most drafted tokens one verification pass checks (see docs/service.md on the default)
+    draft_policy: str = "adaptive"  # adaptive: as many drafts as pay (edge.speculative.DraftPolicy); fixed: all found
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -58,6 +62,8 @@ class GenerationConfig:
             DRAFTERS.get(self.speculate)  # a ConfigError naming the drafters there are
         if not 1 <= self.draft_tokens <= 64:
             raise ConfigError(f"draft_tokens must be between 1 and 64, got {self.draft_tokens}")
+        if self.draft_policy not in DRAFT_POLICIES:
+            raise ConfigError(f"unknown draft policy {self.draft_policy!r}: choose {' or '.join(DRAFT_POLICIES)}")
 
 
 @dataclass
@@ -637,19 +643,21 @@ class SplitCausalLM:
         from splitveil.edge.speculative import DraftPolicy, SpeculationStats, accept, make_drafter
 
         drafter = make_drafter(config.speculate, self)
-        policy = DraftPolicy(config.draft_tokens)
-        stats = SpeculationStats(config.speculate, config.draft_tokens)
+        policy = DraftPolicy(config.draft_tokens, adaptive=config.draft_policy == "adaptive")
+        stats = SpeculationStats(config.speculate, config.draft_tokens, config.draft_policy)
         try:
             done = emit(token)
             while not done:
                 context = prompt_ids + generated
                 held = len(context) - 1  # positions every stage holds: all but the newest token
                 budget = policy.budget(config.max_new_tokens - len(generated))
-                if drafter.costly:  # set the count first: every draft costs work
-                    budget = policy.choose(budget, drafter.source)
-                drafts, q = drafter.draft(context, budget, sampling) if budget else ([], None)
-                keep = policy.choose(len(drafts), drafter.source)
-                drafts, q = drafts[:keep], (q[:keep] if q is not None else None)
+                if drafter.costly:  # every draft costs work: set the count first
+                    count = policy.choose(budget, drafter.source)
+                    drafts, q = drafter.draft(context, count, sampling) if count else ([], None)
+                else:  # free drafts: see what there is, then keep what pays
+                    drafts, q = drafter.draft(context, budget, sampling) if budget else ([], None)
+                    keep = policy.choose(len(drafts), drafter.source)
+                    drafts, q = drafts[:keep], (q[:keep] if q is not None else None)
                 step_started = time.perf_counter()
                 if drafts:
                     logits = self.step(torch.tensor([[token, *drafts]], dtype=torch.long), all_positions=True)
@@ -673,6 +681,7 @@ class SplitCausalLM:
                         break
         finally:
             drafter.close()
+            stats.by_source = dict(policy.acceptance)
         return stats
 
     @torch.inference_mode()

@@ -19,6 +19,7 @@ when drafts do not pay, so a prompt the drafter cannot predict costs little.
 
 from __future__ import annotations
 
+import statistics
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -205,20 +206,27 @@ class DraftPolicy:
     acceptance rate alpha (each draft accepted given the ones before it were), the expected yield is
     1 + alpha + ... + alpha^k. It costs t(k) seconds: one round trip per remote party plus the compute of k + 1
     positions. The policy picks k = argmax yield(k) / t(k), so it drafts more when the network is slow (a round
-    trip is dear, a verified position cheap) and stops drafting when drafts are rarely accepted (on a 2-core CPU with
-    loopback, a draft must be accepted about one time in five to pay).
+    trip is dear, a verified position cheap) and stops drafting from a source whose drafts are rarely accepted.
 
     Both factors are measured as decoding goes: alpha per drafting *source* (prompt lookup's match length, or the
-    self drafter), from a Beta(1, 1) prior; t(k) from the passes' own wall time (a moving average per k; a straight
-    line through those for counts not tried yet; before two counts are seen, `prior_slope` of a plain step per
-    position, the CPU figure, which a faster cloud or a slower link then corrects).
+    self drafter), from a Beta(1, 1) prior; t(k) from the passes' own wall time (the median of the last `window`
+    passes with k drafts, robust to a stray slow pass; a straight line through those medians for counts not tried
+    yet; before two counts are seen, `prior_slope` of a plain step per position, which a faster cloud or a slower
+    link then corrects). The first pass's time is not used (it carries one-off costs). A declined source is probed
+    with one draft every `probe_every` declines, so neither estimate goes stale on a noisy early measurement.
+    With `adaptive=False` every pass carries all the drafts found (the classic fixed-length prompt lookup): the
+    baseline, and deterministic where a test needs drafts verified whatever the timing.
     """
 
     limit: int  # the most drafts per pass (--draft-tokens)
+    adaptive: bool = True  # False (--draft-policy fixed): every pass carries all the drafts found, up to `limit`
     prior_slope: float = 0.14  # a position's cost as a fraction of a plain step, until measured
-    smoothing: float = 0.3  # weight of a new pass in the moving average of its count's wall time
-    acceptance: dict = field(default_factory=dict)  # source -> [accepted, tried]
-    seconds: dict = field(default_factory=dict)  # drafts in a pass -> moving average of its wall time
+    window: int = 5  # passes per draft count whose median is its wall time
+    probe_every: int = 8  # declines of available drafts between two one-draft probes
+    acceptance: dict = field(default_factory=dict)  # source -> (accepted, tried)
+    seconds: dict = field(default_factory=dict)  # drafts in a pass -> the last `window` wall times of such passes
+    passes: int = 0
+    declined: int = 0
 
     def __post_init__(self):
         if not 1 <= self.limit <= 64:
@@ -234,9 +242,10 @@ class DraftPolicy:
 
     def pass_seconds(self, drafts: int) -> float:
         """The expected wall time of a pass with `drafts` drafts (relative units before any pass is measured)."""
-        if drafts in self.seconds:
-            return self.seconds[drafts]
-        points = sorted(self.seconds.items())
+        points = sorted((k, statistics.median(times)) for k, times in self.seconds.items())
+        measured = dict(points)
+        if drafts in measured:
+            return measured[drafts]
         if len(points) >= 2:
             n = len(points)
             mean_k = sum(k for k, _ in points) / n
@@ -252,7 +261,9 @@ class DraftPolicy:
         return base * (1 + self.prior_slope * drafts)
 
     def choose(self, available: int, source) -> int:
-        """How many of `available` drafts from `source` the next pass should carry."""
+        """How many of `available` drafts from `source` the next pass should carry (call once per pass)."""
+        if not self.adaptive:
+            return min(available, self.limit)
         alpha = self.rate(source)
         best, best_rate = 0, 1.0 / self.pass_seconds(0)
         expected = 1.0
@@ -261,12 +272,17 @@ class DraftPolicy:
             rate = expected / self.pass_seconds(k)
             if rate > best_rate:
                 best, best_rate = k, rate
+        if best == 0 and available > 0:
+            self.declined += 1
+            if self.declined % self.probe_every == 0:
+                return 1
         return best
 
     def update(self, source, drafted: int, accepted: int, seconds: float) -> None:
         """Records a pass: its drafts (from `source`), how many the model accepted, and its wall time."""
-        previous = self.seconds.get(drafted)
-        self.seconds[drafted] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+        if self.passes > 0:
+            self.seconds[drafted] = (self.seconds.get(drafted, []) + [seconds])[-self.window :]
+        self.passes += 1
         if drafted:
             got, tried = self.acceptance.get(source, (0, 0))
             # each draft is a trial given the ones before it were accepted: the first rejected one ends the pass
@@ -279,14 +295,19 @@ class SpeculationStats:
 
     drafter: str
     draft_tokens: int
+    draft_policy: str = "adaptive"
     passes: int = 0  # forward passes after the prefill (each one round trip per remote party)
     passes_with_drafts: int = 0
     drafted: int = 0
     accepted: int = 0
+    by_source: dict = field(default_factory=dict)  # source -> [accepted, tried] (DraftPolicy.acceptance)
 
     def to_dict(self, generated: int) -> dict:
         decode_tokens = max(generated - 1, 0)
-        return {"drafter": self.drafter, "draft_tokens": self.draft_tokens, "passes": self.passes,
+        return {"drafter": self.drafter, "draft_tokens": self.draft_tokens, "draft_policy": self.draft_policy,
+                "passes": self.passes,
                 "passes_with_drafts": self.passes_with_drafts, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None,
-                "tokens_per_pass": round(decode_tokens / self.passes, 4) if self.passes else None}
+                "tokens_per_pass": round(decode_tokens / self.passes, 4) if self.passes else None,
+                "acceptance_by_source": {source: {"accepted": got, "tried": tried}
+                                         for source, (got, tried) in sorted(self.by_source.items())}}

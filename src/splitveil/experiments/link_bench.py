@@ -66,6 +66,7 @@ class LinkBenchSpec:
     slip_max_new_tokens: int = 16
     drafter: str = "prompt-lookup"
     draft_tokens: int = 3
+    draft_policy: str = "adaptive"  # edge.generate.DRAFT_POLICIES
     pairs: int = 1  # alternating (sequential, speculative) repeats per prompt and condition
     prompts: tuple[str, ...] = tuple(PROMPTS)
 
@@ -89,7 +90,8 @@ def _run_pair(generate, prompt: str, spec: LinkBenchSpec, max_new_tokens: int) -
 
     runs = {}
     for mode in ("off", spec.drafter):
-        config = GenerationConfig(max_new_tokens=max_new_tokens, speculate=mode, draft_tokens=spec.draft_tokens)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, speculate=mode, draft_tokens=spec.draft_tokens,
+                                  draft_policy=spec.draft_policy)
         result = generate(prompt, config)
         tokens = len(result.token_ids)
         runs["sequential" if mode == "off" else "speculative"] = {

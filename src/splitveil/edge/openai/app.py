@@ -57,6 +57,7 @@ class EdgeSettings:
     concurrency: int = 8  # generations at once, each with its own trunk session (requests beyond wait for a lane)
     speculate: str = "off"  # speculative decoding for every request (edge.speculative: prompt-lookup, self, off)
     draft_tokens: int = 3
+    draft_policy: str = "adaptive"  # edge.generate.DRAFT_POLICIES
 
 
 class EdgeEngine:
@@ -152,7 +153,8 @@ class EdgeEngine:
         sample = temperature > 0
         return GenerationConfig(max_new_tokens=budget, do_sample=sample, temperature=temperature if sample else 1.0,
                                 top_p=top_p if sample else 1.0, seed=request.seed, stop=request.stop_strings,
-                                speculate=self.settings.speculate, draft_tokens=self.settings.draft_tokens)
+                                speculate=self.settings.speculate, draft_tokens=self.settings.draft_tokens,
+                                draft_policy=self.settings.draft_policy)
 
     # -- generation ------------------------------------------------------------------------------------------
 
