@@ -90,6 +90,15 @@ step_service() {
   $SV bench batched --out "$OUT"
 }
 
+# Finished units (sweep cuts, extraction runs) are kept in the cache and read back by --resume. A sitting on another
+# machine starts with an empty cache, so units travel in benchmarks/units/ (small JSON, named by a hash of the unit's
+# settings, its commit and torch version): copied into the cache before the steps, and the cache's copied back after
+# them, stopped or not. Commit benchmarks/units/ to carry a run that did not finish to the next sitting.
+UNITS="$(.venv/bin/python -c 'from splitveil.models.loading import cache_root; print(cache_root() / "sweep-units")')"
+mkdir -p "$UNITS" benchmarks/units
+cp -n benchmarks/units/*.json "$UNITS"/ 2>/dev/null || true
+trap 'cp -n "$UNITS"/*.json benchmarks/units/ 2>/dev/null || true' EXIT
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted salted-full salted-motions text diffusion weights-cnn weights service)
 for step in "${steps[@]}"; do
