@@ -96,6 +96,8 @@ def test_draft_policy_drafts_while_drafts_pay_and_stops_when_they_do_not():
         policy.update("ngram-3", 3, 3, 0.12)
         policy.update("ngram-3", 0, 0, 0.10)
     assert policy.choose(6, "ngram-1") == 0  # backs off: at 1 in 22 a position costs more than it saves
+    probes = [policy.choose(6, "ngram-1") for _ in range(2 * policy.probe_every)]
+    assert sorted(probes) == [0] * (2 * policy.probe_every - 2) + [1, 1]  # one draft now and then keeps it measured
     assert policy.choose(6, "ngram-3") == 6  # every draft accepted, a position costs 7% of a step: draft them all
     assert policy.choose(2, "ngram-3") == 2  # never more than the drafter found
     with pytest.raises(ConfigError, match="draft-tokens"):
