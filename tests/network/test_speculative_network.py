@@ -57,3 +57,16 @@ def test_a_connected_split_forks_onto_a_session_of_its_own(make_server, client):
         assert got == expected
     finally:
         fork.close()
+
+
+def test_the_adaptive_policy_drafts_over_a_slow_link_and_stays_exact(make_server, client):
+    """Over a 30 ms link a pass is mostly waiting (the tiny model computes in about a millisecond), so drafting pays
+    whenever drafts are accepted now and then: the default policy drafts, passes fall, and the tokens do not change."""
+    server = make_server()
+    sequential = client(server).generate(PROMPT, max_new_tokens=24)
+    with Link(LinkSpec(rtt_ms=30.0), ("127.0.0.1", server.port)) as link:
+        lm = client(server, url=f"wss://127.0.0.1:{link.port}")
+        fast = lm.generate(PROMPT, max_new_tokens=24, speculate="prompt-lookup", draft_tokens=4)
+    assert fast.token_ids == sequential.token_ids
+    assert fast.speculation["draft_policy"] == "adaptive" and fast.speculation["accepted"] > 0
+    assert fast.speculation["passes"] < sequential.decode_tokens
