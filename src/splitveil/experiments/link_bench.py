@@ -236,5 +236,6 @@ def plot_link_bench(record: dict, path: Path) -> Path:
 
 
 def save_link_bench(record: dict, out_dir: Path) -> tuple[Path, Path]:
-    stem = "link_" + "-".join(record["spec"]["deployments"]) + "_cpu-1thread"
+    policy = record["spec"].get("draft_policy", "adaptive")
+    stem = "link_" + "-".join(record["spec"]["deployments"]) + ("" if policy == "adaptive" else f"_{policy}") + "_cpu-1thread"
     return write_json(out_dir / f"{stem}.json", record), plot_link_bench(record, out_dir / f"{stem}.png")
