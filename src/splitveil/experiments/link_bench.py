@@ -228,7 +228,8 @@ def plot_link_bench(record: dict, path: Path) -> Path:
             axis.set_ylabel("tokens / s (end to end)")
             axis.set_title(f"{deployment} ({fastest:g} Mbit/s)" if key == "rtt_ms" else f"{deployment}", fontsize=9)
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
+            if axis.get_legend_handles_labels()[0]:  # a sweep with no 80 ms condition leaves the bandwidth panel empty
+                axis.legend(fontsize=7)
     figure.suptitle(f"decoding over an emulated link: sequential vs speculative ({record['spec']['drafter']})",
                     fontsize=10)
     figure.tight_layout()
