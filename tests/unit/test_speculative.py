@@ -32,6 +32,17 @@ def test_prompt_lookup_drafts_what_followed_the_latest_occurrence():
     assert drafter.draft([5, 1, 7, 1], 2, Sampling()) == ([7, 1], None)  # falls back to shorter n-grams
 
 
+def test_prompt_lookup_drafts_past_a_replaced_token():
+    # the answer copies [2, 3, 4, 5, 6] but wrote 9 where the text has 4 (a rewrite's "friday" -> "Friday")
+    context = [1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 3, 9]
+    drafter = PromptLookup(max_ngram=3)
+    assert drafter.draft(context, 3, Sampling()) == ([5, 6, 7], None)
+    assert drafter.source == "subst-2"
+    assert drafter.draft(context + [5], 2, Sampling()) == ([6, 7], None) and drafter.source == "ngram-1"
+    assert PromptLookup(max_ngram=3, substitution=False).draft(context, 3, Sampling()) == ([], None)
+    assert drafter.draft([1, 2, 3, 1, 7], 3, Sampling()) == ([3, 1], None)  # never drafts the replacing token itself
+
+
 def test_prompt_lookup_checks_its_settings():
     with pytest.raises(ConfigError, match="min_ngram"):
         PromptLookup(max_ngram=1, min_ngram=2)

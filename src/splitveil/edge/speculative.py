@@ -68,25 +68,44 @@ class Drafter(ABC):
 @DRAFTERS.register("prompt-lookup")
 class PromptLookup(Drafter):
     """The tokens that followed the latest earlier occurrence of the context's last n tokens (n = `max_ngram` down
-    to `min_ngram`): answers that copy from the prompt (summaries, rewrites, code edits) are drafted for free."""
+    to `min_ngram`): answers that copy from the prompt (summaries, rewrites, code edits) are drafted for free.
+
+    When no n-gram of the context's end occurs earlier, the answer may have just replaced one word of the text it
+    copies ("friday" -> "Friday" in a rewrite): the n tokens before the last one are looked up instead, and the
+    drafts are what follows the occurrence one token on (source `subst-n`). The acceptance of each source is
+    measured apart (`DraftPolicy`), so a guess that rarely holds is soon declined.
+    """
 
     name = "prompt-lookup"
 
-    def __init__(self, lm=None, *, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, lm=None, *, max_ngram: int = 3, min_ngram: int = 1, substitution: bool = True):
         if not 1 <= min_ngram <= max_ngram:
             raise ConfigError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_ngram, self.min_ngram, self.substitution = max_ngram, min_ngram, substitution
+
+    def _follow(self, context: list[int], end: int, skip: int, count: int) -> tuple[list[int], int]:
+        """What follows (after `skip` tokens) the latest earlier occurrence of the longest n-gram ending at `end`."""
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            tail = context[end - n : end]
+            for start in range(end - n - 1, -1, -1):  # latest occurrence first
+                if context[start : start + n] == tail:
+                    after = start + n + skip
+                    follow = context[after : min(after + count, end)]
+                    if follow:
+                        return follow, n
+        return [], 0
 
     def draft(self, context: list[int], count: int, sampling: Sampling) -> tuple[list[int], None]:
-        length = len(context)
-        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            tail = context[length - n :]
-            for start in range(length - n - 1, -1, -1):  # latest occurrence first
-                if context[start : start + n] == tail:
-                    follow = context[start + n : start + n + count]
-                    if follow:
-                        self.source = f"ngram-{n}"
-                        return follow, None
+        follow, n = self._follow(context, len(context), 0, count)
+        if follow:
+            self.source = f"ngram-{n}"
+            return follow, None
+        if self.substitution and len(context) > 2:
+            # the last token replaced the one after the occurrence: draft from the occurrence's second next token
+            follow, n = self._follow(context, len(context) - 1, 1, count)
+            if follow:
+                self.source = f"subst-{n}"
+                return follow, None
         return [], None
 
 
