@@ -259,9 +259,10 @@ class DraftPolicy:
         accepted, tried = self.acceptance.get(source, (0, 0))
         return (accepted + 1) / (tried + 2)
 
-    def pass_seconds(self, drafts: int) -> float:
-        """The expected wall time of a pass with `drafts` drafts (relative units before any pass is measured)."""
-        points = sorted((k, statistics.median(times)) for k, times in self.seconds.items())
+    def pass_seconds(self, drafts: int, points: list | None = None) -> float:
+        """The expected wall time of a pass with `drafts` drafts (relative units before any pass is measured);
+        `points` is `timings()`, passed in by a caller that asks for several counts."""
+        points = self.timings() if points is None else points
         measured = dict(points)
         if drafts in measured:
             return measured[drafts]
@@ -279,16 +280,20 @@ class DraftPolicy:
             base = 1.0
         return base * (1 + self.prior_slope * drafts)
 
+    def timings(self) -> list[tuple[int, float]]:
+        """(drafts, median wall time) of every draft count measured so far, by count."""
+        return sorted((k, statistics.median(times)) for k, times in self.seconds.items())
+
     def choose(self, available: int, source) -> int:
         """How many of `available` drafts from `source` the next pass should carry (call once per pass)."""
         if not self.adaptive:
             return min(available, self.limit)
-        alpha = self.rate(source)
-        best, best_rate = 0, 1.0 / self.pass_seconds(0)
+        alpha, points = self.rate(source), self.timings()
+        best, best_rate = 0, 1.0 / self.pass_seconds(0, points)
         expected = 1.0
         for k in range(1, available + 1):
             expected += alpha**k
-            rate = expected / self.pass_seconds(k)
+            rate = expected / self.pass_seconds(k, points)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0 and available > 0:
