@@ -144,3 +144,18 @@ def test_generation_restarts_cleanly(tiny_models):
     second = split.generate(_prompt(0), max_new_tokens=12, eos_token_ids=())
     assert first.token_ids == second.token_ids
     assert split.service is not None and not split.service.sessions  # each generation closed its session
+
+
+def test_lm_head_pads_two_or_three_rows_of_a_large_cpu_matrix():
+    from splitveil.models.causal_lm import _few_rows_padded
+
+    torch.manual_seed(0)
+    large = torch.nn.Linear(64, 1 << 16, bias=False)  # 4M elements: memory-bound on CPU
+    small = torch.nn.Linear(64, 32, bias=False)
+    with torch.inference_mode():
+        for rows in range(1, 6):
+            x = torch.randn(1, rows, 64)
+            out = _few_rows_padded(large, x)
+            assert out.shape == (1, rows, 1 << 16)
+            torch.testing.assert_close(out, large(x), rtol=1e-5, atol=1e-5)  # the kernel changes, not the rows
+            assert torch.equal(_few_rows_padded(small, x), small(x))  # a small matrix: untouched
