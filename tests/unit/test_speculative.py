@@ -34,13 +34,14 @@ def test_prompt_lookup_drafts_what_followed_the_latest_occurrence():
 
 def test_prompt_lookup_drafts_past_a_replaced_token():
     # the answer copies [2, 3, 4, 5, 6] but wrote 9 where the text has 4 (a rewrite's "friday" -> "Friday")
-    context = [1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 3, 9]
+    context = [1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 9]
     drafter = PromptLookup(max_ngram=3)
     assert drafter.draft(context, 3, Sampling()) == ([5, 6, 7], None)
-    assert drafter.source == "subst-2"
+    assert drafter.source == "subst-3"
     assert drafter.draft(context + [5], 2, Sampling()) == ([6, 7], None) and drafter.source == "ngram-1"
     assert PromptLookup(max_ngram=3, substitution=False).draft(context, 3, Sampling()) == ([], None)
-    assert drafter.draft([1, 2, 3, 1, 7], 3, Sampling()) == ([3, 1], None)  # never drafts the replacing token itself
+    assert drafter.draft([0, 2, 3, 4, 5, 8, 2, 3, 9], 3, Sampling()) == ([], None)  # a 2-token match: no guess
+    assert drafter.draft([1, 2, 3, 1, 2, 3, 7], 3, Sampling()) == ([2, 3], None)  # stops before the replacing token
 
 
 def test_prompt_lookup_checks_its_settings():
