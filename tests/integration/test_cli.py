@@ -95,7 +95,7 @@ def test_speculative_generation_of_the_real_model_equals_sequential():
     assert fast["speculation"]["accepted"] > 0 and off["speculation"] is None
     assert fast["round_trips"] < off["round_trips"]
     by_source = fast["speculation"]["acceptance_by_source"]  # prompt lookup's match lengths
-    assert set(by_source) <= {f"{kind}-{n}" for kind in ("ngram", "subst") for n in (1, 2, 3)}
+    assert set(by_source) <= {"ngram-1", "ngram-2", "ngram-3", "subst-3"}  # a substitution guess needs 3 tokens
     assert sum(s["accepted"] for s in by_source.values()) == fast["speculation"]["accepted"]
 
 

@@ -33,7 +33,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_occurrence():
 
 
 def test_prompt_lookup_drafts_past_a_replaced_token():
-    # the answer copies [2, 3, 4, 5, 6] but wrote 9 where the text has 4 (a rewrite's "friday" -> "Friday")
+    # the answer copies [1, 2, 3, 4, 5, ...] but wrote 9 where the text has 4 (a rewrite's "friday" -> "Friday")
     context = [1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 9]
     drafter = PromptLookup(max_ngram=3)
     assert drafter.draft(context, 3, Sampling()) == ([5, 6, 7], None)
@@ -251,8 +251,8 @@ def test_token_probabilities_match_the_sampler(tiny):
 
 
 def test_draft_policy_does_not_draft_at_break_even():
-    """One draft in five accepted, a drafted pass 16% dearer: drafting gains 3% on paper, within the estimates'
-    noise, so the policy keeps plain steps unless told to take any gain (margin 0)."""
+    """One draft in five accepted, a drafted pass 16% dearer: drafting gains about 5% on paper, within the
+    estimates' noise, so the policy keeps plain steps unless told to take any gain (margin 0)."""
     def chosen(margin):
         policy = DraftPolicy(3, margin=margin)
         for index in range(30):

@@ -103,7 +103,7 @@ class PromptLookup(Drafter):
         if follow:
             self.source = f"ngram-{n}"
             return follow, None
-        if self.substitution and len(context) > 2:
+        if self.substitution:
             # the last token replaced the one after the occurrence: draft from the occurrence's second next token
             follow, n = self._follow(context, len(context) - 1, 1, count, shortest=self.max_ngram)
             if follow:
