@@ -42,3 +42,30 @@ def test_the_dealt_executor_reads_nothing_while_the_same_attack_reads_the_clear_
     assert record["token_recovery"] <= 0.1
     assert record["utility_greedy_match"] == 1.0
     assert described["dealer_frames_received"] > 0 and described["frames_received"] > 0
+
+
+def test_a_dealt_device_runs_against_servers_that_serve_the_exported_dealer_bundle(tiny_folder, tmp_path):
+    """`slip export-bundle --protect prompt --dealer` writes what `slip serve` and `slip dealer` serve to a device
+    with `--server URL --dealer URL`: the fused public bundle the device expects (same digest), nothing else."""
+    from splitveil.cli.main import main
+    from splitveil.edge.generate import GenerationConfig, SplitCausalLM
+    from splitveil.models.loading import load_causal_lm
+    from splitveil.protect.slip.dealt import DealtDevice
+    from splitveil.protect.slip.runtime import DealerProcess, ExecutorProcess
+    from splitveil.protect.slip.trusted import SlipConfig
+
+    out = tmp_path / "public"
+    assert main(["slip", "export-bundle", "--model", tiny_folder, "--protect", "prompt", "--split", "1,3", "--dealer",
+                 "--out", str(out)]) == 0
+    assert main(["slip", "export-bundle", "--model", tiny_folder, "--protect", "weights", "--dealer",
+                 "--out", str(tmp_path / "refused")]) == 2
+    config = SlipConfig(mode="fixed", rank=0, layers=(1, 3), include_head=True)
+    with ExecutorProcess(out, "fixed") as executor, DealerProcess(out) as dealer:
+        at = lambda p: (p.url, p.token, p.cert, None)  # noqa: E731
+        with DealtDevice(tiny_folder, config, executor=at(executor), dealer=at(dealer)) as device:
+            result, figures = device.generate("meet me at noon", GenerationConfig(max_new_tokens=4, eos_token_ids=()))
+    assert figures["fused"] and figures["round_trips_per_decode_step"] == 1 + 2 * 2 + 1
+    full, tokenizer = load_causal_lm(tiny_folder)
+    plain = SplitCausalLM(full, None, tokenizer=tokenizer).generate("meet me at noon",
+                                                                    GenerationConfig(max_new_tokens=4, eos_token_ids=()))
+    assert result.token_ids == plain.token_ids

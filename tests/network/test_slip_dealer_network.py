@@ -34,7 +34,7 @@ def test_generate_with_a_local_dealer_equals_the_unsplit_model_and_reports_its_c
         for key in ("cpu_seconds_decode", "cpu_seconds_prefill", "decode_tokens", "peak_rss_bytes", "weight_bytes_resident"):
             assert report[key] is not None, key
     assert dealt["weight_bytes_resident"] < 0.25 * plain["weight_bytes_resident"]
-    assert dealt["round_trips_per_decode_step"] == 121  # 30 layers x 4 groups + the masked head
+    assert dealt["fused"] and dealt["round_trips_per_decode_step"] == 62  # layer 0's q/k/v, 30 layers x 2, the head
     assert dealt["dealer_bytes_down"] > 0 and dealt["executor_cpu_seconds"] > 0
     assert "collude" in dealt["trust"]
 
@@ -43,7 +43,9 @@ def test_bad_dealer_flags_exit_2_with_one_line():
     for args, says in ((["--split", "0,30", "--dealer", "local"], "--protect prompt"),
                        (["--split", "0,30", "--protect", "prompt", "--dealer", "nowhere"], "--dealer takes"),
                        (["--split", "0,30", "--protect", "prompt", "--head", "masked"], "--dealer local"),
-                       (["--split", "0,30", "--protect", "prompt", "--dealer", "local", "--head", "cloud"], "--head")):
+                       (["--split", "0,30", "--protect", "prompt", "--dealer", "local", "--head", "cloud"], "--head"),
+                       (["--split", "0,30", "--protect", "prompt", "--dealer", "local", "--fuse", "maybe"], "--fuse takes"),
+                       (["--split", "0,30", "--protect", "prompt", "--fuse", "on"], "--dealer local")):
         done = subprocess.run([sys.executable, "-m", "splitveil.cli.main", "generate", "--prompt", "hi", *args],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (args, done.stderr)

@@ -14,12 +14,14 @@ from splitveil.models.footprint import resident_weight_bytes
 from splitveil.models.loading import load_causal_lm
 from splitveil.protect.slip.client import SlipClient
 from splitveil.protect.slip.dealer import SEED_BYTES, DealerClient, DealerService, MaskStream, max_rows
-from splitveil.protect.slip.dealt import DealtSlipModel, load_dealt_model
+from splitveil.plan.parts import Checkpoint
+from splitveil.protect.slip.dealt import DealtGroups, DealtSlipModel, load_dealt_model
 from splitveil.protect.slip.decompose import causal_lm_groups, weight_matrix
 from splitveil.protect.slip.errors import VerificationError
 from splitveil.protect.slip.executor import SlipExecutorService
 from splitveil.protect.slip.fixedpoint import FixedPoint, RingWeight, high_bits
-from splitveil.protect.slip.keys import SessionKeys, load_or_build_keys
+from splitveil.protect.slip.fused import FusedDealtStage, fuse_refusal, fused_groups
+from splitveil.protect.slip.keys import SessionKeys, load_or_build_keys, member_sources
 from splitveil.protect.slip.trusted import SlipConfig
 from splitveil.transport.loopback import LoopbackTransport
 from splitveil.wire.frame import NO_SESSION, Frame, FrameKind, decode_frame, encode_frame
@@ -121,7 +123,7 @@ def _cloud_weights(full, config: SlipConfig) -> dict:
 
 def _device(config: SlipConfig, weights: dict, *, executor_tamper=None, dealer_tamper=None, observe=None):
     model, found, model_dir = load_dealt_model("smollm2-135m", config)
-    keys, _ = load_or_build_keys(model, model_dir, found, config.fixed_point)
+    keys, _ = load_or_build_keys(model, model_dir, [g for g, _ in found], member_sources(model, found), config.fixed_point)
     slip = DealtSlipModel(model, found, keys, config)
     executor = SlipExecutorService(weights, mode="fixed", tamper=executor_tamper)
     dealer_service = DealerService(weights, tamper=dealer_tamper)
@@ -240,3 +242,90 @@ def test_sampling_stop_strings_and_chat_work_as_in_every_generate(smollm):
     assert dealt.generate(PROMPT, sampled, chat=True).token_ids == plain.generate(PROMPT, sampled, chat=True).token_ids
     stopped = dealt.generate("Count: 1, 2, 3,", GenerationConfig(max_new_tokens=16, stop=(" 6",), eos_token_ids=()))
     assert stopped.finish_reason == "stop" and " 6" not in stopped.text
+
+
+# -- fused groups: two round trips per layer -----------------------------------------------------------------------
+
+
+def _fused_device(config: SlipConfig, *, executor_tamper=None):
+    """The fused dealt device over loopback: its groups' matrices built from the checkpoint (as the bundle is)."""
+    model, _, model_dir = load_dealt_model("smollm2-135m", config)
+    layers = range(*config.layers)
+    found = fused_groups(model, layers, config.include_head)
+    checkpoint = Checkpoint(model_dir, model)
+    weights = {group.group_id: config.fixed_point.encode_w(source(checkpoint)) for group, source in found}
+    keys, _ = load_or_build_keys(model, model_dir, [g for g, _ in found], [s for _, s in found], config.fixed_point)
+    dealt = DealtGroups([(group, [None] * len(group.members)) for group, _ in found], keys, config)
+    client = SlipClient(LoopbackTransport(SlipExecutorService(weights, mode="fixed", tamper=executor_tamper).handle))
+    dealer = DealerClient(LoopbackTransport(DealerService(weights).handle),
+                          widths=[(g.in_features, g.total_out) for g in dealt.groups])
+    dealt.attach(client, dealer)
+    stage = FusedDealtStage(model, dealt, layers, config.include_head)
+    return stage, client, model
+
+
+def _fused_runner(stage, client, model, tokenizer):
+    runner = SplitCausalLM(model, None, tokenizer=tokenizer, transport=client.transport)
+    runner.stages = [stage]
+    return runner
+
+
+@pytest.mark.parametrize("layers, head", [((0, 3), True), ((2, 5), False)])
+def test_the_fused_device_gives_the_unsplit_models_tokens_in_two_round_trips_per_layer(smollm, layers, head):
+    full, tokenizer = smollm
+    config = SlipConfig(mode="fixed", rank=0, layers=layers, include_head=head, fuse=True)
+    stage, client, model = _fused_device(config)
+    runner = _fused_runner(stage, client, model, tokenizer)
+    settings = GenerationConfig(max_new_tokens=10, eos_token_ids=())
+    got = runner.generate(PROMPT, settings)
+    assert got.token_ids == SplitCausalLM(full, None, tokenizer=tokenizer).generate(PROMPT, settings).token_ids
+    offloaded = layers[1] - layers[0]
+    assert len(stage.dealt.groups) == 1 + 2 * offloaded + head
+    forwards = 1 + len(got.token_ids) - 1  # the prefill and one forward per later token
+    assert client.transport.stats.round_trips == forwards * len(stage.dealt.groups) + 1  # + the session's OPEN
+    assert stage.dealt.soundness_bits() >= 40
+
+
+def test_the_fused_device_rolls_back_for_speculation_and_samples_like_every_generate(smollm):
+    full, tokenizer = smollm
+    config = SlipConfig(mode="fixed", rank=0, layers=(0, 2), include_head=True, fuse=True)
+    runner = _fused_runner(*_fused_device(config), tokenizer)
+    plain = SplitCausalLM(full, None, tokenizer=tokenizer)
+    text = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox jumps"
+    settings = GenerationConfig(max_new_tokens=12, eos_token_ids=(), speculate="prompt-lookup", draft_tokens=3,
+                                draft_policy="fixed")
+    speculated = runner.generate(text, settings)
+    assert speculated.token_ids == plain.generate(text, GenerationConfig(max_new_tokens=12, eos_token_ids=())).token_ids
+    assert speculated.speculation["accepted"] > 0  # drafts were verified in one pass, rejected ones rolled back
+    assert speculated.speculation["drafted"] > speculated.speculation["accepted"]
+    sampled = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=7, eos_token_ids=())
+    assert runner.generate(PROMPT, sampled, chat=True).token_ids == plain.generate(PROMPT, sampled, chat=True).token_ids
+
+
+def test_a_wrong_fused_product_is_caught_before_a_token_is_chosen(smollm):
+    _, tokenizer = smollm
+
+    def shift(group_id, values):
+        values = values.clone()
+        if group_id == 2:  # the first layer's round trip B: down and the next layer's q, k, v
+            values[0, -1] += 1 << 40
+        return values
+
+    config = SlipConfig(mode="fixed", rank=0, layers=(0, 2), fuse=True)
+    stage, client, model = _fused_device(config, executor_tamper=shift)
+    with pytest.raises(VerificationError, match="executor"):
+        _fused_runner(stage, client, model, tokenizer).generate(PROMPT, GenerationConfig(max_new_tokens=2))
+    assert client.failed is not None
+
+
+def test_fused_groups_are_refused_for_models_they_do_not_describe(smollm):
+    full, _ = smollm
+    assert fuse_refusal(full) is None
+    for field, value, says in (("model_type", "qwen2", "Llama-family"), ("attention_bias", True, "biases"),
+                               ("hidden_act", "gelu", "SiLU")):
+        original = getattr(full.config, field, None)
+        setattr(full.config, field, value)
+        try:
+            assert says in fuse_refusal(full)
+        finally:
+            setattr(full.config, field, original)

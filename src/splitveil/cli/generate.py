@@ -78,6 +78,10 @@ def generate(
     head: str = typer.Option(None, "--head", help="With --dealer local|URL: masked (default; the LM head is one more "
                              "masked group through executor and dealer) or device (computed here from the tied "
                              "embedding)."),
+    fuse: str = typer.Option(None, "--fuse", help="With --dealer local|URL: auto (default: fused groups where the "
+                             "model allows, Llama-family: the products between two non-linear steps travel together, "
+                             "2 round trips per offloaded layer instead of 4; the executor and the dealer multiply "
+                             "about twice the weights), on (refuse a model that does not allow it) or off."),
     load_format: LoadFormat = load_format_option(),
     device: str = device_option(),
     dtype: str = dtype_option(),
@@ -110,16 +114,18 @@ def generate(
     config_fields = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                      "top_k": top_k, "top_p": top_p, "seed": seed, "stop": tuple(stop or ()), "speculate": speculate,
                      "draft_tokens": draft_tokens, "draft_policy": draft_policy}
-    if (dealer is not None or head is not None) and protect not in (Protect.prompt.value, "slip"):
-        raise ConfigError("--dealer and --head go with --protect prompt")
+    if (dealer is not None or head is not None or fuse is not None) and protect not in (Protect.prompt.value, "slip"):
+        raise ConfigError("--dealer, --head and --fuse go with --protect prompt")
     if dealer is not None and dealer != "device":
-        return _generate_dealt(model, prompt=prompt, split=split, dealer=dealer, head=head or "masked", server=server,
+        return _generate_dealt(model, prompt=prompt, split=split, dealer=dealer, head=head or "masked", fuse=fuse or "auto",
+                               server=server,
                                token_file=token_file, ca=ca, pin=pin, dealer_token_file=dealer_token_file,
                                dealer_ca=dealer_ca, pad_to=pad_to or 1, chat=chat, json_output=json_output,
                                threads=threads, load_format=load_format.value,
                                config=config_fields)
-    if head is not None:
-        raise ConfigError("--head chooses where the LM head runs with a dealer: give --dealer local or --dealer URL")
+    if head is not None or fuse is not None:
+        raise ConfigError(f"{'--head' if head is not None else '--fuse'} goes with a dealer: give --dealer local or "
+                          f"--dealer URL")
     if dealer_token_file or dealer_ca:
         raise ConfigError("--dealer-token-file and --dealer-ca go with --dealer URL")
     if load_format.value != "auto" and protect is not None:
@@ -280,7 +286,7 @@ def _generate_protected(model: str, *, prompt: str, split: str, max_new_tokens: 
     print_summary(summary, json_output=json_output)
 
 
-def _generate_dealt(model: str, *, prompt: str, split, dealer: str, head: str, server, token_file, ca, pin,
+def _generate_dealt(model: str, *, prompt: str, split, dealer: str, head: str, fuse: str, server, token_file, ca, pin,
                     dealer_token_file, dealer_ca, pad_to: int, chat: bool, json_output: bool, threads: int,
                     load_format: str, config: dict) -> None:
     """`generate --protect prompt --dealer local|URL`: SLIP's prompt deployment with a mask dealer; this device holds
@@ -314,7 +320,7 @@ def _generate_dealt(model: str, *, prompt: str, split, dealer: str, head: str, s
     slip_config = replace(slip_config, include_head=head == "masked")
     executor = (server, read_token(token_file or default_token_file()), ca, pin) if server else None
     dealer_at = None if dealer == "local" else (dealer, read_token(dealer_token_file or default_token_file()), dealer_ca, None)
-    with DealtDevice(model, slip_config, executor=executor, dealer=dealer_at, load_format=load_format,
+    with DealtDevice(model, slip_config, executor=executor, dealer=dealer_at, load_format=load_format, fuse=fuse,
                      status=lambda text: status(text, quiet=json_output)) as device:
         result, figures = device.generate(prompt, generation, chat=chat)
     if json_output:
@@ -330,7 +336,8 @@ def _generate_dealt(model: str, *, prompt: str, split, dealer: str, head: str, s
     per_token = result.cpu_seconds_decode / result.decode_tokens if result.decode_tokens else float("nan")
     err_console.print(
         f"[dim]slip prompt with a mask dealer ({figures['dealer']}), layers {slip_config.layers[0]}..{slip_config.layers[1] - 1} "
-        f"and the {figures['head']} head offloaded: {len(result.token_ids)} tokens, "
+        f"and the {figures['head']} head offloaded{' (fused groups)' if figures['fused'] else ''}: "
+        f"{len(result.token_ids)} tokens, "
         f"{result.decode_tokens / result.decode_seconds if result.decode_seconds > 0 else 0:.2f} tok/s decode, "
         f"device CPU {per_token * 1000:.1f} ms per decode token, device weights {result.weight_bytes_resident / 2**20:.0f} MiB, "
         f"{figures['round_trips_per_decode_step'] or 0:.0f} executor round trips per step, dealer wait "

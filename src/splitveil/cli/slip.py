@@ -368,6 +368,13 @@ def export_bundle(
     repetitions: int = typer.Option(2, "--repetitions", "-t", min=0, help="As in `slip generate` (the default rank "
                                     "counts the checks' cost)."),
     mask_rank: int = typer.Option(0, "--mask-rank", min=0, help=MASK_RANK_HELP),
+    dealer: bool = typer.Option(False, "--dealer", help="--protect prompt: the public-weights bundle of a device with "
+                                "a mask dealer (`generate --dealer wss://... --server wss://...`): serve the same folder "
+                                "with `slip serve` and `slip dealer`. Give the device's --head and --fuse."),
+    head: str = typer.Option("masked", "--head", help="With --dealer: masked (the LM head is one more group, the "
+                             "device's default) or device."),
+    fuse: str = typer.Option("auto", "--fuse", help="With --dealer: auto, on or off, as the device's --fuse (fused "
+                             "groups: two round trips per layer)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: out, files, model, sha256, groups."),
     threads: int = typer.Option(1, "--threads", help="Torch threads."),
 ) -> None:
@@ -383,8 +390,21 @@ def export_bundle(
     model_config = AutoConfig.from_pretrained(resolve_model_dir(model))
     config = resolve_config(model_config, protect=protect, rank=rank, energy=energy, split=split, fixed_point=True,
                             repetitions=repetitions, mask_rank=mask_rank)
+    if dealer:
+        from dataclasses import replace
+
+        from splitveil.plan.parts import empty_causal_lm
+        from splitveil.protect.slip.dealt import HEADS
+        from splitveil.protect.slip.fused import resolve_fuse
+
+        if protect != Protect.prompt or rank or energy:
+            raise ConfigError("--dealer writes the prompt deployment's public bundle: give --protect prompt, no rank")
+        if head not in HEADS:
+            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
+        config = replace(config, rank=0, include_head=head == "masked",
+                         fuse=resolve_fuse(empty_causal_lm(model)[0], fuse))
     with status(f"loading and decomposing {model} ...", quiet=json_output):
-        manifest = write_bundle(model, config, out)
+        manifest = write_bundle(model, config, out, dealt=dealer)
     summary = {"out": str(out), "files": sorted(p.name for p in out.iterdir()), "model": manifest["model"],
                "sha256": manifest["sha256"], "groups": len(manifest["groups"]), "config": config.to_dict()}
     if json_output:

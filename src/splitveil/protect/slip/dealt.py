@@ -19,6 +19,7 @@ logits' sampling) runs on the device, as in the plain prompt deployment.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from splitveil.protect.slip.cost import SlipCost, other_flops
 from splitveil.protect.slip.decompose import LinearGroup, causal_lm_groups
 from splitveil.protect.slip.errors import FixedPointOverflow, VerificationError
 from splitveil.protect.slip.freivalds import bits_per_vector, vectors_needed
+from splitveil.protect.slip.fused import FUSE_CHOICES
 from splitveil.protect.slip.keys import GroupKeys, SessionKeys
 from splitveil.protect.slip.trusted import PREPARED_BITS_PER_VECTOR, SharedInputGroup, SlipConfig, SlipLinear
 
@@ -149,33 +151,24 @@ class DealtGroup(SharedInputGroup):
         raise VerificationError(message)
 
 
-class DealtSlipModel:
-    """A causal LM on the device with every offloaded linear map replaced by a `DealtGroup`.
+class DealtGroups:
+    """The offloaded groups of a dealt device, connected to an executor and a dealer: their products, the dealer's
+    windows, and the check of every product when a forward pass ends.
 
     Args:
-        model: the causal LM with the offloaded linear weights on the meta device (`load_dealt_model`).
-        groups: the offloaded groups and their modules (`causal_lm_groups` on that model).
+        groups: the offloaded groups, each with its members' biases (None where a member has none).
         keys: each group's Freivalds keys (`keys.load_or_build_keys`).
-        config: mode fixed, rank 0, the offloaded layers, include_head for the masked LM head.
+        config: mode fixed, rank 0.
     """
 
-    def __init__(self, model, groups: list[tuple[LinearGroup, list]], keys: list[GroupKeys], config: SlipConfig):
+    def __init__(self, groups: list[tuple[LinearGroup, list]], keys: list[GroupKeys], config: SlipConfig):
         if config.mode != "fixed" or (config.rank or config.energy):
             raise ConfigError("a mask dealer serves the prompt deployment: fixed point, secure rank 0")
-        self.model = model
         self.config = config
         self.cost = SlipCost()
         self.groups = [group for group, _ in groups]
-        owners = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
-        self.runtimes: list[DealtGroup] = []
-        for (group, modules), group_keys in zip(groups, keys):
-            biases = [getattr(module, "bias", None) for module in modules]
-            biases = [b.detach().clone() if b is not None and b.device.type != "meta" else None for b in biases]
-            runtime = DealtGroup(group, biases, group_keys, config, self.cost)
-            self.runtimes.append(runtime)
-            for member, (name, module) in enumerate(zip(group.members, modules)):
-                parent, attr = owners[id(module)]
-                setattr(parent, attr, SlipLinear(runtime, member, name))
+        self.runtimes = [DealtGroup(group, biases, group_keys, config, self.cost)
+                         for (group, biases), group_keys in zip(groups, keys)]
         self.client = None
         self.dealer = None
         self._session = None
@@ -183,8 +176,6 @@ class DealtSlipModel:
         for runtime in self.runtimes:
             self.classes.setdefault((runtime.group.in_features, runtime.group.total_out), []).append(runtime)
         self._stacked: dict[tuple[int, int], tuple] = {}  # per class: this session's (S, S W), stacked
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        model.register_forward_hook(self._after_forward, always_call=True)
 
     def attach(self, client, dealer) -> None:
         """Routes every group through `client` (the executor's `SlipClient`) and `dealer` (a `DealerClient`)."""
@@ -192,27 +183,18 @@ class DealtSlipModel:
         for runtime in self.runtimes:
             runtime.client, runtime.dealer = client, dealer
 
-    def _before_forward(self, module, args, kwargs) -> None:
-        """Counts the device's other FLOPs, opens a dealer session with every new executor session, and asks the
-        dealer for the rows this forward will take (and the windows ahead)."""
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None or self.client is None:
-            return
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self.cost.other_flops += other_flops(self.model.config, ids.shape[-1], past) * ids.shape[0]
+    def begin_forward(self, rows: int, head_rows: int) -> None:
+        """Before a forward pass whose layer groups take `rows` rows each and the LM head `head_rows`: opens a
+        dealer session with every new executor session and asks the dealer for the rows this forward will take
+        (and the windows ahead)."""
         session = self.client.session_key()
         first = session is not self._session
         if first:
             self._session = session
             self._stacked.clear()  # the groups draw fresh check vectors in this session
             self.dealer.open()
-        rows = ids.shape[-1] * ids.shape[0]
-        self.dealer.before_forward([runtime.padded_rows(rows if runtime.group.layer is not None else ids.shape[0],
-                                                         first=first) for runtime in self.runtimes])
-
-    def _after_forward(self, module, args, output):
-        self.verify()
+        self.dealer.before_forward([runtime.padded_rows(rows if runtime.group.layer is not None else head_rows,
+                                                        first=first) for runtime in self.runtimes])
 
     def verify(self) -> None:
         """Checks every product of the forward pass that just ended (Freivalds' test with the session's vectors, and
@@ -276,6 +258,47 @@ class DealtSlipModel:
         return min(bits) if bits else None
 
 
+class DealtSlipModel(DealtGroups):
+    """A transformers causal LM on the device with every offloaded linear map replaced by a `DealtGroup` (any
+    family `causal_lm_groups` knows; Llama-family models use the fused device of `fused.py` by default).
+
+    Args:
+        model: the causal LM with the offloaded linear weights on the meta device (`load_dealt_model`).
+        groups: the offloaded groups and their modules (`causal_lm_groups` on that model).
+        keys: each group's Freivalds keys (`keys.load_or_build_keys`).
+        config: mode fixed, rank 0, the offloaded layers, include_head for the masked LM head.
+    """
+
+    def __init__(self, model, groups: list[tuple[LinearGroup, list]], keys: list[GroupKeys], config: SlipConfig):
+        with_biases = []
+        for group, modules in groups:
+            biases = [getattr(module, "bias", None) for module in modules]
+            with_biases.append((group, [b.detach().clone() if b is not None and b.device.type != "meta" else None
+                                        for b in biases]))
+        super().__init__(with_biases, keys, config)
+        self.model = model
+        owners = {id(child): (parent, attr) for parent in model.modules() for attr, child in parent.named_children()}
+        for (group, modules), runtime in zip(groups, self.runtimes):
+            for member, (name, module) in enumerate(zip(group.members, modules)):
+                parent, attr = owners[id(module)]
+                setattr(parent, attr, SlipLinear(runtime, member, name))
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        model.register_forward_hook(self._after_forward, always_call=True)
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        """Counts the device's other FLOPs and prepares the dealer's rows (`begin_forward`)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or self.client is None:
+            return
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.cost.other_flops += other_flops(self.model.config, ids.shape[-1], past) * ids.shape[0]
+        self.begin_forward(ids.shape[-1] * ids.shape[0], ids.shape[0])
+
+    def _after_forward(self, module, args, output):
+        self.verify()
+
+
 def offloaded_parameter_names(model, groups: list[tuple[LinearGroup, list]]) -> set[str]:
     names = {id(module): name for name, module in model.named_modules()}
     return {f"{names[id(module)]}.{kind}" for _, modules in groups for module in modules for kind in ("weight", "bias")}
@@ -307,10 +330,15 @@ class DealtDevice:
         executor: None (a child process) or (url, token, ca file, pin).
         dealer: None (a child process) or (url, token, ca file, pin).
         load_format: "auto" or "dummy" (random weights of a registered shape, for cost figures only).
+        fuse: "auto" (fused groups, two round trips per layer, where the model allows: `fused.py`), "on" (refuse a
+            model that does not) or "off" (four round trips per layer, any family).
     """
 
     def __init__(self, model_name: str, config: SlipConfig, *, executor=None, dealer=None, load_format: str = "auto",
-                 window: int = 8, status=None):
+                 window: int = 8, fuse: str = "auto", status=None):
+        if fuse not in FUSE_CHOICES:
+            raise ConfigError(f"--fuse takes {', '.join(FUSE_CHOICES)}, not {fuse!r}")
+        self.fuse = fuse
         self.model_name = model_name
         self.config = config
         self.executor_at = executor
@@ -337,12 +365,14 @@ class DealtDevice:
 
         from splitveil.edge.generate import SplitCausalLM
         from splitveil.models.loading import load_tokenizer
+        from splitveil.protect.slip.fused import FusedDealtStage, resolve_fuse
         from splitveil.protect.slip.keys import load_or_build_keys
         from splitveil.protect.slip.runtime import (
             DealerProcess,
             ExecutorProcess,
             connect_client,
             connect_dealer,
+            dealt_groups,
             ensure_bundle,
         )
 
@@ -350,11 +380,14 @@ class DealtDevice:
         with self.status(f"loading {self.model_name} without its offloaded linear weights ..."):
             model, found, model_dir = load_dealt_model(self.model_name, self.config, load_format=self.load_format)
             tokenizer = load_tokenizer(self.model_name, load_format=self.load_format)
+        self.model = model
+        self.config = config = replace(self.config, fuse=resolve_fuse(model, self.fuse))
+        groups, sources = dealt_groups(model, config)
         with self.status("the Freivalds keys (once per model: each public matrix streamed from disk and dropped) ..."):
-            keys, self.keys_seconds = load_or_build_keys(model, model_dir, found, self.config.fixed_point)
+            keys, self.keys_seconds = load_or_build_keys(model, model_dir, groups, sources, config.fixed_point)
         self.load_seconds = time.perf_counter() - started
         with self.status("the public-weights bundle the executor and the dealer serve ..."):
-            bundle = ensure_bundle(self.model_name, self.config, load_format=self.load_format)
+            bundle = ensure_bundle(self.model_name, config, load_format=self.load_format)
         sha = json.loads((bundle / "manifest.json").read_text())["sha256"]
         self.executor_process = self.dealer_process = None
         with self.status("starting the executor and the mask dealer ..."):
@@ -370,7 +403,10 @@ class DealtDevice:
                 dealer = (self.dealer_process.url, self.dealer_process.token, self.dealer_process.cert, None)
             else:
                 dealer = self.dealer_at
-        self.slip = DealtSlipModel(model, found, keys, self.config)
+        if config.fuse:
+            self.slip = DealtGroups([(group, [None] * len(group.members)) for group in groups], keys, config)
+        else:
+            self.slip = DealtSlipModel(model, found, keys, config)
         widths = [(group.in_features, group.total_out) for group in self.slip.groups]
         self.client, self.transport = connect_client(executor[0], token=executor[1], mode="fixed", residual_sha256=sha,
                                                      groups=len(widths), ca_file=executor[2], pin_sha256=executor[3])
@@ -381,6 +417,9 @@ class DealtDevice:
         self._closers.append(self.dealer_transport.close)
         self.slip.attach(self.client, self.dealer)
         self.runner = SplitCausalLM(model, None, tokenizer=tokenizer, transport=self.transport)
+        if config.fuse:
+            start, stop = config.layers if config.layers is not None else (0, model.config.num_hidden_layers)
+            self.runner.stages = [FusedDealtStage(model, self.slip, range(start, stop), config.include_head)]
 
     def generate(self, prompt, config, *, chat: bool = False) -> tuple[object, dict]:
         """One session: (the GenerationResult, the deployment's figures)."""
@@ -418,6 +457,7 @@ class DealtDevice:
             "dealer": "child process (TLS, 127.0.0.1)" if self.dealer_process is not None else self.dealer_at[0],
             "executor": "child process (TLS, 127.0.0.1)" if self.executor_process is not None else self.executor_at[0],
             "head": "masked" if self.config.include_head else "device",
+            "fused": self.config.fuse,
             "groups": len(self.slip.groups),
             "executor_cpu_seconds": None if None in (before[0], after[0]) else round(after[0] - before[0], 3),
             "dealer_cpu_seconds": None if None in (before[1], after[1]) else round(after[1] - before[1], 3),

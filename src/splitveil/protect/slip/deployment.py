@@ -213,6 +213,8 @@ class SlipDealerDeployment(SlipDeployment):
         self.dealer_frames = 0
         self.device = DealtDevice(model_name, self.config).__enter__()  # last: close() stops its processes
         self.slip = self.device.slip
+        if self.device.config.fuse:  # the first fused group reads layer A's residual stream, before its norm
+            self.first_module = self.model.model.layers[self.plan.cuts[0]].input_layernorm
         self.encoder = self.device.runner
         self.lm = _DealtGenerator(self.device)  # what `generate --protect slip-dealer` generates through
 
@@ -255,7 +257,8 @@ class SlipDealerDeployment(SlipDeployment):
 
         return {
             "view": "every frame the executor process received (through the transport's observation hook), one "
-                    "session per prompt; the uplink attacked is layer A's q/k/v input rows, masked, read as activations",
+                    "session per prompt; the uplink attacked is the rows of the first group (layer A's q/k/v input, or with "
+                    "fused groups its residual stream before the norm), masked, read as activations",
             "dealer_view": "per session: an OPEN frame with the seed, then row counts per group (the prompt's length "
                            "and the number of decode steps); no frame derived from the prompt's content",
             "mode": "fixed", "secure_rank": 0, "offloaded_layers": list(self.plan.cuts), "head": "masked",
@@ -263,7 +266,8 @@ class SlipDealerDeployment(SlipDeployment):
             "decode_tokens_per_second": mean("decode_tokens_per_second"),
             "device_cpu_seconds_per_decode_token": mean("cpu_seconds_per_decode_token"),
             "round_trips_per_decode_step": mean("round_trips_per_decode_step"),
-            "weight_bytes_resident": resident_weight_bytes(self.slip.model),
+            "weight_bytes_resident": resident_weight_bytes(self.device.model),
+            "fused": self.device.config.fuse,
             "trust": NON_COLLUSION,
         }
 

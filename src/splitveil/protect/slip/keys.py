@@ -44,25 +44,34 @@ class GroupKeys:
     w_max: float  # max |W_ij|, floats (the fixed-point overflow check)
 
 
-def _member_parameters(model, found: list[tuple[LinearGroup, list]]) -> list[list[str]]:
+def member_sources(model, found: list[tuple[LinearGroup, list]]) -> list:
+    """Each group's matrix source (see `stacked`) from its modules, as `causal_lm_groups` gives them."""
     names = {id(module): name for name, module in model.named_modules()}
-    return [[f"{names[id(module)]}.weight" for module in modules] for _, modules in found]
+    return [stacked([f"{names[id(module)]}.weight" for module in modules]) for _, modules in found]
 
 
-def build_keys(checkpoint, parameter_names: list[list[str]], fixed_point: FixedPoint, *, base: int = BASE_VECTORS,
-               progress=None) -> list[GroupKeys]:
-    """Streams every group's matrices (one group in memory at a time) and computes its base."""
-    keys = []
-    for index, names in enumerate(parameter_names):
+def stacked(names: list[str]):
+    """A group's matrix source: a function of a `plan.parts.Checkpoint` that reads the members' weights (float32)
+    and stacks them [sum m, n]."""
+    def read(checkpoint) -> torch.Tensor:
         tensors = checkpoint.read(names)
-        matrix = torch.cat([tensors[name] for name in names]) if len(names) > 1 else tensors[names[0]]
+        return torch.cat([tensors[name] for name in names]) if len(names) > 1 else tensors[names[0]]
+    return read
+
+
+def build_keys(checkpoint, sources: list, fixed_point: FixedPoint, *, base: int = BASE_VECTORS,
+               progress=None) -> list[GroupKeys]:
+    """Reads every group's matrix from its source (one group in memory at a time) and computes its base."""
+    keys = []
+    for index, source in enumerate(sources):
+        matrix = source(checkpoint)
         ring = RingWeight(fixed_point.encode_w(matrix), compact=True)
         s = uniform_ring((base, matrix.shape[0]))
         keys.append(GroupKeys(s.numpy(), ring.left_matmul(s).numpy(), ring.row_norm(), ring.largest,
                               float(matrix.abs().max())))
-        del tensors, matrix, ring
+        del matrix, ring
         if progress is not None:
-            progress(index + 1, len(parameter_names))
+            progress(index + 1, len(sources))
     return keys
 
 
@@ -75,12 +84,11 @@ def keys_path(model_dir: Path, groups: list[LinearGroup], fixed_point: FixedPoin
     return cache_root() / "slip" / "keys" / f"{digest}.safetensors"
 
 
-def load_or_build_keys(model, model_dir: Path, found: list[tuple[LinearGroup, list]], fixed_point: FixedPoint,
+def load_or_build_keys(model, model_dir: Path, groups: list[LinearGroup], sources: list, fixed_point: FixedPoint,
                        *, progress=None) -> tuple[list[GroupKeys], float]:
-    """The keys of the groups `found` (with their modules, as `causal_lm_groups` gives them, before they are
-    replaced) from the cache, or built (streaming the weights) and cached. Returns (keys, seconds spent building; 0
-    when cached)."""
-    groups = [group for group, _ in found]
+    """The keys of `groups`, whose matrices `sources` read from the checkpoint (`member_sources`, or the fused
+    groups' sources), from the cache or built (streaming the weights) and cached. `model` (meta weights are fine)
+    names the checkpoint's parameters. Returns (keys, seconds spent building; 0 when cached)."""
     from safetensors.numpy import load_file, save_file
 
     from splitveil.plan.parts import Checkpoint
@@ -91,8 +99,7 @@ def load_or_build_keys(model, model_dir: Path, found: list[tuple[LinearGroup, li
         facts = json.loads(path.with_suffix(".json").read_text())
         return [GroupKeys(data[f"s.{i}"], data[f"sw.{i}"], *facts[i]) for i in range(len(groups))], 0.0
     started = time.perf_counter()
-    keys = build_keys(Checkpoint(model_dir, model), _member_parameters(model, found), fixed_point,
-                      progress=progress)
+    keys = build_keys(Checkpoint(model_dir, model), sources, fixed_point, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.tmp{os.getpid()}")
     tensors = {f"{kind}.{i}": np.ascontiguousarray(getattr(k, kind)) for i, k in enumerate(keys) for kind in ("s", "sw")}

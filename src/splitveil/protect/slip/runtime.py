@@ -25,7 +25,8 @@ def slip_cache_dir(model_name: str, config: SlipConfig, *, load_format: str = "a
     key = {"v": CACHE_VERSION, "model": config_digest(model_name, load_format=load_format), "rank": config.rank,
            "energy": config.energy,
            "layers": config.layers, "head": config.include_head,
-           **({"mask_rank": config.mask_rank} if config.mask_rank else {})}  # (plain caches keep their key)
+           **({"mask_rank": config.mask_rank} if config.mask_rank else {}),  # (plain caches keep their key)
+           **({"fuse": True} if config.fuse else {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_root() / "slip" / digest
 
@@ -73,9 +74,11 @@ def cached_bundle(model_name: str, config: SlipConfig) -> Path:
     return bundle
 
 
-def export_bundle(model_name: str, config, out: Path) -> dict:
+def export_bundle(model_name: str, config, out: Path, *, dealt: bool = False) -> dict:
     """Writes the executor's residual-only bundle of (`model_name`, `config`) into `out` (decomposing the model
-    once, into the owner's cache, when it is not cached) and checks it. Returns the bundle's manifest."""
+    once, into the owner's cache, when it is not cached) and checks it. With `dealt`, the public-weights bundle a
+    device with a mask dealer uses (`ensure_bundle`: W itself, the head per `config.include_head`, fused groups per
+    `config.fuse`), which both the executor and the dealer serve. Returns the bundle's manifest."""
     import shutil
 
     from splitveil.core.errors import ConfigError
@@ -87,7 +90,7 @@ def export_bundle(model_name: str, config, out: Path) -> dict:
             check_residual_only(out)  # writing over an earlier bundle is fine; over anything else it is not
         except ConfigError:
             raise ConfigError(f"{out} exists and is not an empty folder or a residual bundle: give a new folder") from None
-    source = cached_bundle(model_name, config)
+    source = ensure_bundle(model_name, config) if dealt else cached_bundle(model_name, config)
     out.mkdir(parents=True, exist_ok=True)
     for name in BUNDLE_FILES:
         shutil.copyfile(source / name, out / name)
@@ -292,9 +295,10 @@ def ensure_bundle(model_name: str, config: SlipConfig, *, load_format: str = "au
         return bundle
     code = ("import sys, json; from splitveil.protect.slip.runtime import write_public_bundle; "
             "c = json.loads(sys.argv[2]); write_public_bundle(sys.argv[1], tuple(c['layers']), c['include_head'], "
-            "c['load_format'])")
+            "c['load_format'], fuse=c['fuse'])")
     done = subprocess.run([sys.executable, "-c", code, model_name, json.dumps(
-        {"layers": list(config.layers), "include_head": config.include_head, "load_format": load_format})],
+        {"layers": list(config.layers), "include_head": config.include_head, "load_format": load_format,
+         "fuse": config.fuse})],
         capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
@@ -302,35 +306,44 @@ def ensure_bundle(model_name: str, config: SlipConfig, *, load_format: str = "au
     return bundle
 
 
-def write_public_bundle(model_name: str, layers: tuple[int, int], include_head: bool, load_format: str = "auto") -> Path:
+def write_public_bundle(model_name: str, layers: tuple[int, int], include_head: bool, load_format: str = "auto", *,
+                        fuse: bool = False) -> Path:
     """Writes the bundle of the public weights of `layers` (and the LM head) into the owner's cache: each group's
-    matrices read from the checkpoint (no model is built with its weights), W_residual = W."""
+    matrices read from the checkpoint (no model is built with its weights), W_residual = W; with `fuse`, the fused
+    groups' matrices (`fused.py`)."""
     import shutil
-
-    import torch
 
     from splitveil.plan.parts import Checkpoint, empty_causal_lm
     from splitveil.protect.slip.bundle import RESIDUAL_DIR
-    from splitveil.protect.slip.decompose import causal_lm_groups
     from splitveil.protect.slip.executor import save_residual
 
-    config = SlipConfig(mode="fixed", rank=0, layers=layers, include_head=include_head)
+    config = SlipConfig(mode="fixed", rank=0, layers=layers, include_head=include_head, fuse=fuse)
     folder = slip_cache_dir(model_name, config, load_format=load_format) / RESIDUAL_DIR
     model, model_dir = empty_causal_lm(model_name, load_format=load_format)
-    found = causal_lm_groups(model, layers=range(*layers), include_head=include_head)
-    names = {id(module): name for name, module in model.named_modules()}
+    groups, sources = dealt_groups(model, config)
     checkpoint = Checkpoint(model_dir, model)
-    weights = {}
-    for group, modules in found:
-        members = [f"{names[id(module)]}.weight" for module in modules]
-        tensors = checkpoint.read(members)
-        weights[group.group_id] = torch.cat([tensors[name] for name in members]) if len(members) > 1 else tensors[members[0]]
+    weights = {group.group_id: source(checkpoint) for group, source in zip(groups, sources)}
     partial = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    save_residual(partial, [group for group, _ in found], weights, model=model_name, fixed_point=config.fixed_point)
+    save_residual(partial, groups, weights, model=model_name, fixed_point=config.fixed_point)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _publish(partial, folder)
     return folder
+
+
+def dealt_groups(model, config: SlipConfig) -> tuple[list, list]:
+    """(groups, their matrix sources) the executor and the dealer serve for a dealt device: the fused groups with
+    `config.fuse`, else one group per set of linear maps that read the same input. `model` may hold meta weights."""
+    from splitveil.protect.slip.decompose import causal_lm_groups
+    from splitveil.protect.slip.fused import fused_groups
+    from splitveil.protect.slip.keys import member_sources
+
+    layers = range(*config.layers) if config.layers is not None else range(model.config.num_hidden_layers)
+    if config.fuse:
+        found = fused_groups(model, layers, config.include_head)
+        return [group for group, _ in found], [source for _, source in found]
+    found = causal_lm_groups(model, layers=layers, include_head=config.include_head)
+    return [group for group, _ in found], member_sources(model, found)
 
 
 def connect_dealer(url: str, *, token: str, widths: list[tuple[int, int]], residual_sha256: str,

@@ -61,6 +61,8 @@ class SlipConfig:
     float_mask_scale: float masks are uniform in [-scale, scale].
     mask_rank: 0 for the plain split; r > 0 folds a secret random rank-r term into the secure part so that the
         residual is full rank and the null-space attack on it finds nothing (`decompose.py`, docs/slip.md).
+    fuse: the prompt deployment with a mask dealer: fused groups, two round trips per decoder layer instead of four
+        (`fused.py`; Llama-family models).
     """
 
     mode: str = "fixed"
@@ -74,6 +76,7 @@ class SlipConfig:
     pad_to: int = 1
     float_mask_scale: float = 2.0**24
     mask_rank: int = 0  # weights deployment: r > 0 hardens the split (a secret rank-r term; `decompose.py`)
+    fuse: bool = False  # dealer deployment: two round trips per layer (`fused.py`)
 
     def __post_init__(self):
         if self.mode not in MODES:
