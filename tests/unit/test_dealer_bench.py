@@ -28,6 +28,9 @@ def test_ratios_are_to_the_unsplit_run_of_the_same_pair_and_the_plot_is_drawn(tm
     assert summary["cpu_per_decode_token_ratio"] == pytest.approx(0.55)
     assert summary["weight_bytes_ratio"] == pytest.approx(0.2)
     assert summary["same_tokens"] is False  # one pair differs: reported, not hidden
-    record = {"rows": [{"label": "m --split 0,30 (head masked)", "summary": {"dealer": summary}}]}
+    runs["unfused"] = [_report(0.045, 100), _report(0.04, 100)]
+    both = _summarise(runs)
+    assert both["unfused"]["cpu_per_decode_token_ratios"] == pytest.approx([0.75, 0.8])
+    record = {"rows": [{"label": "m --split 0,30 (head masked)", "summary": both}]}
     path = plot_dealer_bench(json.loads(json.dumps(record)), tmp_path / "plot.png")
     assert path.is_file() and path.stat().st_size > 1000

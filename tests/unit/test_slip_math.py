@@ -95,6 +95,23 @@ def test_ring_products_equal_integer_arithmetic_mod_2_64(rows, n, m, seed, weigh
     assert RingWeight(w).matmul(x).tolist() == expected  # the float64-limb path is exact too
 
 
+def test_a_mapped_ring_weight_gives_the_encoded_weights_products_without_a_copy():
+    """`RingWeight.mapped` (what a large bundle's executor and dealer hold: the file's float32 pages, encoded per
+    block) multiplies bit for bit like the ring weight of `FixedPoint.encode_w`."""
+    torch.manual_seed(3)
+    fp = FixedPoint()
+    w = torch.randn(2 * RingWeight.COMPACT_ROWS + 5, 48) * 0.05  # three blocks, the last a short one
+    x = uniform_ring((3, 48))
+    reference = RingWeight(fp.encode_w(w))
+    mapped = RingWeight.mapped(w, fp.frac_bits_w)
+    assert mapped.raw is w and mapped.float32 is None and mapped.float64 is None  # held as given
+    assert mapped.largest == reference.largest and mapped.limb_bits == reference.limb_bits
+    assert torch.equal(mapped.matmul(x), reference.matmul(x))
+    s = uniform_ring((2, w.shape[0]))
+    assert torch.equal(mapped.left_matmul(s), reference.left_matmul(s))
+    assert torch.equal(mapped.to_int64(), fp.encode_w(w)) and mapped.row_norm() == reference.row_norm()
+
+
 def test_fixed_point_round_trip_and_overflow():
     fp = FixedPoint(16, 20)
     x = torch.tensor([[0.5, -1.25, 3.0]])

@@ -2,7 +2,8 @@
 
 For each configuration (a model, its offloaded layers, where the LM head runs) the bench runs, alternating in one
 run, `splitveil generate --json` processes: the unsplit model on the device (the baseline), the prompt deployment
-with a local mask dealer, and (on models whose float64 ring copies fit this machine) the prompt deployment with
+with a local mask dealer (fused groups, two round trips per layer: `--fuse auto`), the same with `--fuse off` (four
+round trips per layer), and (on models whose float64 ring copies fit this machine) the prompt deployment with
 `--dealer device` (the device deals the mask terms itself). Each generation is its own process, so CPU time,
 peak RSS and resident weights are that process's alone. The figures are the device's CPU seconds per decode token,
 the model weight bytes it holds and its peak RSS, as ratios to the unsplit model's from the same pair; beside them
@@ -30,14 +31,15 @@ PROMPT = "Explain in detail how a refrigerator works."
 
 @dataclass(frozen=True)
 class DealerCase:
-    """One configuration: a model, the offloaded layers A,B, where the head runs, and whether `--dealer device`
-    is run beside it."""
+    """One configuration: a model, the offloaded layers A,B, where the head runs, and whether `--fuse off` and
+    `--dealer device` are run beside it."""
 
     model: str
     split: str
     head: str = "masked"
     load_format: str = "auto"
     with_device_dealer: bool = True
+    with_unfused: bool = True
 
     @property
     def label(self) -> str:
@@ -68,9 +70,9 @@ def _generate(case: DealerCase, kind: str, spec: DealerBenchSpec) -> dict:
     if kind == "unsplit":
         args += ["--no-split"]
     else:
-        args += ["--split", case.split, "--protect", "prompt", "--dealer", "local" if kind == "dealer" else "device"]
-        if kind == "dealer":
-            args += ["--head", case.head]
+        args += ["--split", case.split, "--protect", "prompt", "--dealer", "device" if kind == "device" else "local"]
+        if kind in ("dealer", "unfused"):
+            args += ["--head", case.head, "--fuse", "off" if kind == "unfused" else "auto"]
     if kind == "device":
         args = [a for a in args if a not in ("--load-format", case.load_format)]
     done = subprocess.run([sys.executable, "-m", "splitveil.cli.main", "generate", *args], capture_output=True,
@@ -84,13 +86,14 @@ def _generate(case: DealerCase, kind: str, spec: DealerBenchSpec) -> dict:
 KEEP = ("token_ids", "decode_tokens", "cpu_seconds_decode", "cpu_seconds_prefill", "cpu_seconds_per_decode_token",
         "peak_rss_bytes", "weight_bytes_resident", "decode_seconds", "round_trips_per_decode_step", "bytes_up",
         "bytes_down", "executor_cpu_seconds", "dealer_cpu_seconds", "dealer_bytes_up", "dealer_bytes_down",
-        "dealer_wait_seconds_per_decode_step", "dealer_wait_seconds_prefill", "offline_seconds")
+        "dealer_wait_seconds_per_decode_step", "dealer_wait_seconds_prefill", "offline_seconds", "fused")
 
 
 def run_dealer_bench(spec: DealerBenchSpec, *, progress=None) -> dict:
     rows = []
     for case in spec.cases:
-        kinds = ["unsplit", "dealer"] + (["device"] if case.with_device_dealer else [])
+        kinds = ["unsplit", "dealer"] + (["unfused"] if case.with_unfused else []) + \
+            (["device"] if case.with_device_dealer else [])
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for pair in range(spec.pairs):
             for kind in kinds:
@@ -123,8 +126,16 @@ def _summarise(runs: dict[str, list[dict]]) -> dict:
             "unsplit_cpu_seconds_per_decode_token": statistics.median(u["cpu_seconds_per_decode_token"] for u in unsplit),
             "round_trips_per_decode_step": reports[0]["round_trips_per_decode_step"],
             "dealer_wait_seconds_per_decode_step": reports[0].get("dealer_wait_seconds_per_decode_step"),
+            "fused": reports[0].get("fused"),
         }
     return summary
+
+
+KIND_LABELS = {
+    "dealer": lambda summary: f"mask dealer{', fused (2 round trips per layer)' if summary.get('fused') else ''}",
+    "unfused": lambda summary: "mask dealer, --fuse off (4 round trips per layer)",
+    "device": lambda summary: "device deals (baseline)",
+}
 
 
 def plot_dealer_bench(record: dict, path: Path) -> Path:
@@ -136,10 +147,10 @@ def plot_dealer_bench(record: dict, path: Path) -> Path:
     labels, cpu, weights, colours = [], [], [], []
     for row in record["rows"]:
         for kind, summary in row["summary"].items():
-            labels.append(f"{row['label']}\n{'mask dealer' if kind == 'dealer' else 'device deals (baseline)'}")
+            labels.append(f"{row['label']}\n{KIND_LABELS[kind](summary)}")
             cpu.append(summary["cpu_per_decode_token_ratio"])
             weights.append(summary["weight_bytes_ratio"])
-            colours.append("tab:green" if kind == "dealer" else "tab:grey")
+            colours.append({"dealer": "tab:green", "unfused": "tab:olive"}.get(kind, "tab:grey"))
     figure, axes = plt.subplots(1, 2, figsize=(13, 0.9 * len(labels) + 2), sharey=True)
     for axis, values, title, target in ((axes[0], cpu, "device CPU per decode token / unsplit on the device", 0.25),
                                         (axes[1], weights, "model weights held by the device / the model's", 0.25)):

@@ -148,6 +148,8 @@ def executor_weights(weights: dict[int, torch.Tensor], mode: str, fixed_point: F
     if mode == "float":
         return {gid: weights.pop(gid).to(target, torch.float64) for gid in sorted(weights)}
     compact = 8 * sum(w.numel() for w in weights.values()) > COMPACT_BYTES
+    if compact and target.type == "cpu":  # the bundle's pages, encoded per block: no copy (`RingWeight.mapped`)
+        return {gid: RingWeight.mapped(weights.pop(gid), fixed_point.frac_bits_w) for gid in sorted(weights)}
     return {gid: RingWeight(fixed_point.encode_w(weights.pop(gid)), compact=compact, device=target)
             for gid in sorted(weights)}
 

@@ -116,6 +116,10 @@ class RingWeight:
     `COMPACT_ROWS` rows to float64 for each product: half the memory, for the 1B-parameter servers, at the price of
     the conversions.
 
+    `RingWeight.mapped(w, frac_bits)` keeps the float32 weights as given (a bundle's tensors are read-only maps of
+    its file) and encodes each block as it is used, round(w 2^fw) in float64 (the integers `FixedPoint.encode_w`
+    gives): no private copy, so an executor and a dealer on one machine share the file's pages.
+
     `device` holds the matrix there and runs the limb products there (a GPU's float64 products are exact as on the
     CPU: the limbs keep every sum below 2^53); inputs move to it, products come back to the CPU. The plain int64
     product (matrices too large for limbs) stays on the CPU, where torch has it."""
@@ -129,13 +133,34 @@ class RingWeight:
         self.largest = int(weight.abs().max()) if weight.numel() else 0
         self.limb_bits = limb_bits_for(self.largest, self.shape[1])
         self.device = torch.device(device or "cpu") if self.limb_bits is not None else torch.device("cpu")
-        self.int64 = self.float64 = self.float32 = None
+        self.int64 = self.float64 = self.float32 = self.raw = None
         if self.limb_bits is None:
             self.int64 = weight
         elif compact and self.largest < 2**24:
             self.float32 = weight.to(self.device, torch.float32)  # exact
         else:
             self.float64 = weight.to(self.device, torch.float64)  # exact: |entries| < 2^53
+
+    @classmethod
+    def mapped(cls, weight: torch.Tensor, frac_bits: int) -> "RingWeight":
+        """The ring weight of the float matrix `weight` at 2^frac_bits, encoded block by block when used (CPU)."""
+        if weight.dim() != 2 or not weight.dtype.is_floating_point:
+            raise TypeError("a mapped ring weight is a float matrix")
+        ring = cls.__new__(cls)
+        ring.shape = tuple(weight.shape)
+        ring.scale = float(2**frac_bits)
+        largest = max((float(weight[start : start + cls.COMPACT_ROWS].abs().max())
+                       for start in range(0, ring.shape[0], cls.COMPACT_ROWS)), default=0.0)
+        ring.largest = int(round(largest * ring.scale))  # rounding is monotone: the largest encoded entry
+        if ring.largest >= 2**53:
+            raise FixedPointOverflow(f"a weight of magnitude {largest:.3g} does not fit float64 at 2^{frac_bits}")
+        ring.limb_bits = limb_bits_for(ring.largest, ring.shape[1])
+        ring.device = torch.device("cpu")
+        ring.int64 = ring.float64 = ring.float32 = None
+        ring.raw = weight
+        if ring.limb_bits is None:  # too large for limbs: the plain int64 product
+            ring.int64, ring.raw = ring.to_int64(), None
+        return ring
 
     def _blocks(self):
         """(row slice, float64 block of W) over W's rows: the whole matrix at once, or compact blocks."""
@@ -144,7 +169,10 @@ class RingWeight:
             return
         for start in range(0, self.shape[0], self.COMPACT_ROWS):
             rows = slice(start, min(start + self.COMPACT_ROWS, self.shape[0]))
-            yield rows, self.float32[rows].to(torch.float64)
+            if self.raw is not None:
+                yield rows, torch.round(self.raw[rows].to(torch.float64) * self.scale)
+            else:
+                yield rows, self.float32[rows].to(torch.float64)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [P, n] int64 -> x W^T [P, m] int64 (mod 2^64)."""
@@ -196,6 +224,8 @@ class RingWeight:
     def to_int64(self) -> torch.Tensor:
         if self.int64 is not None:
             return self.int64
+        if self.raw is not None:
+            return torch.round(self.raw.to(torch.float64) * self.scale).to(torch.int64)
         return (self.float64 if self.float64 is not None else self.float32).to("cpu", torch.int64)
 
 
