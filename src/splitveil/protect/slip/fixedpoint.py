@@ -18,6 +18,7 @@ distance per coordinate is |x - x'| / (2 scale). That is statistical hiding only
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,12 +168,14 @@ class RingWeight:
         if self.float64 is not None:
             yield slice(0, self.shape[0]), self.float64
             return
+        source = self.raw if self.raw is not None else self.float32
         for start in range(0, self.shape[0], self.COMPACT_ROWS):
             rows = slice(start, min(start + self.COMPACT_ROWS, self.shape[0]))
+            block = _scratch(rows.stop - rows.start, self.shape[1], source.device)
+            block.copy_(source[rows])
             if self.raw is not None:
-                yield rows, torch.round(self.raw[rows].to(torch.float64) * self.scale)
-            else:
-                yield rows, self.float32[rows].to(torch.float64)
+                block.mul_(self.scale).round_()
+            yield rows, block  # the caller uses it before asking for the next block, which overwrites it
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [P, n] int64 -> x W^T [P, m] int64 (mod 2^64)."""
@@ -227,6 +230,18 @@ class RingWeight:
         if self.raw is not None:
             return torch.round(self.raw.to(torch.float64) * self.scale).to(torch.int64)
         return (self.float64 if self.float64 is not None else self.float32).to("cpu", torch.int64)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(rows: int, columns: int, device) -> torch.Tensor:
+    """A float64 [rows, columns] block reused across products (per thread): compact and mapped weights widen each
+    block of rows into it, so that a product allocates (and the kernel zeroes) no fresh tens of megabytes per block."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.device != torch.device(device) or buffer.numel() < rows * columns:
+        buffer = _SCRATCH.buffer = torch.empty(max(rows * columns, 1), dtype=torch.float64, device=device)
+    return buffer[: rows * columns].view(rows, columns)
 
 
 def limb_bits_for(largest: int, n: int) -> int | None:
