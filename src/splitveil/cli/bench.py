@@ -201,18 +201,26 @@ def diffusion(
 @app.command("dealer")
 def dealer(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1, help="Tokens per generation."),
-    pairs: int = typer.Option(2, "--pairs", min=1, help="Alternating repeats (unsplit, dealer, device) per configuration."),
+    pairs: int = typer.Option(2, "--pairs", min=1, help="Alternating repeats (unsplit, dealer fused, dealer --fuse off, "
+                              "device) per configuration."),
     models: str = typer.Option("smollm2-135m,llama-1b", "--models", help="Which of the default configurations to run: "
-                               "smollm2-135m (--split 0,30 and 2,28, beside --dealer device) and llama-1b (random "
-                               "weights of Llama-3.2-1B's shape, --split 0,16; costs only)."),
+                               "smollm2-135m (--split 0,30 and 2,28, beside --fuse off and --dealer device) and "
+                               "llama-1b (random weights of Llama-3.2-1B's shape, --split 0,16, beside --fuse off; "
+                               "costs only)."),
     out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Folder for the JSON record and PNG plot."),
     allow_dirty: bool = allow_dirty_option(),
 ) -> None:
     """What SLIP's prompt deployment with a mask dealer costs the device: CPU per decode token, model weights held
-    and peak RSS against the unsplit model on the device (and against `--dealer device`), each generation in its own
-    process, alternating. Trust assumption: the dealer and the executor do not collude."""
+    and peak RSS against the unsplit model on the device (beside the dealer with `--fuse off` and `--dealer device`),
+    each generation in its own process, alternating, after one unrecorded warm-up per deployment. Trust assumption: the dealer and the executor do not collude."""
     from splitveil.core.errors import ConfigError
-    from splitveil.experiments.dealer_cost import DEFAULT_CASES, DealerBenchSpec, run_dealer_bench, save_dealer_bench
+    from splitveil.experiments.dealer_cost import (
+        DEFAULT_CASES,
+        KIND_LABELS,
+        DealerBenchSpec,
+        run_dealer_bench,
+        save_dealer_bench,
+    )
 
     wanted = [name.strip() for name in models.split(",") if name.strip()]
     known = sorted({case.model for case in DEFAULT_CASES})
@@ -225,7 +233,7 @@ def dealer(
         record = run_dealer_bench(spec, progress=lambda message: spinner.update(message))
     for row in record["rows"]:
         for kind, summary in row["summary"].items():
-            typer.echo(f"{row['label']}, {'mask dealer' if kind == 'dealer' else '--dealer device'}: device CPU per "
+            typer.echo(f"{row['label']}, {KIND_LABELS[kind](summary)}: device CPU per "
                        f"decode token {summary['cpu_per_decode_token_ratio']:.3f} of the unsplit model's "
                        f"({summary['cpu_seconds_per_decode_token'] * 1000:.1f} vs "
                        f"{summary['unsplit_cpu_seconds_per_decode_token'] * 1000:.1f} ms), weights held "
