@@ -250,8 +250,8 @@ def link(
     rtts: str = typer.Option("0,20,80,150", "--rtts", help="Round-trip times swept at the first bandwidth (ms)."),
     bandwidths: str = typer.Option("1000,50,10", "--bandwidths", help="Bandwidths (Mbit/s): the first for the RTT "
                                    "sweep, the rest swept at 80 ms."),
-    slip_rtts: str = typer.Option("0,20,80", "--slip-rtts", help="RTTs for slip (about 105 round trips a pass: each "
-                                  "80 ms condition takes minutes)."),
+    slip_rtts: str = typer.Option("0,20,80", "--slip-rtts", help="RTTs for slip (54 round trips a pass with fused "
+                                  "groups, 105 with --fuse off: each 80 ms condition takes minutes)."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n", min=1, help="Tokens per generation (split)."),
     slip_max_new_tokens: int = typer.Option(16, "--slip-max-new-tokens", min=1, help="Tokens per generation (slip)."),
     speculate: str = typer.Option("prompt-lookup", "--speculate", help="The drafter compared with sequential "

@@ -60,7 +60,7 @@ class LinkBenchSpec:
     deployments: tuple[str, ...] = DEPLOYMENTS
     rtts: tuple[float, ...] = (0.0, 20.0, 80.0, 150.0)
     bandwidths: tuple[float, ...] = (1000.0, 50.0, 10.0)
-    slip_rtts: tuple[float, ...] = (0.0, 20.0, 80.0)  # masked decoding: ~105 round trips a pass, so fewer conditions
+    slip_rtts: tuple[float, ...] = (0.0, 20.0, 80.0)  # masked decoding: 54 round trips a pass (fused), so fewer conditions
     slip_bandwidths: tuple[float, ...] = (1000.0,)
     max_new_tokens: int = 48
     slip_max_new_tokens: int = 16
