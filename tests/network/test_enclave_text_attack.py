@@ -38,6 +38,7 @@ def test_the_dealt_executor_reads_nothing_while_the_same_attack_reads_the_clear_
     record = run_text_attack(spec, ["my pin is 4417", "meet me at noon"])
     described = record["defence"]
     assert "collude" in described["trust"] and "seed" in described["dealer_view"]
+    assert described["fused"] and described["round_trips_per_decode_step"] == 1 + 2 * 2 + 1  # fused groups, 2 layers
     assert described["control_clear_view_token_recovery"] == 1.0
     assert record["token_recovery"] <= 0.1
     assert record["utility_greedy_match"] == 1.0

@@ -329,3 +329,14 @@ def test_fused_groups_are_refused_for_models_they_do_not_describe(smollm):
             assert says in fuse_refusal(full)
         finally:
             setattr(full.config, field, original)
+
+
+def test_the_fused_device_scores_text_like_the_unsplit_model(smollm):
+    """Perplexity goes through the fused stage (every position's logits), not the model's meta-weight modules."""
+    full, tokenizer = smollm
+    config = SlipConfig(mode="fixed", rank=0, layers=(0, 2), include_head=True, fuse=True)
+    runner = _fused_runner(*_fused_device(config), tokenizer)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog, and then it rests in the shade.")["input_ids"]
+    got, want = runner.score(ids), SplitCausalLM(full, None, tokenizer=tokenizer).score(ids)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert torch.allclose(got, want, atol=1e-2)

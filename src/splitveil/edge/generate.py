@@ -693,7 +693,12 @@ class SplitCausalLM:
         (T round trips, exact to float tolerance: the same KV-cached path as decoding).
         """
         if not self.plan.cuts:
-            return self.model(input_ids=input_ids).logits
+            stage = self.stages[0]
+            if isinstance(stage, _Monolithic):
+                return self.model(input_ids=input_ids).logits
+            stage.reset()  # a stage of its own (SLIP's fused dealt device): every position through it
+            with _every_position(stage):
+                return stage(input_ids)
         self._begin()
         try:
             x = input_ids

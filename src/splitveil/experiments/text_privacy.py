@@ -124,6 +124,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
     adaptation = adaptation_for(spec.defence, spec.strength, spec.wire)
     rows, blind, setup_seconds, readout, searches = [], None, 0.0, None, []
     with deployment_class(spec.model, model, tokenizer, plan, strength=spec.strength, wire=spec.wire) as deployment:
+        adaptation.bind(deployment)
         for index, prompt in enumerate(prompts):
             session = deployment.session()
             depth = session.depth  # what the cloud runs tells it where the cut is (randcut's secret included)

@@ -72,6 +72,10 @@ class Adaptation:
         them there)."""
         return {}
 
+    def bind(self, deployment) -> None:
+        """Reads what the attacker knows of the deployment's mechanism (a public choice, never a secret) once it is
+        built: e.g. whether SLIP's dealt device sends fused groups."""
+
     def session(self, lm, defence, depth: int):
         """One session as the cloud holds it -> (undo: states -> public basis, secret recovered: bool | None)."""
         return (lambda states: states), None
@@ -173,11 +177,28 @@ def norm_output_bound(norm) -> float | None:
 
 class SlipAdaptation(Adaptation):
     """SLIP's prompt deployment (strength = the secure rank k): nothing to undo and no secret the cloud can recover
-    (the masks never leave the device); the attacker models what crosses (normed, fixed point, masked)."""
+    (the masks never leave the device); the attacker models what crosses (fixed point, masked): the first linear
+    layer's normed input, or with fused groups (`protect/slip/fused.py`) the residual stream itself, before the norm.
+    There the exact search has a bound only at depth 0 (the rows are embeddings: no row is longer than the longest
+    one); deeper it verifies at most `BUDGET` candidates per position (the record's clear control shows what that
+    budget finds on rows that are not masked)."""
+
+    BUDGET = 4096
+    fused = False
+
+    def bind(self, deployment) -> None:
+        self.fused = bool(getattr(deployment, "fused", False))
 
     def attack_options(self, attack: str, target: TextTarget | None = None) -> dict:
         if target is None:
             raise ConfigError("the adaptive attacker against slip needs the target (the public model and cuts)")
+        if self.fused:
+            if attack == "exact":
+                if target.head_end == 0:
+                    embeddings = target.splittable.model.get_input_embeddings().weight.detach()
+                    return {"output_bound": float(embeddings.double().norm(dim=1).max())}
+                return {"max_verified": self.BUDGET}
+            return {"augment": slip_mask_augmenter(lambda states: states)} if attack == "learned" else {}
         normalise = first_linear_input(target)
         if attack == "exact":
             return {"transform": normalise, "output_bound": norm_output_bound(normalise)}

@@ -218,6 +218,11 @@ class SlipDealerDeployment(SlipDeployment):
         self.encoder = self.device.runner
         self.lm = _DealtGenerator(self.device)  # what `generate --protect slip-dealer` generates through
 
+    @property
+    def fused(self) -> bool:
+        """Whether the device sends fused groups (the first group's rows are then the residual stream, unnormed)."""
+        return bool(self.device.config.fuse)
+
     def observe(self, prompt: str, max_new_tokens: int, *, chat: bool = False) -> Observation:
         """One session; the view is every frame the executor received in it."""
         from splitveil.edge.generate import GenerationConfig
