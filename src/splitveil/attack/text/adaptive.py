@@ -194,7 +194,7 @@ class SlipAdaptation(Adaptation):
             raise ConfigError("the adaptive attacker against slip needs the target (the public model and cuts)")
         if self.fused:
             if attack == "exact":
-                if target.head_end == 0:
+                if target.head_end == target.splittable.boundary(0):  # the cut before layer 0
                     embeddings = target.splittable.model.get_input_embeddings().weight.detach()
                     return {"output_bound": float(embeddings.double().norm(dim=1).max())}
                 return {"max_verified": self.BUDGET}
