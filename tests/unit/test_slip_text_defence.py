@@ -118,3 +118,24 @@ def test_attack_text_checks_the_slip_strength_before_loading(capsys):
     assert "secure rank" in capsys.readouterr().err
     assert main(["attack", "text-sweep", "--depths", "", "--defences", "slip:1.5", "--allow-dirty"]) == 2
     assert "secure rank" in capsys.readouterr().err
+
+
+def test_the_fused_attacker_bounds_the_residual_stream_from_public_weights():
+    """`residual_stream_bound` (what the exact attack against fused slip-dealer groups stops on) holds for real
+    text at every depth, and is far below what a masked row reads as."""
+    import torch
+
+    from splitveil.attack.text.adaptive import residual_stream_bound
+    from splitveil.attack.text.target import TextTarget
+    from splitveil.models.causal_lm import CausalLMSplittable
+    from splitveil.models.loading import load_causal_lm
+
+    model, tokenizer = load_causal_lm("smollm2-135m")
+    public = CausalLMSplittable(model)
+    ids = tokenizer("My SSN is 078-05-1120, I live at 14 Elm Street, and the quick brown fox naps.",
+                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    for depth in (0, 1, 3):
+        bound = residual_stream_bound(TextTarget(public, public.boundary(depth), public.boundary(28)))
+        assert float(states[depth][0].norm(dim=-1).max()) <= bound < 1e12

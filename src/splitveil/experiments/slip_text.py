@@ -12,8 +12,8 @@ def prompt_deployment_exposure(model_name: str, prompt: str, *, cuts: tuple[int,
     """For the demo: `prompt` through SLIP's prompt deployment with a mask dealer (fixed point, k = 0; the executor
     and the dealer child processes; the executor's view recorded), and what the adaptive exact attack reads of the user's text from that view: the same attack
     and budget as the demo's undefended line (`budget` candidates per position, the chat template's tokens tried
-    first), comparing candidates in the space the cloud receives, and stopping after the first round where the
-    norm's public weights prove that no token can match (`ExactInversion.output_bound`). Also the answer, its tokens and the decode speed."""
+    first), comparing candidates in the space the cloud receives, and stopping after the first round where public
+    weights prove that no token can match (`ExactInversion.output_bound`). Also the answer, its tokens and the decode speed."""
     import time
 
     from splitveil.attack.text.adaptive import adaptation_for
@@ -27,12 +27,14 @@ def prompt_deployment_exposure(model_name: str, prompt: str, *, cuts: tuple[int,
     if model is None:
         model, tokenizer = load_causal_lm(model_name)
     plan = SplitPlan.lambda_split(*cuts)
+    adaptation = adaptation_for("slip-dealer")
     with SlipDealerDeployment(model_name, model, tokenizer, plan, strength=0, wire="fp32") as deployment:
+        adaptation.bind(deployment)  # fused groups or not: what the attacker models
         seen = deployment.observe(prompt, max_new_tokens, chat=chat)
         described = deployment.describe()
     public = CausalLMSplittable(model)
     target = TextTarget(public, public.boundary(cuts[0]), public.boundary(cuts[1]))
-    attack = ExactInversion(target, candidates=256, max_verified=budget, **adaptation_for("slip").attack_options("exact", target))
+    attack = ExactInversion(target, candidates=256, max_verified=budget, **adaptation.attack_options("exact", target))
     n = len(seen.prompt_ids)
     hints, user = chat_template_hints(tokenizer, seen.prompt_ids) if chat else ([None] * n, slice(0, n))
     started = time.perf_counter()
@@ -40,7 +42,8 @@ def prompt_deployment_exposure(model_name: str, prompt: str, *, cuts: tuple[int,
     seconds = time.perf_counter() - started
     return {
         "attack": f"exact inversion adapted to SLIP, at most {budget} candidates per position, stopping after the "
-                  f"first round where the norm's public weights prove no token can match",
+                  f"first round where public weights prove no token can match ("
+                  f"{'the residual stream, unnormed: fused groups' if adaptation.fused else 'the normed input'})",
         "positions_unmatchable": sum(s["unmatchable"] for s in attack.search),
         "token_recovery": token_recovery(seen.prompt_ids[user], recovered[user]),
         "recovered_user_text": tokenizer.decode(recovered[user], skip_special_tokens=True).strip(),

@@ -193,7 +193,7 @@ def run_text_attack(spec: TextAttackSpec, prompts: list[str], *, progress=None) 
         described["exact_search"] = {
             "output_bound": attack.output_bound,
             "rule": "every candidate's output has norm <= output_bound (public weights: the norm's, or with SLIP's fused "
-                    "groups at depth 0 the longest embedding row), so a position whose "
+                    "groups a bound on the residual stream's length), so a position whose "
                     "observation has ||o|| - output_bound > tolerance x ||o|| cannot match any token: its search stops "
                     "after the first round (candidates + 1 verified) and takes the closest",
             "positions": len(searches),

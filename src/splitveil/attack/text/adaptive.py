@@ -175,15 +175,40 @@ def norm_output_bound(norm) -> float | None:
     return bound + (float(bias.detach().double().norm()) if bias is not None else 0.0)
 
 
+def residual_stream_bound(target: TextTarget) -> float:
+    """An upper bound on ||h|| for the residual stream h at the head's cut of a Llama-family model, over every input,
+    from public weights only: the longest embedding row, plus per layer before the cut what its attention and MLP
+    can add. A normed input g * x / rms(x) has norm <= c = max|g| sqrt(H); key-value head j's value rows then <=
+    ||W_v^j||_2 c, each query head's output (a convex combination of its key-value head's rows) as much, so the
+    heads' concatenation <= c sqrt(group sum_j ||W_v^j||^2), and W_o's output <= ||W_o||_2 times that; the MLP's
+    silu(W_g x) * (W_u x) <= ||W_g x|| ||W_u x|| (|silu(z)| <= |z|). Loose, but a masked row read as activations is
+    some 1e15 long, far beyond it."""
+    splittable = target.splittable
+    model = splittable.model
+    config = model.config
+    hidden = config.hidden_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    group = config.num_attention_heads // kv_heads
+    spectral = lambda weight: float(torch.linalg.matrix_norm(weight.detach().double(), ord=2))  # noqa: E731
+    bound = float(model.get_input_embeddings().weight.detach().double().norm(dim=1).max())
+    for index in range(target.head_end - splittable.boundary(0)):
+        layer = splittable.layers[index]
+        attention, mlp = layer.self_attn, layer.mlp
+        normed = float(layer.input_layernorm.weight.detach().abs().max()) * hidden**0.5
+        values = sum(spectral(block) ** 2 for block in attention.v_proj.weight.chunk(kv_heads))  # per key-value head
+        bound += spectral(attention.o_proj.weight) * normed * (group * values) ** 0.5
+        normed = float(layer.post_attention_layernorm.weight.detach().abs().max()) * hidden**0.5
+        bound += spectral(mlp.down_proj.weight) * spectral(mlp.gate_proj.weight) * normed * spectral(mlp.up_proj.weight) * normed
+    return bound
+
+
 class SlipAdaptation(Adaptation):
     """SLIP's prompt deployment (strength = the secure rank k): nothing to undo and no secret the cloud can recover
     (the masks never leave the device); the attacker models what crosses (fixed point, masked): the first linear
-    layer's normed input, or with fused groups (`protect/slip/fused.py`) the residual stream itself, before the norm.
-    There the exact search has a bound only at depth 0 (the rows are embeddings: no row is longer than the longest
-    one); deeper it verifies at most `BUDGET` candidates per position (the record's clear control shows what that
-    budget finds on rows that are not masked)."""
+    layer's normed input, or with fused groups (`protect/slip/fused.py`) the residual stream itself, before the norm,
+    whose length it bounds from the public weights (`residual_stream_bound`) so that its exact search stops where
+    no token can match."""
 
-    BUDGET = 4096
     fused = False
 
     def bind(self, deployment) -> None:
@@ -194,10 +219,7 @@ class SlipAdaptation(Adaptation):
             raise ConfigError("the adaptive attacker against slip needs the target (the public model and cuts)")
         if self.fused:
             if attack == "exact":
-                if target.head_end == target.splittable.boundary(0):  # the cut before layer 0
-                    embeddings = target.splittable.model.get_input_embeddings().weight.detach()
-                    return {"output_bound": float(embeddings.double().norm(dim=1).max())}
-                return {"max_verified": self.BUDGET}
+                return {"output_bound": residual_stream_bound(target)}
             return {"augment": slip_mask_augmenter(lambda states: states)} if attack == "learned" else {}
         normalise = first_linear_input(target)
         if attack == "exact":
