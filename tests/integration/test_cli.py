@@ -133,7 +133,7 @@ def test_demo_reports_identical_output():
     assert masked["privacy"]["closest_relative_distance"] > 0.99  # no candidate anywhere near a masked row
     assert masked["privacy"]["frames_received"] > 0 and masked["new_tokens"] == 8
     assert masked["same_tokens_as_unsplit"] is True
-    assert masked["tokens_per_second"] > 0 and masked["round_trips_per_decode_step"] == 4 * 26 + 1  # and the head
+    assert masked["tokens_per_second"] > 0 and masked["round_trips_per_decode_step"] == 2 * 26 + 2  # fused: layer 2's q/k/v and the head
     # with the mask dealer the demo process holds the embedding and the layers outside the trunk, nothing more
     assert masked["device_weight_bytes"] < 0.4 * masked["model_weight_bytes"]
     assert masked["device_cpu_seconds_per_decode_token"] > 0 and "collude" in masked["trust"]
