@@ -29,7 +29,7 @@ from splitveil.protect.slip.cost import SlipCost, other_flops
 from splitveil.protect.slip.decompose import LinearGroup, causal_lm_groups
 from splitveil.protect.slip.errors import FixedPointOverflow, VerificationError
 from splitveil.protect.slip.freivalds import bits_per_vector, vectors_needed
-from splitveil.protect.slip.fused import FUSE_CHOICES
+from splitveil.protect.slip.fused import check_fuse
 from splitveil.protect.slip.keys import GroupKeys, SessionKeys
 from splitveil.protect.slip.trusted import PREPARED_BITS_PER_VECTOR, SharedInputGroup, SlipConfig, SlipLinear
 
@@ -336,8 +336,7 @@ class DealtDevice:
 
     def __init__(self, model_name: str, config: SlipConfig, *, executor=None, dealer=None, load_format: str = "auto",
                  window: int = 8, fuse: str = "auto", status=None):
-        if fuse not in FUSE_CHOICES:
-            raise ConfigError(f"--fuse takes {', '.join(FUSE_CHOICES)}, not {fuse!r}")
+        check_fuse(fuse)  # before anything loads
         self.fuse = fuse
         self.model_name = model_name
         self.config = config

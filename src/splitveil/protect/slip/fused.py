@@ -60,23 +60,41 @@ def fuse_refusal(model) -> str | None:
 FUSE_CHOICES = ("auto", "on", "off")
 
 
-def resolve_fuse(model, fuse: str) -> bool:
-    """`--fuse auto|on|off` for `model` (meta weights are fine): whether its dealt device uses fused groups."""
+def check_fuse(fuse: str) -> None:
     if fuse not in FUSE_CHOICES:
         raise ConfigError(f"--fuse takes {', '.join(FUSE_CHOICES)}, not {fuse!r}")
+
+
+def resolve_fuse(model, fuse: str) -> bool:
+    """`--fuse auto|on|off` for `model` (meta weights are fine): whether its dealt device uses fused groups."""
+    check_fuse(fuse)
     refusal = fuse_refusal(model)
     if fuse == "on" and refusal is not None:
         raise ConfigError(f"--fuse on: {refusal}; use --fuse off")
     return fuse != "off" and refusal is None
 
 
-def _layer_names(model, index: int) -> dict[str, str]:
+def _layer_names(index: int) -> dict[str, str]:
     prefix = f"model.layers.{index}"
     return {"q": f"{prefix}.self_attn.q_proj.weight", "k": f"{prefix}.self_attn.k_proj.weight",
             "v": f"{prefix}.self_attn.v_proj.weight", "o": f"{prefix}.self_attn.o_proj.weight",
             "gate": f"{prefix}.mlp.gate_proj.weight", "up": f"{prefix}.mlp.up_proj.weight",
             "down": f"{prefix}.mlp.down_proj.weight", "norm_in": f"{prefix}.input_layernorm.weight",
             "norm_post": f"{prefix}.post_attention_layernorm.weight"}
+
+
+def _normed_input(tensors: dict, names: dict, members: tuple[str, ...], norm: str) -> torch.Tensor:
+    """The stacked weights of `members` with the norm's weight folded in: W G."""
+    return torch.cat([tensors[names[m]] for m in members]) * tensors[names[norm]]
+
+
+def _composite(first: torch.Tensor, then: torch.Tensor | None, residual: int) -> torch.Tensor:
+    """The fused matrix for the input [x; h] (h the residual stream, `residual` wide): [[first, 0], [then first,
+    then]] in float64 rounded to float32 once, or [first, 0] without `then`."""
+    top = torch.cat([first, torch.zeros(first.shape[0], residual, dtype=first.dtype)], 1)
+    if then is None:
+        return top.float()
+    return torch.cat([top, torch.cat([then @ first, then], 1)]).float()
 
 
 def fused_groups(model, layers: range, include_head: bool) -> list[tuple[LinearGroup, object]]:
@@ -97,35 +115,30 @@ def fused_groups(model, layers: range, include_head: bool) -> list[tuple[LinearG
         found.append((LinearGroup(len(found), tuple(members), in_features, tuple(out_features), layer), source))
 
     def qkv_source(index):
-        names = _layer_names(model, index)
+        names = _layer_names(index)
 
         def read(checkpoint):
-            t = checkpoint.read([names["q"], names["k"], names["v"], names["norm_in"]])
-            return torch.cat([t[names["q"]], t[names["k"]], t[names["v"]]]) * t[names["norm_in"]]
+            t = checkpoint.read([names[k] for k in ("q", "k", "v", "norm_in")])
+            return _normed_input(t, names, ("q", "k", "v"), "norm_in")
         return read
 
     def attention_out_source(index):
-        names = _layer_names(model, index)
+        names = _layer_names(index)
 
         def read(checkpoint):
-            t = {k: v.double() for k, v in checkpoint.read([names["o"], names["gate"], names["up"], names["norm_post"]]).items()}
-            mlp_in = torch.cat([t[names["gate"]], t[names["up"]]]) * t[names["norm_post"]]
-            top = torch.cat([t[names["o"]], torch.zeros(hidden, hidden, dtype=torch.float64)], 1)
-            return torch.cat([top, torch.cat([mlp_in @ t[names["o"]], mlp_in], 1)]).float()
+            t = {k: v.double() for k, v in checkpoint.read([names[k] for k in ("o", "gate", "up", "norm_post")]).items()}
+            return _composite(t[names["o"]], _normed_input(t, names, ("gate", "up"), "norm_post"), hidden)
         return read
 
     def mlp_out_source(index, next_index):
-        names = _layer_names(model, index)
-        after = _layer_names(model, next_index) if next_index is not None else None
+        names = _layer_names(index)
+        after = _layer_names(next_index) if next_index is not None else None
 
         def read(checkpoint):
             wanted = [names["down"]] + ([after[k] for k in ("q", "k", "v", "norm_in")] if after else [])
             t = {k: v.double() for k, v in checkpoint.read(wanted).items()}
-            top = torch.cat([t[names["down"]], torch.zeros(hidden, hidden, dtype=torch.float64)], 1)
-            if after is None:
-                return top.float()
-            qkv = torch.cat([t[after["q"]], t[after["k"]], t[after["v"]]]) * t[after["norm_in"]]
-            return torch.cat([top, torch.cat([qkv @ t[names["down"]], qkv], 1)]).float()
+            then = _normed_input(t, after, ("q", "k", "v"), "norm_in") if after else None
+            return _composite(t[names["down"]], then, hidden)
         return read
 
     if len(layers):
