@@ -44,6 +44,10 @@ def serve(
     idle_timeout: float = typer.Option(300.0, "--idle-timeout", min=0.1, help="Seconds of silence before a session is evicted."),
     no_batch: bool = typer.Option(False, "--no-batch", help="Run each session's steps alone instead of batching them."),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", min=0.0, help="How long to wait for more steps to batch."),
+    step_hold_ms: float = typer.Option(None, "--step-hold-ms", min=0.0, help="At most this long (and never longer than a "
+                                       "step round computes) a round of decode steps waits for the sessions due to send "
+                                       "theirs, so concurrent sessions stay in one batch; 0: never wait. [default: 100; "
+                                       "not with --ray]"),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
     dataset: str = typer.Option(None, "--dataset", help="Classifiers (lenet, vgg, resnet; sensor-cnn for basic-motions) only: the data set the "
                                 "classifier is trained on (its weights come from the training cache; trained if missing)."),
@@ -107,6 +111,9 @@ def serve(
         raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
     if replicas is not None and not ray:
         raise ConfigError("--replicas goes with --ray")
+    if ray and step_hold_ms is not None:
+        raise ConfigError("--step-hold-ms applies to the single-process server; drop it with --ray (replicas batch "
+                          "within --batch-window-ms)")
     if ray and vision:
         raise ConfigError("--ray serves an LM trunk; drop --ray to serve a vision model")
     token, token_path = token_for_server(token_file)
@@ -134,7 +141,7 @@ def serve(
             service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
                                           max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb,
                                           load_format=load_format.value, dtype=dtype, device=device)
-    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000,
+    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000, step_hold=(100.0 if step_hold_ms is None else step_hold_ms) / 1000,
                           max_connections=max_connections or 2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
     report = ready_writer(ready_fd)

@@ -3,7 +3,8 @@
 A single compute thread runs the parts (one torch thread). An asyncio scheduler feeds it in rounds: each round
 takes every waiting decode step (single-position frames, so concurrent sessions' steps run as one batched forward)
 and at most one prefill chunk, the oldest; a decode step therefore waits behind at most one chunk, however many
-sessions are prefilling. Connections are handled on the event loop; a bad frame gets an ERROR frame and closes
+sessions are prefilling; a round of steps waits (briefly) for the sessions due to send theirs, so concurrent sessions
+stay in one batch (`serve.pacing`). Connections are handled on the event loop; a bad frame gets an ERROR frame and closes
 only its own connection (and session). Connections, per-connection buffering and pending work are bounded
 (`ServerLimits`); the background tasks log a failed iteration in one line and carry on.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from splitveil.serve.auth import bearer, token_id, token_matches
+from splitveil.serve.pacing import StepPacer
 from splitveil.serve.ratelog import RateLimitedLog
 from splitveil.serve.service import PartService, Work
 from splitveil.wire.frame import HEADER_FIXED_BYTES, NO_SESSION, FrameKind, encode_frame, error_frame
@@ -44,6 +46,7 @@ def _compute_thread_setup(threads: int) -> None:
 class ServerLimits:
     idle_timeout: float = 300.0  # seconds a session may stay silent (nothing queued) before it is evicted
     batch_window: float = 0.002  # seconds the scheduler waits for more steps when other sessions are open
+    step_hold: float = 0.1  # at most this long a round of steps waits for sessions due back (serve.pacing); 0: off
     max_queue: int = 1024  # pending work items (all connections) before new ones are refused
     max_connections: int = 128  # open WebSocket connections at most; more are refused at the upgrade (HTTP 503)
     connection_queue: int = 2  # received messages one connection may buffer before the server stops reading it
@@ -93,6 +96,8 @@ class SplitServer:
         self._steps: deque = deque()  # (work, future): waiting decode steps
         self._chunks: deque = deque()  # (work, future): waiting prefill chunks and other multi-position frames
         self._wake: asyncio.Event | None = None
+        self._step_arrived: asyncio.Event | None = None
+        self._pacer = StepPacer(max_hold=limits.step_hold)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitveil-compute",
                                             initializer=_compute_thread_setup, initargs=(_torch_threads(),))
         self._stop: asyncio.Event | None = None
@@ -157,6 +162,7 @@ class SplitServer:
                         self.connections[session_id] = websocket
                     elif is_close:  # CLOSE of its own session (the only one it may close); a TRUNCATE keeps it
                         self.connections.pop(session_id, None)
+                        self._pacer.forget(session_id)
                         session_id = None
         except ConnectionClosed:
             pass
@@ -165,6 +171,7 @@ class SplitServer:
             if session_id is not None:
                 self.service.close_session(session_id)
                 self.connections.pop(session_id, None)
+                self._pacer.forget(session_id)
             await websocket.close()
 
     async def _compute(self, work: Work) -> bytes:
@@ -174,6 +181,9 @@ class SplitServer:
             return encode_frame(error_frame("the server is overloaded; try again", session=work.session_id, seq=work.frame.seq))
         future = self._loop.create_future()
         (self._steps if work.is_step else self._chunks).append((work, future))
+        if work.is_step:
+            self._pacer.arrived(work.session_id, self._loop.time())
+            self._step_arrived.set()
         self._wake.set()
         return await future
 
@@ -195,21 +205,42 @@ class SplitServer:
                 self._wake.set()
 
     async def _round(self) -> None:
-        """One compute round (`take_round`), after a short batching window when other sessions are open."""
+        """One compute round (`take_round`), after a short batching window when other sessions are open, and a hold
+        for the sessions whose steps are due (`serve.pacing`)."""
         if self.limits.batch_window > 0 and len(self.service.sessions) > 1:
             await asyncio.sleep(self.limits.batch_window)
+            await self._hold_for_due_steps()
         items = take_round(self._steps, self._chunks)
         replies: list = []
+        started = self._loop.time()
         try:
             replies = await self._loop.run_in_executor(self._executor, self.service.run, [work for work, _ in items])
+            if items and all(work.is_step for work, _ in items):
+                self._pacer.computed(self._loop.time() - started)
         finally:  # every taken frame gets an answer, even when the round itself failed or was cancelled
+            now = self._loop.time()
             for index, (work, future) in enumerate(items):
+                self._pacer.replied(work.session_id, now)
                 if index >= len(replies):
                     self.service.release(work)
                 if not future.done():
                     future.set_result(replies[index] if index < len(replies) else encode_frame(
                         error_frame("internal server error", session=work.session_id, seq=work.frame.seq)))
             items = None  # hold no session while idle: eviction must free its memory
+
+    async def _hold_for_due_steps(self) -> None:
+        """Waits while sessions not in the round are due to send their steps soon (`StepPacer.hold_until`)."""
+        since = self._loop.time()
+        while self._steps:
+            queued = {work.session_id for work, _ in self._steps}
+            until = self._pacer.hold_until(self._loop.time(), queued, since)
+            if until is None:
+                return
+            self._step_arrived.clear()
+            try:
+                await asyncio.wait_for(self._step_arrived.wait(), max(0.0, until - self._loop.time()))
+            except TimeoutError:
+                return
 
     async def _evictor(self) -> None:
         period = max(0.05, min(self.limits.idle_timeout / 4, 5.0))
@@ -223,6 +254,7 @@ class SplitServer:
     async def _evict(self) -> None:
         for session_id in self.service.evict_idle(self.limits.idle_timeout):
             log.info("evicted an idle session")
+            self._pacer.forget(session_id)
             websocket = self.connections.pop(session_id, None)
             if websocket is None:
                 continue
@@ -243,6 +275,7 @@ class SplitServer:
         if self.ssl_context is not None:
             self.ssl_context.num_tickets = 0  # also for a context not made by server_context (see there why)
         self._wake = asyncio.Event()
+        self._step_arrived = asyncio.Event()
         self._stop = asyncio.Event()
         max_message = self.service.max_frame_bytes * 2  # larger frames still get our ERROR frame below this
         async with serve(self._connection, self.host, self.port, ssl=self.ssl_context, process_request=self._authorize,
