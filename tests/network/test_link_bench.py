@@ -27,6 +27,17 @@ def test_link_bench_writes_a_record_with_identical_tokens(tmp_path):
     assert png_path.stat().st_size > 0
 
 
+def test_link_bench_slip_rows_run_the_fused_deployment_with_identical_tokens():
+    """The masked rows: the bench's own executor and dealer serve the bundle the device's default (fused groups) needs."""
+    spec = LinkBenchSpec(deployments=("slip",), slip_rtts=(0.0,), slip_bandwidths=(1000.0,), slip_max_new_tokens=4,
+                         prompts=("rewrite",))
+    (row,) = run_link_bench(spec)["rows"]
+    assert row["deployment"] == "slip" and row["same_tokens"]
+    sequential = row["runs"][0]["sequential"]
+    passes = sequential["tokens"]  # the prefill and a pass per decode step after the first token
+    assert sequential["round_trips"] == 54 * passes  # 2 per offloaded layer, layer 2's q/k/v, the masked head
+
+
 def test_link_bench_refuses_bad_settings():
     from splitveil.core.errors import ConfigError
 

@@ -146,19 +146,24 @@ def _split_rows(spec: LinkBenchSpec, progress) -> list[dict]:
 
 
 def _slip_rows(spec: LinkBenchSpec, progress) -> list[dict]:
+    from splitveil.plan.parts import empty_causal_lm
     from splitveil.protect.slip.dealt import DealtDevice
+    from splitveil.protect.slip.fused import resolve_fuse
     from splitveil.protect.slip.runtime import DealerProcess, ExecutorProcess, ensure_bundle
     from splitveil.protect.slip.trusted import SlipConfig
     from splitveil.transport.link import Link, LinkSpec
 
-    config = SlipConfig(mode="fixed", rank=0, layers=tuple(spec.split), include_head=True)
+    # the servers' bundle must have the groups the device uses: fused where the model allows (the device's default)
+    fuse = resolve_fuse(empty_causal_lm(spec.model)[0], "auto")
+    config = SlipConfig(mode="fixed", rank=0, layers=tuple(spec.split), include_head=True, fuse=fuse)
     bundle = ensure_bundle(spec.model, config)
     with ExecutorProcess(bundle, "fixed") as executor, DealerProcess(bundle) as dealer, \
             Link(LinkSpec(), ("127.0.0.1", executor.port)) as executor_link, \
             Link(LinkSpec(), ("127.0.0.1", dealer.port)) as dealer_link:
         device = DealtDevice(spec.model, config,
                              executor=(f"wss://127.0.0.1:{executor_link.port}", executor.token, executor.cert, None),
-                             dealer=(f"wss://127.0.0.1:{dealer_link.port}", dealer.token, dealer.cert, None))
+                             dealer=(f"wss://127.0.0.1:{dealer_link.port}", dealer.token, dealer.cert, None),
+                             fuse="on" if fuse else "off")
         with device:
             return _sweep("slip", lambda prompt, cfg: device.generate(prompt, cfg, chat=True)[0],
                           [executor_link, dealer_link], conditions(spec.slip_rtts, spec.slip_bandwidths), spec,
