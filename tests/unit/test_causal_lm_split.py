@@ -1,5 +1,7 @@
 """Exactness of the causal-LM adapter on tiny random models of several families (split == unsplit)."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -146,16 +148,28 @@ def test_generation_restarts_cleanly(tiny_models):
     assert split.service is not None and not split.service.sessions  # each generation closed its session
 
 
-def test_lm_head_pads_two_or_three_rows_of_a_large_cpu_matrix():
-    from splitveil.models.causal_lm import _few_rows_padded
+def test_few_row_products_agree_with_linear_and_leave_other_shapes_alone():
+    from splitveil.models.few_rows import FewRowsLinear, use_few_rows_products
 
     torch.manual_seed(0)
-    large = torch.nn.Linear(64, 1 << 16, bias=False)  # 4M elements: memory-bound on CPU
-    small = torch.nn.Linear(64, 32, bias=False)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 1 << 16, bias=False), torch.nn.Linear(1 << 16, 32),
+                                torch.nn.Linear(64, 32))
+    reference = [copy.deepcopy(layer) for layer in model]
+    use_few_rows_products(model)
+    large, biased, small = model
+    assert type(large) is FewRowsLinear and type(biased) is FewRowsLinear
     with torch.inference_mode():
-        for rows in range(1, 6):
-            x = torch.randn(1, rows, 64)
-            out = _few_rows_padded(large, x)
-            assert out.shape == (1, rows, 1 << 16)
-            torch.testing.assert_close(out, large(x), rtol=1e-5, atol=1e-5)  # the kernel changes, not the rows
-            assert torch.equal(_few_rows_padded(small, x), small(x))  # a small matrix: untouched
+        for rows in range(1, 10):
+            for layer, plain in zip(model, reference):
+                x = torch.randn(1, rows, layer.in_features)
+                out = layer(x)
+                assert out.shape == (1, rows, layer.out_features) and out.is_contiguous()
+                torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-4)  # the kernel changes, not the rows
+                if rows == 1 or rows > 8 or layer is small:
+                    assert torch.equal(out, plain(x))  # one row, many rows, a small matrix: F.linear itself
+        half = torch.nn.Linear(64, 1 << 16, bias=False).to(torch.bfloat16)
+        plain_half = copy.deepcopy(half)
+        use_few_rows_products(half)
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        assert torch.equal(half(x), plain_half(x))  # only float32 takes the transposed product
+

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from splitveil.core.errors import ConfigError
+from splitveil.models.few_rows import use_few_rows_products
 from splitveil.models.precision import module_placement
 from splitveil.models.splittable import Part, Splittable
 
@@ -122,7 +123,7 @@ class CausalLMSplittable(Splittable):
     def __init__(self, model: nn.Module):
         if not hasattr(model, "get_output_embeddings") or not hasattr(model, "base_model"):
             raise ConfigError(f"{type(model).__name__} is not a transformers causal LM")
-        self.model = model.eval()
+        self.model = use_few_rows_products(model.eval())  # speculative passes and small batches: `models.few_rows`
         self.config = model.config.get_text_config(decoder=True)
         self.base = model.base_model
         num_layers = self.config.num_hidden_layers
@@ -188,32 +189,10 @@ class CausalLMSplittable(Splittable):
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed hidden states [B, T, H] -> logits [B, T, V] (with the family's soft cap), in
         float32 whatever the weights' dtype (as transformers returns them; a bf16 value converts exactly)."""
-        logits = _few_rows_padded(self.lm_head, normed_hidden.to(self.lm_head.weight.dtype))
+        logits = self.lm_head(normed_hidden.to(self.lm_head.weight.dtype))  # 2-8 rows at one row's cost: few_rows
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
-
-
-#: a CPU product with a matrix this large (elements) reads it from memory: its cost is the read, not the rows
-_MEMORY_BOUND_ELEMENTS = 1 << 22
-#: row counts below this take MKL's row-by-row path on CPU: 2 and 3 rows of SmolLM2's LM head (49152 x 576, fp32,
-#: one thread) cost 2.1x and 3.2x one row, while 4 rows cost 1.7x (blocked), so 2-3 rows are padded to 4
-_BLOCKED_ROWS = 4
-
-
-def _few_rows_padded(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`linear(x)` for x [..., H]; 2-3 rows through a large CPU matrix are padded with zero rows to the blocked
-    kernel's 4 and sliced back (each row's result is the product of that row: the padding only changes the kernel,
-    so values agree to float rounding). Verification passes of speculative decoding and batched lanes apply the LM
-    head to 2-4 rows."""
-    weight = getattr(linear, "weight", None)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (weight is None or weight.device.type != "cpu" or weight.numel() < _MEMORY_BOUND_ELEMENTS
-            or not 1 < rows < _BLOCKED_ROWS):
-        return linear(x)
-    flat = x.reshape(rows, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(_BLOCKED_ROWS - rows, flat.shape[-1])])
-    return linear(padded)[:rows].reshape(*x.shape[:-1], -1)
 
 
 class CausalLMPart(Part):
