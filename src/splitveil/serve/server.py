@@ -220,7 +220,8 @@ class SplitServer:
         finally:  # every taken frame gets an answer, even when the round itself failed or was cancelled
             now = self._loop.time()
             for index, (work, future) in enumerate(items):
-                self._pacer.replied(work.session_id, now)
+                if work.session_id in self.service.sessions:  # a closed session's pace is forgotten, not revived
+                    self._pacer.replied(work.session_id, now)
                 if index >= len(replies):
                     self.service.release(work)
                 if not future.done():
