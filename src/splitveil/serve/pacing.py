@@ -36,7 +36,7 @@ class StepPacer:
         slack: added to each session's expected arrival (a moving average misses by a little either way).
     """
 
-    max_hold: float = 0.05
+    max_hold: float = 0.1  # as ServerLimits.step_hold and `serve --step-hold-ms`
     slack: float = 0.002
     smoothing: float = 0.3  # weight of the newest turnaround in the moving average
     round_seconds: float | None = None  # moving average of a step round's compute time
@@ -50,13 +50,15 @@ class StepPacer:
         """A decode step of `session_id` arrived at `now`."""
         pace = self.sessions.setdefault(session_id, _Pace())
         if pace.replied is not None:
-            took = max(0.0, now - pace.replied)
-            pace.turnaround = took if pace.turnaround is None else (1 - self.smoothing) * pace.turnaround + self.smoothing * took
+            pace.turnaround = self._average(pace.turnaround, max(0.0, now - pace.replied))
             pace.replied = None  # in the server's hands until its reply
 
     def computed(self, seconds: float) -> None:
         """A round of decode steps took `seconds` to compute."""
-        self.round_seconds = seconds if self.round_seconds is None else (1 - self.smoothing) * self.round_seconds + self.smoothing * seconds
+        self.round_seconds = self._average(self.round_seconds, seconds)
+
+    def _average(self, average: float | None, newest: float) -> float:
+        return newest if average is None else (1 - self.smoothing) * average + self.smoothing * newest
 
     def forget(self, session_id: bytes) -> None:
         self.sessions.pop(session_id, None)
