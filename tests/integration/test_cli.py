@@ -164,6 +164,8 @@ def test_help_explains_every_command():
         (["serve", "--ray", "--device", "auto"], "--ray replicas run on the CPU"),
         (["serve", "--ray", "--step-hold-ms", "5"], "--step-hold-ms applies to the single-process server"),
         (["serve", "--step-hold-ms", "-1"], "--step-hold-ms"),
+        (["serve", "--ray", "--step-cohorts", "2"], "--step-cohorts applies to the single-process server"),
+        (["serve", "--step-cohorts", "0"], "--step-cohorts"),
         (["generate", "--server", "http://127.0.0.1:1", "--prompt", "hi", "--token-file", "TOKEN"], "bad server URL"),
         (["generate", "--server", "wss://127.0.0.1:1", "--no-split", "--prompt", "hi"], "--no-split runs the unsplit model here"),
         (["generate", "--server", "wss://127.0.0.1:9", "--prompt", "hi", "--token-file", "TOKEN", "--pin", "abc"], "bad certificate pin"),

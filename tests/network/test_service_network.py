@@ -254,6 +254,28 @@ def test_concurrent_sessions_are_batched_and_stay_exact(make_server, client, tin
     assert max(server.service.batch_sizes) > 1  # steps of different sessions really ran together
 
 
+def test_eight_sessions_run_in_two_cohorts_and_stay_exact(make_server, client, tiny_model):
+    server = make_server(limits=ServerLimits(batch_window=0.005))  # two cohorts: the default
+    results, errors = {}, []
+
+    def run(seed):
+        try:
+            results[seed] = client(server).generate(prompt(seed), max_new_tokens=20, eos_token_ids=()).token_ids
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors
+    for seed in range(8):
+        assert results[seed] == unsplit_tokens(tiny_model, prompt(seed), 20), seed
+    sizes = server.service.batch_sizes
+    assert 1 < max(sizes) <= 4, sizes  # batched, and no round took more than its cohort's half of the eight
+
+
 def test_server_only_binds_loopback(make_server):
     server = make_server()
     bound = [sock.getsockname() for sock in server.sockets]  # the listening sockets themselves

@@ -1,8 +1,11 @@
 """The scheduler's hold for sessions due to send their decode steps (`serve.pacing.StepPacer`)."""
 
+from collections import deque
+
 import pytest
 
-from splitveil.serve.pacing import StepPacer
+from splitveil.serve.pacing import IDLE_AFTER, StepPacer
+from splitveil.serve.server import take_round
 
 A, B, C = b"a" * 16, b"b" * 16, b"c" * 16
 
@@ -68,3 +71,44 @@ def test_turnaround_is_a_moving_average_and_closed_sessions_are_forgotten():
     pacer.forget(B)
     pacer.forget(C)
     assert pacer.hold_until(10.04, {A}) is None
+
+
+def decoding_pacer(sessions: int, *, cohorts: int = 2) -> tuple[StepPacer, list[bytes]]:
+    """A pacer that has seen `sessions` sessions decode (turnaround 0.02 s), each replied to at t = 10."""
+    pacer = StepPacer(cohorts=cohorts)
+    ids = [bytes([i]) * 16 for i in range(sessions)]
+    for session in ids:
+        pacer.replied(session, 9.0)
+        pacer.arrived(session, 9.02)
+        pacer.replied(session, 10.0)
+    return pacer, ids
+
+
+def test_four_or_more_decoding_sessions_are_kept_in_cohorts():
+    pacer, ids = decoding_pacer(8)
+    assert pacer.round_cap(10.01, set(ids[:5])) == 4  # eight decoding: rounds of four
+    pacer, ids = decoding_pacer(5)
+    assert pacer.round_cap(10.01, set(ids[:3])) == 3
+    pacer, ids = decoding_pacer(3)
+    assert pacer.round_cap(10.01, set(ids)) is None  # too few to split: one round takes all
+    pacer, ids = decoding_pacer(8, cohorts=1)
+    assert pacer.round_cap(10.01, set(ids)) is None
+
+
+def test_sessions_that_stopped_decoding_are_not_counted_in_the_cohorts():
+    pacer, ids = decoding_pacer(8)
+    later = 10.0 + IDLE_AFTER + 0.01  # no step from anyone since their replies: all idle but the queued
+    assert pacer.decoding(later, set(ids[:2])) == 2
+    assert pacer.round_cap(later, set(ids[:2])) is None
+    pacer.arrived(ids[2], later)  # a step in the server's hands counts until its reply
+    assert pacer.decoding(later, set(ids[:2])) == 3
+    pacer.forget(ids[0])
+    assert pacer.decoding(10.01, set()) == 7
+
+
+def test_a_capped_round_takes_the_oldest_steps_and_one_chunk():
+    steps, chunks = deque(["s1", "s2", "s3", "s4", "s5"]), deque(["c1", "c2"])
+    assert take_round(steps, chunks, 2) == ["s1", "s2", "c1"]
+    assert list(steps) == ["s3", "s4", "s5"] and list(chunks) == ["c2"]
+    assert take_round(steps, chunks) == ["s3", "s4", "s5", "c2"]
+    assert not steps and not chunks

@@ -48,6 +48,10 @@ def serve(
                                        "step round computes) a round of decode steps waits for the sessions due to send "
                                        "theirs, so concurrent sessions stay in one batch; 0: never wait. [default: 100; "
                                        "not with --ray]"),
+    step_cohorts: int = typer.Option(None, "--step-cohorts", min=1, help="With 4 or more sessions decoding, keep their "
+                                     "steps in this many groups, so the server computes one group's round while the "
+                                     "others' clients turn their replies around; 1: one round takes every waiting "
+                                     "step. [default: 2; not with --ray]"),
     threads: int = typer.Option(1, "--threads", help="Torch threads for the compute thread."),
     dataset: str = typer.Option(None, "--dataset", help="Classifiers (lenet, vgg, resnet; sensor-cnn for basic-motions) only: the data set the "
                                 "classifier is trained on (its weights come from the training cache; trained if missing)."),
@@ -111,9 +115,10 @@ def serve(
         raise ConfigError("--insecure turns TLS off; drop --tls-cert/--tls-key or --insecure")
     if replicas is not None and not ray:
         raise ConfigError("--replicas goes with --ray")
-    if ray and step_hold_ms is not None:
-        raise ConfigError("--step-hold-ms applies to the single-process server; drop it with --ray (replicas batch "
-                          "within --batch-window-ms)")
+    for flag, value in (("--step-hold-ms", step_hold_ms), ("--step-cohorts", step_cohorts)):
+        if ray and value is not None:
+            raise ConfigError(f"{flag} applies to the single-process server; drop it with --ray (replicas batch "
+                              "within --batch-window-ms)")
     if ray and vision:
         raise ConfigError("--ray serves an LM trunk; drop --ray to serve a vision model")
     token, token_path = token_for_server(token_file)
@@ -142,6 +147,7 @@ def serve(
                                           max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb,
                                           load_format=load_format.value, dtype=dtype, device=device)
     limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000, step_hold=(100.0 if step_hold_ms is None else step_hold_ms) / 1000,
+                          step_cohorts=2 if step_cohorts is None else step_cohorts,
                           max_connections=max_connections or 2 * max_sessions)
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
     report = ready_writer(ready_fd)

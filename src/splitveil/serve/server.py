@@ -47,6 +47,7 @@ class ServerLimits:
     idle_timeout: float = 300.0  # seconds a session may stay silent (nothing queued) before it is evicted
     batch_window: float = 0.002  # seconds the scheduler waits for more steps when other sessions are open
     step_hold: float = 0.1  # at most this long a round of steps waits for sessions due back (serve.pacing); 0: off
+    step_cohorts: int = 2  # groups 4+ decoding sessions' steps are kept in (serve.pacing); 1: one round takes all
     max_queue: int = 1024  # pending work items (all connections) before new ones are refused
     max_connections: int = 128  # open WebSocket connections at most; more are refused at the upgrade (HTTP 503)
     connection_queue: int = 2  # received messages one connection may buffer before the server stops reading it
@@ -54,14 +55,18 @@ class ServerLimits:
     ping_timeout: float = 60.0  # seconds a ping may wait for its pong before the connection is closed
 
 
-def take_round(steps: deque, chunks: deque) -> list:
-    """What one compute round runs: every waiting decode step and at most one prefill chunk (the oldest).
+def take_round(steps: deque, chunks: deque, most: int | None = None) -> list:
+    """What one compute round runs: every waiting decode step (the `most` oldest, when given) and at most one prefill
+    chunk (the oldest).
 
     Each connection has at most one frame waiting, so the chunks of concurrent prefills alternate, and a decode
     step that arrives while a chunk computes runs in the very next round.
     """
-    items = list(steps)
-    steps.clear()
+    if most is None or most >= len(steps):
+        items = list(steps)
+        steps.clear()
+    else:
+        items = [steps.popleft() for _ in range(most)]
     if chunks:
         items.append(chunks.popleft())
     return items
@@ -97,7 +102,7 @@ class SplitServer:
         self._chunks: deque = deque()  # (work, future): waiting prefill chunks and other multi-position frames
         self._wake: asyncio.Event | None = None
         self._step_arrived: asyncio.Event | None = None
-        self._pacer = StepPacer(max_hold=limits.step_hold)
+        self._pacer = StepPacer(max_hold=limits.step_hold, cohorts=limits.step_cohorts)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitveil-compute",
                                             initializer=_compute_thread_setup, initargs=(_torch_threads(),))
         self._stop: asyncio.Event | None = None
@@ -206,11 +211,12 @@ class SplitServer:
 
     async def _round(self) -> None:
         """One compute round (`take_round`), after a short batching window when other sessions are open, and a hold
-        for the sessions whose steps are due (`serve.pacing`)."""
+        for the sessions whose steps are due; with four or more sessions decoding, the round takes its cohort's
+        share of the steps (`serve.pacing`)."""
         if self.limits.batch_window > 0 and len(self.service.sessions) > 1:
             await asyncio.sleep(self.limits.batch_window)
             await self._hold_for_due_steps()
-        items = take_round(self._steps, self._chunks)
+        items = take_round(self._steps, self._chunks, self._pacer.round_cap(self._loop.time(), self._queued()))
         replies: list = []
         started = self._loop.time()
         try:
@@ -229,11 +235,17 @@ class SplitServer:
                         error_frame("internal server error", session=work.session_id, seq=work.frame.seq)))
             items = None  # hold no session while idle: eviction must free its memory
 
+    def _queued(self) -> set:
+        return {work.session_id for work, _ in self._steps}
+
     async def _hold_for_due_steps(self) -> None:
         """Waits while sessions not in the round are due to send their steps soon (`StepPacer.hold_until`)."""
         since = self._loop.time()
         while self._steps:
-            queued = {work.session_id for work, _ in self._steps}
+            queued = self._queued()
+            cap = self._pacer.round_cap(self._loop.time(), queued)
+            if cap is not None and len(queued) >= cap:  # a cohort is in: the others make the next round
+                return
             until = self._pacer.hold_until(self._loop.time(), queued, since)
             if until is None:
                 return
