@@ -233,45 +233,35 @@ def test_evicted_client_replays_and_continues_identically(make_server, client, t
     assert result.token_ids == unsplit_tokens(tiny_model, prompt(3), 20)
 
 
-def test_concurrent_sessions_are_batched_and_stay_exact(make_server, client, tiny_model):
-    server = make_server(limits=ServerLimits(batch_window=0.005))
+def generate_concurrently(server, client, tiny_model, sessions: int, tokens: int) -> None:
+    """`sessions` clients generate at once through `server`; each gets the unsplit model's tokens."""
     results, errors = {}, []
 
     def run(seed):
         try:
-            results[seed] = client(server).generate(prompt(seed), max_new_tokens=30, eos_token_ids=()).token_ids
+            results[seed] = client(server).generate(prompt(seed), max_new_tokens=tokens, eos_token_ids=()).token_ids
         except Exception as error:  # surfaced below
             errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
-    for seed in range(4):
-        assert results[seed] == unsplit_tokens(tiny_model, prompt(seed), 30), seed
-    assert max(server.service.batch_sizes) > 1  # steps of different sessions really ran together
-
-
-def test_eight_sessions_run_in_two_cohorts_and_stay_exact(make_server, client, tiny_model):
-    server = make_server(limits=ServerLimits(batch_window=0.005))  # two cohorts: the default
-    results, errors = {}, []
-
-    def run(seed):
-        try:
-            results[seed] = client(server).generate(prompt(seed), max_new_tokens=20, eos_token_ids=()).token_ids
-        except Exception as error:  # surfaced below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(8)]
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(sessions)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(90)
     assert not errors
-    for seed in range(8):
-        assert results[seed] == unsplit_tokens(tiny_model, prompt(seed), 20), seed
+    for seed in range(sessions):
+        assert results[seed] == unsplit_tokens(tiny_model, prompt(seed), tokens), seed
+
+
+def test_concurrent_sessions_are_batched_and_stay_exact(make_server, client, tiny_model):
+    server = make_server(limits=ServerLimits(batch_window=0.005))
+    generate_concurrently(server, client, tiny_model, 4, 30)
+    assert max(server.service.batch_sizes) > 1  # steps of different sessions really ran together
+
+
+def test_eight_sessions_run_in_two_cohorts_and_stay_exact(make_server, client, tiny_model):
+    server = make_server(limits=ServerLimits(batch_window=0.005))  # two cohorts: the default
+    generate_concurrently(server, client, tiny_model, 8, 20)
     sizes = server.service.batch_sizes
     assert 1 < max(sizes) <= 4, sizes  # batched, and no round took more than its cohort's half of the eight
 
