@@ -146,9 +146,10 @@ def serve(
             service = build_cloud_service(model, cuts, max_sessions=max_sessions, max_tokens=max_tokens,
                                           max_frame_bytes=max_frame_bytes, batch_steps=not no_batch, max_kv_mb=max_kv_mb,
                                           load_format=load_format.value, dtype=dtype, device=device)
-    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000, step_hold=(100.0 if step_hold_ms is None else step_hold_ms) / 1000,
-                          step_cohorts=2 if step_cohorts is None else step_cohorts,
-                          max_connections=max_connections or 2 * max_sessions)
+    paced = {"step_hold": None if step_hold_ms is None else step_hold_ms / 1000, "step_cohorts": step_cohorts}
+    limits = ServerLimits(idle_timeout=idle_timeout, batch_window=batch_window_ms / 1000,
+                          max_connections=max_connections or 2 * max_sessions,
+                          **{name: value for name, value in paced.items() if value is not None})  # else its defaults
     server = SplitServer(service, token=token, ssl_context=ssl_context, host=host, port=port, limits=limits)
     report = ready_writer(ready_fd)
 

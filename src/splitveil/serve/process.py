@@ -107,4 +107,7 @@ class ServerProcess(ChildServer):
         return head, list(self.extra_args)
 
     def __enter__(self) -> "ServerProcess":
+        if "--ray" in self.extra_args:
+            # stopping Ray (raylets, GCS, every replica) takes seconds, and more than 10 on a loaded 2-core machine
+            self.stop_grace = 60.0
         return super().__enter__()
