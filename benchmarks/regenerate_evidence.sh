@@ -9,8 +9,10 @@
 # training cache when present. The long steps pass --resume: a run that was stopped goes on from the units it finished
 # (sweep cuts, extraction runs) when rerun from the same commit. Steps:
 #   defaults    SiftFunnel's strength per data set and model within 3 points (--write-defaults)   ~60 min
-#   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       hours
-#   depth       attack strength against cut depth, VGG (--quick)                                 ~1-2 h
+#   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       ~20 h per model
+#   depth       attack strength against cut depth, VGG (--quick)                                 ~4 h
+#               (a cut is 1.2-1.6 CPU-hours: each learned attacker trains 28-130 epochs to its plateau, and the
+#               three MI estimators take 20-35 min; frontier: up to 33 (defence, strength) units per model)
 #   tee         TEE cut selection, converged attacks and rMLE: VGG, ResNet, MobileNet  2-3 CPU-hours each
 #   salted      Salted DNNs, standard and salted trained alike (--quick)                         ~1 h
 #   salted-full Salted DNNs at full size (VGG, fashion-mnist), trained alike, converged readers    ~1 h

@@ -128,21 +128,32 @@ def _record(split, mine_runs, attack="inverse"):
             "threat_model": {"description": "d"}, "examples": {"originals": [image], "reconstructions": [image]}}
 
 
-def test_the_report_states_mine_intervals_and_only_the_order_they_support(tmp_path):
+def test_the_report_states_mi_intervals_and_only_the_order_two_estimators_support(tmp_path):
     """Regression: the report gave MINE means alone, and the docs called a fall "monotone" where the seeds of one cut
-    spread wider than the step between cuts."""
+    spread wider than the step between cuts. An order between cuts now needs two estimators apart beyond their spread."""
     from splitveil.experiments.image_privacy import write_image_report
-    from splitveil.experiments.image_report import mine_intervals, mine_trend
+    from splitveil.experiments.image_report import attacker_training, mine_intervals
+
+    def estimates(mine, knn):
+        return {"mine": {"mean": sum(mine) / 3, "low": min(mine), "high": max(mine), "runs": mine},
+                "knn": {"mean": sum(knn) / 3, "low": min(knn), "high": max(knn), "runs": knn}}
 
     records = [_record(1, [4.75, 5.29, 5.34]), _record(2, [3.93, 4.80, 5.11]), _record(3, [3.24, 3.79, 3.42])]
+    records[0]["mutual_information"] = estimates([4.75, 5.29, 5.34], [3.0, 3.1, 3.2])
+    records[1]["mutual_information"] = estimates([3.93, 4.80, 5.11], [2.5, 2.6, 2.7])  # MINE overlaps cut 1
+    records[2]["mutual_information"] = estimates([3.24, 3.79, 3.42], [2.0, 2.1, 2.2])  # both fall beyond the spread
+    records[1].update(attacker_epochs=62, attacker_converged=True)
     intervals = mine_intervals(records)
     assert intervals[2] == {"mean": pytest.approx(4.6133, abs=1e-4), "low": 3.93, "high": 5.11, "seeds": 3}
-    assert mine_trend(intervals) == ("MINE over 3 seeds per cut (min-max ranges): falls between cuts 2->3; overlaps "
-                                     "between cuts 1->2 (order not resolved).")
     *_, depth, markdown = write_image_report(records, tmp_path, "r")
     text = markdown.read_text()
-    assert "| 4.613 [3.93, 5.11] (3) |" in text and "overlaps between cuts 1->2" in text
+    assert "| 4.613 [3.93, 5.11] (3) |" in text and "| 62 (plateau) |" in text
+    assert "- cuts 1 -> 2: no order claimed (no ordering supported (not every estimator separates them)" in text
+    assert "- cuts 2 -> 3: less information at the deeper cut (every estimator agrees" in text
+    assert "| 2 | 4.61 [3.93, 5.11] (3) | 2.60 [2.50, 2.70] (3) |" in text
     assert depth.stat().st_size > 1000
-    single = [_record(1, [4.0]), _record(2, [3.0])]
-    assert "no claim about its order" in mine_trend(mine_intervals(single))
-    assert "| 4.000 (1 seed) |" in write_image_report(single, tmp_path, "s")[-1].read_text()
+    assert attacker_training({"attacker_epochs": 200, "attacker_converged": False}) == "200 (cap)"
+    assert attacker_training({}) == "-"
+    single = [_record(1, [4.0]), _record(2, [3.0])]  # an old record: MINE alone, one seed
+    text = write_image_report(single, tmp_path, "s")[-1].read_text()
+    assert "| 4.000 (1 seed) |" in text and "no order claimed (needs 2 estimators" in text

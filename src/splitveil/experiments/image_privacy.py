@@ -477,7 +477,8 @@ def _rounded(images: torch.Tensor) -> list:
 
 def write_image_report(records: list[dict], out_dir, stem: str) -> tuple:
     """Records -> `<stem>.jsonl`, `<stem>_grid.png`, `<stem>_depth.png` and `<stem>.md`; returns the paths."""
-    from splitveil.experiments.image_report import mine_intervals, mine_trend, plot_depth, plot_grid
+    from splitveil.experiments.image_report import (attacker_training, information_lines, mine_intervals, plot_depth,
+                                                    plot_grid)
     from splitveil.core.records import write_records
 
     out_dir, jsonl = write_records(records, out_dir, stem)
@@ -491,17 +492,20 @@ def write_image_report(records: list[dict], out_dir, stem: str) -> tuple:
              f"{first['sizes']['train']} images, attacker's auxiliary set {first['sizes']['aux']} (disjoint), "
              f"{first['sizes']['attacked']} test images attacked. Mean-image baseline: SSIM {first['baseline_ssim']:.3f}, "
              f"PSNR {first['baseline_psnr']:.2f} dB.", "",
-             "| attack | split | features | SSIM | PSNR (dB) | MSE | recon accuracy | MINE (nats) [min, max over seeds] | dCor² | dCor² (unbiased) | attack s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| attack | split | features | SSIM | PSNR (dB) | MSE | recon accuracy | MINE (nats) [min, max over seeds] | dCor² | dCor² (unbiased) | attacker epochs (stopped by) | attack s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     intervals = mine_intervals(records)
     for r in sorted(records, key=lambda r: (r["attack"], r["split"])):
         mine = intervals[r["split"]]
         interval = f" [{mine['low']:.2f}, {mine['high']:.2f}] ({mine['seeds']})" if mine["seeds"] > 1 else " (1 seed)"
         lines.append(f"| {r['attack']} | {r['split']} | {'x'.join(map(str, r['feature_shape']))} | {r['ssim']:.3f} | "
                      f"{r['psnr']:.2f} | {r['mse']:.4f} | {r['recon_accuracy']:.3f} | {r['mine']:.3f}{interval} | "
-                     f"{r['dcor']:.3f} | {r['dcor_unbiased']:.3f} | {r['attack_seconds']:.1f} |")
-    trend = mine_trend(intervals)
-    lines += [*(["", trend] if trend else []), "", f"Recon accuracy: a {first['evaluator']['model']} trained on the auxiliary split classifies the "
+                     f"{r['dcor']:.3f} | {r['dcor_unbiased']:.3f} | {attacker_training(r)} | {r['attack_seconds']:.1f} |")
+    information = information_lines(records)
+    if information:
+        lines += ["", "Mutual information I(x; z) per cut, every estimator (number of seeds in brackets); an order "
+                  "between cuts is claimed only where two estimators agree beyond their spread:", "", *information]
+    lines += ["", f"Recon accuracy: a {first['evaluator']['model']} trained on the auxiliary split classifies the "
               f"reconstructions (it scores {first['evaluator']['accuracy_on_originals']:.3f} on the originals).", "",
               "## Threat models", ""]
     for name, threat in sorted({r["attack"]: r["threat_model"] for r in records}.items()):

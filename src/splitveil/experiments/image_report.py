@@ -16,25 +16,51 @@ def mine_intervals(records: list[dict]) -> dict[int, dict]:
     return dict(sorted(intervals.items()))
 
 
-def mine_trend(intervals: dict[int, dict]) -> str:
-    """What the seeds support about MINE against depth: for each pair of neighbouring cuts, whether their seed ranges
-    separate (the deeper cut's highest estimate below the shallower cut's lowest) or overlap."""
-    cuts = list(intervals)
-    if len(cuts) < 2:
-        return ""
-    if min(i["seeds"] for i in intervals.values()) < 2:
-        return "MINE has a single seed at some cuts: no interval, so no claim about its order with depth."
-    falls, overlaps, rises = [], [], []
-    for shallow, deep in zip(cuts, cuts[1:]):
-        a, b = intervals[shallow], intervals[deep]
-        pair = f"{shallow}->{deep}"
-        (falls if b["high"] < a["low"] else rises if b["low"] > a["high"] else overlaps).append(pair)
-    counts = sorted({i["seeds"] for i in intervals.values()})
-    seeds = f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]} to {counts[-1]} seeds"
-    parts = [f"falls between cuts {', '.join(falls)}" if falls else "",
-             f"rises between cuts {', '.join(rises)}" if rises else "",
-             f"overlaps between cuts {', '.join(overlaps)} (order not resolved)" if overlaps else ""]
-    return f"MINE over {seeds} per cut (min-max ranges): " + "; ".join(p for p in parts if p) + "."
+def information_by_cut(records: list[dict]) -> dict[int, dict]:
+    """Per split: the record's `mutual_information` (estimator -> {mean, low, high, runs}); the estimates depend on
+    the cut, not on the attack. Records from before the second and third estimators give MINE alone."""
+    by_cut = {}
+    for record in records:
+        estimates = record.get("mutual_information")
+        if not estimates:
+            runs = record.get("mine_runs") or [record["mine"]]
+            estimates = {"mine": {"mean": record["mine"], "low": min(runs), "high": max(runs), "runs": runs}}
+        by_cut[record["split"]] = {name: value for name, value in estimates.items()
+                                   if isinstance(value, dict) and "runs" in value}
+    return dict(sorted(by_cut.items()))
+
+
+def information_lines(records: list[dict]) -> list[str]:
+    """Markdown: a table of every MI estimator's mean [min, max over seeds] per cut, and for each pair of neighbouring
+    cuts what `information_order` supports (an order only where two estimators agree beyond their spread)."""
+    from splitveil.metrics.mi_compare import ESTIMATORS, information_order
+
+    by_cut = information_by_cut(records)
+    names = [n for n in ESTIMATORS if any(n in e for e in by_cut.values())]
+    if not names:
+        return []
+    lines = ["| split | " + " | ".join(f"{n} (nats) mean [min, max]" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for cut, estimates in by_cut.items():
+        cells = [f"{estimates[n]['mean']:.2f} [{estimates[n]['low']:.2f}, {estimates[n]['high']:.2f}] "
+                 f"({len(estimates[n]['runs'])})" if n in estimates else "-" for n in names]
+        lines.append(f"| {cut} | " + " | ".join(cells) + " |")
+    cuts = list(by_cut)
+    if len(cuts) > 1:
+        lines.append("")
+        for shallow, deep in zip(cuts, cuts[1:]):
+            order = information_order(by_cut[deep], by_cut[shallow])
+            verdict = {"<": "less information at the deeper cut", ">": "more information at the deeper cut"}
+            lines.append(f"- cuts {shallow} -> {deep}: {verdict.get(order.relation, 'no order claimed')} "
+                         f"({order.reason})")
+    return lines
+
+
+def attacker_training(record: dict) -> str:
+    """How long a record's attacker trained: "62 (plateau)", "200 (cap)", or "-" for an attack that does not learn."""
+    if record.get("attacker_epochs") is None:
+        return "-"
+    return f"{record['attacker_epochs']} ({'plateau' if record.get('attacker_converged') else 'cap'})"
 
 
 def plot_grid(records: list[dict], path: Path) -> Path:
@@ -63,7 +89,7 @@ def plot_grid(records: list[dict], path: Path) -> Path:
 
 
 def plot_depth(records: list[dict], path: Path) -> Path:
-    """SSIM (one line per attack) and MINE against split depth, side by side."""
+    """SSIM (one line per attack) and each MI estimator (mean, min-max bars over seeds) against split depth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,15 +105,19 @@ def plot_depth(records: list[dict], path: Path) -> Path:
     left.axhline(baseline, color="grey", linestyle=":", label="mean image")
     left.set(xlabel="split (blocks on the edge)", ylabel="SSIM", title="reconstruction quality", ylim=(0, 1.02))
     left.legend(fontsize=7)
-    intervals = mine_intervals(records)
-    cuts = list(intervals)
-    means = [intervals[c]["mean"] for c in cuts]
-    spread = [[m - intervals[c]["low"] for c, m in zip(cuts, means)], [intervals[c]["high"] - m for c, m in zip(cuts, means)]]
-    seeds = min(i["seeds"] for i in intervals.values())
-    right.errorbar(cuts, means, yerr=spread, marker="s", color="tab:purple", capsize=4,
-                   label=f"mean, bars: min-max over {seeds} seeds" if seeds > 1 else "one seed (no interval)")
+    by_cut = information_by_cut(records)
+    names = sorted({n for e in by_cut.values() for n in e}, key=lambda n: ("mine", "infonce", "knn").index(n)
+                   if n in ("mine", "infonce", "knn") else 9)
+    for offset, name in enumerate(names):
+        cuts = [c for c, e in by_cut.items() if name in e]
+        values = [by_cut[c][name] for c in cuts]
+        seeds = min(len(v["runs"]) for v in values)
+        right.errorbar([c + 0.06 * (offset - (len(names) - 1) / 2) for c in cuts], [v["mean"] for v in values],
+                       yerr=[[v["mean"] - v["low"] for v in values], [v["high"] - v["mean"] for v in values]],
+                       marker="s", capsize=3, label=f"{name} ({seeds} seeds, bars: min-max)" if seeds > 1 else
+                       f"{name} (one seed)")
     right.legend(fontsize=7)
-    right.set(xlabel="split (blocks on the edge)", ylabel="MINE I(x; z) (nats)", title="mutual information (DV bound)")
+    right.set(xlabel="split (blocks on the edge)", ylabel="I(x; z) estimate (nats)", title="mutual information")
     for axis in (left, right):
         axis.set_xticks(sorted({r["split"] for r in records}))
         axis.grid(alpha=0.3)

@@ -109,8 +109,8 @@ def information_order(a: dict, b: dict, *, estimators: tuple[str, ...] | None = 
         min_estimators: estimators that must all agree.
 
     Returns:
-        an `Ordering`; `relation` is set only when at least `min_estimators` estimators, each with `min_seeds` runs,
-        put a strictly on the same side of b with their min-max ranges apart.
+        an `Ordering`; `relation` is set only when every consulted estimator (at least `min_estimators`), each with
+        `min_seeds` runs, puts a strictly on the same side of b with their min-max ranges apart.
     """
     names = [n for n in (estimators or ESTIMATORS) if n in a and n in b]
     if len(names) < min_estimators:
