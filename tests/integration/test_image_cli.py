@@ -127,17 +127,30 @@ def test_quick_sweep_on_digits_writes_records_and_report(capsys, tmp_path):
     assert "| inverse | 1 |" in (tmp_path / "image-privacy_digits_vgg_quick.md").read_text()
 
 
-def test_a_frontier_walks_each_baselines_ladder_one_step_past_siftfunnels_accuracy_cost():
+def test_a_frontier_walks_each_baselines_ladder_one_step_past_siftfunnels_accuracy_cost(monkeypatch, tmp_path):
+    """The walks run in worker processes (the same frontier as in one process); each point is kept, so a resumed
+    sweep on a machine with an empty training cache reads the walk back instead of retraining its victims."""
+    import json
+
+    from splitveil.core.records import RUN_STATE_VARIABLE
+    from splitveil.experiments import image_privacy
     from splitveil.experiments.image_privacy import ImageAttackSpec, frontier_units, prepare_victim
     from splitveil.protect.image import IMAGE_DEFENCES
 
+    monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path))  # workers inherit it: a fresh cache for victims and units
+    monkeypatch.setenv(RUN_STATE_VARIABLE, json.dumps({"git_sha": "c" * 40, "git_dirty": False}))
     spec = ImageAttackSpec.quick(dataset="digits", model="vgg", split=2, epochs=2)
     victim = prepare_victim(spec)
-    units, frontier = frontier_units(spec, [2], [("none", None), ("siftfunnel", 0.5), ("noise", None),
-                                                 ("dropout", 0.5)], victim)
+    defences = [("none", None), ("siftfunnel", 0.5), ("noise", None), ("dropout", 0.5), ("nopeek", None)]
+    units, frontier = frontier_units(spec, [2], defences, victim, jobs=2)
+    assert frontier_units(spec, [2], defences, victim) == (units, frontier)  # one process: the same walk
+    trained = []
+    monkeypatch.setattr(image_privacy, "accuracy_cost", lambda *a, **k: trained.append(a) or 1 / 0)
+    assert frontier_units(spec, [2], defences, victim, resume=True) == (units, frontier)  # read back, none trained
+    assert trained == []
     summary = frontier[2]
     target = summary["target_cost"]
-    assert target is not None and list(summary["baselines"]) == ["noise"]  # dropout:0.5 is a fixed setting
+    assert target is not None and list(summary["baselines"]) == ["noise", "nopeek"]  # dropout:0.5 is a fixed setting
     walk = summary["baselines"]["noise"]["points"]
     ladder = IMAGE_DEFENCES.get("noise").frontier_strengths
     assert [p["strength"] for p in walk] == list(ladder[:len(walk)])
@@ -148,7 +161,8 @@ def test_a_frontier_walks_each_baselines_ladder_one_step_past_siftfunnels_accura
     else:
         assert not any(reached) and len(walk) == len(ladder)
     settings = [(u.defence, u.strength) for u in units]
-    assert settings == [("none", 0.0), ("siftfunnel", 0.5), ("dropout", 0.5), *(("noise", p["strength"]) for p in walk)]
+    assert settings == [("none", 0.0), ("siftfunnel", 0.5), ("dropout", 0.5), *(("noise", p["strength"]) for p in walk),
+                        *(("nopeek", p["strength"]) for p in summary["baselines"]["nopeek"]["points"])]
 
 
 def test_sweep_in_worker_processes_gives_the_records_of_one_process():

@@ -365,48 +365,89 @@ def resolve_defences(defences, spec: ImageAttackSpec | None = None) -> list[tupl
     return [(name, make_defence(name, strength, **where).strength) for name, strength in defences]
 
 
-def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dict, *, progress=None):
+def frontier_point(spec: ImageAttackSpec, splits, undefended, clean: float, *, resume: bool = False) -> dict:
+    """{"strength", "accuracy", "cost"} of `spec`'s defended victim (`accuracy_cost`). Kept as a unit, so that a
+    `--resume` on another machine, whose training cache is empty, reads the walk back instead of retraining every
+    victim of it before the first attack."""
+    from splitveil.experiments.units import kept_or_run
+
+    point = kept_or_run("frontier-point", {"unit": asdict(spec)},
+                        lambda: accuracy_cost(spec, splits, undefended, clean), resume=resume)
+    return {key: point[key] for key in ("strength", "accuracy", "cost")}
+
+
+def walk_frontier(spec: ImageAttackSpec, target: float, *, resume: bool = False, victim: dict | None = None) -> dict:
+    """One baseline's frontier at `spec.split`: `spec.defence` at each of its `frontier_strengths`, weakest first,
+    until one step beyond the first that costs `target` accuracy or more. Returns {"points": [...], "reached"}.
+    Runs in a worker process (the undefended victim then comes from the training cache)."""
+    from splitveil.protect.image import IMAGE_DEFENCES
+
+    if victim is None:
+        splits, undefended, _ = splits_and_victim(spec)
+    else:
+        splits, undefended = victim["splits"], victim["victim"]
+    clean = seeded_accuracy(undefended, splits.test, spec.seed)
+    points, past = [], 0
+    for strength in IMAGE_DEFENCES.get(spec.defence).frontier_strengths:
+        points.append(frontier_point(replace(spec, strength=strength), splits, undefended, clean, resume=resume))
+        past += points[-1]["cost"] >= target
+        if past == 2:  # one step beyond the first setting that costs as much as SiftFunnel
+            break
+    return {"points": points, "reached": past > 0}
+
+
+def frontier_units(spec: ImageAttackSpec, cuts: list[int], defences, victim: dict, *, progress=None, jobs: int = 1,
+                   resume: bool = False):
     """`image-sweep --frontier`: the (cut, defence, strength) settings to attack, with each baseline named without a
     strength walked up its `frontier_strengths` until its accuracy cost (undefended minus defended test accuracy)
     reaches the largest of the SiftFunnel settings' at that cut, plus one step beyond; without SiftFunnel in the list
-    the whole ladder. The victims are trained (or loaded) here, so worker processes find them cached.
+    the whole ladder. The baselines' walks run in `jobs` worker processes; each point's defended victim is trained
+    (or loaded) there, so the units' workers find it cached; each measured point is kept, and with `resume` read
+    back (`frontier_point`).
 
     Returns:
         (units, frontier): `ImageAttackSpec`s, and per cut {"target_cost", "baselines": {name: {"points": [{strength,
         accuracy, cost}], "reached": bool}}}, which every record of the sweep carries.
     """
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+    from multiprocessing import get_context
+
+    from splitveil.core.runtime import init_worker
     from splitveil.protect.image import IMAGE_DEFENCES
 
     splits, undefended = victim["splits"], victim["victim"]
     clean = seeded_accuracy(undefended, splits.test, spec.seed)
-
-    def measured(cut: int, name: str, strength: float) -> dict:
-        if progress is not None:
-            progress(f"frontier: training or loading {name} {strength:g} at cut {cut} ...")
-        point = accuracy_cost(replace(spec, split=cut, defence=name, strength=strength), splits, undefended, clean)
-        return {key: point[key] for key in ("strength", "accuracy", "cost")}
-
     swept = [name for name, strength in defences
              if strength is None and name not in ("none", "siftfunnel") and IMAGE_DEFENCES.get(name).frontier_strengths]
     fixed = resolve_defences([(name, strength) for name, strength in defences if name not in swept], spec)
     units, frontier = [], {}
-    for cut in cuts:
-        funnels = [measured(cut, name, strength)["cost"] for name, strength in fixed if name == "siftfunnel"]
-        target = max(funnels) if funnels else float("inf")
-        baselines = {}
-        for name in swept:
-            points, past = [], 0
-            for strength in IMAGE_DEFENCES.get(name).frontier_strengths:
-                points.append(measured(cut, name, strength))
-                past += points[-1]["cost"] >= target
-                if past == 2:  # one step beyond the first setting that costs as much as SiftFunnel
-                    break
-            baselines[name] = {"points": points, "reached": past > 0}
-        frontier[cut] = {"target_cost": None if target == float("inf") else target, "accuracy_undefended": clean,
-                         "baselines": baselines}
-        units += [replace(spec, split=cut, defence=name, strength=strength) for name, strength in fixed]
-        units += [replace(spec, split=cut, defence=name, strength=point["strength"])
-                  for name in swept for point in baselines[name]["points"]]
+    pool = ProcessPoolExecutor(min(jobs, len(swept)), mp_context=get_context("spawn"), initializer=init_worker,
+                               initargs=(1,)) if jobs > 1 and len(swept) > 1 else None
+    try:
+        for cut in cuts:
+            if progress is not None:
+                progress(f"frontier: SiftFunnel's accuracy cost at cut {cut} ...")
+            funnels = [frontier_point(replace(spec, split=cut, defence=name, strength=strength), splits, undefended,
+                                      clean, resume=resume)["cost"] for name, strength in fixed if name == "siftfunnel"]
+            target = max(funnels) if funnels else float("inf")
+            if progress is not None:
+                progress(f"frontier: walking {', '.join(swept)} at cut {cut} up to an accuracy cost of "
+                         f"{target:.3f} ({jobs} job(s)) ...")
+            walks = [replace(spec, split=cut, defence=name, strength=None) for name in swept]
+            if pool is None:
+                walked = [walk_frontier(w, target, resume=resume, victim=victim) for w in walks]
+            else:
+                walked = list(pool.map(partial(walk_frontier, target=target, resume=resume), walks))
+            baselines = dict(zip(swept, walked))
+            frontier[cut] = {"target_cost": None if target == float("inf") else target, "accuracy_undefended": clean,
+                             "baselines": baselines}
+            units += [replace(spec, split=cut, defence=name, strength=strength) for name, strength in fixed]
+            units += [replace(spec, split=cut, defence=name, strength=point["strength"])
+                      for name in swept for point in baselines[name]["points"]]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return units, frontier
 
 
@@ -432,7 +473,7 @@ def run_image_sweep(spec: ImageAttackSpec, cuts: list[int], attacks: list[str], 
     defences = defences or [(spec.defence, spec.strength)]
     victim = prepare_victim(spec)
     if frontier:
-        units, summary = frontier_units(spec, cuts, defences, victim, progress=progress)
+        units, summary = frontier_units(spec, cuts, defences, victim, progress=progress, jobs=jobs, resume=resume)
     else:
         units, summary = [replace(spec, split=cut, defence=name, strength=strength)
                           for cut in cuts for name, strength in resolve_defences(defences, spec)], None
