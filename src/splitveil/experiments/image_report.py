@@ -105,9 +105,10 @@ def plot_depth(records: list[dict], path: Path) -> Path:
     left.axhline(baseline, color="grey", linestyle=":", label="mean image")
     left.set(xlabel="split (blocks on the edge)", ylabel="SSIM", title="reconstruction quality", ylim=(0, 1.02))
     left.legend(fontsize=7)
+    from splitveil.metrics.mi_compare import ESTIMATORS
+
     by_cut = information_by_cut(records)
-    names = sorted({n for e in by_cut.values() for n in e}, key=lambda n: ("mine", "infonce", "knn").index(n)
-                   if n in ("mine", "infonce", "knn") else 9)
+    names = [n for n in ESTIMATORS if any(n in e for e in by_cut.values())]
     for offset, name in enumerate(names):
         cuts = [c for c, e in by_cut.items() if name in e]
         values = [by_cut[c][name] for c in cuts]
