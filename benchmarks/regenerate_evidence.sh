@@ -11,6 +11,9 @@
 #   defaults    SiftFunnel's strength per data set and model within 3 points (--write-defaults)   ~60 min
 #   frontier    defence frontiers, VGG and ResNet on fashion-mnist, every attack (--quick)       ~20 h per model
 #   depth       attack strength against cut depth, VGG (--quick)                                 ~4 h
+#   depth-others  the same for LeNet and ResNet (--quick, cuts 1-4), replacing 2-epoch records     ~1 h + ~6 h
+#   depth-full  VGG cuts 1-5 and LeNet, ResNet cuts 1, 3 at default size (30,000 images), inverse
+#               network and c-GAN: the default-size tables, replacing 2-epoch records   not yet timed; many hours
 #               (a cut is 1.2-1.6 CPU-hours: each learned attacker trains 28-130 epochs to its plateau, and the
 #               three MI estimators take 20-35 min; frontier: up to 33 (defence, strength) units per model)
 #   tee         TEE cut selection, converged attacks and rMLE: VGG, ResNet, MobileNet  2-3 CPU-hours each
@@ -42,6 +45,19 @@ step_frontier() {
 step_depth() {
   $SV attack image-sweep --dataset fashion-mnist --model vgg --splits 1,2,3,4,5 --attacks inverse,rmle,shadow,cgan \
     --quick --jobs 2 --resume --out "$OUT"
+}
+step_depth-others() {
+  for model in lenet resnet; do
+    $SV attack image-sweep --dataset fashion-mnist --model "$model" --splits 1,2,3,4 --attacks inverse,rmle,shadow,cgan \
+      --quick --jobs 2 --resume --out "$OUT"
+  done
+}
+step_depth-full() {
+  $SV attack image-sweep --dataset fashion-mnist --model vgg --splits 1,2,3,4,5 --attacks inverse,cgan --jobs 2 --resume \
+    --out "$OUT"
+  for model in lenet resnet; do
+    $SV attack image-sweep --dataset fashion-mnist --model "$model" --splits 1,3 --attacks inverse --jobs 2 --resume --out "$OUT"
+  done
 }
 step_tee() {
   for model in vgg resnet mobilenet; do
@@ -102,9 +118,9 @@ cp -n benchmarks/units/*.json "$UNITS"/ 2>/dev/null || true
 trap 'cp -n "$UNITS"/*.json benchmarks/units/ 2>/dev/null || true' EXIT
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth tee salted salted-full salted-motions text diffusion weights-cnn weights service)
+[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth depth-others depth-full tee salted salted-full salted-motions text diffusion weights-cnn weights service)
 for step in "${steps[@]}"; do
-  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth tee salted salted-full salted-motions text diffusion weights-cnn weights service" >&2; exit 2; }
+  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth depth-others depth-full tee salted salted-full salted-motions text diffusion weights-cnn weights service" >&2; exit 2; }
   echo "== $step ($(date -u +%H:%M:%S))"
   "step_$step"
 done
