@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
+from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, progress, setup,
+                                  stamp_run)
 from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import DEFAULT_LM_SPLIT
 
@@ -209,7 +210,7 @@ def text_sweep(
             raise ConfigError(f"cannot read the records {existing} to append to: {error}") from None
     stamp_run(allow_dirty)
     setup(threads)
-    with err_console.status("sweep ...") as spinner:
+    with progress("sweep ...") as spinner:
         for number, spec in enumerate(runs, 1):
             label = f"{spec.attack} at depth {spec.cuts[0]}" + (f", {spec.defence} {spec.strength:g}" if spec.defence else "")
             spinner.update(f"run {number}/{len(runs)}: {label}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, resume_option,
+from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, progress, resume_option,
                                   setup, stamp_run)
 from splitveil.core.errors import ConfigError
 
@@ -205,7 +205,7 @@ def image_sweep(
     spec = _spec(quick, dataset=dataset, model=model, seed=seed, **({"samples": samples} if samples else {}),
                  **_mi_options(mi_seeds, mi_pairs))
     began, done = time.perf_counter(), set()
-    with err_console.status(f"training or loading the victim, then {len(names)} attack(s) at {len(cuts)} cut(s) "
+    with progress(f"training or loading the victim, then {len(names)} attack(s) at {len(cuts)} cut(s) "
                             f"x {len(chosen or [0])} defence(s) in {jobs} process(es) ...") as spinner:
         def report(records: list[dict]) -> None:
             for record in records:
@@ -261,7 +261,7 @@ def image_defaults(
     _check_out(out)
     stamp_run(allow_dirty)
     setup(threads)
-    with err_console.status("calibrating ...") as spinner:
+    with progress("calibrating ...") as spinner:
         def show(result: dict) -> None:
             chosen = f"{result['chosen']:g}" if result["chosen"] is not None else f"none: {result['not_chosen_because']}"
             costs = ", ".join(f"{p['strength']:g}: {100 * p['cost']:+.1f}" for p in result["points"])

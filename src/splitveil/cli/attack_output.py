@@ -9,7 +9,8 @@ import typer
 
 from splitveil.cli.attack import app
 from splitveil.cli.attack_image import DEFAULT_OUT, _check_out
-from splitveil.cli.common import allow_dirty_option, err_console, int_list, name_list, print_json, setup, stamp_run
+from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, progress, setup,
+                                  stamp_run)
 from splitveil.core.errors import ConfigError
 
 
@@ -146,7 +147,7 @@ def output_sweep(
     suffix = f"+adversary{adversary_weight:g}" if adversary_weight else ""
     kept = _earlier_records(out / f"{stem}.jsonl", {(f"salt:{k}{suffix}", p, max(split, p + 1), seed) for k in kinds
                                                     for p in positions})
-    with err_console.status(f"{len(defences)} defence(s) x {len(positions)} salt layer(s) ...") as spinner:
+    with progress(f"{len(defences)} defence(s) x {len(positions)} salt layer(s) ...") as spinner:
         for kind in dict.fromkeys(kinds):
             def report(done: list[dict]) -> None:
                 typer.echo(_summary(done[-1]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from splitveil.cli.attack import app
-from splitveil.cli.common import allow_dirty_option, err_console, print_json, resume_option, setup
+from splitveil.cli.common import allow_dirty_option, err_console, print_json, progress, resume_option, setup
 from splitveil.core.errors import ConfigError
 
 
@@ -159,7 +159,7 @@ def weights_curves(
     else:
         spec = WeightsAttackSpec.for_run(model=model, rank=rank, hardened=hardened, mask_rank=mask_rank, seed=seed)
         run = run_weights_curves
-    with err_console.status(f"{len(names) * len(sizes)} weights-attack runs on {model} ...") as spinner:
+    with progress(f"{len(names) * len(sizes)} weights-attack runs on {model} ...") as spinner:
         record = run(spec, names, sorted(sizes), progress=spinner.update, on_record=lambda r: typer.echo(_summary(r)),
                      resume=resume)
     stem = f"weights-curves_{Path(model).name}{'_hardened' if hardened else ''}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 
 import typer
@@ -24,6 +25,32 @@ def status(message: str, *, quiet: bool = False):
         return
     with err_console.status(message):
         yield
+
+
+class _LogLines:
+    """`progress`'s stand-in for a spinner where stderr is not a terminal: each new message is one line with the
+    time of day, so that a long run started in the background (output to a log file) says what it is doing."""
+
+    def __init__(self, message: str):
+        self.last = None
+        self.update(message)
+
+    def update(self, message: str) -> None:
+        if message != self.last:
+            self.last = message
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def progress(message: str):
+    """What a long run (hours: sweeps, calibrations, extraction curves) is doing, on stderr: a spinner on a terminal
+    (`.update(text)` replaces its text), and otherwise a time-stamped line per new message, where a spinner would
+    print nothing and a log would stay empty for hours."""
+    if sys.stderr.isatty():
+        with err_console.status(message) as spinner:
+            yield spinner
+    else:
+        yield _LogLines(message)
 
 
 def setup(threads: int) -> None:

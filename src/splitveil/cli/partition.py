@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, resume_option,
+from splitveil.cli.common import (allow_dirty_option, err_console, int_list, name_list, print_json, progress, resume_option,
                                   setup, stamp_run)
 from splitveil.core.errors import ConfigError
 from splitveil.plan.plan import DEFAULT_LM_SPLIT
@@ -103,7 +103,7 @@ def partition(
                          quick=quick, seed=seed, jobs=jobs, cost=cost)
     began, done = time.perf_counter(), set()
     stem = f"tee-partition_{dataset}_{model}{'_quick' if quick else ''}"
-    with err_console.status(f"{', '.join(names)} at {len(chosen_cuts)} cut(s) of {model} ({dataset}), {jobs} process(es) "
+    with progress(f"{', '.join(names)} at {len(chosen_cuts)} cut(s) of {model} ({dataset}), {jobs} process(es) "
                             "(converged attackers: hours on a CPU) ...") as spinner:
         def report(records: list[dict]) -> None:  # a line per finished attack on stderr (stdout stays --json's)
             for record in records:
