@@ -70,3 +70,28 @@ def test_a_dealt_device_runs_against_servers_that_serve_the_exported_dealer_bund
     plain = SplitCausalLM(full, None, tokenizer=tokenizer).generate("meet me at noon",
                                                                     GenerationConfig(max_new_tokens=4, eos_token_ids=()))
     assert result.token_ids == plain.token_ids
+
+
+def test_a_dealt_device_that_waits_longer_than_the_servers_idle_timeout_still_generates(tiny_folder, tmp_path):
+    """A device may pause between connecting and generating (the learned text attack trains its readout there for
+    many minutes): it holds no executor session while it does, so nothing is evicted and its connections survive."""
+    import time
+
+    from splitveil.cli.main import main
+    from splitveil.edge.generate import GenerationConfig
+    from splitveil.protect.slip.dealt import DealtDevice
+    from splitveil.protect.slip.runtime import DealerProcess, ExecutorProcess
+    from splitveil.protect.slip.trusted import SlipConfig
+
+    out = tmp_path / "public"
+    assert main(["slip", "export-bundle", "--model", tiny_folder, "--protect", "prompt", "--split", "1,3", "--dealer",
+                 "--out", str(out)]) == 0
+    config = SlipConfig(mode="fixed", rank=0, layers=(1, 3), include_head=True)
+    with ExecutorProcess(out, "fixed", extra_args=["--idle-timeout", "0.5"]) as executor, DealerProcess(out) as dealer:
+        at = lambda p: (p.url, p.token, p.cert, None)  # noqa: E731
+        with DealtDevice(tiny_folder, config, executor=at(executor), dealer=at(dealer)) as device:
+            time.sleep(2.0)  # four idle timeouts: a session held now would be evicted and its connection closed
+            first, _ = device.generate("meet me at noon", GenerationConfig(max_new_tokens=3, eos_token_ids=()))
+            time.sleep(2.0)
+            again, _ = device.generate("meet me at noon", GenerationConfig(max_new_tokens=3, eos_token_ids=()))
+    assert again.token_ids == first.token_ids

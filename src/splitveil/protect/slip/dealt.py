@@ -410,6 +410,10 @@ class DealtDevice:
         self.client, self.transport = connect_client(executor[0], token=executor[1], mode="fixed", residual_sha256=sha,
                                                      groups=len(widths), ca_file=executor[2], pin_sha256=executor[3])
         self._closers.append(self.transport.close)
+        # connect_client opened a session to check the executor's bundle; hold none until a generation needs it (each
+        # opens its own): a device that pauses first (the learned text attack trains its readout here for many
+        # minutes) would have an idle session evicted and its connection closed by the executor
+        self.client.close()
         self.dealer, self.dealer_transport = connect_dealer(dealer[0], token=dealer[1], widths=widths,
                                                             residual_sha256=sha, ca_file=dealer[2], pin_sha256=dealer[3])
         self.dealer.window = self.window
