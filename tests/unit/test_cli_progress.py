@@ -9,10 +9,20 @@ def test_progress_writes_a_timestamped_line_per_new_message_when_stderr_is_not_a
     with progress("training the victim ...") as spinner:
         spinner.update("3 runs done, 120 s ...")
         spinner.update("3 runs done, 120 s ...")  # unchanged: no second line
-        spinner.update("4 runs done, 180 s ...")
+        spinner.update("frontier: walking noise, vib at cut 2 ...")
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert captured.out == ""
     assert [re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", line) for line in lines] == [
-        "training the victim ...", "3 runs done, 120 s ...", "4 runs done, 180 s ..."]
+        "training the victim ...", "3 runs done, 120 s ...", "frontier: walking noise, vib at cut 2 ..."]
     assert all(re.match(r"^\[\d\d:\d\d:\d\d\] ", line) for line in lines)
+
+
+def test_progress_thins_out_a_counter_that_only_advances(capsys):
+    with progress("start") as spinner:
+        for done in range(1, 212):
+            spinner.update(f"splitting {done}/211 matrices ...")
+        spinner.update("perplexity of the residual-only model ...")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "start", "splitting 1/211 matrices ...", "perplexity of the residual-only model ..."]

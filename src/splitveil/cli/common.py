@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -29,16 +30,20 @@ def status(message: str, *, quiet: bool = False):
 
 class _LogLines:
     """`progress`'s stand-in for a spinner where stderr is not a terminal: each new message is one line with the
-    time of day, so that a long run started in the background (output to a log file) says what it is doing."""
+    time of day, so that a long run started in the background (output to a log file) says what it is doing. A
+    counter that only advances ("splitting 12/211 matrices") gets a line at most every `every` seconds."""
 
-    def __init__(self, message: str):
-        self.last = None
+    def __init__(self, message: str, every: float = 10.0):
+        self.last, self.shape, self.printed, self.every = None, None, 0.0, every
         self.update(message)
 
     def update(self, message: str) -> None:
-        if message != self.last:
-            self.last = message
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+        shape = re.sub(r"\d+", "#", message)
+        now = time.monotonic()
+        if message == self.last or (shape == self.shape and now - self.printed < self.every):
+            return
+        self.last, self.shape, self.printed = message, shape, now
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
