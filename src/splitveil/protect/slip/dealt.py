@@ -432,6 +432,7 @@ class DealtDevice:
             return [process_cpu_seconds(p.process.pid) if p is not None else None
                     for p in (self.executor_process, self.dealer_process)]
 
+        self.client.session_key()  # this generation's executor session, opened before its figures are counted
         before = party_cpu()
         dealer_before = self.dealer_transport.stats.snapshot()
         wait_before, cost_before = self.dealer.wait_seconds, self.slip.cost.to_dict()
