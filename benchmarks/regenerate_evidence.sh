@@ -118,9 +118,10 @@ cp -n benchmarks/units/*.json "$UNITS"/ 2>/dev/null || true
 trap 'cp -n "$UNITS"/*.json benchmarks/units/ 2>/dev/null || true' EXIT
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(defaults frontier depth depth-others depth-full tee salted salted-full salted-motions text diffusion weights-cnn weights service)
+ALL_STEPS=(defaults frontier depth depth-others depth-full tee salted salted-full salted-motions text diffusion weights-cnn weights service)
+[ ${#steps[@]} -eq 0 ] && steps=("${ALL_STEPS[@]}")
 for step in "${steps[@]}"; do
-  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: defaults frontier depth depth-others depth-full tee salted salted-full salted-motions text diffusion weights-cnn weights service" >&2; exit 2; }
+  declare -F "step_$step" >/dev/null || { echo "unknown step '$step'; known: ${ALL_STEPS[*]}" >&2; exit 2; }
   echo "== $step ($(date -u +%H:%M:%S))"
   "step_$step"
 done
